@@ -1,0 +1,132 @@
+"""One source of configuration: the `TrainConfig` dataclass.
+
+Every field is a command-line flag (`hidden_size` -> `--hidden-size`) whose help text
+is the field's `help` metadata, with its unit. The resolved config goes into
+results.json, so a run can always be read back and repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+
+MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+DATASET_CHOICES = ("mnist", "fashion_mnist", "mnist-5k")
+
+
+class ConfigError(ValueError):
+    """A flag or config value that cannot work; the message names the flag."""
+
+
+def _field(default, help: str, **metadata):
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = _field(
+        "mnist",
+        "dataset: 'mnist' (Hub ylecun/mnist), 'fashion_mnist' (Hub zalando-datasets/fashion_mnist) "
+        "or 'mnist-5k' (5,000 real MNIST training digits + the real 10k test set, bundled, offline)",
+        choices=DATASET_CHOICES,
+    )
+    data_dir: str | None = _field(
+        None,
+        "read the four MNIST-format IDX files (gzip or not) from this directory instead of the Hub; "
+        "also accepts the torchvision layout DIR/MNIST/raw",
+    )
+    cache_dir: str | None = _field(
+        None,
+        "where decoded datasets are cached as uint8 tensors "
+        "(default: $MNIST_DIST_CACHE, else $XDG_CACHE_HOME/mnist_dist, else ~/.cache/mnist_dist)",
+    )
+    num_workers: int = _field(0, "DataLoader worker processes per training process (0: load in the main process)")
+    # model
+    hidden_size: int = _field(256, "width of the MLP's hidden layer (units)")
+    # optimisation
+    epochs: int = _field(10, "passes over the training set (epochs)")
+    batch_size: int = _field(
+        128, "training samples per process per optimizer step; the global batch is this times the world size"
+    )
+    eval_batch_size: int = _field(1024, "test samples per process per evaluation batch")
+    lr: float = _field(1e-3, "Adam learning rate (per optimizer step)")
+    seed: int = _field(0, "seed for weight init and the per-epoch shuffle (same on every process)")
+    max_steps: int | None = _field(
+        None, "stop after this many optimizer steps in total, then evaluate (debugging); default: all epochs"
+    )
+    # hardware
+    mixed_precision: str | None = _field(
+        None,
+        "autocast precision; default: what `accelerate launch` was configured with, else 'no'",
+        choices=MIXED_PRECISION_CHOICES,
+    )
+    cpu: bool = _field(False, "train on the CPU even if a GPU is present (also makes `accelerate launch` use gloo)")
+    # output
+    output_dir: str = _field("outputs/mnist", "directory for results.json, model.safetensors and config.json")
+    log_every: int = _field(50, "optimizer steps between progress-bar loss updates (steps)")
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError naming the flag for any value that cannot work."""
+
+        def need(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag}={getattr(self, name)!r}: {why}")
+
+        for name in ("epochs", "batch_size", "eval_batch_size", "hidden_size", "log_every"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
+        need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be an integer >= 1")
+        need(self.num_workers >= 0, "num_workers", "must be an integer >= 0")
+        need(math.isfinite(self.lr) and self.lr > 0, "lr", "must be a finite number > 0")
+        need(self.dataset in DATASET_CHOICES, "dataset", f"unknown dataset; choose one of {', '.join(DATASET_CHOICES)}")
+        need(
+            self.mixed_precision is None or self.mixed_precision in MIXED_PRECISION_CHOICES,
+            "mixed_precision",
+            f"choose one of {', '.join(MIXED_PRECISION_CHOICES)}",
+        )
+        need(bool(self.output_dir), "output_dir", "must not be empty")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flag_type(hint):
+    """The scalar type of a field's type hint such as `int | None`."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    return hint
+
+
+def build_parser(prog: str = "python -m mnist_dist.train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train the MNIST MLP (784-256-10) with Hugging Face Accelerate on CPU, one GPU or many.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _flag_type(hints[f.name])
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(
+                flag, type=kind, default=f.default, choices=f.metadata.get("choices"), help=f.metadata["help"]
+            )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Flags -> a validated TrainConfig; a bad value exits with status 2 and a message naming the flag."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return TrainConfig(**vars(args)).validate()
+    except ConfigError as err:
+        parser.error(str(err))

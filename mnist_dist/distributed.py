@@ -1,0 +1,78 @@
+"""The one place that knows about processes and ranks.
+
+The training loop calls these helpers; model, data and evaluation code stay plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+
+from .config import ConfigError, TrainConfig
+
+
+class LaunchError(RuntimeError):
+    """The processes were started in a way that cannot train correctly."""
+
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    """An Accelerator for `cfg`, after checking that the launch and the precision can work."""
+    accelerator = Accelerator(
+        cpu=cfg.cpu,
+        mixed_precision=cfg.mixed_precision,  # None: what `accelerate launch` was configured with
+        dataloader_config=DataLoaderConfiguration(
+            # every process draws the same permutation, seeded by seed + epoch, then takes its shard
+            use_seedable_sampler=True,
+            data_seed=cfg.seed,
+        ),
+    )
+    check_coupled(accelerator)
+    check_precision(accelerator, from_flag=cfg.mixed_precision is not None)
+    return accelerator
+
+
+def check_coupled(accelerator: Accelerator) -> None:
+    """Refuse to run when the launcher started N processes but they are not connected.
+
+    A MULTI_GPU launch on a machine without GPUs starts N processes that each see a world
+    of one: they would all train alone on the full data and overwrite each other's output.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise LaunchError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but Accelerate connected "
+            f"{accelerator.num_processes} (device: {accelerator.device.type}): each would train alone and "
+            f"overwrite the others' output. No GPU is visible here. To train with {launched} CPU processes, "
+            f"add --cpu to the training flags (accelerate launch --config_file accelerate_configs/cpu.yaml "
+            f"-m mnist_dist.train --cpu) or set ACCELERATE_USE_CPU=1; for one process use "
+            f"`python -m mnist_dist.train --cpu`."
+        )
+
+
+def check_precision(accelerator: Accelerator, from_flag: bool) -> None:
+    """Mixed precision that cannot work on this device is an error, never a silent fp32 run."""
+    precision, device = accelerator.mixed_precision, accelerator.device
+    source = "--mixed-precision" if from_flag else "the accelerate config's mixed_precision"
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError(
+            f"{source}=fp16 needs a GPU, but this run is on the CPU; use bf16 (CPU autocast) or 'no'"
+        )
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{source}=bf16: {torch.cuda.get_device_name(device)} has no bf16 support; use fp16 or 'no'")
+
+
+def shard_counts(batch_index: int, batch_len: int, dataset_len: int, batch_size: int, accelerator: Accelerator):
+    """(real samples in this process's batch, real samples in the global batch) at `batch_index` of an epoch.
+
+    Accelerate gives process r batch number `batch_index * world + r` of the shuffled epoch and,
+    so that every process takes the same number of steps, fills the last steps up with samples
+    from the start of the epoch. Those fillers come after the real samples, so the real ones
+    are a prefix of the batch and each training sample is used exactly once per epoch.
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_real = min(world * batch_size, dataset_len - batch_index * world * batch_size)
+    local_real = min(max(global_real - rank * batch_size, 0), batch_len)
+    return local_real, global_real
