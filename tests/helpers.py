@@ -1,0 +1,107 @@
+"""Test helpers: run the real entry points in subprocesses and build small IDX datasets."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from mnist_dist import data
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_5K = data.BUNDLED_DIRS["mnist-5k"]
+
+
+def write_idx(path: Path, tensor: torch.Tensor, compress: bool | None = None) -> Path:
+    """Write a uint8 tensor as an IDX file (gzip when the name ends in .gz)."""
+    payload = bytes([0, 0, 0x08, tensor.ndim]) + struct.pack(f">{tensor.ndim}I", *tensor.shape)
+    payload += tensor.to(torch.uint8).contiguous().numpy().tobytes()
+    compress = path.suffix == ".gz" if compress is None else compress
+    path.write_bytes(gzip.compress(payload) if compress else payload)
+    return path
+
+
+def write_dataset(directory: Path, train: tuple, test: tuple, gz: bool = True) -> Path:
+    """Write (images [N,28,28] or [N,784], labels [N]) train and test splits as the four IDX files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ext = ".gz" if gz else ""
+    for (images_name, labels_name), (images, labels) in zip(data.IDX_FILES.values(), (train, test)):
+        write_idx(directory / (images_name + ext), images.reshape(-1, 28, 28))
+        write_idx(directory / (labels_name + ext), labels)
+    return directory
+
+
+def mnist5k() -> dict[str, data.Split]:
+    return data.load_idx(data.find_idx_files(MNIST_5K))
+
+
+def run(args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command with this process's environment plus `env` (None unsets); return it finished."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+
+
+def train_cli(*flags: str, **kw) -> subprocess.CompletedProcess:
+    """`python -m mnist_dist.train FLAGS` in a fresh process."""
+    return run([sys.executable, "-m", "mnist_dist.train", *flags], **kw)
+
+
+def launch(num_processes: int, *flags: str, cpu_flag: bool = True, **kw) -> subprocess.CompletedProcess:
+    """`accelerate launch` with accelerate_configs/cpu.yaml: N real processes connected over gloo."""
+    args = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"),
+        "--num_processes", str(num_processes),
+        "--main_process_port", str(_free_port()),
+        "-m", "mnist_dist.train", *flags,
+    ]
+    if cpu_flag:
+        args.append("--cpu")
+    return run(args, **kw)
+
+
+def launch_script(num_processes: int, script: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    """Launch a test worker script on N CPU processes (ACCELERATE_USE_CPU=1 connects them over gloo)."""
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
+        str(script), *args,
+    ]
+    return run(cmd, env={"ACCELERATE_USE_CPU": "1"}, **kw)
+
+
+def launch_gpus(num_processes: int, *flags: str, **kw) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file accelerate_configs/multi_gpu.yaml` on N GPUs."""
+    args = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "accelerate_configs" / "multi_gpu.yaml"),
+        "--num_processes", str(num_processes), "--main_process_port", str(_free_port()),
+        "-m", "mnist_dist.train", *flags,
+    ]
+    return run(args, **kw)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def results(output_dir: Path) -> dict:
+    return json.loads((output_dir / "results.json").read_text())
+
+
+def check(proc: subprocess.CompletedProcess, rc: int = 0) -> subprocess.CompletedProcess:
+    assert proc.returncode == rc, f"exit {proc.returncode}, expected {rc}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc

@@ -1,0 +1,44 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mnist_dist.model import MLP, build_model, load_model, model_config
+
+
+def test_default_model_maps_784_pixels_to_10_logits():
+    model = MLP()
+    assert model(torch.zeros(5, 784)).shape == (5, 10)
+
+
+def test_default_model_has_203530_parameters():
+    assert sum(p.numel() for p in MLP().parameters()) == 784 * 256 + 256 + 256 * 10 + 10 == 203_530
+
+
+def test_hidden_size_is_configurable():
+    assert MLP(hidden_size=32).fc1.out_features == 32
+
+
+def test_saved_model_reloads_from_its_directory(tmp_path):
+    model = MLP(hidden_size=16)
+    (tmp_path / "config.json").write_text(json.dumps(model_config(model)))
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    loaded, config = load_model(tmp_path)
+    x = torch.randn(3, 784)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert config["hidden_size"] == 16
+    assert isinstance(build_model(config), MLP)
+
+
+def test_config_that_does_not_match_the_weights_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(model_config(MLP(hidden_size=8))))
+    save_file(MLP(hidden_size=16).state_dict(), tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="model.safetensors.*do not match"):
+        load_model(tmp_path)
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(model_config(MLP())))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_model(tmp_path)

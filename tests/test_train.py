@@ -1,0 +1,144 @@
+"""The training entry point as a user runs it: one process, flags, outputs, precision errors."""
+
+
+import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+
+from mnist_dist.config import ConfigError, TrainConfig, build_parser, parse_args
+from mnist_dist.data import find_idx_files, load_idx
+from mnist_dist.evaluation import evaluate
+from mnist_dist.model import load_model
+
+from .helpers import MNIST_5K, REPO, check, results, train_cli
+
+RESULT_KEYS = {
+    "test_accuracy", "test_loss", "test_samples", "train_samples", "epochs", "world_size",
+    "per_process_batch_size", "global_batch_size", "mixed_precision", "device_type",
+    "train_seconds", "samples_per_second", "history", "config",
+}
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory):
+    """The recipe of record, 10 epochs on mnist-5k, in one CPU process."""
+    out = tmp_path_factory.mktemp("recipe")
+    proc = check(train_cli("--dataset", "mnist-5k", "--cpu", "--output-dir", str(out)))
+    return out, results(out), proc
+
+
+def test_recipe_of_record_reaches_88_percent_on_the_10000_real_test_digits(recipe_run):
+    _, r, _ = recipe_run
+    assert r["test_samples"] == 10000 and r["train_samples"] == 5000
+    assert r["test_accuracy"] >= 0.88, r["test_accuracy"]
+
+
+def test_results_json_has_the_documented_fields(recipe_run):
+    _, r, _ = recipe_run
+    assert RESULT_KEYS <= r.keys()
+    assert r["world_size"] == 1 and r["global_batch_size"] == r["per_process_batch_size"] == 128
+    assert r["epochs"] == 10 and len(r["history"]) == 10
+    assert r["mixed_precision"] == "no" and r["device_type"] == "cpu"
+    assert r["config"] == {**TrainConfig().to_dict(), "dataset": "mnist-5k", "cpu": True, "output_dir": r["config"]["output_dir"]}
+    for h in r["history"]:
+        assert {"epoch", "train_loss", "test_accuracy", "test_loss", "seconds"} <= h.keys()
+        assert h["samples"] == 5000
+    assert r["history"][-1]["test_accuracy"] == r["test_accuracy"]
+    assert r["history"][-1]["train_loss"] < r["history"][0]["train_loss"]
+    assert 0 < r["train_seconds"] and r["samples_per_second"] == pytest.approx(50000 / r["train_seconds"])
+
+
+def test_saved_model_reproduces_the_reported_accuracy(recipe_run):
+    out, r, _ = recipe_run
+    model, config = load_model(out)
+    assert config["hidden_size"] == 256 and config["normalization"] == {"mean": 0.5, "std": 0.5, "pixel_scale": 255}
+    test = load_idx(find_idx_files(MNIST_5K))["test"]
+    metrics = evaluate(model, [(test.images[i : i + 1000], test.labels[i : i + 1000]) for i in range(0, 10000, 1000)])
+    assert metrics["accuracy"] == r["test_accuracy"]
+    assert metrics["loss"] == pytest.approx(r["test_loss"], rel=1e-5)
+
+
+def test_one_summary_line_per_epoch(recipe_run):
+    _, _, proc = recipe_run
+    text = proc.stdout + proc.stderr
+    assert [text.count(f"epoch {e}/10:") for e in range(1, 11)] == [1] * 10
+
+
+def test_max_steps_stops_early_and_still_evaluates(tmp_path):
+    check(train_cli("--dataset", "mnist-5k", "--cpu", "--max-steps", "45", "--output-dir", str(tmp_path)))
+    r = results(tmp_path)
+    assert r["steps"] == 45 and r["epochs"] == 2  # 40 steps per epoch
+    assert r["samples_seen"] == 5000 + 5 * 128 and r["test_samples"] == 10000
+
+
+def test_bf16_on_cpu_is_used_when_asked(tmp_path):
+    check(train_cli("--dataset", "mnist-5k", "--cpu", "--mixed-precision", "bf16", "--max-steps", "5", "--output-dir", str(tmp_path)))
+    assert results(tmp_path)["mixed_precision"] == "bf16"
+
+
+def test_fp16_on_cpu_is_an_error_not_a_silent_fp32_run(tmp_path):
+    proc = check(train_cli("--dataset", "mnist-5k", "--cpu", "--mixed-precision", "fp16", "--output-dir", str(tmp_path / "o")), rc=2)
+    assert "--mixed-precision=fp16 needs a GPU" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_fp16_from_the_accelerate_config_on_cpu_is_an_error_too(tmp_path):
+    proc = check(
+        train_cli("--dataset", "mnist-5k", "--cpu", "--output-dir", str(tmp_path / "o"), env={"ACCELERATE_MIXED_PRECISION": "fp16"}),
+        rc=2,
+    )
+    assert "the accelerate config's mixed_precision=fp16 needs a GPU" in proc.stderr
+
+
+# ---------------------------------------------------------------- flags
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch-size", "0"], "--batch-size=0: must be an integer >= 1"),
+        (["--lr", "-0.1"], "--lr=-0.1: must be a finite number > 0"),
+        (["--lr", "nan"], "--lr=nan: must be a finite number > 0"),
+        (["--epochs", "0"], "--epochs=0: must be an integer >= 1"),
+        (["--max-steps", "0"], "--max-steps=0: must be an integer >= 1"),
+        (["--hidden-size", "-3"], "--hidden-size=-3: must be an integer >= 1"),
+        (["--num-workers", "-1"], "--num-workers=-1: must be an integer >= 0"),
+        (["--dataset", "cifar10"], "argument --dataset: invalid choice: 'cifar10'"),
+        (["--mixed-precision", "fp8"], "argument --mixed-precision: invalid choice: 'fp8'"),
+        (["--batch-size", "ten"], "argument --batch-size: invalid int value: 'ten'"),
+    ],
+)
+def test_bad_flag_exits_2_naming_the_flag(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_validate_refuses_unknown_dataset_when_called_from_python():
+    with pytest.raises(ConfigError, match="--dataset='cifar10': unknown dataset"):
+        TrainConfig(dataset="cifar10").validate()
+
+
+def test_help_lists_every_flag_with_its_default():
+    text = build_parser().format_help()
+    for flag in ["--epochs", "--batch-size", "--lr", "--hidden-size", "--seed", "--mixed-precision", "--dataset",
+                 "--data-dir", "--output-dir", "--cpu", "--max-steps"]:
+        assert flag in text
+    assert text.count("(default:") >= len(TrainConfig.__dataclass_fields__) - 1  # --cpu is a switch
+
+
+def test_defaults_are_the_recipe_of_record():
+    cfg = parse_args([])
+    assert (cfg.hidden_size, cfg.lr, cfg.batch_size, cfg.epochs, cfg.dataset) == (256, 1e-3, 128, 10, "mnist")
+
+
+# ---------------------------------------------------------------- accelerate_configs
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "multi_node", "cpu"])
+def test_accelerate_config_loads_with_accelerates_own_loader(name):
+    config = load_config_from_file(str(REPO / "accelerate_configs" / f"{name}.yaml"))
+    assert config.num_processes >= 1 and config.mixed_precision in ("no", "fp16", "bf16")
+    if name == "multi_node":
+        assert config.num_machines > 1 and config.main_process_ip
+    # the CPU config is run for real by the multi-process tests in test_distributed.py
