@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import struct
 import zlib
 from dataclasses import dataclass
@@ -208,7 +209,8 @@ def _write_cache(path: Path, splits: dict[str, Split]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # write-then-rename: a reader never sees a half-written cache file
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        # host and pid in the name: nodes sharing a file system may build the same entry at once
+        tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
         try:
             save_file(tensors, tmp)
             os.replace(tmp, path)

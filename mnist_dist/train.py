@@ -155,7 +155,11 @@ def train(cfg: TrainConfig) -> dict:
         _write_json(output_dir / CONFIG_NAME, config)
         _write_json(output_dir / "results.json", results)  # last: its presence marks a finished run
         say(f"mnist_dist: test_accuracy {results['test_accuracy']:.4f}; wrote {output_dir}/results.json")
-    accelerator.end_training()
+    accelerator.end_training()  # destroys the process group
+    # and free what holds on to it (the DDP model) now, while Python is fully alive: left to
+    # interpreter shutdown, gloo's threads can abort a finished run with SIGABRT
+    del model, optimizer, train_loader, test_loader
+    accelerator.free_memory()
     return results
 
 

@@ -136,3 +136,18 @@ def test_unconnected_multi_process_launch_is_stopped_before_writing_anything(tmp
     assert "the launcher started 2 processes (WORLD_SIZE=2) but Accelerate connected 1" in proc.stderr
     assert "--cpu" in proc.stderr
     assert not out.exists()
+
+
+def test_bad_data_stops_every_process_with_the_file_named(tmp_path, small_subset):
+    # the local main process decodes while the others wait at a barrier: its error must end them all
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in small_subset.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    labels = broken / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:30])
+    out = tmp_path / "out"
+    proc = launch(2, "--data-dir", str(broken), "--output-dir", str(out), "--cache-dir", str(tmp_path / "c"), timeout=120)
+    assert proc.returncode != 0
+    assert f"error: {labels}: corrupt or truncated gzip file" in proc.stderr
+    assert not out.exists() and not (tmp_path / "c").exists()

@@ -61,6 +61,10 @@ def main() -> None:
         with open(out, "w") as f:
             json.dump({"world_size": accelerator.num_processes, "epochs": epochs,
                        "evaluated": evaluated, "metrics": metrics}, f)
+    # destroy the process group, then free DDP's hold on it while Python is fully alive (as train.py does)
+    accelerator.end_training()
+    del model, train_loader, test_loader
+    accelerator.free_memory()
 
 
 if __name__ == "__main__":
