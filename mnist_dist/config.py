@@ -69,6 +69,14 @@ class TrainConfig:
     # output
     output_dir: str = _field("outputs/mnist", "directory for results.json, model.safetensors and config.json")
     log_every: int = _field(50, "optimizer steps between progress-bar loss updates (steps)")
+    # checkpoints
+    checkpoint_every: int | None = _field(
+        None, "optimizer steps between checkpoints, besides the one at each epoch end (steps); default: epoch ends only"
+    )
+    keep_checkpoints: int = _field(2, "complete checkpoints to keep in OUTPUT_DIR/checkpoints (newest first)")
+    resume: str | None = _field(
+        None, "'auto' (newest complete checkpoint in --output-dir, else a fresh start) or a checkpoint directory"
+    )
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the flag for any value that cannot work."""
@@ -81,6 +89,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "hidden_size", "log_every"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
         need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be an integer >= 1")
+        need(self.checkpoint_every is None or self.checkpoint_every >= 1, "checkpoint_every", "must be an integer >= 1")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be an integer >= 1")
+        need(self.resume is None or bool(self.resume), "resume", "give 'auto' or a checkpoint directory")
         need(self.num_workers >= 0, "num_workers", "must be an integer >= 0")
         need(math.isfinite(self.lr) and self.lr > 0, "lr", "must be a finite number > 0")
         need(self.dataset in DATASET_CHOICES, "dataset", f"unknown dataset; choose one of {', '.join(DATASET_CHOICES)}")

@@ -6,6 +6,7 @@ The training loop calls these helpers; model, data and evaluation code stay plai
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 from accelerate import Accelerator
@@ -76,3 +77,45 @@ def shard_counts(batch_index: int, batch_len: int, dataset_len: int, batch_size:
     global_real = min(world * batch_size, dataset_len - batch_index * world * batch_size)
     local_real = min(max(global_real - rank * batch_size, 0), batch_len)
     return local_real, global_real
+
+
+# exit status of a run that stopped on SIGTERM/SIGUSR1 after saving a checkpoint: "try again"
+# (EX_TEMPFAIL); a scheduler or wrapper requeues the job and `--resume auto` continues it
+EXIT_PREEMPTED = 75
+STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+
+
+class StopSignals:
+    """Turn SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) into a flag.
+
+    The handler only records the signal; the training loop checks the flag between steps,
+    so a signal never interrupts a step or a checkpoint, and a second signal changes nothing.
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = self.received or signum
+
+
+def agree_to_stop(accelerator: Accelerator, stop_requested: bool, loss_sum: torch.Tensor) -> tuple[bool, bool]:
+    """(some process was asked to stop, some process's loss is not finite), the same on every process.
+
+    One tiny all-reduce per step, so that every process stops after the same step.
+    """
+    flags = torch.stack(
+        [torch.tensor(float(stop_requested), device=loss_sum.device), (~torch.isfinite(loss_sum)).float()]
+    )
+    stop, nonfinite = accelerator.reduce(flags, reduction="sum").tolist()
+    return stop > 0, nonfinite > 0

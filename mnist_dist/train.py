@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -23,28 +24,39 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from . import data
+from . import checkpoint, data
 from .config import ConfigError, TrainConfig, parse_args
 from .data import DataError, make_loaders, normalize
-from .distributed import LaunchError, build_accelerator, shard_counts
+from .checkpoint import CheckpointError
+from .distributed import EXIT_PREEMPTED, LaunchError, StopSignals, agree_to_stop, build_accelerator, shard_counts
 from .evaluation import evaluate
 from .model import CONFIG_NAME, MLP, model_config
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message names the step."""
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Train as `cfg` says; write results.json and the model (main process); return the results."""
+    """Train as `cfg` says; write results.json and the model (main process); return the results.
+
+    Raises `Preempted` after saving a checkpoint when SIGTERM or SIGUSR1 arrives.
+    """
     cfg.validate()
     accelerator = build_accelerator(cfg)
     main = accelerator.is_main_process
     world = accelerator.num_processes
+    config = {**cfg.to_dict(), "mixed_precision": accelerator.mixed_precision}  # resolved
+    resume_from = checkpoint.resolve(cfg.resume, cfg.output_dir)  # a bad --resume PATH stops here
+    state = checkpoint.read_state(resume_from) if resume_from else None
+    if state:
+        checkpoint.check_compatible(state, config, world, resume_from)
 
     # one process per node decodes the data and writes the cache; the others then read the cache
     with accelerator.local_main_process_first():
         splits = data.load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
     train_set, test_set = splits["train"], splits["test"]
     output_dir = Path(cfg.output_dir)
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
 
     set_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     model = MLP(train_set.images.shape[1], cfg.hidden_size, data.NUM_CLASSES)
@@ -57,110 +69,198 @@ def train(cfg: TrainConfig) -> dict:
     steps_per_epoch = len(train_loader)  # per process; the same on every process
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     epochs = math.ceil(total_steps / steps_per_epoch)
-    # the bar is for people at a terminal; batch logs (SLURM) get the one line per epoch below
-    bar = tqdm(total=total_steps, disable=not (main and sys.stderr.isatty()), unit="step", dynamic_ncols=True)
+    # everything a resumed run needs to continue as if never stopped; saved with each checkpoint
+    progress = {
+        "global_step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_seen": 0, "train_seconds": 0.0,
+        # per-process running loss sums (one entry per process), so that a resumed run adds up
+        # exactly what an uninterrupted one would
+        "epoch_loss_sums": [0.0] * world, "epoch_samples": 0, "window_loss_sums": [0.0] * world, "window_samples": 0,
+        "best_test_accuracy": None, "history": [],
+    }
+    if state:
+        try:
+            accelerator.load_state(str(resume_from))
+        except Exception as err:  # truncated or damaged files: refuse, naming the checkpoint
+            raise CheckpointError(f"{resume_from}: damaged checkpoint ({type(err).__name__}: {err})") from err
+        progress.update({k: state[k] for k in progress})
+    if main:  # only now: bad data, flags or checkpoints have all been refused by this point
+        output_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(
+        total=total_steps, initial=progress["global_step"], unit="step", dynamic_ncols=True,
+        # the bar is for people at a terminal; batch logs (SLURM) get the one line per epoch below
+        disable=not (main and sys.stderr.isatty()),
+    )
     say = bar.write if main else (lambda _: None)
     say(
         f"mnist_dist: {len(train_set)} train / {len(test_set)} test samples, {world} process(es) on "
         f"{accelerator.device.type}, global batch {cfg.batch_size * world}, precision {accelerator.mixed_precision}"
+        + (f"; resuming from {resume_from} (step {progress['global_step']})" if state else "")
     )
 
-    history, step, samples, train_seconds = [], 0, 0, 0.0
-    for epoch in range(epochs):
-        train_loader.set_epoch(epoch)  # reshuffle: permutation seeded by seed + epoch, same on every process
-        model.train()
-        epoch_start = time.perf_counter()
-        # loss sums stay on the device; they are read once per log interval, not every step
-        epoch_loss = torch.zeros((), device=accelerator.device)
-        window_loss, window_samples = torch.zeros((), device=accelerator.device), 0
-        epoch_samples = 0
-        for batch_index, (images, labels) in enumerate(train_loader):
-            local_real, global_real = shard_counts(
-                batch_index, len(labels), len(train_set), cfg.batch_size, accelerator
+    def save_checkpoint():
+        path = checkpoint.save(
+            accelerator, output_dir,
+            {**progress, "world_size": world, "config": config, "tracker_run_id": None},
+            cfg.keep_checkpoints,
+        )
+        return path
+
+    metrics = None
+    signals = StopSignals().__enter__()
+    try:
+        while progress["global_step"] < total_steps:
+            epoch = progress["epoch"]
+            train_loader.set_epoch(epoch)  # reshuffle: permutation seeded by seed + epoch, same everywhere
+            loader = train_loader
+            if progress["batch_in_epoch"]:  # resumed mid-epoch: the same permutation, minus what was done
+                loader = accelerator.skip_first_batches(train_loader, progress["batch_in_epoch"])
+                loader.set_epoch(epoch)
+            model.train()
+            # loss sums stay on the device; read once per log interval or checkpoint, not every step
+            rank = accelerator.process_index
+            epoch_loss = torch.tensor(progress["epoch_loss_sums"][rank], device=accelerator.device)
+            window_loss = torch.tensor(progress["window_loss_sums"][rank], device=accelerator.device)
+            resumed_seconds = progress["train_seconds"]
+            epoch_start = time.perf_counter()
+
+            def sync_progress():  # every process calls this: it gathers the loss sums
+                sums = accelerator.gather(torch.stack([epoch_loss, window_loss]).reshape(1, 2)).cpu()
+                progress["epoch_loss_sums"], progress["window_loss_sums"] = sums[:, 0].tolist(), sums[:, 1].tolist()
+                progress["train_seconds"] = resumed_seconds + time.perf_counter() - epoch_start
+
+            for batch_index, (images, labels) in enumerate(loader, start=progress["batch_in_epoch"]):
+                local_real, global_real = shard_counts(
+                    batch_index, len(labels), len(train_set), cfg.batch_size, accelerator
+                )
+                logits = model(normalize(images))
+                losses = F.cross_entropy(logits.float(), labels, reduction="none")[:local_real]
+                stop, nonfinite = agree_to_stop(accelerator, signals.received is not None, losses.detach().sum())
+                if nonfinite:
+                    raise TrainingError(
+                        f"non-finite training loss at step {progress['global_step'] + 1} (epoch {epoch + 1}); "
+                        f"stopped before applying it. Lower --lr or try --mixed-precision no; the checkpoints "
+                        f"in {checkpoint.checkpoints_root(output_dir)} hold the last good state."
+                    )
+                # DDP averages gradients over processes; scaling each process's sum by world / global_real
+                # makes the update the mean over the real samples of the global batch, as on one process
+                accelerator.backward(losses.sum() * (world / global_real))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+                progress["global_step"] += 1
+                progress["batch_in_epoch"] = batch_index + 1
+                progress["epoch_samples"] += global_real
+                progress["window_samples"] += global_real
+                epoch_loss += losses.detach().sum()
+                window_loss += losses.detach().sum()
+                bar.update(1)
+                step = progress["global_step"]
+                if step % cfg.log_every == 0:
+                    loss = accelerator.reduce(window_loss, reduction="sum").item() / progress["window_samples"]
+                    rate = (progress["samples_seen"] + progress["epoch_samples"]) / (
+                        resumed_seconds + time.perf_counter() - epoch_start
+                    )
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", samples_s=f"{rate:,.0f}")
+                    window_loss.zero_()
+                    progress["window_samples"] = 0
+                end_of_epoch = progress["batch_in_epoch"] == steps_per_epoch or step >= total_steps
+                if stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not end_of_epoch):
+                    sync_progress()
+                    path = save_checkpoint()
+                    if stop:
+                        say(f"mnist_dist: stopped by signal after step {step}; checkpoint {path}")
+                        raise Preempted(path)
+                    epoch_start, resumed_seconds = time.perf_counter(), progress["train_seconds"]
+                if end_of_epoch:
+                    break
+
+            train_loss = accelerator.reduce(epoch_loss, reduction="sum").item() / progress["epoch_samples"]
+            sync_progress()
+            seconds = progress["train_seconds"] - sum(h["seconds"] for h in progress["history"])
+            eval_start = time.perf_counter()
+            metrics = evaluate(model, test_loader, gather=accelerator.gather_for_metrics)
+            progress["history"].append(
+                {
+                    "epoch": epoch + 1,
+                    "train_loss": train_loss,
+                    "test_accuracy": metrics["accuracy"],
+                    "test_loss": metrics["loss"],
+                    "seconds": seconds,
+                    "eval_seconds": time.perf_counter() - eval_start,
+                    "samples": progress["epoch_samples"],
+                }
             )
-            logits = model(normalize(images))
-            losses = F.cross_entropy(logits.float(), labels, reduction="none")[:local_real]
-            # DDP averages gradients over processes; scaling each process's sum by world / global_real
-            # makes the update the mean over the real samples of the global batch, as on one process
-            accelerator.backward(losses.sum() * (world / global_real))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            best = progress["best_test_accuracy"]
+            progress["best_test_accuracy"] = max(best, metrics["accuracy"]) if best is not None else metrics["accuracy"]
+            say(
+                f"epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f}  test_loss {metrics['loss']:.4f}  "
+                f"test_accuracy {metrics['accuracy']:.4f}  ({seconds:.2f} s, {progress['epoch_samples'] / seconds:,.0f} samples/s)"
+            )
+            progress["samples_seen"] += progress["epoch_samples"]
+            progress.update(epoch=epoch + 1, batch_in_epoch=0, epoch_loss_sums=[0.0] * world, epoch_samples=0)
+            save_checkpoint()
+    except (Preempted, TrainingError):  # every process raises these at the same step
+        del model, optimizer, train_loader, test_loader
+        _shutdown(accelerator)
+        raise
+    finally:
+        signals.__exit__()
+        bar.close()
 
-            step += 1
-            epoch_samples += global_real
-            window_samples += global_real
-            epoch_loss += losses.detach().sum()
-            window_loss += losses.detach().sum()
-            bar.update(1)
-            if step % cfg.log_every == 0:
-                loss = accelerator.reduce(window_loss, reduction="sum").item() / window_samples
-                rate = (samples + epoch_samples) / (train_seconds + time.perf_counter() - epoch_start)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", samples_s=f"{rate:,.0f}")
-                window_loss.zero_()
-                window_samples = 0
-            if step >= total_steps:
-                break
-        train_loss = accelerator.reduce(epoch_loss, reduction="sum").item() / epoch_samples
-        seconds = time.perf_counter() - epoch_start
-        train_seconds += seconds
-        samples += epoch_samples
-
-        eval_start = time.perf_counter()
+    if metrics is None:  # resumed from a checkpoint of a run that had already finished its steps
         metrics = evaluate(model, test_loader, gather=accelerator.gather_for_metrics)
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "test_accuracy": metrics["accuracy"],
-                "test_loss": metrics["loss"],
-                "seconds": seconds,
-                "eval_seconds": time.perf_counter() - eval_start,
-                "samples": epoch_samples,
-            }
-        )
-        say(
-            f"epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f}  test_loss {metrics['loss']:.4f}  "
-            f"test_accuracy {metrics['accuracy']:.4f}  ({seconds:.2f} s, {epoch_samples / seconds:,.0f} samples/s)"
-        )
-    bar.close()
-
+    history = progress["history"]
     results = {
         "dataset": cfg.dataset,
         "test_accuracy": metrics["accuracy"],
         "test_loss": metrics["loss"],
         "test_samples": metrics["samples"],
+        "best_test_accuracy": progress["best_test_accuracy"],
         "train_samples": len(train_set),
-        "epochs": epochs,
-        "steps": step,
-        "samples_seen": samples,
+        "epochs": len(history),
+        "steps": progress["global_step"],
+        "samples_seen": progress["samples_seen"],
         "world_size": world,
         "per_process_batch_size": cfg.batch_size,
         "global_batch_size": cfg.batch_size * world,
         "mixed_precision": accelerator.mixed_precision,
         "device_type": accelerator.device.type,
-        "train_seconds": train_seconds,
-        "samples_per_second": samples / train_seconds,
+        "train_seconds": progress["train_seconds"],
+        "samples_per_second": progress["samples_seen"] / progress["train_seconds"],
         "history": history,
         "config": cfg.to_dict(),
     }
     accelerator.wait_for_everyone()
     accelerator.save_model(model, output_dir)  # model.safetensors, written by the main process
     if main:
-        config = model_config(
+        model_cfg = model_config(
             accelerator.unwrap_model(model),
             normalization={"mean": data.MEAN, "std": data.STD, "pixel_scale": 255},
             dataset=cfg.dataset,
             class_names=data.class_names(cfg.dataset),
         )
-        _write_json(output_dir / CONFIG_NAME, config)
+        _write_json(output_dir / CONFIG_NAME, model_cfg)
         _write_json(output_dir / "results.json", results)  # last: its presence marks a finished run
         say(f"mnist_dist: test_accuracy {results['test_accuracy']:.4f}; wrote {output_dir}/results.json")
+    del model, optimizer, train_loader, test_loader
+    _shutdown(accelerator)
+    return results
+
+
+class Preempted(Exception):
+    """Stopped by SIGTERM/SIGUSR1 after saving the checkpoint at `path`."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.path = path
+
+
+def _shutdown(accelerator) -> None:
     accelerator.end_training()  # destroys the process group
     # and free what holds on to it (the DDP model) now, while Python is fully alive: left to
     # interpreter shutdown, gloo's threads can abort a finished run with SIGABRT
-    del model, optimizer, train_loader, test_loader
     accelerator.free_memory()
-    return results
+    gc.collect()
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -173,9 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         train(cfg)
-    except (ConfigError, DataError, LaunchError) as err:
+    except (ConfigError, DataError, LaunchError, CheckpointError) as err:
         print(f"mnist_dist.train: error: {err}", file=sys.stderr)
         return 2
+    except TrainingError as err:
+        print(f"mnist_dist.train: error: {err}", file=sys.stderr)
+        return 1
+    except Preempted:
+        return EXIT_PREEMPTED
     return 0
 
 

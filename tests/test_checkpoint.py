@@ -1,0 +1,204 @@
+"""Checkpoints, exact resume and preemption, with real processes killed and signalled mid-run."""
+
+import glob
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from mnist_dist import checkpoint
+from mnist_dist.distributed import EXIT_PREEMPTED
+
+from .helpers import REPO, _free_port, check, launch, results, run, train_cli
+
+RUN = ["--dataset", "mnist-5k", "--epochs", "2", "--checkpoint-every", "7", "--seed", "5"]
+COMPARED = ("test_accuracy", "test_loss", "test_samples", "steps", "samples_seen", "best_test_accuracy", "epochs")
+
+
+def train_cmd(world: int, *flags: str) -> list[str]:
+    if world == 1:
+        return [sys.executable, "-m", "mnist_dist.train", "--cpu", *flags]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"),
+        "--num_processes", str(world), "--main_process_port", str(_free_port()),
+        "-m", "mnist_dist.train", "--cpu", *flags,
+    ]
+
+
+def start(world: int, *flags: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        train_cmd(world, *flags), cwd=REPO, env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def wait_for_checkpoint(out, min_step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = [int(p.rsplit("_", 1)[1]) for p in glob.glob(f"{out}/checkpoints/step_*") if not p.endswith(".tmp")]
+        if steps and max(steps) >= min_step:
+            return
+        assert proc.poll() is None, f"training ended early:\n{proc.communicate()[0][-3000:]}"
+        time.sleep(0.002)
+    raise AssertionError(f"no checkpoint at step >= {min_step} within {timeout} s")
+
+
+def same_weights(a, b) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert (wa[name] == wb[name]).all(), f"{name} differs"
+
+
+def same_results(a, b) -> None:
+    ra, rb = results(a), results(b)
+    for key in COMPARED:
+        assert ra[key] == rb[key], key
+    for ha, hb in zip(ra["history"], rb["history"], strict=True):
+        assert (ha["train_loss"], ha["test_accuracy"], ha["test_loss"], ha["samples"]) == (
+            hb["train_loss"], hb["test_accuracy"], hb["test_loss"], hb["samples"]
+        )
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1proc", "2procs"])
+def reference(request, tmp_path_factory):
+    """An uninterrupted run to compare interrupted ones with."""
+    world = request.param
+    out = tmp_path_factory.mktemp(f"reference{world}")
+    check(run(train_cmd(world, *RUN, "--output-dir", str(out))))
+    return world, out
+
+
+def test_checkpoints_are_complete_and_only_the_newest_are_kept(reference):
+    _, out = reference
+    names = sorted(os.listdir(out / "checkpoints"))
+    assert len(names) == 2 and not any(n.endswith(".tmp") for n in names)
+    steps = [checkpoint.read_state(out / "checkpoints" / n)["global_step"] for n in names]
+    last = results(out)["steps"]
+    assert steps[-1] == last  # the epoch-end checkpoint of the last epoch
+
+
+def test_kill_9_at_a_random_step_then_resume_auto_ends_bit_identical(reference, tmp_path):
+    world, ref = reference
+    kill_after = random.Random(world).randrange(8, 70)  # steps 1..80 (40 x 2 epochs on 1 process)
+    if world == 2:
+        kill_after //= 2
+    out = tmp_path / "out"
+    proc = start(world, *RUN, "--output-dir", str(out))
+    wait_for_checkpoint(out, kill_after, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole launch, no chance to clean up
+    proc.wait()
+    assert not (out / "results.json").exists()
+    proc = check(run(train_cmd(world, *RUN, "--output-dir", str(out), "--resume", "auto")))
+    assert "resuming from" in proc.stdout
+    same_weights(out, ref)
+    same_results(out, ref)
+
+
+@pytest.mark.parametrize("reference", [1], indirect=True, ids=["1proc"])
+def test_sigusr1_saves_a_checkpoint_and_exits_with_the_preempted_code(reference, tmp_path):
+    _, ref = reference
+    out = tmp_path / "out"
+    proc = start(1, *RUN, "--output-dir", str(out))
+    wait_for_checkpoint(out, 7, proc)
+    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signal.SIGUSR1)  # a second signal changes nothing
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, output[-2000:]
+    assert "stopped by signal after step" in output
+    stopped_at = int(output.split("stopped by signal after step ")[1].split(";")[0])
+    assert checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])["global_step"] == stopped_at
+    assert not (out / "results.json").exists()
+    check(run(train_cmd(1, *RUN, "--output-dir", str(out), "--resume", "auto")))
+    same_weights(out, ref)
+    same_results(out, ref)
+
+
+@pytest.mark.parametrize("reference", [2], indirect=True, ids=["2procs"])
+def test_sigterm_to_the_launcher_checkpoints_every_process_at_the_same_step(reference, tmp_path):
+    _, ref = reference
+    out = tmp_path / "out"
+    proc = start(2, *RUN, "--output-dir", str(out))
+    wait_for_checkpoint(out, 7, proc)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every worker
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert output.count("stopped by signal after step") == 1  # the main process reports
+    state = checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])
+    assert state["world_size"] == 2
+    check(run(train_cmd(2, *RUN, "--output-dir", str(out), "--resume", "auto")))
+    same_weights(out, ref)
+    same_results(out, ref)
+
+
+# ---------------------------------------------------------------- refusals
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    check(train_cli(*RUN, "--cpu", "--output-dir", str(out)))
+    return out
+
+
+def test_truncated_checkpoint_is_refused_and_nothing_is_written(finished, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoint.complete_checkpoints(finished)[-1], damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "out"
+    proc = check(train_cli(*RUN, "--cpu", "--output-dir", str(out), "--resume", str(damaged)), rc=2)
+    assert f"error: {damaged}: damaged checkpoint" in proc.stderr
+    assert not out.exists()
+
+
+def test_checkpoint_without_its_state_file_is_refused(finished, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(checkpoint.complete_checkpoints(finished)[-1], partial)
+    (partial / checkpoint.STATE_NAME).unlink()
+    proc = check(train_cli(*RUN, "--cpu", "--output-dir", str(tmp_path / "o"), "--resume", str(partial)), rc=2)
+    assert f"{partial}: incomplete checkpoint (no training_state.json)" in proc.stderr
+
+
+def test_resume_auto_skips_incomplete_checkpoints(finished, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished / "checkpoints", out / "checkpoints")
+    older, newer = checkpoint.complete_checkpoints(out)
+    (newer / checkpoint.STATE_NAME).unlink()  # as if killed before the state was written
+    (out / "checkpoints" / "step_99999999.tmp").mkdir()  # as if killed mid-save
+    assert checkpoint.resolve("auto", out) == older
+
+
+def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
+    check(train_cli("--dataset", "mnist-5k", "--cpu", "--max-steps", "3", "--resume", "auto", "--output-dir", str(tmp_path)))
+    assert results(tmp_path)["steps"] == 3
+
+
+def test_resume_with_another_world_size_is_refused(finished, tmp_path):
+    proc = check(launch(2, *RUN, "--output-dir", str(tmp_path / "o"), "--resume", str(checkpoint.complete_checkpoints(finished)[-1])), rc=1)
+    assert "was written by 1 processes, this run has 2" in proc.stderr
+
+
+def test_resume_with_another_batch_size_is_refused(finished, tmp_path):
+    ckpt = checkpoint.complete_checkpoints(finished)[-1]
+    proc = check(train_cli(*RUN, "--cpu", "--batch-size", "64", "--output-dir", str(tmp_path), "--resume", str(ckpt)), rc=2)
+    assert f"--batch-size=64, but {ckpt} was trained with 128" in proc.stderr
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
+    # a learning rate of 1e30 blows the weights up within a few steps
+    proc = check(train_cli("--dataset", "mnist-5k", "--cpu", "--lr", "1e30", "--checkpoint-every", "1",
+                           "--output-dir", str(tmp_path)), rc=1)
+    assert "error: non-finite training loss at step" in proc.stderr
+    step = int(proc.stderr.split("non-finite training loss at step ")[1].split()[0])
+    kept = checkpoint.complete_checkpoints(tmp_path)
+    assert [checkpoint.read_state(p)["global_step"] for p in kept] == [s for s in (step - 2, step - 1) if s >= 1]
+    assert not (tmp_path / "results.json").exists()
