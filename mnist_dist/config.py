@@ -69,6 +69,18 @@ class TrainConfig:
     # output
     output_dir: str = _field("outputs/mnist", "directory for results.json, model.safetensors and config.json")
     log_every: int = _field(50, "optimizer steps between progress-bar loss updates (steps)")
+    # tracking
+    report_to: str = _field(
+        "wandb", "experiment tracker: W&B, TensorBoard, both, or none (metrics.jsonl is written regardless)",
+        choices=("wandb", "tensorboard", "all", "none"),
+    )
+    wandb_project: str = _field("mnist_dist", "W&B project (also the TensorBoard run name)")
+    wandb_entity: str | None = _field(None, "W&B entity (user or team); default: your W&B default")
+    run_name: str | None = _field(None, "W&B run name; default: W&B picks one")
+    wandb_mode: str | None = _field(
+        None, "W&B mode; default: $WANDB_MODE, else online when logged in, else offline",
+        choices=("online", "offline", "disabled"),
+    )
     # checkpoints
     checkpoint_every: int | None = _field(
         None, "optimizer steps between checkpoints, besides the one at each epoch end (steps); default: epoch ends only"

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
+from . import tracking
 from .config import ConfigError, TrainConfig
 
 
@@ -23,6 +25,10 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     """An Accelerator for `cfg`, after checking that the launch and the precision can work."""
     accelerator = Accelerator(
         cpu=cfg.cpu,
+        log_with=tracking.log_with(cfg),  # trackers run on the main process only
+        project_config=ProjectConfiguration(
+            project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "tensorboard")
+        ),
         mixed_precision=cfg.mixed_precision,  # None: what `accelerate launch` was configured with
         dataloader_config=DataLoaderConfiguration(
             # every process draws the same permutation, seeded by seed + epoch, then takes its shard

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from . import checkpoint, data
+from . import checkpoint, data, tracking
 from .config import ConfigError, TrainConfig, parse_args
 from .data import DataError, make_loaders, normalize
 from .checkpoint import CheckpointError
@@ -85,6 +85,18 @@ def train(cfg: TrainConfig) -> dict:
         progress.update({k: state[k] for k in progress})
     if main:  # only now: bad data, flags or checkpoints have all been refused by this point
         output_dir.mkdir(parents=True, exist_ok=True)
+    tracker_config = {
+        **config, "world_size": world, "global_batch_size": cfg.batch_size * world,
+        "train_samples": len(train_set), "device_type": accelerator.device.type, **tracking.run_metadata(),
+    }
+    run_id = tracking.start(accelerator, cfg, tracker_config, state["tracker_run_id"] if state else None)
+    metrics_log = tracking.MetricsLog(output_dir, main, progress["global_step"] if state else None)
+    if state:
+        tracking.replay(accelerator, metrics_log.records())
+
+    def log(values: dict, step: int) -> None:
+        accelerator.log(values, step=step)  # main process only
+        metrics_log.write(step, values)
     bar = tqdm(
         total=total_steps, initial=progress["global_step"], unit="step", dynamic_ncols=True,
         # the bar is for people at a terminal; batch logs (SLURM) get the one line per epoch below
@@ -100,7 +112,7 @@ def train(cfg: TrainConfig) -> dict:
     def save_checkpoint():
         path = checkpoint.save(
             accelerator, output_dir,
-            {**progress, "world_size": world, "config": config, "tracker_run_id": None},
+            {**progress, "world_size": world, "config": config, "tracker_run_id": run_id},
             cfg.keep_checkpoints,
         )
         return path
@@ -161,6 +173,13 @@ def train(cfg: TrainConfig) -> dict:
                         resumed_seconds + time.perf_counter() - epoch_start
                     )
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", samples_s=f"{rate:,.0f}")
+                    log(
+                        {
+                            "train/loss": loss, "train/lr": optimizer.param_groups[0]["lr"],
+                            "train/samples_per_second": rate, "train/epoch": step / steps_per_epoch,
+                        },
+                        step,
+                    )
                     window_loss.zero_()
                     progress["window_samples"] = 0
                 end_of_epoch = progress["batch_in_epoch"] == steps_per_epoch or step >= total_steps
@@ -195,6 +214,13 @@ def train(cfg: TrainConfig) -> dict:
             say(
                 f"epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f}  test_loss {metrics['loss']:.4f}  "
                 f"test_accuracy {metrics['accuracy']:.4f}  ({seconds:.2f} s, {progress['epoch_samples'] / seconds:,.0f} samples/s)"
+            )
+            log(
+                {
+                    "test/accuracy": metrics["accuracy"], "test/loss": metrics["loss"], "train/epoch_loss": train_loss,
+                    "epoch": epoch + 1, "epoch_seconds": seconds,
+                },
+                progress["global_step"],
             )
             progress["samples_seen"] += progress["epoch_samples"]
             progress.update(epoch=epoch + 1, batch_in_epoch=0, epoch_loss_sums=[0.0] * world, epoch_samples=0)
@@ -242,6 +268,9 @@ def train(cfg: TrainConfig) -> dict:
         _write_json(output_dir / CONFIG_NAME, model_cfg)
         _write_json(output_dir / "results.json", results)  # last: its presence marks a finished run
         say(f"mnist_dist: test_accuracy {results['test_accuracy']:.4f}; wrote {output_dir}/results.json")
+    tracking.finish(
+        accelerator, {"best_test_accuracy": results["best_test_accuracy"], "final_test_accuracy": results["test_accuracy"]}
+    )
     del model, optimizer, train_loader, test_loader
     _shutdown(accelerator)
     return results

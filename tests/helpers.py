@@ -105,3 +105,45 @@ def results(output_dir: Path) -> dict:
 def check(proc: subprocess.CompletedProcess, rc: int = 0) -> subprocess.CompletedProcess:
     assert proc.returncode == rc, f"exit {proc.returncode}, expected {rc}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
+
+
+def read_wandb_run(run_dir: Path) -> dict:
+    """Read an offline W&B run's transaction log (run-ID.wandb) with wandb's own protobuf schema.
+
+    The file is a LevelDB-style log: a 7-byte header (':W&B', magic, version), then 32 KiB
+    blocks of chunks, each a 7-byte header (crc32, length, type) and a piece of a Record.
+    Returns {"id", "config", "history": [{key: value}], "summary": {key: value}}.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    (log,) = run_dir.glob("run-*.wandb")
+    raw = log.read_bytes()
+    assert raw[:4] == b":W&B", f"{log}: not a W&B transaction log"
+    block, pos, pending, records = 32768, 7, b"", []
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # too little room left in the block for a chunk header
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(raw[pos + 4 : pos + 6], "little"), raw[pos + 6]
+        if length == 0 and kind == 0:
+            break
+        pending += raw[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    run = {"id": None, "config": {}, "history": [], "summary": {}}
+    for record in records:
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run["id"] = record.run.run_id
+            run["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+        elif kind == "config":
+            run["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
+        elif kind == "history":
+            run["history"].append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item})
+        elif kind == "summary":
+            run["summary"].update({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.summary.update})
+    return run

@@ -32,8 +32,8 @@ def train_cmd(world: int, *flags: str) -> list[str]:
     ]
 
 
-def start(world: int, *flags: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def start(world: int, *flags: str, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(
         train_cmd(world, *flags), cwd=REPO, env=env, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -1,0 +1,163 @@
+"""Experiment tracking through Accelerate's trackers (W&B, TensorBoard) plus a plain metrics.jsonl.
+
+Accelerate runs trackers on the main process only, so a launch makes exactly one W&B run
+however many processes or nodes it has. `metrics.jsonl` in the output directory is written
+whatever the tracker: one JSON object per logged step, the plain record to plot from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from .config import ConfigError, TrainConfig
+
+METRICS_NAME = "metrics.jsonl"
+
+
+def log_with(cfg: TrainConfig) -> list[str]:
+    """The Accelerate tracker names for --report-to."""
+    names = {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["wandb", "tensorboard"], "none": []}
+    chosen = names[cfg.report_to]
+    if "tensorboard" in chosen:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"--report-to={cfg.report_to!r} needs TensorBoard: pip install 'mnist_dist[tensorboard]'"
+            ) from None
+    return chosen
+
+
+def wandb_mode(cfg: TrainConfig) -> tuple[str, str | None]:
+    """(mode, a line to tell the user or None): --wandb-mode, else $WANDB_MODE, else online if logged in."""
+    mode = cfg.wandb_mode or os.environ.get("WANDB_MODE")
+    if mode in ("dryrun",):
+        mode = "offline"
+    if mode:
+        return mode, None
+    import wandb
+
+    if wandb.api.api_key:
+        return "online", None
+    return "offline", "W&B: no API key (wandb login / WANDB_API_KEY), logging offline"
+
+
+def run_metadata() -> dict:
+    """What the tracker's config gets besides the training config: git commit and SLURM job, when present."""
+    meta = {}
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode == 0:
+            meta["git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_RESTART_COUNT"):
+        if os.environ.get(var):
+            meta[var.lower()] = os.environ[var]
+    return meta
+
+
+def start(accelerator: Accelerator, cfg: TrainConfig, config: dict, run_id: str | None) -> str | None:
+    """Start the trackers (main process); return the W&B run id, to be saved with checkpoints."""
+    if not accelerator.log_with:
+        return None
+    init_kwargs = {}
+    if "wandb" in [str(t) for t in accelerator.log_with]:
+        import wandb
+
+        mode, note = wandb_mode(cfg)
+        if note and accelerator.is_main_process:
+            print(f"mnist_dist: {note}")
+        run_id = run_id or uuid.uuid4().hex[:16]  # chosen here so that checkpoints can carry it
+        wandb_dir = Path(cfg.output_dir)
+        init_kwargs["wandb"] = {
+            "entity": cfg.wandb_entity, "name": cfg.run_name, "mode": mode, "dir": str(wandb_dir),
+            "id": run_id, "resume": "allow",
+            # no network: give up on the server after 30 s ($WANDB_INIT_TIMEOUT) instead of the default 90
+            "settings": wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 30)), quiet=True),
+        }
+        try:
+            accelerator.init_trackers(cfg.wandb_project, config=config, init_kwargs=init_kwargs)
+        except Exception as err:  # the server is unreachable: keep the run, log it offline
+            if mode != "online":
+                raise
+            if accelerator.is_main_process:
+                print(f"mnist_dist: W&B server unreachable ({type(err).__name__}: {err}); logging offline")
+            accelerator.trackers = []
+            wandb.teardown()  # forget the half-started online run, so its id can be used offline
+            init_kwargs["wandb"]["mode"] = "offline"
+            accelerator.init_trackers(cfg.wandb_project, config=config, init_kwargs=init_kwargs)
+        return run_id
+    accelerator.init_trackers(cfg.wandb_project, config=config, init_kwargs=init_kwargs)
+    return None
+
+
+def finish(accelerator: Accelerator, summary: dict) -> None:
+    """Write the run summary (best and final accuracy) and say how to sync an offline W&B run."""
+    if not accelerator.is_main_process:
+        return
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            run = tracker.tracker
+            run.summary.update(summary)
+            if run.settings.mode == "offline":
+                print(f"mnist_dist: W&B run logged offline; upload it with: wandb sync {run.dir.rsplit('/files', 1)[0]}")
+
+
+def replay(accelerator: Accelerator, records: list[dict]) -> None:
+    """Log again what a resumed run had logged up to its checkpoint, where the tracker lacks it.
+
+    A killed run may not have flushed its last W&B records (offline, nothing reaches disk
+    after a kill -9), so the resumed run re-sends metrics.jsonl from the first step its
+    W&B run does not have yet: the run's history then has every step once.
+    """
+    if not accelerator.is_main_process or not accelerator.trackers:
+        return
+    first = 0
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            first = tracker.tracker.step  # the next step W&B expects: 0 offline, past the last logged online
+    for record in records:
+        if record["step"] >= first:
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+class MetricsLog:
+    """OUTPUT_DIR/metrics.jsonl on the main process: one {"step": ..., metrics...} object per line."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool, resume_step: int | None):
+        self.path = Path(output_dir) / METRICS_NAME
+        self.enabled = enabled
+        if enabled and resume_step is not None and self.path.exists():
+            # drop what the interrupted run logged after its checkpoint: it is about to be logged again
+            kept = [line for line in self.path.read_text().splitlines() if _step(line) is not None and _step(line) <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        elif enabled:
+            self.path.write_text("")
+
+    def records(self) -> list[dict]:
+        if not self.enabled:
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines()]
+
+    def write(self, step: int, values: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def _step(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a kill
