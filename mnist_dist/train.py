@@ -97,6 +97,7 @@ def train(cfg: TrainConfig) -> dict:
     def log(values: dict, step: int) -> None:
         accelerator.log(values, step=step)  # main process only
         metrics_log.write(step, values)
+
     bar = tqdm(
         total=total_steps, initial=progress["global_step"], unit="step", dynamic_ncols=True,
         # the bar is for people at a terminal; batch logs (SLURM) get the one line per epoch below
@@ -109,129 +110,124 @@ def train(cfg: TrainConfig) -> dict:
         + (f"; resuming from {resume_from} (step {progress['global_step']})" if state else "")
     )
 
-    def save_checkpoint():
-        path = checkpoint.save(
-            accelerator, output_dir,
-            {**progress, "world_size": world, "config": config, "tracker_run_id": run_id},
-            cfg.keep_checkpoints,
-        )
-        return path
+    def save_checkpoint() -> Path:
+        state = {**progress, "world_size": world, "config": config, "tracker_run_id": run_id}
+        return checkpoint.save(accelerator, output_dir, state, cfg.keep_checkpoints)
 
     metrics = None
-    signals = StopSignals().__enter__()
-    try:
-        while progress["global_step"] < total_steps:
-            epoch = progress["epoch"]
-            train_loader.set_epoch(epoch)  # reshuffle: permutation seeded by seed + epoch, same everywhere
-            loader = train_loader
-            if progress["batch_in_epoch"]:  # resumed mid-epoch: the same permutation, minus what was done
-                loader = accelerator.skip_first_batches(train_loader, progress["batch_in_epoch"])
-                loader.set_epoch(epoch)
-            model.train()
-            # loss sums stay on the device; read once per log interval or checkpoint, not every step
-            rank = accelerator.process_index
-            epoch_loss = torch.tensor(progress["epoch_loss_sums"][rank], device=accelerator.device)
-            window_loss = torch.tensor(progress["window_loss_sums"][rank], device=accelerator.device)
-            resumed_seconds = progress["train_seconds"]
-            epoch_start = time.perf_counter()
+    with StopSignals() as signals:
+        try:
+            while progress["global_step"] < total_steps:
+                epoch = progress["epoch"]
+                train_loader.set_epoch(epoch)  # reshuffle: permutation seeded by seed + epoch, same everywhere
+                loader = train_loader
+                if progress["batch_in_epoch"]:  # resumed mid-epoch: the same permutation, minus what was done
+                    loader = accelerator.skip_first_batches(train_loader, progress["batch_in_epoch"])
+                    loader.set_epoch(epoch)
+                model.train()
+                # loss sums stay on the device; read once per log interval or checkpoint, not every step
+                rank = accelerator.process_index
+                epoch_loss = torch.tensor(progress["epoch_loss_sums"][rank], device=accelerator.device)
+                window_loss = torch.tensor(progress["window_loss_sums"][rank], device=accelerator.device)
+                resumed_seconds = progress["train_seconds"]
+                epoch_start = time.perf_counter()
 
-            def sync_progress():  # every process calls this: it gathers the loss sums
-                sums = accelerator.gather(torch.stack([epoch_loss, window_loss]).reshape(1, 2)).cpu()
-                progress["epoch_loss_sums"], progress["window_loss_sums"] = sums[:, 0].tolist(), sums[:, 1].tolist()
-                progress["train_seconds"] = resumed_seconds + time.perf_counter() - epoch_start
+                def sync_progress():  # every process calls this: it gathers the loss sums
+                    sums = accelerator.gather(torch.stack([epoch_loss, window_loss]).reshape(1, 2)).cpu()
+                    progress["epoch_loss_sums"], progress["window_loss_sums"] = sums[:, 0].tolist(), sums[:, 1].tolist()
+                    progress["train_seconds"] = resumed_seconds + time.perf_counter() - epoch_start
 
-            for batch_index, (images, labels) in enumerate(loader, start=progress["batch_in_epoch"]):
-                local_real, global_real = shard_counts(
-                    batch_index, len(labels), len(train_set), cfg.batch_size, accelerator
+                for batch_index, (images, labels) in enumerate(loader, start=progress["batch_in_epoch"]):
+                    local_real, global_real = shard_counts(
+                        batch_index, len(labels), len(train_set), cfg.batch_size, accelerator
+                    )
+                    logits = model(normalize(images))
+                    losses = F.cross_entropy(logits.float(), labels, reduction="none")[:local_real]
+                    stop, nonfinite = agree_to_stop(accelerator, signals.received is not None, losses.detach().sum())
+                    if nonfinite:
+                        raise TrainingError(
+                            f"non-finite training loss at step {progress['global_step'] + 1} (epoch {epoch + 1}); "
+                            f"stopped before applying it. Lower --lr or try --mixed-precision no; the checkpoints "
+                            f"in {checkpoint.checkpoints_root(output_dir)} hold the last good state."
+                        )
+                    # DDP averages gradients over processes; scaling each process's sum by world / global_real
+                    # makes the update the mean over the real samples of the global batch, as on one process
+                    accelerator.backward(losses.sum() * (world / global_real))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+                    progress["global_step"] += 1
+                    progress["batch_in_epoch"] = batch_index + 1
+                    progress["epoch_samples"] += global_real
+                    progress["window_samples"] += global_real
+                    epoch_loss += losses.detach().sum()
+                    window_loss += losses.detach().sum()
+                    bar.update(1)
+                    step = progress["global_step"]
+                    if step % cfg.log_every == 0:
+                        loss = accelerator.reduce(window_loss, reduction="sum").item() / progress["window_samples"]
+                        rate = (progress["samples_seen"] + progress["epoch_samples"]) / (
+                            resumed_seconds + time.perf_counter() - epoch_start
+                        )
+                        bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", samples_s=f"{rate:,.0f}")
+                        log(
+                            {
+                                "train/loss": loss, "train/lr": optimizer.param_groups[0]["lr"],
+                                "train/samples_per_second": rate, "train/epoch": step / steps_per_epoch,
+                            },
+                            step,
+                        )
+                        window_loss.zero_()
+                        progress["window_samples"] = 0
+                    end_of_epoch = progress["batch_in_epoch"] == steps_per_epoch or step >= total_steps
+                    if stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not end_of_epoch):
+                        sync_progress()
+                        path = save_checkpoint()
+                        if stop:
+                            say(f"mnist_dist: stopped by signal after step {step}; checkpoint {path}")
+                            raise Preempted(path)
+                        epoch_start, resumed_seconds = time.perf_counter(), progress["train_seconds"]
+                    if end_of_epoch:
+                        break
+
+                train_loss = accelerator.reduce(epoch_loss, reduction="sum").item() / progress["epoch_samples"]
+                sync_progress()
+                seconds = progress["train_seconds"] - sum(h["seconds"] for h in progress["history"])
+                eval_start = time.perf_counter()
+                metrics = evaluate(model, test_loader, gather=accelerator.gather_for_metrics)
+                progress["history"].append(
+                    {
+                        "epoch": epoch + 1,
+                        "train_loss": train_loss,
+                        "test_accuracy": metrics["accuracy"],
+                        "test_loss": metrics["loss"],
+                        "seconds": seconds,
+                        "eval_seconds": time.perf_counter() - eval_start,
+                        "samples": progress["epoch_samples"],
+                    }
                 )
-                logits = model(normalize(images))
-                losses = F.cross_entropy(logits.float(), labels, reduction="none")[:local_real]
-                stop, nonfinite = agree_to_stop(accelerator, signals.received is not None, losses.detach().sum())
-                if nonfinite:
-                    raise TrainingError(
-                        f"non-finite training loss at step {progress['global_step'] + 1} (epoch {epoch + 1}); "
-                        f"stopped before applying it. Lower --lr or try --mixed-precision no; the checkpoints "
-                        f"in {checkpoint.checkpoints_root(output_dir)} hold the last good state."
-                    )
-                # DDP averages gradients over processes; scaling each process's sum by world / global_real
-                # makes the update the mean over the real samples of the global batch, as on one process
-                accelerator.backward(losses.sum() * (world / global_real))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-                progress["global_step"] += 1
-                progress["batch_in_epoch"] = batch_index + 1
-                progress["epoch_samples"] += global_real
-                progress["window_samples"] += global_real
-                epoch_loss += losses.detach().sum()
-                window_loss += losses.detach().sum()
-                bar.update(1)
-                step = progress["global_step"]
-                if step % cfg.log_every == 0:
-                    loss = accelerator.reduce(window_loss, reduction="sum").item() / progress["window_samples"]
-                    rate = (progress["samples_seen"] + progress["epoch_samples"]) / (
-                        resumed_seconds + time.perf_counter() - epoch_start
-                    )
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", samples_s=f"{rate:,.0f}")
-                    log(
-                        {
-                            "train/loss": loss, "train/lr": optimizer.param_groups[0]["lr"],
-                            "train/samples_per_second": rate, "train/epoch": step / steps_per_epoch,
-                        },
-                        step,
-                    )
-                    window_loss.zero_()
-                    progress["window_samples"] = 0
-                end_of_epoch = progress["batch_in_epoch"] == steps_per_epoch or step >= total_steps
-                if stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not end_of_epoch):
-                    sync_progress()
-                    path = save_checkpoint()
-                    if stop:
-                        say(f"mnist_dist: stopped by signal after step {step}; checkpoint {path}")
-                        raise Preempted(path)
-                    epoch_start, resumed_seconds = time.perf_counter(), progress["train_seconds"]
-                if end_of_epoch:
-                    break
-
-            train_loss = accelerator.reduce(epoch_loss, reduction="sum").item() / progress["epoch_samples"]
-            sync_progress()
-            seconds = progress["train_seconds"] - sum(h["seconds"] for h in progress["history"])
-            eval_start = time.perf_counter()
-            metrics = evaluate(model, test_loader, gather=accelerator.gather_for_metrics)
-            progress["history"].append(
-                {
-                    "epoch": epoch + 1,
-                    "train_loss": train_loss,
-                    "test_accuracy": metrics["accuracy"],
-                    "test_loss": metrics["loss"],
-                    "seconds": seconds,
-                    "eval_seconds": time.perf_counter() - eval_start,
-                    "samples": progress["epoch_samples"],
-                }
-            )
-            best = progress["best_test_accuracy"]
-            progress["best_test_accuracy"] = max(best, metrics["accuracy"]) if best is not None else metrics["accuracy"]
-            say(
-                f"epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f}  test_loss {metrics['loss']:.4f}  "
-                f"test_accuracy {metrics['accuracy']:.4f}  ({seconds:.2f} s, {progress['epoch_samples'] / seconds:,.0f} samples/s)"
-            )
-            log(
-                {
-                    "test/accuracy": metrics["accuracy"], "test/loss": metrics["loss"], "train/epoch_loss": train_loss,
-                    "epoch": epoch + 1, "epoch_seconds": seconds,
-                },
-                progress["global_step"],
-            )
-            progress["samples_seen"] += progress["epoch_samples"]
-            progress.update(epoch=epoch + 1, batch_in_epoch=0, epoch_loss_sums=[0.0] * world, epoch_samples=0)
-            save_checkpoint()
-    except (Preempted, TrainingError):  # every process raises these at the same step
-        del model, optimizer, train_loader, test_loader
-        _shutdown(accelerator)
-        raise
-    finally:
-        signals.__exit__()
-        bar.close()
+                best = progress["best_test_accuracy"]
+                progress["best_test_accuracy"] = max(best, metrics["accuracy"]) if best is not None else metrics["accuracy"]
+                say(
+                    f"epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f}  test_loss {metrics['loss']:.4f}  "
+                    f"test_accuracy {metrics['accuracy']:.4f}  ({seconds:.2f} s, {progress['epoch_samples'] / seconds:,.0f} samples/s)"
+                )
+                log(
+                    {
+                        "test/accuracy": metrics["accuracy"], "test/loss": metrics["loss"], "train/epoch_loss": train_loss,
+                        "epoch": epoch + 1, "epoch_seconds": seconds,
+                    },
+                    progress["global_step"],
+                )
+                progress["samples_seen"] += progress["epoch_samples"]
+                progress.update(epoch=epoch + 1, batch_in_epoch=0, epoch_loss_sums=[0.0] * world, epoch_samples=0)
+                save_checkpoint()
+        except (Preempted, TrainingError):  # every process raises these at the same step
+            bar.close()
+            del model, optimizer, train_loader, test_loader
+            _shutdown(accelerator)
+            raise
+    bar.close()
 
     if metrics is None:  # resumed from a checkpoint of a run that had already finished its steps
         metrics = evaluate(model, test_loader, gather=accelerator.gather_for_metrics)
