@@ -25,7 +25,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     """An Accelerator for `cfg`, after checking that the launch and the precision can work."""
     accelerator = Accelerator(
         cpu=cfg.cpu,
-        log_with=tracking.log_with(cfg),  # trackers run on the main process only
+        log_with=tracking.log_with(cfg) or None,  # trackers run on the main process only
         project_config=ProjectConfiguration(
             project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "tensorboard")
         ),

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Train mnist_dist on a SLURM cluster: one `accelerate launch` per node, through srun.
+#
+#   sbatch slurm/train.sh [mnist_dist.train flags...]             # 1 node, all its GPUs
+#   sbatch --nodes=4 slurm/train.sh --epochs 20                   # 4 nodes
+#   MNIST_DIST_CPU=1 sbatch --nodes=2 slurm/train.sh              # CPU-only nodes (gloo)
+#
+# Site settings (environment variables; sbatch passes your environment to the job):
+#   MNIST_DIST_ACTIVATE        shell code run first on every node, e.g.
+#                              "source ~/venvs/mnist/bin/activate" or "module load cuda/12.4"
+#   MNIST_DIST_DATA_DIR        IDX files to train on (passed as --data-dir); default: --dataset
+#   MNIST_DIST_OUTPUT_DIR      default: outputs/slurm-$SLURM_JOB_ID (the same after a requeue)
+#   WANDB_MODE                 online | offline | disabled (default: online if logged in, else offline)
+#   MNIST_DIST_CPU=1           CPU processes connected over gloo, for clusters without GPUs and tests
+#   MNIST_DIST_PROCS_PER_NODE  processes per node; default: the GPUs visible on the node (1 on CPU)
+#   MNIST_DIST_PORT            rendezvous port; default: 20000 + job id mod 20000 (two jobs on one
+#                              node do not collide)
+#
+# Preemption: SLURM sends USR1 90 s before the time limit (--signal=B:USR1@90). This script then
+# asks every training process to stop (SIGTERM through the launchers), they save a checkpoint
+# and exit, and the job requeues itself; the requeued job resumes with --resume auto into the
+# same output directory and the same W&B run.
+#
+#SBATCH --job-name=mnist_dist
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --exclusive
+#SBATCH --time=01:00:00
+#SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@90
+#SBATCH --requeue
+
+set -euo pipefail
+
+if [ -n "${MNIST_DIST_ACTIVATE:-}" ]; then
+    eval "$MNIST_DIST_ACTIVATE"
+fi
+
+nodes=${SLURM_JOB_NUM_NODES:?run this script with sbatch}
+# the first node hosts the rendezvous; use its address from SLURM (an IP where node names
+# do not resolve), turned into an IP where it is a name
+main_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+main_addr=$(scontrol show node "$main_node" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
+main_ip=$(getent ahostsv4 "$main_addr" 2>/dev/null | awk 'NR==1 {print $1}')
+main_ip=${main_ip:-$main_addr}
+port=${MNIST_DIST_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+output_dir=${MNIST_DIST_OUTPUT_DIR:-outputs/slurm-$SLURM_JOB_ID}
+
+train_flags=(--output-dir "$output_dir" --resume auto)
+[ -n "${MNIST_DIST_DATA_DIR:-}" ] && train_flags+=(--data-dir "$MNIST_DIST_DATA_DIR")
+[ "${MNIST_DIST_CPU:-0}" = 1 ] && train_flags+=(--cpu)
+
+echo "mnist_dist: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $nodes node(s): $SLURM_JOB_NODELIST;" \
+     "rendezvous $main_ip:$port; output $output_dir"
+
+preempted=0
+on_usr1() {
+    preempted=1
+    echo "mnist_dist: USR1 received: asking the training processes to checkpoint and stop"
+    # SIGTERM to every task of the job's steps (the launchers), not to this batch shell;
+    # each launcher forwards it to its training processes
+    scancel --signal=TERM "$SLURM_JOB_ID" || true
+}
+trap on_usr1 USR1
+
+# one launcher per node; the per-node values are evaluated inside each task
+srun --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+    set -euo pipefail
+    if [ "${MNIST_DIST_CPU:-0}" = 1 ]; then
+        per_node=${MNIST_DIST_PROCS_PER_NODE:-1}
+        export ACCELERATE_USE_CPU=1
+    else
+        per_node=${MNIST_DIST_PROCS_PER_NODE:-$(nvidia-smi -L | wc -l)}
+    fi
+    if [ $(( $0 * per_node )) -eq 1 ]; then  # a single process needs no launcher
+        exec python -m mnist_dist.train "${@:3}"
+    fi
+    exec python -m accelerate.commands.launch \
+        --multi_gpu --num_machines "$0" --num_processes $(( $0 * per_node )) \
+        --machine_rank "$SLURM_NODEID" --main_process_ip "$1" --main_process_port "$2" \
+        --rdzv_backend static --same_network --mixed_precision no --dynamo_backend no \
+        -m mnist_dist.train "${@:3}"
+' "$nodes" "$main_ip" "$port" "${train_flags[@]}" "$@" &
+srun_pid=$!
+
+status=0
+wait "$srun_pid" || status=$?
+while kill -0 "$srun_pid" 2>/dev/null; do  # `wait` returns early when USR1 arrives
+    status=0
+    wait "$srun_pid" || status=$?
+done
+
+if [ "$preempted" = 1 ]; then
+    echo "mnist_dist: requeueing job $SLURM_JOB_ID; it will resume from the last checkpoint"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+exit "$status"

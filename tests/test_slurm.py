@@ -1,0 +1,95 @@
+"""`sbatch slurm/train.sh` on a real (throw-away, local) SLURM cluster with two nodes."""
+
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .helpers import REPO, check, results, train_cli
+from .slurm_cluster import Cluster
+from .test_checkpoint import same_results, same_weights
+
+SCRIPT = REPO / "slurm" / "train.sh"
+FLAGS = ["--dataset", "mnist-5k", "--epochs", "2", "--report-to", "none"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    installed = all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged"))
+    if not installed and os.geteuid() != 0:  # the helper installs the Debian packages as root
+        if os.environ.get("CI"):
+            pytest.fail("SLURM is not installed: .ci/run installs slurmctld slurmd slurm-client munge")
+        pytest.skip("needs SLURM (apt-get install slurmctld slurmd slurm-client munge) or root to install it")
+    with Cluster(tmp_path_factory.mktemp("slurm"), nodes=2) as c:
+        yield c
+
+
+def job_env(**extra) -> dict:
+    # the job runs this interpreter's environment: its python first on PATH
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    return {"PATH": path, "MNIST_DIST_CPU": "1", **extra}
+
+
+def submit(cluster, workdir: Path, *sbatch_args: str, flags=FLAGS, env=None, wait=True):
+    args = ["sbatch", "--parsable", f"--chdir={workdir}", *(["--wait"] if wait else []), *sbatch_args, str(SCRIPT), *flags]
+    proc = cluster.run(*args, env=env or job_env())
+    job_id = proc.stdout.strip().split(";")[0]
+    return proc, job_id
+
+
+def job_log(workdir: Path, job_id: str) -> str:
+    return (workdir / f"mnist_dist-{job_id}.out").read_text()
+
+
+def test_one_node_cpu_job(cluster, tmp_path):
+    proc, job_id = submit(cluster, tmp_path, "--nodes=1")
+    log = job_log(tmp_path, job_id)
+    assert proc.returncode == 0, log[-3000:]
+    r = results(tmp_path / "outputs" / f"slurm-{job_id}")
+    assert r["world_size"] == 1 and r["test_samples"] == 10000 and r["device_type"] == "cpu"
+    assert f"rendezvous 127.0.0.1:{20000 + int(job_id) % 20000}" in log
+
+
+def test_two_node_job_is_one_run_over_both_nodes(cluster, tmp_path):
+    proc, job_id = submit(cluster, tmp_path, "--nodes=2")
+    log = job_log(tmp_path, job_id)
+    assert proc.returncode == 0, log[-3000:]
+    r = results(tmp_path / "outputs" / f"slurm-{job_id}")
+    assert r["world_size"] == 2 and r["global_batch_size"] == 256 and r["test_samples"] == 10000
+    assert "on 2 node(s): node[1-2]" in log
+    assert log.count("epoch 2/2:") == 1  # one main process reports
+
+
+def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(cluster, tmp_path):
+    flags = [*FLAGS, "--epochs", "3", "--checkpoint-every", "5", "--seed", "9"]
+    reference = tmp_path / "reference"
+    check(train_cli(*flags, "--cpu", "--output-dir", str(reference)))
+
+    proc, job_id = submit(cluster, tmp_path, "--nodes=1", flags=flags, wait=False)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "outputs" / f"slurm-{job_id}"
+    deadline = time.monotonic() + 120
+    while not list((out / "checkpoints").glob("step_*[0-9]")):
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    check_signal = cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    assert check_signal.returncode == 0, check_signal.stderr
+
+    deadline = time.monotonic() + 240
+    while True:
+        info = cluster.run("scontrol", "show", "job", job_id).stdout
+        state = re.search(r"JobState=(\S+)", info).group(1)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            break
+        assert time.monotonic() < deadline, f"job {job_id} still {state}"
+        time.sleep(0.5)
+    log = job_log(tmp_path, job_id)
+    assert state == "COMPLETED", log[-3000:]
+    assert "Restarts=1" in info
+    assert "USR1 received" in log and "requeueing job" in log and "resuming from" in log
+    same_weights(out, reference)
+    same_results(out, reference)
