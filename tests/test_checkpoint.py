@@ -68,6 +68,25 @@ def same_results(a, b) -> None:
         )
 
 
+def resume_matches(world: int, out, ref) -> subprocess.CompletedProcess:
+    """`--resume auto` in `out` finishes with the weights and results of the uninterrupted `ref`."""
+    proc = check(run(train_cmd(world, *RUN, "--output-dir", str(out), "--resume", "auto")))
+    assert "resuming from" in proc.stdout
+    same_weights(out, ref)
+    same_results(out, ref)
+    return proc
+
+
+def signal_mid_run(world: int, out, sig: int, times: int = 1) -> subprocess.Popen:
+    """Start a run, signal it once a checkpoint exists, wait for it to end."""
+    proc = start(world, *RUN, "--output-dir", str(out))
+    wait_for_checkpoint(out, 7, proc)
+    for _ in range(times):
+        proc.send_signal(sig)
+    proc.output, _ = proc.communicate(timeout=60)
+    return proc
+
+
 @pytest.fixture(scope="module", params=[1, 2], ids=["1proc", "2procs"])
 def reference(request, tmp_path_factory):
     """An uninterrupted run to compare interrupted ones with."""
@@ -97,46 +116,31 @@ def test_kill_9_at_a_random_step_then_resume_auto_ends_bit_identical(reference, 
     os.killpg(proc.pid, signal.SIGKILL)  # the whole launch, no chance to clean up
     proc.wait()
     assert not (out / "results.json").exists()
-    proc = check(run(train_cmd(world, *RUN, "--output-dir", str(out), "--resume", "auto")))
-    assert "resuming from" in proc.stdout
-    same_weights(out, ref)
-    same_results(out, ref)
+    resume_matches(world, out, ref)
 
 
 @pytest.mark.parametrize("reference", [1], indirect=True, ids=["1proc"])
 def test_sigusr1_saves_a_checkpoint_and_exits_with_the_preempted_code(reference, tmp_path):
     _, ref = reference
     out = tmp_path / "out"
-    proc = start(1, *RUN, "--output-dir", str(out))
-    wait_for_checkpoint(out, 7, proc)
-    proc.send_signal(signal.SIGUSR1)
-    proc.send_signal(signal.SIGUSR1)  # a second signal changes nothing
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == EXIT_PREEMPTED, output[-2000:]
-    assert "stopped by signal after step" in output
-    stopped_at = int(output.split("stopped by signal after step ")[1].split(";")[0])
+    proc = signal_mid_run(1, out, signal.SIGUSR1, times=2)  # a second signal changes nothing
+    assert proc.returncode == EXIT_PREEMPTED, proc.output[-2000:]
+    stopped_at = int(proc.output.split("stopped by signal after step ")[1].split(";")[0])
     assert checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])["global_step"] == stopped_at
     assert not (out / "results.json").exists()
-    check(run(train_cmd(1, *RUN, "--output-dir", str(out), "--resume", "auto")))
-    same_weights(out, ref)
-    same_results(out, ref)
+    resume_matches(1, out, ref)
 
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["2procs"])
 def test_sigterm_to_the_launcher_checkpoints_every_process_at_the_same_step(reference, tmp_path):
     _, ref = reference
     out = tmp_path / "out"
-    proc = start(2, *RUN, "--output-dir", str(out))
-    wait_for_checkpoint(out, 7, proc)
-    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every worker
-    output, _ = proc.communicate(timeout=60)
+    proc = signal_mid_run(2, out, signal.SIGTERM)  # to the launcher; torchrun forwards it to every worker
     assert proc.returncode != 0
-    assert output.count("stopped by signal after step") == 1  # the main process reports
+    assert proc.output.count("stopped by signal after step") == 1  # the main process reports
     state = checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])
     assert state["world_size"] == 2
-    check(run(train_cmd(2, *RUN, "--output-dir", str(out), "--resume", "auto")))
-    same_weights(out, ref)
-    same_results(out, ref)
+    resume_matches(2, out, ref)
 
 
 # ---------------------------------------------------------------- refusals
