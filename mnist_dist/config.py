@@ -45,6 +45,12 @@ class TrainConfig:
         "where decoded datasets are cached as uint8 tensors "
         "(default: $MNIST_DIST_CACHE, else $XDG_CACHE_HOME/mnist_dist, else ~/.cache/mnist_dist)",
     )
+    data_path: str = _field(
+        "dataloader",
+        "'dataloader': Accelerate-prepared PyTorch DataLoaders (the reference); 'device': the dataset kept on "
+        "the device as uint8 and each process's batches cut from it by index (faster, same batches)",
+        choices=("dataloader", "device"),
+    )
     num_workers: int = _field(0, "DataLoader worker processes per training process (0: load in the main process)")
     # model
     hidden_size: int = _field(256, "width of the MLP's hidden layer (units)")

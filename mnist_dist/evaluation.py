@@ -20,26 +20,40 @@ def _identity(x):
 
 
 @torch.no_grad()
-def evaluate(
+def evaluate_sums(
     model: torch.nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     gather: Callable = _identity,
 ) -> dict:
-    """Accuracy (fraction 0..1), mean cross-entropy loss and sample count over `batches` of uint8 images."""
+    """Correct predictions, summed cross-entropy and sample count over `batches` of uint8 images."""
     was_training = model.training
     model.eval()
-    correct = loss_sum = None
-    samples = 0
+    correct, loss_sum, samples = 0, 0.0, 0
     for images, labels in batches:
         logits = model(normalize(images)).float()
         # per-sample values, so that padded duplicates can be dropped by `gather`
         losses = F.cross_entropy(logits, labels, reduction="none")
         hits = (logits.argmax(dim=1) == labels).to(torch.int64)
         hits, losses = gather((hits, losses))
-        correct = hits.sum() if correct is None else correct + hits.sum()
-        loss_sum = losses.double().sum() if loss_sum is None else loss_sum + losses.double().sum()
+        correct = correct + hits.sum()
+        loss_sum = loss_sum + losses.double().sum()
         samples += len(hits)
     model.train(was_training)
-    if samples == 0:
+    return {"correct": int(correct), "loss_sum": float(loss_sum), "samples": samples}
+
+
+def summarize(sums: dict) -> dict:
+    """Accuracy (fraction 0..1) and mean loss from `evaluate_sums`' totals."""
+    if sums["samples"] == 0:
         raise ValueError("evaluate: no test samples")
-    return {"accuracy": int(correct) / samples, "loss": float(loss_sum) / samples, "samples": samples}
+    return {"accuracy": sums["correct"] / sums["samples"], "loss": sums["loss_sum"] / sums["samples"],
+            "samples": sums["samples"]}
+
+
+def evaluate(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    gather: Callable = _identity,
+) -> dict:
+    """Accuracy (fraction 0..1), mean cross-entropy loss and sample count over `batches` of uint8 images."""
+    return summarize(evaluate_sums(model, batches, gather))

@@ -28,9 +28,14 @@ from . import checkpoint, data, tracking
 from .config import ConfigError, TrainConfig, parse_args
 from .data import DataError, make_loaders, normalize
 from .checkpoint import CheckpointError
-from .distributed import EXIT_PREEMPTED, LaunchError, StopSignals, agree_to_stop, build_accelerator, shard_counts
-from .evaluation import evaluate
+from .distributed import (
+    EXIT_PREEMPTED, DeviceBatches, LaunchError, StopSignals, agree_to_stop, build_accelerator, device_test_shard,
+    optimizer_step, reduce_eval_sums, shard_counts,
+)
+from .evaluation import evaluate, evaluate_sums, summarize
 from .model import CONFIG_NAME, MLP, model_config
+
+STARTED = time.perf_counter()  # module import, i.e. about process start: for seconds_to_first_step
 
 
 class TrainingError(RuntimeError):
@@ -65,6 +70,28 @@ def train(cfg: TrainConfig) -> dict:
         train_set, test_set, cfg.batch_size, cfg.eval_batch_size, cfg.num_workers, cfg.seed
     )
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    if cfg.data_path == "device":  # the same batches, cut on the device instead of loaded
+        device_train = DeviceBatches(train_set.images, train_set.labels, cfg.batch_size, cfg.seed, accelerator)
+        device_test = device_test_shard(test_set.images, test_set.labels, cfg.eval_batch_size, accelerator)
+
+    def epoch_batches(epoch: int, start: int):
+        """(step in epoch, images, labels, real samples in the global batch): this process's real samples."""
+        if cfg.data_path == "device":
+            yield from device_train.epoch(epoch, start)
+            return
+        train_loader.set_epoch(epoch)  # reshuffle: permutation seeded by seed + epoch, same everywhere
+        loader = train_loader
+        if start:  # resumed mid-epoch: the same permutation, minus what was done
+            loader = accelerator.skip_first_batches(train_loader, start)
+            loader.set_epoch(epoch)
+        for index, (images, labels) in enumerate(loader, start=start):
+            local_real, global_real = shard_counts(index, len(labels), len(train_set), cfg.batch_size, accelerator)
+            yield index, images[:local_real], labels[:local_real], global_real
+
+    def test_metrics() -> dict:
+        if cfg.data_path == "device":
+            return summarize(reduce_eval_sums(accelerator, evaluate_sums(model, device_test)))
+        return evaluate(model, test_loader, gather=accelerator.gather_for_metrics)
 
     steps_per_epoch = len(train_loader)  # per process; the same on every process
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
@@ -75,7 +102,7 @@ def train(cfg: TrainConfig) -> dict:
         # per-process running loss sums (one entry per process), so that a resumed run adds up
         # exactly what an uninterrupted one would
         "epoch_loss_sums": [0.0] * world, "epoch_samples": 0, "window_loss_sums": [0.0] * world, "window_samples": 0,
-        "best_test_accuracy": None, "history": [],
+        "best_test_accuracy": None, "history": [], "seconds_to_first_step": None,
     }
     if state:
         try:
@@ -119,11 +146,6 @@ def train(cfg: TrainConfig) -> dict:
         try:
             while progress["global_step"] < total_steps:
                 epoch = progress["epoch"]
-                train_loader.set_epoch(epoch)  # reshuffle: permutation seeded by seed + epoch, same everywhere
-                loader = train_loader
-                if progress["batch_in_epoch"]:  # resumed mid-epoch: the same permutation, minus what was done
-                    loader = accelerator.skip_first_batches(train_loader, progress["batch_in_epoch"])
-                    loader.set_epoch(epoch)
                 model.train()
                 # loss sums stay on the device; read once per log interval or checkpoint, not every step
                 rank = accelerator.process_index
@@ -137,12 +159,9 @@ def train(cfg: TrainConfig) -> dict:
                     progress["epoch_loss_sums"], progress["window_loss_sums"] = sums[:, 0].tolist(), sums[:, 1].tolist()
                     progress["train_seconds"] = resumed_seconds + time.perf_counter() - epoch_start
 
-                for batch_index, (images, labels) in enumerate(loader, start=progress["batch_in_epoch"]):
-                    local_real, global_real = shard_counts(
-                        batch_index, len(labels), len(train_set), cfg.batch_size, accelerator
-                    )
+                for batch_index, images, labels, global_real in epoch_batches(epoch, progress["batch_in_epoch"]):
                     logits = model(normalize(images))
-                    losses = F.cross_entropy(logits.float(), labels, reduction="none")[:local_real]
+                    losses = F.cross_entropy(logits.float(), labels, reduction="none")
                     stop, nonfinite = agree_to_stop(accelerator, signals.received is not None, losses.detach().sum())
                     if nonfinite:
                         raise TrainingError(
@@ -153,10 +172,12 @@ def train(cfg: TrainConfig) -> dict:
                     # DDP averages gradients over processes; scaling each process's sum by world / global_real
                     # makes the update the mean over the real samples of the global batch, as on one process
                     accelerator.backward(losses.sum() * (world / global_real))
-                    optimizer.step()
+                    optimizer_step(accelerator, optimizer)
                     optimizer.zero_grad(set_to_none=True)
 
                     progress["global_step"] += 1
+                    if progress["seconds_to_first_step"] is None:
+                        progress["seconds_to_first_step"] = time.perf_counter() - STARTED
                     progress["batch_in_epoch"] = batch_index + 1
                     progress["epoch_samples"] += global_real
                     progress["window_samples"] += global_real
@@ -194,7 +215,7 @@ def train(cfg: TrainConfig) -> dict:
                 sync_progress()
                 seconds = progress["train_seconds"] - sum(h["seconds"] for h in progress["history"])
                 eval_start = time.perf_counter()
-                metrics = evaluate(model, test_loader, gather=accelerator.gather_for_metrics)
+                metrics = test_metrics()
                 progress["history"].append(
                     {
                         "epoch": epoch + 1,
@@ -224,13 +245,12 @@ def train(cfg: TrainConfig) -> dict:
                 save_checkpoint()
         except (Preempted, TrainingError):  # every process raises these at the same step
             bar.close()
-            del model, optimizer, train_loader, test_loader
             _shutdown(accelerator)
             raise
     bar.close()
 
     if metrics is None:  # resumed from a checkpoint of a run that had already finished its steps
-        metrics = evaluate(model, test_loader, gather=accelerator.gather_for_metrics)
+        metrics = test_metrics()
     history = progress["history"]
     results = {
         "dataset": cfg.dataset,
@@ -249,6 +269,7 @@ def train(cfg: TrainConfig) -> dict:
         "device_type": accelerator.device.type,
         "train_seconds": progress["train_seconds"],
         "samples_per_second": progress["samples_seen"] / progress["train_seconds"],
+        "seconds_to_first_step": progress["seconds_to_first_step"],
         "history": history,
         "config": cfg.to_dict(),
     }
@@ -267,7 +288,6 @@ def train(cfg: TrainConfig) -> dict:
     tracking.finish(
         accelerator, {"best_test_accuracy": results["best_test_accuracy"], "final_test_accuracy": results["test_accuracy"]}
     )
-    del model, optimizer, train_loader, test_loader
     _shutdown(accelerator)
     return results
 
@@ -281,11 +301,8 @@ class Preempted(Exception):
 
 
 def _shutdown(accelerator) -> None:
-    accelerator.end_training()  # destroys the process group
-    # and free what holds on to it (the DDP model) now, while Python is fully alive: left to
-    # interpreter shutdown, gloo's threads can abort a finished run with SIGABRT
-    accelerator.free_memory()
-    gc.collect()
+    accelerator.end_training()  # finishes the trackers, destroys the process group
+    accelerator.free_memory()  # drops the accelerator's references to the model and loaders
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -306,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Preempted:
         return EXIT_PREEMPTED
+    finally:
+        # free the DDP model, which holds the process group, while Python is fully alive: left
+        # to interpreter shutdown, gloo's threads can abort a finished run with SIGABRT
+        gc.collect()
     return 0
 
 

@@ -206,3 +206,16 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp
     kept = checkpoint.complete_checkpoints(tmp_path)
     assert [checkpoint.read_state(p)["global_step"] for p in kept] == [s for s in (step - 2, step - 1) if s >= 1]
     assert not (tmp_path / "results.json").exists()
+
+
+def test_device_path_run_killed_mid_epoch_resumes_bit_identical(tmp_path):
+    flags = [*RUN, "--data-path", "device"]
+    check(run(train_cmd(1, *flags, "--output-dir", str(tmp_path / "reference"))))
+    out = tmp_path / "out"
+    proc = start(1, *flags, "--output-dir", str(out))
+    wait_for_checkpoint(out, 21, proc)  # past an epoch end and a mid-epoch checkpoint
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    check(run(train_cmd(1, *flags, "--output-dir", str(out), "--resume", "auto")))
+    same_weights(out, tmp_path / "reference")
+    same_results(out, tmp_path / "reference")

@@ -48,6 +48,17 @@ def test_shards_follow_one_seeded_permutation_reshuffled_each_epoch(shard_report
     assert len(orders) == EPOCHS and orders[0] != orders[1]
 
 
+def test_device_path_cuts_the_same_batches_as_the_dataloader_path(shard_report):
+    # same permutation, same shard, same real samples, batch by batch on every process
+    assert shard_report["device_epochs"] == shard_report["epochs"]
+
+
+def test_device_path_evaluation_counts_each_test_image_once(shard_report):
+    dev, ref = shard_report["device_metrics"], shard_report["metrics"]
+    assert dev["samples"] == N_TEST and dev["accuracy"] == ref["accuracy"]
+    assert dev["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+
+
 def test_every_test_image_counts_exactly_once(shard_report):
     assert sorted(shard_report["evaluated"]) == list(range(N_TEST))
 
@@ -154,3 +165,17 @@ def test_bad_data_stops_every_process_with_the_file_named(tmp_path, small_subset
     assert proc.returncode != 0
     assert f"error: {labels}: corrupt or truncated gzip file" in proc.stderr
     assert not out.exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_device_path_trains_to_the_weights_of_the_dataloader_path(world, tmp_path, small_subset):
+    common = ["--data-dir", str(small_subset), "--epochs", "2", "--batch-size", "32", "--report-to", "none"]
+    for path in ("dataloader", "device"):
+        flags = [*common, "--data-path", path, "--output-dir", str(tmp_path / path)]
+        check(launch(2, *flags) if world == 2 else train_cli(*flags, "--cpu"))
+    a, b = load_file(tmp_path / "dataloader" / "model.safetensors"), load_file(tmp_path / "device" / "model.safetensors")
+    for name in a:  # the same batches in the same order: only summation order can differ
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=5e-5)
+    ra, rb = results(tmp_path / "dataloader"), results(tmp_path / "device")
+    assert ra["steps"] == rb["steps"] and ra["test_samples"] == rb["test_samples"] == 1001
+    assert rb["test_accuracy"] == pytest.approx(ra["test_accuracy"], abs=2 / 1001)

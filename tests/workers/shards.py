@@ -14,8 +14,10 @@ from accelerate.utils import gather_object
 
 from mnist_dist.config import TrainConfig
 from mnist_dist.data import Split, make_loaders
-from mnist_dist.distributed import build_accelerator, shard_counts
-from mnist_dist.evaluation import evaluate
+from mnist_dist.distributed import (
+    DeviceBatches, build_accelerator, device_test_shard, reduce_eval_sums, shard_counts,
+)
+from mnist_dist.evaluation import evaluate, evaluate_sums, summarize
 from mnist_dist.model import MLP
 
 EPOCHS = 2
@@ -43,6 +45,12 @@ def main() -> None:
     train_loader, test_loader = make_loaders(train_set, test_set, batch, batch, 0, cfg.seed)
     model, train_loader, test_loader = accelerator.prepare(model, train_loader, test_loader)
 
+    device_batches = DeviceBatches(train_set.images, train_set.labels, batch, cfg.seed, accelerator)
+    device_epochs = []
+    for epoch in range(EPOCHS):
+        batches = [index_of(images.cpu()) for _, images, _, _ in device_batches.epoch(epoch)]
+        device_epochs.append(gather_object([batches]))
+
     epochs = []
     for epoch in range(EPOCHS):
         train_loader.set_epoch(epoch)
@@ -56,11 +64,14 @@ def main() -> None:
     for images, _ in test_loader:
         evaluated += accelerator.gather_for_metrics(torch.tensor(index_of(images))).tolist()
     metrics = evaluate(model, test_loader, gather=accelerator.gather_for_metrics)
+    device_metrics = summarize(reduce_eval_sums(
+        accelerator, evaluate_sums(model, device_test_shard(test_set.images, test_set.labels, batch, accelerator))
+    ))
 
     if accelerator.is_main_process:
         with open(out, "w") as f:
-            json.dump({"world_size": accelerator.num_processes, "epochs": epochs,
-                       "evaluated": evaluated, "metrics": metrics}, f)
+            json.dump({"world_size": accelerator.num_processes, "epochs": epochs, "device_epochs": device_epochs,
+                       "evaluated": evaluated, "metrics": metrics, "device_metrics": device_metrics}, f)
     # destroy the process group, then free DDP's hold on it while Python is fully alive (as train.py does)
     accelerator.end_training()
     del model, train_loader, test_loader

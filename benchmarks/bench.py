@@ -1,0 +1,93 @@
+"""Epoch throughput side by side, in one invocation: the tutorial's pipeline, the Accelerate
+DataLoader path (`--data-path dataloader`) and the device-resident path (`--data-path device`).
+
+    python benchmarks/bench.py --data-dir /usr/share/datasets/fashion-mnist --fashion --epochs 4
+    python benchmarks/bench.py --data-dir mnist_dist/datasets/mnist-5k --epochs 10 --json out.json
+
+Each pipeline runs in its own process on the same IDX files with the recipe of record
+(784-256-10 MLP, Adam 1e-3, batch 128) on the GPU if there is one, else the CPU. Steady-state
+s/epoch is the median of the epochs after the first. Prints a table and writes JSON.
+"""
+
+import argparse
+import gzip
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def torchvision_root(data_dir: Path, fashion: bool, tmp: Path) -> Path:
+    """The IDX files, uncompressed, in the layout torchvision's (Fashion)MNIST expects."""
+    raw = tmp / ("FashionMNIST" if fashion else "MNIST") / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        gz, plain = data_dir / (name + ".gz"), data_dir / name
+        if plain.exists():
+            shutil.copy(plain, raw / name)
+        else:
+            (raw / name).write_bytes(gzip.decompress(gz.read_bytes()))
+    return tmp
+
+
+def timed(cmd: list[str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start, proc.stdout
+
+
+def row(name: str, epoch_seconds: list[float], samples: int, accuracy: float, first_step: float, wall: float) -> dict:
+    steady = statistics.median(epoch_seconds[1:]) if len(epoch_seconds) > 1 else epoch_seconds[0]
+    return {"pipeline": name, "s_per_epoch": steady, "samples_per_s": samples / steady, "test_accuracy": accuracy,
+            "seconds_to_first_step": first_step, "end_to_end_s": wall, "epoch_seconds": epoch_seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, required=True, help="the four IDX files (gzip or not)")
+    parser.add_argument("--fashion", action="store_true", help="the files are Fashion-MNIST")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--skip-tutorial", action="store_true")
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if not args.skip_tutorial:
+            root = torchvision_root(args.data_dir, args.fashion, tmp / "tv")
+            wall, out = timed([sys.executable, str(HERE / "tutorial.py"), str(root), str(args.epochs)]
+                              + (["--fashion"] if args.fashion else []))
+            r = json.loads(out.strip().splitlines()[-1])
+            rows.append(row("tutorial (torchvision, 2 workers)", r["epoch_seconds"], r["train_samples"],
+                            r["test_accuracy"], r["seconds_to_first_step"], wall))
+        for path in ("dataloader", "device"):
+            out_dir = tmp / path
+            cmd = [sys.executable, "-m", "mnist_dist.train", "--data-dir", str(args.data_dir), "--epochs",
+                   str(args.epochs), "--data-path", path, "--report-to", "none", "--output-dir", str(out_dir),
+                   "--cache-dir", str(tmp / "cache")]
+            timed(cmd)  # warm the dataset cache, as a second run would find it
+            wall, _ = timed(cmd)
+            r = json.loads((out_dir / "results.json").read_text())
+            rows.append(row(f"mnist_dist --data-path {path}", [h["seconds"] for h in r["history"]],
+                            r["train_samples"], r["test_accuracy"], r["seconds_to_first_step"], wall))
+
+    base = rows[0]["s_per_epoch"]
+    print(f"{'pipeline':36} {'s/epoch':>8} {'samples/s':>11} {'speed-up':>8} {'test acc':>8} {'1st step':>8} {'end-to-end':>10}")
+    for r in rows:
+        print(f"{r['pipeline']:36} {r['s_per_epoch']:8.3f} {r['samples_per_s']:11,.0f} {base / r['s_per_epoch']:7.1f}x "
+              f"{r['test_accuracy']:8.4f} {r['seconds_to_first_step']:7.1f}s {r['end_to_end_s']:9.1f}s")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
