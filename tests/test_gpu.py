@@ -21,6 +21,13 @@ def test_one_gpu_trains_the_recipe_in_each_precision(precision, tmp_path):
     assert r["test_samples"] == 10000 and r["test_accuracy"] >= 0.88, r["test_accuracy"]
 
 
+@gpu
+def test_device_data_path_on_one_gpu(tmp_path):
+    check(train_cli("--dataset", "mnist-5k", "--data-path", "device", "--report-to", "none", "--output-dir", str(tmp_path)))
+    r = results(tmp_path)
+    assert r["device_type"] == "cuda" and r["test_samples"] == 10000 and r["test_accuracy"] >= 0.88
+
+
 @two_gpus
 def test_two_gpus_train_as_one_ddp_run(tmp_path):
     check(launch_gpus(2, "--dataset", "mnist-5k", "--report-to", "none", "--output-dir", str(tmp_path)))
