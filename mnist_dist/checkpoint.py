@@ -18,7 +18,12 @@ from accelerate import Accelerator
 STATE_NAME = "training_state.json"
 STATE_FORMAT = 1
 # config fields that shape the trajectory: a resumed run must use the same values
-MUST_MATCH = ("dataset", "hidden_size", "batch_size", "lr", "seed", "mixed_precision")
+MUST_MATCH = (
+    "dataset", "hidden_size", "batch_size", "lr", "seed", "mixed_precision", "schedule", "warmup_fraction",
+    "label_smoothing", "normalization",
+)
+# a schedule is laid out over all steps: the run's length must not change under it
+MUST_MATCH_SCHEDULED = ("epochs", "max_steps")
 
 
 class CheckpointError(ValueError):
@@ -107,7 +112,8 @@ def check_compatible(state: dict, config: dict, world_size: int, path: Path) -> 
             f"batch and each process's shard depend on the world size, so resume with "
             f"{state['world_size']} processes (--num_processes {state['world_size']})."
         )
-    for name in MUST_MATCH:
+    scheduled = config.get("schedule", "constant") != "constant"
+    for name in MUST_MATCH + (MUST_MATCH_SCHEDULED if scheduled else ()):
         if state["config"].get(name) != config.get(name):
             flag = "--" + name.replace("_", "-")
             raise CheckpointError(

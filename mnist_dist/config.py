@@ -15,6 +15,16 @@ import typing
 from dataclasses import dataclass, field
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+SCHEDULE_CHOICES = ("constant", "onecycle", "cosine")
+# named presets for the flags below; explicit flags still win (`--recipe tuned --lr 1e-3`)
+RECIPES = {
+    "record": {},  # the recipe of record: the field defaults
+    # time to accuracy in the same 10 epochs and batch 128: a one-cycle schedule peaking at 3x the
+    # learning rate, label smoothing, and inputs standardized with the training set's own statistics.
+    # Measured (README, median of 3 seeds): mnist-5k 89.9% -> 95%, Fashion-MNIST 87.6% -> 89.6%
+    "tuned": {"schedule": "onecycle", "lr": 3e-3, "warmup_fraction": 0.15, "label_smoothing": 0.1,
+              "normalization": "dataset"},
+}
 DATASET_CHOICES = ("mnist", "fashion_mnist", "mnist-5k")
 
 
@@ -52,6 +62,12 @@ class TrainConfig:
         choices=("dataloader", "device"),
     )
     num_workers: int = _field(0, "DataLoader worker processes per training process (0: load in the main process)")
+    normalization: str = _field(
+        "half",
+        "input scaling: 'half' maps pixels 0..255 to [-1, 1] (mean 0.5, std 0.5, as the tutorials do); "
+        "'dataset' standardizes with the training set's pixel mean and std (saved with the model)",
+        choices=("half", "dataset"),
+    )
     # model
     hidden_size: int = _field(256, "width of the MLP's hidden layer (units)")
     # optimisation
@@ -60,7 +76,22 @@ class TrainConfig:
         128, "training samples per process per optimizer step; the global batch is this times the world size"
     )
     eval_batch_size: int = _field(1024, "test samples per process per evaluation batch")
-    lr: float = _field(1e-3, "Adam learning rate (per optimizer step)")
+    recipe: str = _field(
+        "record",
+        "preset for the optimisation flags: 'record' (the defaults: constant lr 1e-3) or 'tuned' "
+        "(--schedule onecycle --lr 3e-3 --warmup-fraction 0.15 --label-smoothing 0.1 --normalization dataset); "
+        "flags given explicitly override it",
+        choices=tuple(RECIPES),
+    )
+    lr: float = _field(1e-3, "Adam learning rate per optimizer step (the peak, with a schedule)")
+    schedule: str = _field(
+        "constant",
+        "learning-rate schedule over all steps: 'constant', 'onecycle' (warm up to --lr, then cosine down to "
+        "--lr/1e4; torch OneCycleLR) or 'cosine' (from --lr down to 0)",
+        choices=SCHEDULE_CHOICES,
+    )
+    warmup_fraction: float = _field(0.15, "onecycle: fraction of all steps spent rising to the peak --lr (0..1)")
+    label_smoothing: float = _field(0.0, "cross-entropy label smoothing for training (0: none; test loss never uses it)")
     seed: int = _field(0, "seed for weight init and the per-epoch shuffle (same on every process)")
     max_steps: int | None = _field(
         None, "stop after this many optimizer steps in total, then evaluate (debugging); default: all epochs"
@@ -112,6 +143,11 @@ class TrainConfig:
         need(self.resume is None or bool(self.resume), "resume", "give 'auto' or a checkpoint directory")
         need(self.num_workers >= 0, "num_workers", "must be an integer >= 0")
         need(math.isfinite(self.lr) and self.lr > 0, "lr", "must be a finite number > 0")
+        need(0 < self.warmup_fraction < 1, "warmup_fraction", "must be between 0 and 1 (exclusive)")
+        need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        need(self.schedule in SCHEDULE_CHOICES, "schedule", f"choose one of {', '.join(SCHEDULE_CHOICES)}")
+        need(self.recipe in RECIPES, "recipe", f"choose one of {', '.join(RECIPES)}")
+        need(self.normalization in ("half", "dataset"), "normalization", "choose 'half' or 'dataset'")
         need(self.dataset in DATASET_CHOICES, "dataset", f"unknown dataset; choose one of {', '.join(DATASET_CHOICES)}")
         need(
             self.mixed_precision is None or self.mixed_precision in MIXED_PRECISION_CHOICES,
@@ -154,6 +190,9 @@ def build_parser(prog: str = "python -m mnist_dist.train") -> argparse.ArgumentP
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Flags -> a validated TrainConfig; a bad value exits with status 2 and a message naming the flag."""
     parser = build_parser()
+    # a recipe sets the defaults of the flags it names; anything given explicitly still wins
+    known, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**RECIPES.get(known.recipe, {}))
     args = parser.parse_args(argv)
     try:
         return TrainConfig(**vars(args)).validate()

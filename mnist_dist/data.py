@@ -59,9 +59,16 @@ def class_names(dataset: str) -> list[str]:
     return CLASS_NAMES.get(dataset, [str(i) for i in range(NUM_CLASSES)])
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels [N, 784] -> float32 in [-1, 1], as ToTensor() + Normalize(0.5, 0.5) would give."""
-    return (images.float() / 255 - MEAN) / STD
+def normalize(images: torch.Tensor, mean: float = MEAN, std: float = STD) -> torch.Tensor:
+    """uint8 pixels [N, 784] -> float32 (pixel / 255 - mean) / std; the defaults give [-1, 1], as
+    ToTensor() + Normalize(0.5, 0.5) would."""
+    return (images.float() / 255 - mean) / std
+
+
+def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
+    """(mean, std) of all pixels of uint8 `images` on the 0..1 scale: `--normalization dataset`'s statistics."""
+    pixels = images.double() / 255  # float64: the same digits on every process and machine
+    return round(pixels.mean().item(), 6), round(pixels.std().item(), 6)
 
 
 # ---------------------------------------------------------------- IDX files

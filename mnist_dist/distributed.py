@@ -116,16 +116,47 @@ class StopSignals:
         self.received = self.received or signum
 
 
-def agree_to_stop(accelerator: Accelerator, stop_requested: bool, loss_sum: torch.Tensor) -> tuple[bool, bool]:
-    """(some process was asked to stop, some process's loss is not finite), the same on every process.
+def agree_to_stop(
+    accelerator: Accelerator, stop_requested: bool, health: "StepHealth", step: int
+) -> tuple[bool, int | None]:
+    """(some process was asked to stop, the first step whose loss or gradients were not finite, or None),
+    the same on every process.
 
-    One tiny all-reduce per step, so that every process stops after the same step.
+    One tiny all-reduce and one host sync; the loop calls it every --log-every steps, before each
+    checkpoint and at each epoch end, never every step.
     """
     flags = torch.stack(
-        [torch.tensor(float(stop_requested), device=loss_sum.device), (~torch.isfinite(loss_sum)).float()]
+        [
+            torch.tensor(float(stop_requested), device=health.bad_steps.device),
+            health.bad_steps.float(),  # the same on every process: gradients are all-reduced before the check
+            (~torch.isfinite(health.loss_sum)).float(),
+        ]
     )
-    stop, nonfinite = accelerator.reduce(flags, reduction="sum").tolist()
-    return stop > 0, nonfinite > 0
+    stop, bad_steps, bad_loss = accelerator.reduce(flags, reduction="max").tolist()
+    first_bad = None
+    if bad_steps or bad_loss:
+        first_bad = step - int(bad_steps) + 1 if bad_steps else step  # `step`: the global step just taken
+    return stop > 0, first_bad
+
+
+class StepHealth:
+    """Non-finite losses and gradients, tracked on the device so that no step waits for the host.
+
+    Once a step's gradients are not finite, `halted` stays set and the optimizer skips every update
+    from then on (`optimizer_step`), so the weights stay those of the last good step until the next
+    `agree_to_stop` ends the run naming that step.
+    """
+
+    def __init__(self, device: torch.device):
+        self.halted = torch.zeros((), dtype=torch.bool, device=device)
+        self.bad_steps = torch.zeros((), dtype=torch.int64, device=device)  # steps skipped since halting
+        self.loss_sum = torch.zeros((), device=device)  # this process's losses since the last check
+
+    def record_loss(self, loss_sum: torch.Tensor) -> None:
+        self.loss_sum += loss_sum
+
+    def checked(self) -> None:
+        self.loss_sum.zero_()
 
 
 class DeviceBatches:
@@ -173,14 +204,29 @@ def reduce_eval_sums(accelerator: Accelerator, sums: dict) -> dict:
     return {"correct": int(round(correct)), "loss_sum": loss_sum, "samples": int(round(samples))}
 
 
-def optimizer_step(accelerator: Accelerator, optimizer) -> None:
-    """`optimizer.step()` for an Accelerate-prepared optimizer, minus a per-step cost.
+def optimizer_step(accelerator: Accelerator, optimizer, health: StepHealth) -> None:
+    """`optimizer.step()` for an Accelerate-prepared optimizer that skips non-finite steps without a host sync.
 
-    AcceleratedOptimizer.step asks importlib twice per call whether `lomo_optim` is installed
-    (about 0.5 ms a step on a 2-core CPU, ~15% of this model's step there). Without a grad
-    scaler (fp16) or XLA it then just calls the wrapped optimizer, so do that directly.
+    The gradients are all-reduced by now, so every process sees the same ones and makes the same
+    decision. A fused torch optimizer takes the decision as a device tensor (`found_inf`, the
+    interface torch's GradScaler uses) and leaves weights, moments and step count untouched.
+    With a grad scaler (fp16) the scaler does this itself. The direct call also skips
+    AcceleratedOptimizer.step's two importlib lookups per step (~15% of a CPU step here).
     """
-    if accelerator.scaler is None and accelerator.distributed_type != DistributedType.XLA:
-        optimizer.optimizer.step()
-    else:
+    inner = optimizer.optimizer
+    if accelerator.scaler is not None or accelerator.distributed_type == DistributedType.XLA:
         optimizer.step()
+        return
+    grads = [p.grad for group in inner.param_groups for p in group["params"] if p.grad is not None]
+    largest = torch.nn.utils.get_total_norm(grads, norm_type=math.inf)  # inf or nan if any gradient is
+    health.halted |= ~torch.isfinite(largest)
+    health.bad_steps += health.halted
+    if inner.defaults.get("fused"):
+        inner.found_inf = health.halted.float()
+        try:
+            inner.step()
+        finally:
+            del inner.found_inf
+    elif not health.halted.item():  # unfused optimizer (a device without fused Adam): one host sync
+        inner.step()
+

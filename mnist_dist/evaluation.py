@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .data import normalize
+from .data import MEAN, STD, normalize
 
 
 def _identity(x):
@@ -24,13 +24,15 @@ def evaluate_sums(
     model: torch.nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     gather: Callable = _identity,
+    normalization: tuple[float, float] = (MEAN, STD),
 ) -> dict:
-    """Correct predictions, summed cross-entropy and sample count over `batches` of uint8 images."""
+    """Correct predictions, summed cross-entropy and sample count over `batches` of uint8 images,
+    normalized with `normalization` = (mean, std) as in training."""
     was_training = model.training
     model.eval()
     correct, loss_sum, samples = 0, 0.0, 0
     for images, labels in batches:
-        logits = model(normalize(images)).float()
+        logits = model(normalize(images, *normalization)).float()
         # per-sample values, so that padded duplicates can be dropped by `gather`
         losses = F.cross_entropy(logits, labels, reduction="none")
         hits = (logits.argmax(dim=1) == labels).to(torch.int64)
@@ -54,6 +56,7 @@ def evaluate(
     model: torch.nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     gather: Callable = _identity,
+    normalization: tuple[float, float] = (MEAN, STD),
 ) -> dict:
     """Accuracy (fraction 0..1), mean cross-entropy loss and sample count over `batches` of uint8 images."""
-    return summarize(evaluate_sums(model, batches, gather))
+    return summarize(evaluate_sums(model, batches, gather, normalization))

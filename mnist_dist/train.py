@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import psutil  # an Accelerate dependency
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -29,13 +30,17 @@ from .config import ConfigError, TrainConfig, parse_args
 from .data import DataError, make_loaders, normalize
 from .checkpoint import CheckpointError
 from .distributed import (
-    EXIT_PREEMPTED, DeviceBatches, LaunchError, StopSignals, agree_to_stop, build_accelerator, device_test_shard,
-    optimizer_step, reduce_eval_sums, shard_counts,
+    EXIT_PREEMPTED, DeviceBatches, LaunchError, StepHealth, StopSignals, agree_to_stop, build_accelerator,
+    device_test_shard, optimizer_step, reduce_eval_sums, shard_counts,
 )
 from .evaluation import evaluate, evaluate_sums, summarize
 from .model import CONFIG_NAME, MLP, model_config
 
-STARTED = time.perf_counter()  # module import, i.e. about process start: for seconds_to_first_step
+PROCESS_START = psutil.Process().create_time()  # wall clock, seconds: when the OS started this process
+
+
+def since_process_start() -> float:
+    return time.time() - PROCESS_START
 
 
 class TrainingError(RuntimeError):
@@ -48,7 +53,9 @@ def train(cfg: TrainConfig) -> dict:
     Raises `Preempted` after saving a checkpoint when SIGTERM or SIGUSR1 arrives.
     """
     cfg.validate()
+    timings = {}  # seconds: where a run's wall time goes, reported in results.json
     accelerator = build_accelerator(cfg)
+    timings["startup"] = since_process_start()  # interpreter, imports, process group
     main = accelerator.is_main_process
     world = accelerator.num_processes
     config = {**cfg.to_dict(), "mixed_precision": accelerator.mixed_precision}  # resolved
@@ -57,15 +64,20 @@ def train(cfg: TrainConfig) -> dict:
     if state:
         checkpoint.check_compatible(state, config, world, resume_from)
 
+    timings["_data_start"] = time.perf_counter()
     # one process per node decodes the data and writes the cache; the others then read the cache
     with accelerator.local_main_process_first():
         splits = data.load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
     train_set, test_set = splits["train"], splits["test"]
     output_dir = Path(cfg.output_dir)
+    # (mean, std) on the 0..1 pixel scale; saved with the model so evaluate and predict scale alike
+    stats = data.pixel_stats(train_set.images) if cfg.normalization == "dataset" else (data.MEAN, data.STD)
+    mark = time.perf_counter()
+    timings["data_load"] = mark - timings.pop("_data_start")
 
     set_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     model = MLP(train_set.images.shape[1], cfg.hidden_size, data.NUM_CLASSES)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = make_optimizer(model.parameters(), cfg.lr, accelerator.device)
     train_loader, test_loader = make_loaders(
         train_set, test_set, cfg.batch_size, cfg.eval_batch_size, cfg.num_workers, cfg.seed
     )
@@ -90,12 +102,15 @@ def train(cfg: TrainConfig) -> dict:
 
     def test_metrics() -> dict:
         if cfg.data_path == "device":
-            return summarize(reduce_eval_sums(accelerator, evaluate_sums(model, device_test)))
-        return evaluate(model, test_loader, gather=accelerator.gather_for_metrics)
+            return summarize(reduce_eval_sums(accelerator, evaluate_sums(model, device_test, normalization=stats)))
+        return evaluate(model, test_loader, gather=accelerator.gather_for_metrics, normalization=stats)
 
     steps_per_epoch = len(train_loader)  # per process; the same on every process
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     epochs = math.ceil(total_steps / steps_per_epoch)
+    scheduler = make_scheduler(cfg, optimizer, total_steps)
+    if scheduler is not None:
+        accelerator.register_for_checkpointing(scheduler)  # saved and restored with the checkpoints
     # everything a resumed run needs to continue as if never stopped; saved with each checkpoint
     progress = {
         "global_step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_seen": 0, "train_seconds": 0.0,
@@ -142,6 +157,7 @@ def train(cfg: TrainConfig) -> dict:
         return checkpoint.save(accelerator, output_dir, state, cfg.keep_checkpoints)
 
     metrics = None
+    timings["setup"] = time.perf_counter() - mark  # model, optimizer, prepare, device copies, trackers
     with StopSignals() as signals:
         try:
             while progress["global_step"] < total_steps:
@@ -149,6 +165,7 @@ def train(cfg: TrainConfig) -> dict:
                 model.train()
                 # loss sums stay on the device; read once per log interval or checkpoint, not every step
                 rank = accelerator.process_index
+                health = StepHealth(accelerator.device)
                 epoch_loss = torch.tensor(progress["epoch_loss_sums"][rank], device=accelerator.device)
                 window_loss = torch.tensor(progress["window_loss_sums"][rank], device=accelerator.device)
                 resumed_seconds = progress["train_seconds"]
@@ -160,31 +177,42 @@ def train(cfg: TrainConfig) -> dict:
                     progress["train_seconds"] = resumed_seconds + time.perf_counter() - epoch_start
 
                 for batch_index, images, labels, global_real in epoch_batches(epoch, progress["batch_in_epoch"]):
-                    logits = model(normalize(images))
-                    losses = F.cross_entropy(logits.float(), labels, reduction="none")
-                    stop, nonfinite = agree_to_stop(accelerator, signals.received is not None, losses.detach().sum())
-                    if nonfinite:
-                        raise TrainingError(
-                            f"non-finite training loss at step {progress['global_step'] + 1} (epoch {epoch + 1}); "
-                            f"stopped before applying it. Lower --lr or try --mixed-precision no; the checkpoints "
-                            f"in {checkpoint.checkpoints_root(output_dir)} hold the last good state."
-                        )
+                    logits = model(normalize(images, *stats))
+                    losses = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=cfg.label_smoothing)
                     # DDP averages gradients over processes; scaling each process's sum by world / global_real
                     # makes the update the mean over the real samples of the global batch, as on one process
                     accelerator.backward(losses.sum() * (world / global_real))
-                    optimizer_step(accelerator, optimizer)
+                    optimizer_step(accelerator, optimizer, health)  # skips, on the device, a non-finite step
                     optimizer.zero_grad(set_to_none=True)
+                    if scheduler is not None:
+                        scheduler.step()
+                    loss_sum = losses.detach().sum()
+                    health.record_loss(loss_sum)
 
                     progress["global_step"] += 1
                     if progress["seconds_to_first_step"] is None:
-                        progress["seconds_to_first_step"] = time.perf_counter() - STARTED
+                        progress["seconds_to_first_step"] = since_process_start()
                     progress["batch_in_epoch"] = batch_index + 1
                     progress["epoch_samples"] += global_real
                     progress["window_samples"] += global_real
-                    epoch_loss += losses.detach().sum()
-                    window_loss += losses.detach().sum()
+                    epoch_loss += loss_sum
+                    window_loss += loss_sum
                     bar.update(1)
                     step = progress["global_step"]
+                    end_of_epoch = progress["batch_in_epoch"] == steps_per_epoch or step >= total_steps
+                    checkpoint_due = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and not end_of_epoch
+                    stop = False
+                    # the processes agree (one host sync) only every --log-every steps and before saving anything
+                    if step % cfg.log_every == 0 or checkpoint_due or end_of_epoch:
+                        stop, first_bad = agree_to_stop(accelerator, signals.received is not None, health, step)
+                        if first_bad is not None:
+                            raise TrainingError(
+                                f"non-finite training loss or gradients at step {first_bad} (epoch {epoch + 1}); "
+                                f"the weights are those of step {first_bad - 1}, nothing after it was applied or "
+                                f"saved. Lower --lr or try --mixed-precision no; the checkpoints in "
+                                f"{checkpoint.checkpoints_root(output_dir)} hold the last good state."
+                            )
+                        health.checked()
                     if step % cfg.log_every == 0:
                         loss = accelerator.reduce(window_loss, reduction="sum").item() / progress["window_samples"]
                         rate = (progress["samples_seen"] + progress["epoch_samples"]) / (
@@ -200,8 +228,7 @@ def train(cfg: TrainConfig) -> dict:
                         )
                         window_loss.zero_()
                         progress["window_samples"] = 0
-                    end_of_epoch = progress["batch_in_epoch"] == steps_per_epoch or step >= total_steps
-                    if stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not end_of_epoch):
+                    if stop or checkpoint_due:
                         sync_progress()
                         path = save_checkpoint()
                         if stop:
@@ -270,6 +297,9 @@ def train(cfg: TrainConfig) -> dict:
         "train_seconds": progress["train_seconds"],
         "samples_per_second": progress["samples_seen"] / progress["train_seconds"],
         "seconds_to_first_step": progress["seconds_to_first_step"],
+        # this process's wall time by phase, seconds (train and eval: all epochs, across resumes)
+        "timings": {**timings, "train": progress["train_seconds"], "eval": sum(h["eval_seconds"] for h in history)},
+        "normalization": {"mean": stats[0], "std": stats[1]},
         "history": history,
         "config": cfg.to_dict(),
     }
@@ -278,7 +308,7 @@ def train(cfg: TrainConfig) -> dict:
     if main:
         model_cfg = model_config(
             accelerator.unwrap_model(model),
-            normalization={"mean": data.MEAN, "std": data.STD, "pixel_scale": 255},
+            normalization={"mean": stats[0], "std": stats[1], "pixel_scale": 255},
             dataset=cfg.dataset,
             class_names=data.class_names(cfg.dataset),
         )
@@ -290,6 +320,27 @@ def train(cfg: TrainConfig) -> dict:
     )
     _shutdown(accelerator)
     return results
+
+
+def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam, fused into one kernel per step where torch has one for the device."""
+    return torch.optim.Adam(params, lr=lr, fused=device.type in ("cuda", "cpu", "mps", "xpu"))
+
+
+def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
+    """The --schedule over `total_steps` optimizer steps, or None for a constant learning rate.
+
+    Deliberately not passed to `accelerator.prepare`: Accelerate's scheduler wrapper steps the
+    schedule once per process per step, which would end a multi-process schedule early.
+    """
+    inner = optimizer.optimizer  # the torch optimizer, whose step() the loop calls
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            inner, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.warmup_fraction
+        )
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(inner, T_max=total_steps)
+    return None
 
 
 class Preempted(Exception):

@@ -3,6 +3,9 @@
 import os
 
 import pytest
+import torch
+
+from .helpers import mnist5k, write_dataset
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -14,3 +17,17 @@ def _isolated_cache(tmp_path_factory):
     os.environ["WANDB_MODE"] = "disabled"
     os.environ["WANDB_SILENT"] = "true"
     yield
+
+
+@pytest.fixture(scope="session")
+def small_subset(tmp_path_factory):
+    """1,000 train / 1,001 test real digits: neither divides by the batch sizes used below."""
+    splits = mnist5k()
+    g = torch.Generator().manual_seed(0)
+    pick = lambda s, n: torch.randperm(len(splits[s]), generator=g)[:n]
+    tr, te = pick("train", 1000), pick("test", 1001)
+    return write_dataset(
+        tmp_path_factory.mktemp("subset"),
+        (splits["train"].images[tr], splits["train"].labels[tr]),
+        (splits["test"].images[te], splits["test"].labels[te]),
+    )

@@ -201,11 +201,16 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp
     # a learning rate of 1e30 blows the weights up within a few steps
     proc = check(train_cli("--dataset", "mnist-5k", "--cpu", "--lr", "1e30", "--checkpoint-every", "1",
                            "--output-dir", str(tmp_path)), rc=1)
-    assert "error: non-finite training loss at step" in proc.stderr
-    step = int(proc.stderr.split("non-finite training loss at step ")[1].split()[0])
+    assert "error: non-finite training loss or gradients at step" in proc.stderr
+    step = int(proc.stderr.split("non-finite training loss or gradients at step ")[1].split()[0])
     kept = checkpoint.complete_checkpoints(tmp_path)
     assert [checkpoint.read_state(p)["global_step"] for p in kept] == [s for s in (step - 2, step - 1) if s >= 1]
     assert not (tmp_path / "results.json").exists()
+    # without per-step checkpoints the processes only compare notes every --log-every steps, yet the
+    # error still names the first bad step: the device counted the steps it skipped since then
+    proc = check(train_cli("--dataset", "mnist-5k", "--cpu", "--lr", "1e30", "--log-every", "30",
+                           "--output-dir", str(tmp_path / "later")), rc=1)
+    assert f"non-finite training loss or gradients at step {step} " in proc.stderr
 
 
 def test_device_path_run_killed_mid_epoch_resumes_bit_identical(tmp_path):
@@ -219,3 +224,25 @@ def test_device_path_run_killed_mid_epoch_resumes_bit_identical(tmp_path):
     check(run(train_cmd(1, *flags, "--output-dir", str(out), "--resume", "auto")))
     same_weights(out, tmp_path / "reference")
     same_results(out, tmp_path / "reference")
+
+
+def test_tuned_recipe_run_killed_mid_epoch_resumes_bit_identical(tmp_path):
+    # the one-cycle schedule's position and Adam's betas it cycles are restored with the checkpoint
+    flags = [*RUN, "--recipe", "tuned", "--data-path", "device"]
+    check(run(train_cmd(1, *flags, "--output-dir", str(tmp_path / "reference"))))
+    out = tmp_path / "out"
+    proc = start(1, *flags, "--output-dir", str(out))
+    wait_for_checkpoint(out, 21, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    check(run(train_cmd(1, *flags, "--output-dir", str(out), "--resume", "auto")))
+    same_weights(out, tmp_path / "reference")
+    same_results(out, tmp_path / "reference")
+
+
+def test_resume_that_would_stretch_a_schedule_is_refused(tmp_path):
+    flags = ["--dataset", "mnist-5k", "--cpu", "--schedule", "cosine", "--max-steps", "5", "--output-dir", str(tmp_path)]
+    check(train_cli(*flags))
+    ckpt = checkpoint.complete_checkpoints(tmp_path)[-1]
+    proc = check(train_cli(*flags[:-4], "--max-steps", "9", "--output-dir", str(tmp_path / "o"), "--resume", str(ckpt)), rc=2)
+    assert f"--max-steps=9, but {ckpt} was trained with 5" in proc.stderr

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from mnist_dist.evaluation import evaluate
 from mnist_dist.model import MLP, load_model
 
-from .helpers import REPO, check, launch, launch_script, mnist5k, results, train_cli, write_dataset
+from .helpers import REPO, check, launch, launch_script, results, train_cli
 from .workers.shards import EPOCHS, indexed
 
 N_TRAIN, N_TEST, BATCH = 1001, 1001, 64
@@ -91,20 +91,6 @@ def test_two_process_run_trains_on_all_processes_and_tests_on_all_10000_digits(t
     assert r["test_accuracy"] > 0.8
     # only the main process reports: one summary line per epoch
     assert proc.stdout.count("epoch 1/3:") + proc.stderr.count("epoch 1/3:") == 1
-
-
-@pytest.fixture(scope="module")
-def small_subset(tmp_path_factory):
-    """1,000 train / 1,001 test real digits: neither divides by the batch sizes used below."""
-    splits = mnist5k()
-    g = torch.Generator().manual_seed(0)
-    pick = lambda s, n: torch.randperm(len(splits[s]), generator=g)[:n]
-    tr, te = pick("train", 1000), pick("test", 1001)
-    return write_dataset(
-        tmp_path_factory.mktemp("subset"),
-        (splits["train"].images[tr], splits["train"].labels[tr]),
-        (splits["test"].images[te], splits["test"].labels[te]),
-    )
 
 
 def test_three_process_accuracy_counts_each_of_1001_test_images_once(tmp_path, small_subset):
