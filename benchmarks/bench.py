@@ -1,17 +1,21 @@
 """Epoch throughput side by side, in one invocation: the tutorial's pipeline, the Accelerate
-DataLoader path (`--data-path dataloader`) and the device-resident path (`--data-path device`).
+DataLoader path (`--data-path dataloader`), the device-resident path (`--data-path device`) on one
+process and on two, and the tuned recipe (`--recipe tuned`) on the device path.
 
     python benchmarks/bench.py --data-dir /usr/share/datasets/fashion-mnist --fashion --epochs 4
     python benchmarks/bench.py --data-dir mnist_dist/datasets/mnist-5k --epochs 10 --json out.json
 
 Each pipeline runs in its own process on the same IDX files with the recipe of record
-(784-256-10 MLP, Adam 1e-3, batch 128) on the GPU if there is one, else the CPU. Steady-state
-s/epoch is the median of the epochs after the first. Prints a table and writes JSON.
+(784-256-10 MLP, Adam 1e-3, batch 128 per process) on the GPU if there is one, else the CPU.
+Steady-state s/epoch is the median of the epochs after the first; ms/step is that divided by
+each process's steps per epoch (two processes take half as many steps each). The two-process
+row runs over gloo on the CPU, or on two GPUs when there are two. Prints a table and writes JSON.
 """
 
 import argparse
 import gzip
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -19,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 HERE = Path(__file__).resolve().parent
 
@@ -36,18 +42,29 @@ def torchvision_root(data_dir: Path, fashion: bool, tmp: Path) -> Path:
     return tmp
 
 
-def timed(cmd: list[str]) -> tuple[float, str]:
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return time.perf_counter() - start, proc.stdout
 
 
-def row(name: str, epoch_seconds: list[float], samples: int, accuracy: float, first_step: float, wall: float) -> dict:
+def row(name: str, epoch_seconds: list[float], samples: int, accuracy: float, first_step: float, wall: float,
+        steps_per_epoch: int, **extra) -> dict:
     steady = statistics.median(epoch_seconds[1:]) if len(epoch_seconds) > 1 else epoch_seconds[0]
     return {"pipeline": name, "s_per_epoch": steady, "samples_per_s": samples / steady, "test_accuracy": accuracy,
-            "seconds_to_first_step": first_step, "end_to_end_s": wall, "epoch_seconds": epoch_seconds}
+            "ms_per_step": 1000 * steady / steps_per_epoch, "seconds_to_first_step": first_step,
+            "end_to_end_s": wall, "epoch_seconds": epoch_seconds, **extra}
+
+
+def train_cmd(processes: int, flags: list[str]) -> list[str]:
+    if processes == 1:
+        return [sys.executable, "-m", "mnist_dist.train", *flags]
+    gpus = torch.cuda.device_count() >= processes
+    config = HERE.parent / "accelerate_configs" / ("multi_gpu.yaml" if gpus else "cpu.yaml")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
+            str(processes), "-m", "mnist_dist.train", *flags, *([] if gpus else ["--cpu"])]
 
 
 def main() -> None:
@@ -68,23 +85,37 @@ def main() -> None:
                               + (["--fashion"] if args.fashion else []))
             r = json.loads(out.strip().splitlines()[-1])
             rows.append(row("tutorial (torchvision, 2 workers)", r["epoch_seconds"], r["train_samples"],
-                            r["test_accuracy"], r["seconds_to_first_step"], wall))
-        for path in ("dataloader", "device"):
-            out_dir = tmp / path
-            cmd = [sys.executable, "-m", "mnist_dist.train", "--data-dir", str(args.data_dir), "--epochs",
-                   str(args.epochs), "--data-path", path, "--report-to", "none", "--output-dir", str(out_dir),
-                   "--cache-dir", str(tmp / "cache")]
-            timed(cmd)  # warm the dataset cache, as a second run would find it
-            wall, _ = timed(cmd)
+                            r["test_accuracy"], r["seconds_to_first_step"], wall, r["steps_per_epoch"]))
+        cpu_pair = torch.cuda.device_count() < 2  # the two-process row runs on the CPU
+        runs = [("dataloader", 1, [], {}), ("device", 1, [], {}), ("device", 2, [], {}),
+                ("device", 1, ["--recipe", "tuned"], {})]
+        if cpu_pair:  # `accelerate launch` gives each of N CPU processes cores/N threads: compare like with like
+            threads = str(max(1, (os.cpu_count() or 2) // 2))
+            runs.insert(2, ("device", 1, [], {"OMP_NUM_THREADS": threads}))
+        for i, (path, processes, extra, env) in enumerate(runs):
+            out_dir = tmp / f"run{i}"
+            flags = ["--data-dir", str(args.data_dir), "--epochs", str(args.epochs), "--data-path", path,
+                     "--report-to", "none", "--output-dir", str(out_dir), "--cache-dir", str(tmp / "cache"), *extra]
+            if i == 0:
+                timed(train_cmd(1, flags))  # warm the dataset cache, as any later run would find it
+            wall, _ = timed(train_cmd(processes, flags), env)
             r = json.loads((out_dir / "results.json").read_text())
-            rows.append(row(f"mnist_dist --data-path {path}", [h["seconds"] for h in r["history"]],
-                            r["train_samples"], r["test_accuracy"], r["seconds_to_first_step"], wall))
+            name = (f"mnist_dist {path}" + (f" x{processes} processes" if processes > 1 else "")
+                    + (f" ({env['OMP_NUM_THREADS']} thread(s))" if env else "") + " ".join(["", *extra]))
+            rows.append(row(name, [h["seconds"] for h in r["history"]], r["train_samples"], r["test_accuracy"],
+                            r["seconds_to_first_step"], wall, r["steps"] // r["epochs"], timings=r["timings"],
+                            processes=processes, device=r["device_type"]))
 
     base = rows[0]["s_per_epoch"]
-    print(f"{'pipeline':36} {'s/epoch':>8} {'samples/s':>11} {'speed-up':>8} {'test acc':>8} {'1st step':>8} {'end-to-end':>10}")
+    print(f"{'pipeline':40} {'s/epoch':>8} {'samples/s':>11} {'speed-up':>8} {'ms/step':>8} {'test acc':>8} "
+          f"{'1st step':>8} {'end-to-end':>10}")
     for r in rows:
-        print(f"{r['pipeline']:36} {r['s_per_epoch']:8.3f} {r['samples_per_s']:11,.0f} {base / r['s_per_epoch']:7.1f}x "
-              f"{r['test_accuracy']:8.4f} {r['seconds_to_first_step']:7.1f}s {r['end_to_end_s']:9.1f}s")
+        print(f"{r['pipeline']:40} {r['s_per_epoch']:8.3f} {r['samples_per_s']:11,.0f} {base / r['s_per_epoch']:7.1f}x "
+              f"{r['ms_per_step']:8.3f} {r['test_accuracy']:8.4f} {r['seconds_to_first_step']:7.1f}s "
+              f"{r['end_to_end_s']:9.1f}s")
+    for r in rows:
+        if "timings" in r:
+            print(f"{r['pipeline']:40} " + "  ".join(f"{k} {v:.2f}s" for k, v in r["timings"].items()))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -8,13 +8,14 @@ import json
 import sys
 import time
 
+import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-START = time.perf_counter()
+START = psutil.Process().create_time()  # process start, wall clock: as mnist_dist measures it
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
             loss.backward()
             optimizer.step()
             if first_step is None:
-                first_step = time.perf_counter() - START
+                first_step = time.time() - START
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_seconds.append(time.perf_counter() - t0)
@@ -52,6 +53,7 @@ def main() -> None:
     print(json.dumps({
         "epoch_seconds": epoch_seconds, "test_accuracy": correct / len(test_set),
         "seconds_to_first_step": first_step, "train_samples": len(train_set), "device_type": device.type,
+        "steps_per_epoch": len(train_loader),
     }))
 
 
