@@ -105,7 +105,10 @@ class TrainConfig:
     cpu: bool = _field(False, "train on the CPU even if a GPU is present (also makes `accelerate launch` use gloo)")
     # output
     output_dir: str = _field("outputs/mnist", "directory for results.json, model.safetensors and config.json")
-    log_every: int = _field(50, "optimizer steps between progress-bar loss updates (steps)")
+    log_every: int = _field(
+        50, "optimizer steps between loss reads (log, progress bar) and the processes' check for a stop signal "
+        "or a non-finite step: the only host syncs in training (steps)"
+    )
     # tracking
     report_to: str = _field(
         "wandb", "experiment tracker: W&B, TensorBoard, both, or none (metrics.jsonl is written regardless)",
