@@ -34,8 +34,13 @@ def checkpoints_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: int | None) -> Path:
-    """Save a complete checkpoint for `state['global_step']` (all processes call this)."""
+def save(
+    accelerator: Accelerator, output_dir: str | Path, state: dict, keep: int | None, model_config: dict | None = None
+) -> Path:
+    """Save a complete checkpoint for `state['global_step']` (all processes call this).
+
+    With `model_config`, the checkpoint also holds config.json, so that it loads as a model
+    directory (`load_model`, `mnist_dist.evaluate --model CHECKPOINT`)."""
     root = checkpoints_root(output_dir)
     final = root / f"step_{state['global_step']:08d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -46,6 +51,8 @@ def save(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: in
     accelerator.save_state(str(tmp))  # model, optimizer, sampler, every process's RNG state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if model_config is not None:
+            _write_json_durably(tmp / "config.json", model_config)
         _write_json_durably(tmp / STATE_NAME, {"format": STATE_FORMAT, **state})
         if final.exists():
             shutil.rmtree(final)

@@ -16,6 +16,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectCo
 
 from . import tracking
 from .config import ConfigError, TrainConfig
+from .evaluation import evaluate_sums
 
 
 class LaunchError(RuntimeError):
@@ -196,12 +197,22 @@ def device_test_shard(images: torch.Tensor, labels: torch.Tensor, batch_size: in
     return [(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, hi - lo, batch_size)]
 
 
+def evaluate_sharded(accelerator: Accelerator, model, images: torch.Tensor, labels: torch.Tensor,
+                     batch_size: int, normalization: tuple[float, float]) -> dict:
+    """Each process evaluates its contiguous share of the test set; the totals are added up
+    across processes, so every test image counts exactly once (no padding, no duplicates)."""
+    shard = device_test_shard(images, labels, batch_size, accelerator)
+    return reduce_eval_sums(accelerator, evaluate_sums(model, shard, normalization=normalization))
+
+
 def reduce_eval_sums(accelerator: Accelerator, sums: dict) -> dict:
     """Add up every process's evaluation totals (device path: no padding, so a plain sum is exact)."""
-    totals = torch.tensor([sums["correct"], sums["loss_sum"], sums["samples"]], dtype=torch.float64,
-                          device=accelerator.device)
-    correct, loss_sum, samples = accelerator.reduce(totals, reduction="sum").tolist()
-    return {"correct": int(round(correct)), "loss_sum": loss_sum, "samples": int(round(samples))}
+    confusion = torch.tensor(sums["confusion"], dtype=torch.int64, device=accelerator.device)
+    loss_sum = torch.tensor([sums["loss_sum"]], dtype=torch.float64, device=accelerator.device)
+    confusion = accelerator.reduce(confusion, reduction="sum").cpu()
+    loss_sum = accelerator.reduce(loss_sum, reduction="sum").item()
+    return {"correct": int(confusion.trace()), "loss_sum": loss_sum, "samples": int(confusion.sum()),
+            "confusion": confusion.tolist()}
 
 
 def optimizer_step(accelerator: Accelerator, optimizer, health: StepHealth) -> None:

@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .data import MEAN, STD, normalize
+from .data import MEAN, NUM_CLASSES, STD, normalize
 
 
 def _identity(x):
@@ -25,31 +25,54 @@ def evaluate_sums(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     gather: Callable = _identity,
     normalization: tuple[float, float] = (MEAN, STD),
+    num_classes: int = NUM_CLASSES,
 ) -> dict:
-    """Correct predictions, summed cross-entropy and sample count over `batches` of uint8 images,
-    normalized with `normalization` = (mean, std) as in training."""
+    """Correct predictions, summed cross-entropy, sample count and the confusion matrix
+    (`confusion[true][predicted]`, counts) over `batches` of uint8 images, normalized with
+    `normalization` = (mean, std) as in training."""
     was_training = model.training
     model.eval()
-    correct, loss_sum, samples = 0, 0.0, 0
+    loss_sum, samples = 0.0, 0
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
     for images, labels in batches:
         logits = model(normalize(images, *normalization)).float()
         # per-sample values, so that padded duplicates can be dropped by `gather`
         losses = F.cross_entropy(logits, labels, reduction="none")
-        hits = (logits.argmax(dim=1) == labels).to(torch.int64)
-        hits, losses = gather((hits, losses))
-        correct = correct + hits.sum()
+        predicted, labels, losses = gather((logits.argmax(dim=1), labels, losses))
+        confusion = confusion.to(labels.device) + torch.bincount(
+            labels * num_classes + predicted, minlength=num_classes * num_classes
+        )
         loss_sum = loss_sum + losses.double().sum()
-        samples += len(hits)
+        samples += len(labels)
     model.train(was_training)
-    return {"correct": int(correct), "loss_sum": float(loss_sum), "samples": samples}
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    return {"correct": int(confusion.trace()), "loss_sum": float(loss_sum), "samples": samples,
+            "confusion": confusion.tolist()}
 
 
 def summarize(sums: dict) -> dict:
-    """Accuracy (fraction 0..1) and mean loss from `evaluate_sums`' totals."""
+    """Accuracy (fraction 0..1), mean loss, per-class accuracy and the confusion matrix from `evaluate_sums`."""
     if sums["samples"] == 0:
         raise ValueError("evaluate: no test samples")
+    per_class = [row[i] / sum(row) if sum(row) else None for i, row in enumerate(sums["confusion"])]
     return {"accuracy": sums["correct"] / sums["samples"], "loss": sums["loss_sum"] / sums["samples"],
-            "samples": sums["samples"]}
+            "samples": sums["samples"], "per_class_accuracy": per_class, "confusion_matrix": sums["confusion"]}
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, images: torch.Tensor, normalization: tuple[float, float] = (MEAN, STD),
+    batch_size: int = 4096,
+) -> torch.Tensor:
+    """Class probabilities [N, classes] for uint8 `images` [N, 784], in eval mode."""
+    was_training = model.training
+    model.eval()
+    probs = [
+        torch.softmax(model(normalize(images[i : i + batch_size], *normalization)).float(), dim=1)
+        for i in range(0, len(images), batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(probs)
 
 
 def evaluate(

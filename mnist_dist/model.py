@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -44,17 +45,36 @@ def build_model(config: dict) -> MLP:
     return MLP(config["input_size"], config["hidden_size"], config["num_classes"])
 
 
-def load_model(directory: str | Path) -> tuple[MLP, dict]:
-    """Rebuild a saved model from `directory` (config.json + model.safetensors); returns (model, config)."""
-    directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file (a saved model is {CONFIG_NAME} + {WEIGHTS_NAME})")
-    config = json.loads(config_path.read_text())
-    model = build_model(config)
+def load_model(path: str | Path) -> tuple[MLP, dict]:
+    """Rebuild a saved model; returns (model in eval mode, config).
+
+    `path` is a model directory (config.json + model.safetensors: a training run's output dir or
+    one of its checkpoints), or the model.safetensors file itself with config.json beside it.
+    Raises FileNotFoundError or ValueError naming the file at fault.
+    """
+    path = Path(path)
+    if path.is_file() or path.suffix == ".safetensors":
+        directory, weights_path = path.parent, path
+    else:
+        directory, weights_path = path, path / WEIGHTS_NAME
+    config_path = directory / CONFIG_NAME
+    for file in (weights_path, config_path):
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{file}: no such file (a saved model is {WEIGHTS_NAME} with {CONFIG_NAME} in the same directory)"
+            )
     try:
-        model.load_state_dict(load_file(weights_path))
+        config = json.loads(config_path.read_text())
+        model = build_model(config)
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, or not a model config
+        raise ValueError(f"{config_path}: not a mnist_dist model config ({type(err).__name__}: {err})") from err
+    try:
+        weights = load_file(weights_path)
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{weights_path}: unreadable weights ({err})") from err
+    consume_prefix_in_state_dict_if_present(weights, "module.")  # saved from a DDP-wrapped model
+    try:
+        model.load_state_dict(weights)
     except RuntimeError as err:
         raise ValueError(f"{weights_path}: weights do not match {config_path}: {err}") from err
-    return model, config
+    return model.eval(), config

@@ -112,6 +112,18 @@ def finish(accelerator: Accelerator, summary: dict) -> None:
                 print(f"mnist_dist: W&B run logged offline; upload it with: wandb sync {run.dir.rsplit('/files', 1)[0]}")
 
 
+def log_images(accelerator: Accelerator, pictures: dict[str, Path], step: int) -> None:
+    """Send the run's PNG pictures to W&B as images (main process; other trackers: nothing)."""
+    if not accelerator.is_main_process:
+        return
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            import wandb
+
+            tracker.tracker.log({f"pictures/{name}": wandb.Image(str(path)) for name, path in pictures.items()},
+                                step=step)
+
+
 def replay(accelerator: Accelerator, records: list[dict]) -> None:
     """Log again what a resumed run had logged up to its checkpoint, where the tracker lacks it.
 

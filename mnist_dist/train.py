@@ -25,15 +25,15 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, tracking
+from . import checkpoint, data, plots, tracking
 from .config import ConfigError, TrainConfig, parse_args
 from .data import DataError, make_loaders, normalize
 from .checkpoint import CheckpointError
 from .distributed import (
     EXIT_PREEMPTED, DeviceBatches, LaunchError, StepHealth, StopSignals, agree_to_stop, build_accelerator,
-    device_test_shard, optimizer_step, reduce_eval_sums, shard_counts,
+    evaluate_sharded, optimizer_step, shard_counts,
 )
-from .evaluation import evaluate, evaluate_sums, summarize
+from .evaluation import evaluate, predict, summarize
 from .model import CONFIG_NAME, MLP, model_config
 
 PROCESS_START = psutil.Process().create_time()  # wall clock, seconds: when the OS started this process
@@ -77,6 +77,11 @@ def train(cfg: TrainConfig) -> dict:
 
     set_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     model = MLP(train_set.images.shape[1], cfg.hidden_size, data.NUM_CLASSES)
+    # config.json beside every saved model: what rebuilds it and how its inputs are scaled
+    model_cfg = model_config(
+        model, normalization={"mean": stats[0], "std": stats[1], "pixel_scale": 255}, dataset=cfg.dataset,
+        class_names=data.class_names(cfg.dataset),
+    )
     optimizer = make_optimizer(model.parameters(), cfg.lr, accelerator.device)
     train_loader, test_loader = make_loaders(
         train_set, test_set, cfg.batch_size, cfg.eval_batch_size, cfg.num_workers, cfg.seed
@@ -84,7 +89,6 @@ def train(cfg: TrainConfig) -> dict:
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     if cfg.data_path == "device":  # the same batches, cut on the device instead of loaded
         device_train = DeviceBatches(train_set.images, train_set.labels, cfg.batch_size, cfg.seed, accelerator)
-        device_test = device_test_shard(test_set.images, test_set.labels, cfg.eval_batch_size, accelerator)
 
     def epoch_batches(epoch: int, start: int):
         """(step in epoch, images, labels, real samples in the global batch): this process's real samples."""
@@ -102,7 +106,9 @@ def train(cfg: TrainConfig) -> dict:
 
     def test_metrics() -> dict:
         if cfg.data_path == "device":
-            return summarize(reduce_eval_sums(accelerator, evaluate_sums(model, device_test, normalization=stats)))
+            return summarize(evaluate_sharded(
+                accelerator, model, test_set.images, test_set.labels, cfg.eval_batch_size, stats
+            ))
         return evaluate(model, test_loader, gather=accelerator.gather_for_metrics, normalization=stats)
 
     steps_per_epoch = len(train_loader)  # per process; the same on every process
@@ -154,7 +160,7 @@ def train(cfg: TrainConfig) -> dict:
 
     def save_checkpoint() -> Path:
         state = {**progress, "world_size": world, "config": config, "tracker_run_id": run_id}
-        return checkpoint.save(accelerator, output_dir, state, cfg.keep_checkpoints)
+        return checkpoint.save(accelerator, output_dir, state, cfg.keep_checkpoints, model_cfg)
 
     metrics = None
     timings["setup"] = time.perf_counter() - mark  # model, optimizer, prepare, device copies, trackers
@@ -300,26 +306,41 @@ def train(cfg: TrainConfig) -> dict:
         # this process's wall time by phase, seconds (train and eval: all epochs, across resumes)
         "timings": {**timings, "train": progress["train_seconds"], "eval": sum(h["eval_seconds"] for h in history)},
         "normalization": {"mean": stats[0], "std": stats[1]},
+        "per_class_accuracy": dict(zip(model_cfg["class_names"], metrics["per_class_accuracy"])),
+        "confusion_matrix": metrics["confusion_matrix"],  # [true class][predicted class], counts
         "history": history,
         "config": cfg.to_dict(),
     }
     accelerator.wait_for_everyone()
     accelerator.save_model(model, output_dir)  # model.safetensors, written by the main process
     if main:
-        model_cfg = model_config(
-            accelerator.unwrap_model(model),
-            normalization={"mean": stats[0], "std": stats[1], "pixel_scale": 255},
-            dataset=cfg.dataset,
-            class_names=data.class_names(cfg.dataset),
-        )
         _write_json(output_dir / CONFIG_NAME, model_cfg)
+        pictures = draw_pictures(output_dir, results, accelerator.unwrap_model(model), test_set, stats, model_cfg)
+        tracking.log_images(accelerator, pictures, progress["global_step"])
         _write_json(output_dir / "results.json", results)  # last: its presence marks a finished run
-        say(f"mnist_dist: test_accuracy {results['test_accuracy']:.4f}; wrote {output_dir}/results.json")
+        say(f"mnist_dist: test_accuracy {results['test_accuracy']:.4f}; wrote {output_dir}/results.json and "
+            f"{', '.join(p.name for p in pictures.values())}")
     tracking.finish(
         accelerator, {"best_test_accuracy": results["best_test_accuracy"], "final_test_accuracy": results["test_accuracy"]}
     )
     _shutdown(accelerator)
     return results
+
+
+def draw_pictures(output_dir: Path, results: dict, model, test_set, stats, model_cfg: dict) -> dict[str, Path]:
+    """The run's PNGs: training curves, confusion matrix, misclassified test digits (main process)."""
+    names = model_cfg["class_names"]
+    title = f"{results['dataset']}, {results['epochs']} epochs"
+    predicted = predict(model, test_set.images.to(next(model.parameters()).device), stats).argmax(1).cpu()
+    return {
+        "training_curves": plots.training_curves(results["history"], output_dir / "training_curves.png", title),
+        "confusion_matrix": plots.confusion_matrix(
+            results["confusion_matrix"], names, output_dir / "confusion_matrix.png", title
+        ),
+        "misclassified": plots.misclassified_grid(
+            test_set.images, test_set.labels, predicted, names, output_dir / "misclassified.png"
+        ),
+    }
 
 
 def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam:

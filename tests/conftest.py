@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from .helpers import mnist5k, write_dataset
+from .helpers import check, mnist5k, results, train_cli, write_dataset
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -31,3 +31,11 @@ def small_subset(tmp_path_factory):
         (splits["train"].images[tr], splits["train"].labels[tr]),
         (splits["test"].images[te], splits["test"].labels[te]),
     )
+
+
+@pytest.fixture(scope="session")
+def recipe_run(tmp_path_factory):
+    """The recipe of record, 10 epochs on mnist-5k, in one CPU process: (output dir, results, process)."""
+    out = tmp_path_factory.mktemp("recipe")
+    proc = check(train_cli("--dataset", "mnist-5k", "--cpu", "--output-dir", str(out)))
+    return out, results(out), proc

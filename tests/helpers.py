@@ -53,14 +53,15 @@ def train_cli(*flags: str, **kw) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "mnist_dist.train", *flags], **kw)
 
 
-def launch(num_processes: int, *flags: str, cpu_flag: bool = True, **kw) -> subprocess.CompletedProcess:
+def launch(num_processes: int, *flags: str, cpu_flag: bool = True, module: str = "mnist_dist.train",
+           **kw) -> subprocess.CompletedProcess:
     """`accelerate launch` with accelerate_configs/cpu.yaml: N real processes connected over gloo."""
     args = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"),
         "--num_processes", str(num_processes),
         "--main_process_port", str(_free_port()),
-        "-m", "mnist_dist.train", *flags,
+        "-m", module, *flags,
     ]
     if cpu_flag:
         args.append("--cpu")

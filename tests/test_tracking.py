@@ -49,6 +49,11 @@ def test_offline_wandb_makes_exactly_one_run_holding_the_logged_history(world, t
     assert [h["test/accuracy"] for h in wandb_run["history"] if "test/accuracy" in h] == [
         h["test_accuracy"] for h in r["history"]
     ]
+    # the run's pictures, as W&B images whose files are in the run
+    (pictures,) = [h for h in wandb_run["history"] if "pictures/confusion_matrix/_type" in h]
+    for name in ("training_curves", "confusion_matrix", "misclassified"):
+        assert pictures[f"pictures/{name}/_type"] == "image-file"
+        assert (run_dir / "files" / pictures[f"pictures/{name}/path"]).is_file()
 
 
 def test_without_an_api_key_it_logs_offline_and_says_how_to_sync(tmp_path):

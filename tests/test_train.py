@@ -14,16 +14,9 @@ from .helpers import MNIST_5K, REPO, check, results, train_cli
 RESULT_KEYS = {
     "test_accuracy", "test_loss", "test_samples", "train_samples", "epochs", "world_size",
     "per_process_batch_size", "global_batch_size", "mixed_precision", "device_type",
-    "train_seconds", "samples_per_second", "history", "config",
+    "train_seconds", "samples_per_second", "history", "config", "timings", "normalization",
+    "per_class_accuracy", "confusion_matrix",
 }
-
-
-@pytest.fixture(scope="module")
-def recipe_run(tmp_path_factory):
-    """The recipe of record, 10 epochs on mnist-5k, in one CPU process."""
-    out = tmp_path_factory.mktemp("recipe")
-    proc = check(train_cli("--dataset", "mnist-5k", "--cpu", "--output-dir", str(out)))
-    return out, results(out), proc
 
 
 def test_recipe_of_record_reaches_88_percent_on_the_10000_real_test_digits(recipe_run):

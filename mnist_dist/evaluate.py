@@ -1,0 +1,112 @@
+"""Evaluate a trained model on a test set: accuracy, loss, per-class accuracy, confusion matrix.
+
+    python -m mnist_dist.evaluate --model outputs/mnist                     # the dataset it was trained on
+    python -m mnist_dist.evaluate --model outputs/mnist/checkpoints/step_00003910 --dataset mnist-5k
+    python -m mnist_dist.evaluate --model outputs/mnist/model.safetensors --data-dir /data/fashion-mnist
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m mnist_dist.evaluate --model outputs/mnist
+
+Under `accelerate launch` each process evaluates its own share of the test set and the totals
+are added up, so every test image counts exactly once. Writes evaluation.json,
+confusion_matrix.png and misclassified.png to --output-dir (default: MODEL_DIR/evaluation)
+and prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from . import data, plots
+from .config import DATASET_CHOICES
+from .data import DataError
+from .distributed import LaunchError, check_coupled, evaluate_sharded
+from .evaluation import predict, summarize
+from .model import load_model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mnist_dist.evaluate", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", required=True,
+                        help="a trained model: its directory (config.json + model.safetensors), the "
+                             "model.safetensors file, or a checkpoint directory")
+    parser.add_argument("--dataset", choices=DATASET_CHOICES,
+                        help="test set to use; default: the dataset the model was trained on")
+    parser.add_argument("--data-dir", help="read the IDX files from this directory (as in training)")
+    parser.add_argument("--cache-dir", help="decoded-dataset cache (as in training)")
+    parser.add_argument("--batch-size", type=int, default=1024, help="test images per process per batch")
+    parser.add_argument("--output-dir", help="where to write evaluation.json and the PNGs; default: MODEL_DIR/evaluation")
+    parser.add_argument("--cpu", action="store_true", help="evaluate on the CPU even if a GPU is present")
+    return parser
+
+
+def evaluate_model(args: argparse.Namespace) -> dict:
+    """Evaluate as `args` say; the main process writes the files; every process returns the report."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size={args.batch_size}: must be an integer >= 1")
+    accelerator = Accelerator(cpu=args.cpu)
+    try:
+        check_coupled(accelerator)
+        model, config = load_model(args.model)
+        model_path = Path(args.model)
+        model_dir = model_path.parent if model_path.suffix == ".safetensors" else model_path
+        dataset = args.dataset or config.get("dataset", "mnist")
+        with accelerator.local_main_process_first():
+            test = data.load_splits(dataset, args.data_dir, args.cache_dir)["test"]
+        if test.images.shape[1] != config["input_size"]:
+            raise DataError(f"the test images have {test.images.shape[1]} pixels, {args.model} expects {config['input_size']}")
+        norm = config.get("normalization", {"mean": data.MEAN, "std": data.STD})
+        stats = (norm["mean"], norm["std"])
+        model.to(accelerator.device)
+        metrics = summarize(evaluate_sharded(accelerator, model, test.images, test.labels, args.batch_size, stats))
+        names = config.get("class_names") or data.class_names(dataset)
+        report = {
+            "model": str(model_path), "dataset": dataset, "data_dir": args.data_dir, "world_size": accelerator.num_processes,
+            "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"], "test_samples": metrics["samples"],
+            "per_class_accuracy": dict(zip(names, metrics["per_class_accuracy"])),
+            "confusion_matrix": metrics["confusion_matrix"],  # [true class][predicted class], counts
+        }
+        if accelerator.is_main_process:
+            out = Path(args.output_dir) if args.output_dir else model_dir / "evaluation"
+            out.mkdir(parents=True, exist_ok=True)
+            title = f"{dataset}, {model_path}"
+            plots.confusion_matrix(report["confusion_matrix"], names, out / "confusion_matrix.png", title)
+            predicted = predict(model, test.images.to(accelerator.device), stats).argmax(1).cpu()
+            plots.misclassified_grid(test.images, test.labels, predicted, names, out / "misclassified.png")
+            tmp = out / "evaluation.json.tmp"
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            os.replace(tmp, out / "evaluation.json")
+            report["output_dir"] = str(out)
+        return report
+    finally:
+        accelerator.end_training()  # destroys the process group
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = evaluate_model(args)
+    except (FileNotFoundError, ValueError, LaunchError) as err:  # DataError is a ValueError
+        print(f"mnist_dist.evaluate: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        gc.collect()  # free gloo's hold on the process group while Python is fully alive (see train.py)
+    if "output_dir" in report:  # the main process
+        per_class = "  ".join(f"{name} {100 * acc:.1f}%" for name, acc in report["per_class_accuracy"].items()
+                              if acc is not None)
+        print(f"test_accuracy {report['test_accuracy']:.4f}  test_loss {report['test_loss']:.4f}  "
+              f"({report['test_samples']} images, {report['world_size']} process(es))\nper class: {per_class}\n"
+              f"wrote {report['output_dir']}/evaluation.json, confusion_matrix.png, misclassified.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Pictures of a run: training curves, the confusion matrix, misclassified test digits. Plain PNG files.
+
+matplotlib draws (the Agg backend: no display needed, safe on cluster nodes); torchvision's
+`make_grid` lays out the digits. Every function writes one PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; must come before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+from .data import IMAGE_SIDE  # noqa: E402
+
+DPI = 100  # pixels per inch of figure size
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)  # never a half-written picture
+    return path
+
+
+def training_curves(history: list[dict], path: Path, title: str = "") -> Path:
+    """Train and test loss, and test accuracy, per epoch, from results.json's `history`."""
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
+    loss_ax.plot(epochs, [h["test_loss"] for h in history], marker="o", label="test")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    loss_ax.legend()
+    acc_ax.plot(epochs, [100 * h["test_accuracy"] for h in history], marker="o", color="tab:green")
+    acc_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def confusion_matrix(matrix: list[list[int]], class_names: list[str], path: Path, title: str = "") -> Path:
+    """Counts of (true class, predicted class), with each class's accuracy beside its row."""
+    counts = torch.tensor(matrix, dtype=torch.float64)
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    # colour by the fraction of the true class, so rare and common classes read alike
+    fractions = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    image = ax.imshow(fractions.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    for i in range(n):
+        for j in range(n):
+            if counts[i, j]:
+                ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=8,
+                        color="white" if fractions[i, j] > 0.5 else "black")
+    labels = [name if len(name) <= 8 else name[:7] + "." for name in class_names]
+    ax.set_xticks(range(n), labels, rotation=45, ha="right")
+    ax.set_yticks(range(n), [f"{label}  {100 * fractions[i, i]:.1f}%" for i, label in enumerate(labels)])
+    ax.set(xlabel="predicted", ylabel="true class and its accuracy")
+    accuracy = counts.trace() / counts.sum()
+    ax.set_title(f"{title}  accuracy {100 * accuracy:.2f}% of {int(counts.sum())}".strip())
+    return _save(fig, path)
+
+
+def misclassified_grid(
+    images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, class_names: list[str], path: Path,
+    limit: int = 64, columns: int = 8,
+) -> Path:
+    """The first `limit` misclassified digits (uint8 [N, 784]) in a grid, each labelled predicted / true."""
+    wrong = (predicted != labels).nonzero().flatten()[:limit]
+    side, pad = IMAGE_SIDE, 12  # pixels: the padding holds each tile's label
+    if len(wrong) == 0:
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+        ax.axis("off")
+        return _save(fig, path)
+    tiles = images[wrong].view(-1, 1, side, side)
+    grid = make_grid(tiles, nrow=columns, padding=pad, pad_value=255)  # [3, H, W] uint8
+    rows = -(-len(wrong) // columns)
+    fig, ax = plt.subplots(figsize=(1.25 * columns, 1.25 * rows + 0.4))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    for k, index in enumerate(wrong.tolist()):
+        x = (k % columns) * (side + pad) + pad
+        y = (k // columns) * (side + pad) + pad
+        ax.text(x + side / 2, y - 1, f"{class_names[predicted[index]]} / {class_names[labels[index]]}",
+                fontsize=9, color="crimson", ha="center", va="bottom")
+    ax.axis("off")
+    ax.set_title(f"misclassified test images, labelled predicted / true (first {len(wrong)})", fontsize=11)
+    return _save(fig, path)

@@ -1,0 +1,174 @@
+"""Using a trained model: `mnist_dist.evaluate`, `mnist_dist.predict` and the pictures a run leaves."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from PIL import Image
+
+from mnist_dist import checkpoint
+from mnist_dist.model import MLP, model_config
+
+from .helpers import check, launch, mnist5k, run
+
+SAMPLE = range(10)  # the fixed sample: the first ten real test digits
+
+
+def evaluate_cli(*flags: str, **kw):
+    return run([sys.executable, "-m", "mnist_dist.evaluate", *flags], **kw)
+
+
+def predict_cli(*flags: str, **kw):
+    return run([sys.executable, "-m", "mnist_dist.predict", *flags], **kw)
+
+
+def report(out) -> dict:
+    return json.loads((out / "evaluation.json").read_text())
+
+
+def test_evaluate_reproduces_the_accuracy_in_results_json_exactly(recipe_run, tmp_path):
+    out, r, _ = recipe_run
+    proc = check(evaluate_cli("--model", str(out), "--cpu", "--output-dir", str(tmp_path)))
+    e = report(tmp_path)
+    assert e["dataset"] == "mnist-5k"  # the model's own, from config.json
+    assert e["test_accuracy"] == r["test_accuracy"] and e["test_samples"] == 10_000
+    assert e["test_loss"] == pytest.approx(r["test_loss"], rel=1e-6)
+    assert e["confusion_matrix"] == r["confusion_matrix"]
+    labels = mnist5k()["test"].labels
+    assert [sum(row) for row in e["confusion_matrix"]] == torch.bincount(labels, minlength=10).tolist()
+    for k, (name, acc) in enumerate(e["per_class_accuracy"].items()):
+        assert acc == e["confusion_matrix"][k][k] / sum(e["confusion_matrix"][k]), name
+    assert f"test_accuracy {r['test_accuracy']:.4f}" in proc.stdout
+
+
+def test_evaluate_on_two_processes_counts_each_test_image_once(recipe_run, tmp_path):
+    out, r, _ = recipe_run
+    check(launch(2, "--model", str(out), "--output-dir", str(tmp_path), module="mnist_dist.evaluate"))
+    e = report(tmp_path)
+    assert e["world_size"] == 2, "the launch did not connect the processes it started"
+    assert e["test_samples"] == 10_000 and e["test_accuracy"] == r["test_accuracy"]
+    assert e["confusion_matrix"] == r["confusion_matrix"]
+
+
+def test_evaluate_takes_the_weights_file_or_a_checkpoint_directory(recipe_run, tmp_path):
+    out, r, _ = recipe_run
+    check(evaluate_cli("--model", str(out / "model.safetensors"), "--cpu", "--output-dir", str(tmp_path / "file")))
+    assert report(tmp_path / "file")["test_accuracy"] == r["test_accuracy"]
+    last = checkpoint.complete_checkpoints(out)[-1]  # saved after the last epoch: the final weights
+    check(evaluate_cli("--model", str(last), "--cpu", "--output-dir", str(tmp_path / "ckpt")))
+    assert report(tmp_path / "ckpt")["test_accuracy"] == r["test_accuracy"]
+
+
+def test_evaluate_writes_next_to_the_model_by_default(recipe_run, tmp_path):
+    out, _, _ = recipe_run
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (model_dir / name).write_bytes((out / name).read_bytes())
+    check(evaluate_cli("--model", str(model_dir), "--cpu"))
+    assert valid_png(model_dir / "evaluation" / "confusion_matrix.png")
+    assert report(model_dir / "evaluation")["test_samples"] == 10_000
+
+
+def save_digits(directory, dark_on_light: bool = False) -> dict:
+    """The fixed sample as image files: 28x28 grayscale PNGs as in MNIST, or big dark-on-light RGB JPEGs."""
+    test = mnist5k()["test"]
+    files = {}
+    directory.mkdir()
+    for i in SAMPLE:
+        image = test.images[i].view(1, 1, 28, 28)
+        if dark_on_light:  # as a scan or a photo of ink on paper: 224 x 180 pixels, colour, JPEG
+            big = torch.nn.functional.interpolate(image.float(), size=(224, 180), mode="bilinear")[0]
+            paper = (235 - big * 0.8).clamp(0, 255).to(torch.uint8)[0]
+            path = directory / f"digit{i}.jpg"
+            Image.fromarray(paper.numpy()).convert("RGB").save(path, quality=90)
+        else:
+            path = directory / f"digit{i}.png"
+            Image.fromarray(image[0, 0].numpy()).save(path)
+        files[str(path)] = int(test.labels[i])
+    return files
+
+
+@pytest.mark.parametrize("dark_on_light", [False, True], ids=["mnist-png", "dark-on-light-jpeg"])
+def test_predict_names_real_test_digits_saved_as_images(recipe_run, tmp_path, dark_on_light):
+    out, _, _ = recipe_run
+    files = save_digits(tmp_path / "digits", dark_on_light)
+    proc = check(predict_cli(*files, "--model", str(out), "--json"))
+    predictions = json.loads(proc.stdout)
+    assert [p["file"] for p in predictions] == list(files)
+    hits = sum(p["prediction"] == files[p["file"]] for p in predictions)
+    assert hits >= 9, predictions
+    for p in predictions:
+        assert sum(p["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+        assert p["label"] == str(p["prediction"]) and p["probability"] == max(p["probabilities"].values())
+
+
+def test_predict_prints_one_readable_line_per_image(recipe_run, tmp_path):
+    out, _, _ = recipe_run
+    files = save_digits(tmp_path / "digits")
+    proc = check(predict_cli(*list(files)[:2], "--model", str(out)))
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{list(files)[0]}: ") and "%" in lines[0]
+
+
+def valid_png(path) -> bool:
+    with Image.open(path) as image:
+        image.load()  # decodes every pixel: raises on a truncated or damaged file
+        assert image.format == "PNG", f"{path}: not a PNG"
+        width, height = image.size
+        pixels = torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32).copy())
+    assert 300 <= width <= 3000 and 100 <= height <= 3000, (path, image.size)
+    assert pixels.std() > 10, f"{path}: blank picture"
+    return True
+
+
+def test_training_leaves_pictures_of_the_run(recipe_run):
+    out, _, proc = recipe_run
+    for name in ("training_curves.png", "confusion_matrix.png", "misclassified.png"):
+        assert valid_png(out / name)
+        assert name in proc.stdout + proc.stderr  # the closing line names what it wrote
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_missing_model_is_named(tmp_path):
+    for cli in (evaluate_cli, predict_cli):
+        args = ["--model", str(tmp_path / "nope")] + (["x.png"] if cli is predict_cli else [])
+        proc = check(cli(*args), rc=2)
+        assert f"{tmp_path / 'nope' / 'model.safetensors'}: no such file" in proc.stderr
+
+
+def test_config_that_does_not_match_the_weights_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(model_config(MLP(hidden_size=128))))
+    save_file(MLP().state_dict(), str(tmp_path / "model.safetensors"))
+    for cli in (evaluate_cli, predict_cli):
+        args = ["--model", str(tmp_path)] + (["x.png"] if cli is predict_cli else [])
+        proc = check(cli(*args), rc=2)
+        assert f"{tmp_path / 'model.safetensors'}: weights do not match {tmp_path / 'config.json'}" in proc.stderr
+        assert not (tmp_path / "evaluation").exists()
+
+
+def test_damaged_config_is_named(recipe_run, tmp_path):
+    out, _, _ = recipe_run
+    (tmp_path / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    (tmp_path / "config.json").write_text("{not json")
+    proc = check(predict_cli("x.png", "--model", str(tmp_path)), rc=2)
+    assert f"{tmp_path / 'config.json'}: not a mnist_dist model config" in proc.stderr
+
+
+def test_unreadable_images_are_named_and_the_rest_still_predicted(recipe_run, tmp_path):
+    out, _, _ = recipe_run
+    good = list(save_digits(tmp_path / "digits"))[0]
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    blank = tmp_path / "blank.png"
+    Image.new("L", (40, 40), color=255).save(blank)
+    proc = check(predict_cli(good, str(text), str(blank), str(tmp_path / "missing.jpg"), "--model", str(out), "--json"), rc=2)
+    assert f"{text}: not a readable image" in proc.stderr
+    assert f"{blank}: no digit found" in proc.stderr
+    assert f"{tmp_path / 'missing.jpg'}: no such file" in proc.stderr
+    assert [p["file"] for p in json.loads(proc.stdout)] == [good]
