@@ -29,11 +29,13 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def training_curves(history: list[dict], path: Path, title: str = "") -> Path:
+def training_curves(history: list[dict], path: Path, title: str = "", label_smoothing: float = 0.0) -> Path:
     """Train and test loss, and test accuracy, per epoch, from results.json's `history`."""
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
+    # a smoothed training loss has a floor above zero: say so, or it reads as underfitting
+    train_label = f"train (label smoothing {label_smoothing:g})" if label_smoothing else "train"
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label=train_label)
     loss_ax.plot(epochs, [h["test_loss"] for h in history], marker="o", label="test")
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     loss_ax.legend()
@@ -61,7 +63,7 @@ def confusion_matrix(matrix: list[list[int]], class_names: list[str], path: Path
             if counts[i, j]:
                 ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=8,
                         color="white" if fractions[i, j] > 0.5 else "black")
-    labels = [name if len(name) <= 8 else name[:7] + "." for name in class_names]
+    labels = [name if len(name) <= 11 else name[:10] + "." for name in class_names]
     ax.set_xticks(range(n), labels, rotation=45, ha="right")
     ax.set_yticks(range(n), [f"{label}  {100 * fractions[i, i]:.1f}%" for i, label in enumerate(labels)])
     ax.set(xlabel="predicted", ylabel="true class and its accuracy")
@@ -76,7 +78,7 @@ def misclassified_grid(
 ) -> Path:
     """The first `limit` misclassified digits (uint8 [N, 784]) in a grid, each labelled predicted / true."""
     wrong = (predicted != labels).nonzero().flatten()[:limit]
-    side, pad = IMAGE_SIDE, 12  # pixels: the padding holds each tile's label
+    side, pad = IMAGE_SIDE, 14  # pixels: the padding holds each tile's two-line label
     if len(wrong) == 0:
         fig, ax = plt.subplots(figsize=(4, 1))
         ax.text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
@@ -85,13 +87,14 @@ def misclassified_grid(
     tiles = images[wrong].view(-1, 1, side, side)
     grid = make_grid(tiles, nrow=columns, padding=pad, pad_value=255)  # [3, H, W] uint8
     rows = -(-len(wrong) // columns)
-    fig, ax = plt.subplots(figsize=(1.25 * columns, 1.25 * rows + 0.4))
+    fig, ax = plt.subplots(figsize=(1.4 * columns, 1.4 * rows + 0.4))
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     for k, index in enumerate(wrong.tolist()):
         x = (k % columns) * (side + pad) + pad
         y = (k // columns) * (side + pad) + pad
-        ax.text(x + side / 2, y - 1, f"{class_names[predicted[index]]} / {class_names[labels[index]]}",
-                fontsize=9, color="crimson", ha="center", va="bottom")
+        ax.text(x + side / 2, y - 1, f"{class_names[predicted[index]]}\n(true: {class_names[labels[index]]})",
+                fontsize=8, color="crimson", ha="center", va="bottom", linespacing=1.1)
     ax.axis("off")
-    ax.set_title(f"misclassified test images, labelled predicted / true (first {len(wrong)})", fontsize=11)
+    ax.set_title(f"misclassified test images: predicted class, true class in brackets (first {len(wrong)})",
+                 fontsize=11)
     return _save(fig, path)

@@ -330,10 +330,13 @@ def train(cfg: TrainConfig) -> dict:
 def draw_pictures(output_dir: Path, results: dict, model, test_set, stats, model_cfg: dict) -> dict[str, Path]:
     """The run's PNGs: training curves, confusion matrix, misclassified test digits (main process)."""
     names = model_cfg["class_names"]
-    title = f"{results['dataset']}, {results['epochs']} epochs"
+    config = results["config"]
+    title = f"{results['dataset']}, {results['epochs']} epochs, recipe {config['recipe']}"
     predicted = predict(model, test_set.images.to(next(model.parameters()).device), stats).argmax(1).cpu()
     return {
-        "training_curves": plots.training_curves(results["history"], output_dir / "training_curves.png", title),
+        "training_curves": plots.training_curves(
+            results["history"], output_dir / "training_curves.png", title, config["label_smoothing"]
+        ),
         "confusion_matrix": plots.confusion_matrix(
             results["confusion_matrix"], names, output_dir / "confusion_matrix.png", title
         ),

@@ -213,26 +213,18 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp
     assert f"non-finite training loss or gradients at step {step} " in proc.stderr
 
 
-def test_device_path_run_killed_mid_epoch_resumes_bit_identical(tmp_path):
-    flags = [*RUN, "--data-path", "device"]
+@pytest.mark.parametrize(
+    "extra",
+    # the tuned recipe: the one-cycle schedule's position, and the Adam betas it cycles, come back too
+    [["--data-path", "device"], ["--data-path", "device", "--recipe", "tuned"]],
+    ids=["device-path", "device-path-tuned-recipe"],
+)
+def test_run_killed_mid_epoch_resumes_bit_identical(extra, tmp_path):
+    flags = [*RUN, *extra]
     check(run(train_cmd(1, *flags, "--output-dir", str(tmp_path / "reference"))))
     out = tmp_path / "out"
     proc = start(1, *flags, "--output-dir", str(out))
     wait_for_checkpoint(out, 21, proc)  # a mid-epoch checkpoint (40 steps per epoch)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    check(run(train_cmd(1, *flags, "--output-dir", str(out), "--resume", "auto")))
-    same_weights(out, tmp_path / "reference")
-    same_results(out, tmp_path / "reference")
-
-
-def test_tuned_recipe_run_killed_mid_epoch_resumes_bit_identical(tmp_path):
-    # the one-cycle schedule's position and Adam's betas it cycles are restored with the checkpoint
-    flags = [*RUN, "--recipe", "tuned", "--data-path", "device"]
-    check(run(train_cmd(1, *flags, "--output-dir", str(tmp_path / "reference"))))
-    out = tmp_path / "out"
-    proc = start(1, *flags, "--output-dir", str(out))
-    wait_for_checkpoint(out, 21, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     check(run(train_cmd(1, *flags, "--output-dir", str(out), "--resume", "auto")))
