@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a trained model: its directory (config.json + model.safetensors), the "
                              "model.safetensors file, or a checkpoint directory")
     parser.add_argument("--dataset", choices=DATASET_CHOICES,
-                        help="test set to use; default: the dataset the model was trained on")
+                        help="test set to use; default: the one the model was trained on (its --dataset and --data-dir)")
     parser.add_argument("--data-dir", help="read the IDX files from this directory (as in training)")
     parser.add_argument("--cache-dir", help="decoded-dataset cache (as in training)")
     parser.add_argument("--batch-size", type=int, default=1024, help="test images per process per batch")
@@ -59,8 +59,11 @@ def evaluate_model(args: argparse.Namespace) -> dict:
         model_path = Path(args.model)
         model_dir = model_path.parent if model_path.suffix == ".safetensors" else model_path
         dataset = args.dataset or config.get("dataset", "mnist")
+        data_dir = args.data_dir
+        if args.dataset is None and data_dir is None:  # nothing said: the files the model was trained on
+            data_dir = config.get("data_dir")
         with accelerator.local_main_process_first():
-            test = data.load_splits(dataset, args.data_dir, args.cache_dir)["test"]
+            test = data.load_splits(dataset, data_dir, args.cache_dir)["test"]
         if test.images.shape[1] != config["input_size"]:
             raise DataError(f"the test images have {test.images.shape[1]} pixels, {args.model} expects {config['input_size']}")
         norm = config.get("normalization", {"mean": data.MEAN, "std": data.STD})
@@ -69,7 +72,7 @@ def evaluate_model(args: argparse.Namespace) -> dict:
         metrics = summarize(evaluate_sharded(accelerator, model, test.images, test.labels, args.batch_size, stats))
         names = config.get("class_names") or data.class_names(dataset)
         report = {
-            "model": str(model_path), "dataset": dataset, "data_dir": args.data_dir, "world_size": accelerator.num_processes,
+            "model": str(model_path), "dataset": dataset, "data_dir": data_dir, "world_size": accelerator.num_processes,
             "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"], "test_samples": metrics["samples"],
             "per_class_accuracy": dict(zip(names, metrics["per_class_accuracy"])),
             "confusion_matrix": metrics["confusion_matrix"],  # [true class][predicted class], counts

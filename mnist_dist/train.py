@@ -80,6 +80,7 @@ def train(cfg: TrainConfig) -> dict:
     # config.json beside every saved model: what rebuilds it and how its inputs are scaled
     model_cfg = model_config(
         model, normalization={"mean": stats[0], "std": stats[1], "pixel_scale": 255}, dataset=cfg.dataset,
+        data_dir=str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,  # evaluate's default test set
         class_names=data.class_names(cfg.dataset),
     )
     optimizer = make_optimizer(model.parameters(), cfg.lr, accelerator.device)

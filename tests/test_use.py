@@ -53,6 +53,15 @@ def test_evaluate_on_two_processes_counts_each_test_image_once(recipe_run, tmp_p
     assert e["confusion_matrix"] == r["confusion_matrix"]
 
 
+def test_evaluate_defaults_to_the_files_the_model_was_trained_on(tmp_path, small_subset):
+    check(run([sys.executable, "-m", "mnist_dist.train", "--data-dir", str(small_subset), "--cpu", "--epochs", "1",
+               "--report-to", "none", "--output-dir", str(tmp_path / "run")]))
+    check(evaluate_cli("--model", str(tmp_path / "run"), "--cpu"))
+    e = report(tmp_path / "run" / "evaluation")
+    assert e["data_dir"] == str(small_subset.resolve()) and e["test_samples"] == 1001
+    assert e["test_accuracy"] == json.loads((tmp_path / "run" / "results.json").read_text())["test_accuracy"]
+
+
 def test_evaluate_takes_the_weights_file_or_a_checkpoint_directory(recipe_run, tmp_path):
     out, r, _ = recipe_run
     check(evaluate_cli("--model", str(out / "model.safetensors"), "--cpu", "--output-dir", str(tmp_path / "file")))
