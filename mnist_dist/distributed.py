@@ -197,11 +197,9 @@ def device_test_shard(images: torch.Tensor, labels: torch.Tensor, batch_size: in
     return [(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, hi - lo, batch_size)]
 
 
-def evaluate_sharded(accelerator: Accelerator, model, images: torch.Tensor, labels: torch.Tensor,
-                     batch_size: int, normalization: tuple[float, float]) -> dict:
-    """Each process evaluates its contiguous share of the test set; the totals are added up
-    across processes, so every test image counts exactly once (no padding, no duplicates)."""
-    shard = device_test_shard(images, labels, batch_size, accelerator)
+def evaluate_sharded(accelerator: Accelerator, model, shard: list, normalization: tuple[float, float]) -> dict:
+    """Evaluate this process's `device_test_shard` and add up the totals across processes:
+    every test image counts exactly once (no padding, no duplicates)."""
     return reduce_eval_sums(accelerator, evaluate_sums(model, shard, normalization=normalization))
 
 

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from . import data, plots
 from .config import DATASET_CHOICES
 from .data import DataError
-from .distributed import LaunchError, check_coupled, evaluate_sharded
+from .distributed import LaunchError, check_coupled, device_test_shard, evaluate_sharded
 from .evaluation import predict, summarize
 from .model import load_model
 
@@ -69,7 +69,8 @@ def evaluate_model(args: argparse.Namespace) -> dict:
         norm = config.get("normalization", {"mean": data.MEAN, "std": data.STD})
         stats = (norm["mean"], norm["std"])
         model.to(accelerator.device)
-        metrics = summarize(evaluate_sharded(accelerator, model, test.images, test.labels, args.batch_size, stats))
+        shard = device_test_shard(test.images, test.labels, args.batch_size, accelerator)
+        metrics = summarize(evaluate_sharded(accelerator, model, shard, stats))
         names = config.get("class_names") or data.class_names(dataset)
         report = {
             "model": str(model_path), "dataset": dataset, "data_dir": data_dir, "world_size": accelerator.num_processes,

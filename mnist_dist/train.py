@@ -31,7 +31,7 @@ from .data import DataError, make_loaders, normalize
 from .checkpoint import CheckpointError
 from .distributed import (
     EXIT_PREEMPTED, DeviceBatches, LaunchError, StepHealth, StopSignals, agree_to_stop, build_accelerator,
-    evaluate_sharded, optimizer_step, shard_counts,
+    device_test_shard, evaluate_sharded, optimizer_step, shard_counts,
 )
 from .evaluation import evaluate, predict, summarize
 from .model import CONFIG_NAME, MLP, model_config
@@ -64,7 +64,7 @@ def train(cfg: TrainConfig) -> dict:
     if state:
         checkpoint.check_compatible(state, config, world, resume_from)
 
-    timings["_data_start"] = time.perf_counter()
+    data_start = time.perf_counter()
     # one process per node decodes the data and writes the cache; the others then read the cache
     with accelerator.local_main_process_first():
         splits = data.load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
@@ -73,7 +73,7 @@ def train(cfg: TrainConfig) -> dict:
     # (mean, std) on the 0..1 pixel scale; saved with the model so evaluate and predict scale alike
     stats = data.pixel_stats(train_set.images) if cfg.normalization == "dataset" else (data.MEAN, data.STD)
     mark = time.perf_counter()
-    timings["data_load"] = mark - timings.pop("_data_start")
+    timings["data_load"] = mark - data_start
 
     set_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     model = MLP(train_set.images.shape[1], cfg.hidden_size, data.NUM_CLASSES)
@@ -90,6 +90,7 @@ def train(cfg: TrainConfig) -> dict:
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     if cfg.data_path == "device":  # the same batches, cut on the device instead of loaded
         device_train = DeviceBatches(train_set.images, train_set.labels, cfg.batch_size, cfg.seed, accelerator)
+        device_test = device_test_shard(test_set.images, test_set.labels, cfg.eval_batch_size, accelerator)
 
     def epoch_batches(epoch: int, start: int):
         """(step in epoch, images, labels, real samples in the global batch): this process's real samples."""
@@ -107,9 +108,7 @@ def train(cfg: TrainConfig) -> dict:
 
     def test_metrics() -> dict:
         if cfg.data_path == "device":
-            return summarize(evaluate_sharded(
-                accelerator, model, test_set.images, test_set.labels, cfg.eval_batch_size, stats
-            ))
+            return summarize(evaluate_sharded(accelerator, model, device_test, stats))
         return evaluate(model, test_loader, gather=accelerator.gather_for_metrics, normalization=stats)
 
     steps_per_epoch = len(train_loader)  # per process; the same on every process
