@@ -115,6 +115,43 @@ def test_predict_names_real_test_digits_saved_as_images(recipe_run, tmp_path, da
         assert p["label"] == str(p["prediction"]) and p["probability"] == max(p["probabilities"].values())
 
 
+def draw_digits(directory) -> dict:
+    """Digits drawn as a person would in a paint program: thick black strokes on a big white
+    canvas (one on a transparent canvas), nothing like MNIST's framing."""
+    from PIL import ImageDraw
+
+    strokes = {
+        7: lambda d, ink: d.line([(120, 80), (290, 80), (170, 330)], fill=ink, width=28),
+        1: lambda d, ink: d.line([(200, 60), (200, 340)], fill=ink, width=28),
+        0: lambda d, ink: d.ellipse([(130, 60), (270, 340)], outline=ink, width=26),
+        2: lambda d, ink: (d.arc([(120, 60), (280, 200)], 180, 30, fill=ink, width=26),
+                           d.line([(262, 160), (120, 330), (290, 330)], fill=ink, width=26)),
+        4: lambda d, ink: (d.line([(250, 60), (110, 250), (300, 250)], fill=ink, width=26),
+                           d.line([(250, 60), (250, 340)], fill=ink, width=26)),
+        8: lambda d, ink: (d.ellipse([(140, 60), (260, 190)], outline=ink, width=24),
+                           d.ellipse([(125, 180), (275, 340)], outline=ink, width=24)),
+    }
+    directory.mkdir()
+    files = {}
+    for digit, draw in strokes.items():
+        transparent = digit == 7
+        image = Image.new("RGBA", (400, 400), (0, 0, 0, 0)) if transparent else Image.new("RGB", (400, 400), "white")
+        draw(ImageDraw.Draw(image), (0, 0, 0, 255) if transparent else "black")
+        path = directory / f"drawn_{digit}.png"
+        image.save(path)
+        files[str(path)] = digit
+    return files
+
+
+def test_predict_reads_digits_drawn_on_a_white_canvas(recipe_run, tmp_path):
+    out, _, _ = recipe_run
+    files = draw_digits(tmp_path / "drawn")
+    predictions = json.loads(check(predict_cli(*files, "--model", str(out), "--json")).stdout)
+    hits = [p["file"] for p in predictions if p["prediction"] == files[p["file"]]]
+    # measured: 6 of 6 with the mnist-5k model of record, and with the tuned recipe's model
+    assert len(hits) >= 5, predictions
+
+
 def test_predict_prints_one_readable_line_per_image(recipe_run, tmp_path):
     out, _, _ = recipe_run
     files = save_digits(tmp_path / "digits")
