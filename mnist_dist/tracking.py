@@ -113,7 +113,7 @@ def finish(accelerator: Accelerator, summary: dict) -> None:
 
 
 def log_images(accelerator: Accelerator, pictures: dict[str, Path], step: int) -> None:
-    """Send the run's PNG pictures to W&B as images (main process; other trackers: nothing)."""
+    """Send the run's PNG pictures to W&B and TensorBoard as images (main process)."""
     if not accelerator.is_main_process:
         return
     for tracker in accelerator.trackers:
@@ -122,6 +122,15 @@ def log_images(accelerator: Accelerator, pictures: dict[str, Path], step: int) -
 
             tracker.tracker.log({f"pictures/{name}": wandb.Image(str(path)) for name, path in pictures.items()},
                                 step=step)
+        elif tracker.name == "tensorboard":
+            import numpy as np
+            from PIL import Image
+
+            for name, path in pictures.items():
+                with Image.open(path) as image:
+                    pixels = np.asarray(image.convert("RGB"))
+                tracker.writer.add_image(f"pictures/{name}", pixels, step, dataformats="HWC")
+            tracker.writer.flush()
 
 
 def replay(accelerator: Accelerator, records: list[dict]) -> None:

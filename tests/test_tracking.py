@@ -95,6 +95,10 @@ def test_tensorboard_gets_the_same_scalars(tmp_path):
     assert [round(e.value, 4) for e in acc.Scalars("test/accuracy")] == [
         round(h["test_accuracy"], 4) for h in results(tmp_path)["history"]
     ]
+    # and the run's pictures, at the last step
+    for name in ("training_curves", "confusion_matrix", "misclassified"):
+        (image,) = acc.Images(f"pictures/{name}")
+        assert image.step == 80 and image.width >= 300 and image.encoded_image_string[:4] == b"\x89PNG"
 
 
 def test_resumed_run_continues_the_same_wandb_run_and_metrics_have_no_gaps_or_duplicates(tmp_path):
