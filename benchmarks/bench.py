@@ -1,6 +1,7 @@
 """Epoch throughput side by side, in one invocation: the tutorial's pipeline, the Accelerate
-DataLoader path (`--data-path dataloader`), the device-resident path (`--data-path device`) on one
-process and on two, and the tuned recipe (`--recipe tuned`) on the device path.
+DataLoader path (`--data-path dataloader`), the device-resident path (`--data-path device`), on a
+GPU the captured-epoch path (`--data-path graph`), the device path on two processes (two GPUs, or
+two CPU processes on a machine without GPUs), and the tuned recipe (`--recipe tuned`).
 
     python benchmarks/bench.py --data-dir /usr/share/datasets/fashion-mnist --fashion --epochs 4
     python benchmarks/bench.py --data-dir mnist_dist/datasets/mnist-5k --epochs 10 --json out.json
@@ -9,7 +10,8 @@ Each pipeline runs in its own process on the same IDX files with the recipe of r
 (784-256-10 MLP, Adam 1e-3, batch 128 per process) on the GPU if there is one, else the CPU.
 Steady-state s/epoch is the median of the epochs after the first; ms/step is that divided by
 each process's steps per epoch (two processes take half as many steps each). The two-process
-row runs over gloo on the CPU, or on two GPUs when there are two. Prints a table and writes JSON.
+row runs over gloo on the CPU, or on two GPUs when there are two; a machine with one GPU skips it.
+Prints a table and writes JSON.
 """
 
 import argparse
@@ -86,10 +88,14 @@ def main() -> None:
             r = json.loads(out.strip().splitlines()[-1])
             rows.append(row("tutorial (torchvision, 2 workers)", r["epoch_seconds"], r["train_samples"],
                             r["test_accuracy"], r["seconds_to_first_step"], wall, r["steps_per_epoch"]))
-        cpu_pair = torch.cuda.device_count() < 2  # the two-process row runs on the CPU
-        runs = [("dataloader", 1, [], {}), ("device", 1, [], {}), ("device", 2, [], {}),
-                ("device", 1, ["--recipe", "tuned"], {})]
-        if cpu_pair:  # `accelerate launch` gives each of N CPU processes cores/N threads: compare like with like
+        gpus = torch.cuda.device_count()
+        runs = [("dataloader", 1, [], {}), ("device", 1, [], {})]
+        if gpus:
+            runs.append(("graph", 1, [], {}))
+        if gpus != 1:
+            runs.append(("device", 2, [], {}))
+        runs.append(("device", 1, ["--recipe", "tuned"], {}))
+        if not gpus:  # `accelerate launch` gives each of N CPU processes cores/N threads: compare like with like
             threads = str(max(1, (os.cpu_count() or 2) // 2))
             runs.insert(2, ("device", 1, [], {"OMP_NUM_THREADS": threads}))
         for i, (path, processes, extra, env) in enumerate(runs):

@@ -26,6 +26,7 @@ RECIPES = {
               "normalization": "dataset"},
 }
 DATASET_CHOICES = ("mnist", "fashion_mnist", "mnist-5k")
+DATA_PATH_CHOICES = ("auto", "dataloader", "device", "graph")
 
 
 class ConfigError(ValueError):
@@ -56,10 +57,13 @@ class TrainConfig:
         "(default: $MNIST_DIST_CACHE, else $XDG_CACHE_HOME/mnist_dist, else ~/.cache/mnist_dist)",
     )
     data_path: str = _field(
-        "dataloader",
+        "auto",
         "'dataloader': Accelerate-prepared PyTorch DataLoaders (the reference); 'device': the dataset kept on "
-        "the device as uint8 and each process's batches cut from it by index (faster, same batches)",
-        choices=("dataloader", "device"),
+        "the device as uint8 and each process's batches cut from it by index (faster, same batches); 'graph': "
+        "the device path with each whole epoch replayed from one CUDA graph (one CUDA process, constant "
+        "schedule, precision no or bf16; same batches); 'auto': graph where it can run, else device on a GPU, "
+        "dataloader on a CPU",
+        choices=DATA_PATH_CHOICES,
     )
     num_workers: int = _field(0, "DataLoader worker processes per training process (0: load in the main process)")
     normalization: str = _field(
@@ -151,6 +155,7 @@ class TrainConfig:
         need(self.schedule in SCHEDULE_CHOICES, "schedule", f"choose one of {', '.join(SCHEDULE_CHOICES)}")
         need(self.recipe in RECIPES, "recipe", f"choose one of {', '.join(RECIPES)}")
         need(self.normalization in ("half", "dataset"), "normalization", "choose 'half' or 'dataset'")
+        need(self.data_path in DATA_PATH_CHOICES, "data_path", f"choose one of {', '.join(DATA_PATH_CHOICES)}")
         need(self.dataset in DATASET_CHOICES, "dataset", f"unknown dataset; choose one of {', '.join(DATASET_CHOICES)}")
         need(
             self.mixed_precision is None or self.mixed_precision in MIXED_PRECISION_CHOICES,

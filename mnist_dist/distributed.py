@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration
+from accelerate.utils import AutocastKwargs, DataLoaderConfiguration, DistributedType, ProjectConfiguration
 
 from . import tracking
 from .config import ConfigError, TrainConfig
@@ -32,6 +32,9 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
             project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "tensorboard")
         ),
         mixed_precision=cfg.mixed_precision,  # None: what `accelerate launch` was configured with
+        # no cache of cast weights: CUDA graphs need it off (torch's CUDA-graph notes), and each weight is
+        # cast once per forward pass anyway, so the eager paths lose nothing and compute the same
+        kwargs_handlers=[AutocastKwargs(cache_enabled=False)],
         dataloader_config=DataLoaderConfiguration(
             # every process draws the same permutation, seeded by seed + epoch, then takes its shard
             use_seedable_sampler=True,
@@ -118,46 +121,41 @@ class StopSignals:
 
 
 def agree_to_stop(
-    accelerator: Accelerator, stop_requested: bool, health: "StepHealth", step: int
+    accelerator: Accelerator, stop_requested: bool, health: "StepHealth", step: int, first_bad_loss: int | None = None
 ) -> tuple[bool, int | None]:
     """(some process was asked to stop, the first step whose loss or gradients were not finite, or None),
     the same on every process.
 
-    One tiny all-reduce and one host sync; the loop calls it every --log-every steps, before each
-    checkpoint and at each epoch end, never every step.
+    `step` is the global step just taken; `first_bad_loss` the first step at which this process saw a
+    non-finite loss, if any. One tiny all-reduce and one host sync; the loop calls it every --log-every
+    steps, before each checkpoint and at each epoch end, never every step.
     """
+    device = health.bad_steps.device
     flags = torch.stack(
         [
-            torch.tensor(float(stop_requested), device=health.bad_steps.device),
-            health.bad_steps.float(),  # the same on every process: gradients are all-reduced before the check
-            (~torch.isfinite(health.loss_sum)).float(),
+            torch.tensor(float(stop_requested), device=device),
+            health.bad_steps,  # the same on every process: gradients are all-reduced before the check
+            # steps since the first non-finite loss, so that the max over processes is the earliest
+            torch.tensor(float(step - first_bad_loss + 1 if first_bad_loss else 0), device=device),
         ]
     )
-    stop, bad_steps, bad_loss = accelerator.reduce(flags, reduction="max").tolist()
-    first_bad = None
-    if bad_steps or bad_loss:
-        first_bad = step - int(bad_steps) + 1 if bad_steps else step  # `step`: the global step just taken
-    return stop > 0, first_bad
+    stop, bad_steps, bad_loss_steps = accelerator.reduce(flags, reduction="max").tolist()
+    bad = [step - int(n) + 1 for n in (bad_steps, bad_loss_steps) if n]
+    return stop > 0, min(bad) if bad else None
 
 
 class StepHealth:
-    """Non-finite losses and gradients, tracked on the device so that no step waits for the host.
+    """Non-finite gradients, tracked on the device so that no step waits for the host.
 
-    Once a step's gradients are not finite, `halted` stays set and the optimizer skips every update
+    Once a step's gradients are not finite, `found_inf` stays 1 and the optimizer skips every update
     from then on (`optimizer_step`), so the weights stay those of the last good step until the next
-    `agree_to_stop` ends the run naming that step.
+    `agree_to_stop` ends the run naming that step. Both are float32 scalars on the device.
     """
 
     def __init__(self, device: torch.device):
-        self.halted = torch.zeros((), dtype=torch.bool, device=device)
-        self.bad_steps = torch.zeros((), dtype=torch.int64, device=device)  # steps skipped since halting
-        self.loss_sum = torch.zeros((), device=device)  # this process's losses since the last check
-
-    def record_loss(self, loss_sum: torch.Tensor) -> None:
-        self.loss_sum += loss_sum
-
-    def checked(self) -> None:
-        self.loss_sum.zero_()
+        self.found_inf = torch.zeros((), device=device)  # 1.0 from the first non-finite step on (sticky)
+        self.bad_steps = torch.zeros((), device=device)  # steps skipped since then
+        self.unit_scale = torch.ones((), device=device)
 
 
 class DeviceBatches:
@@ -227,15 +225,15 @@ def optimizer_step(accelerator: Accelerator, optimizer, health: StepHealth) -> N
         optimizer.step()
         return
     grads = [p.grad for group in inner.param_groups for p in group["params"] if p.grad is not None]
-    largest = torch.nn.utils.get_total_norm(grads, norm_type=math.inf)  # inf or nan if any gradient is
-    health.halted |= ~torch.isfinite(largest)
-    health.bad_steps += health.halted
+    # one multi-tensor kernel (GradScaler's): sets found_inf to 1 if any gradient is inf or nan, never back
+    # to 0; with a scale of 1 the gradients stay as they are
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, health.found_inf, health.unit_scale)
+    health.bad_steps += health.found_inf
     if inner.defaults.get("fused"):
-        inner.found_inf = health.halted.float()
+        inner.found_inf = health.found_inf
         try:
             inner.step()
         finally:
             del inner.found_inf
-    elif not health.halted.item():  # unfused optimizer (a device without fused Adam): one host sync
+    elif not health.found_inf.item():  # unfused optimizer (a device without fused Adam): one host sync
         inner.step()
-

@@ -19,8 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+import numpy as np
 import psutil  # an Accelerate dependency
+import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -34,6 +35,7 @@ from .distributed import (
     device_test_shard, evaluate_sharded, optimizer_step, shard_counts,
 )
 from .evaluation import evaluate, predict, summarize
+from .graphs import EpochGraph, graph_unsupported
 from .model import CONFIG_NAME, MLP, model_config
 
 PROCESS_START = psutil.Process().create_time()  # wall clock, seconds: when the OS started this process
@@ -83,18 +85,20 @@ def train(cfg: TrainConfig) -> dict:
         data_dir=str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,  # evaluate's default test set
         class_names=data.class_names(cfg.dataset),
     )
+    data_path = resolve_data_path(cfg, accelerator)
     optimizer = make_optimizer(model.parameters(), cfg.lr, accelerator.device)
     train_loader, test_loader = make_loaders(
         train_set, test_set, cfg.batch_size, cfg.eval_batch_size, cfg.num_workers, cfg.seed
     )
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    if cfg.data_path == "device":  # the same batches, cut on the device instead of loaded
-        device_train = DeviceBatches(train_set.images, train_set.labels, cfg.batch_size, cfg.seed, accelerator)
+    if data_path != "dataloader":  # the same batches, cut on the device instead of loaded
         device_test = device_test_shard(test_set.images, test_set.labels, cfg.eval_batch_size, accelerator)
+    if data_path == "device":
+        device_train = DeviceBatches(train_set.images, train_set.labels, cfg.batch_size, cfg.seed, accelerator)
 
     def epoch_batches(epoch: int, start: int):
         """(step in epoch, images, labels, real samples in the global batch): this process's real samples."""
-        if cfg.data_path == "device":
+        if data_path == "device":
             yield from device_train.epoch(epoch, start)
             return
         train_loader.set_epoch(epoch)  # reshuffle: permutation seeded by seed + epoch, same everywhere
@@ -107,7 +111,7 @@ def train(cfg: TrainConfig) -> dict:
             yield index, images[:local_real], labels[:local_real], global_real
 
     def test_metrics() -> dict:
-        if cfg.data_path == "device":
+        if data_path != "dataloader":
             return summarize(evaluate_sharded(accelerator, model, device_test, stats))
         return evaluate(model, test_loader, gather=accelerator.gather_for_metrics, normalization=stats)
 
@@ -131,6 +135,8 @@ def train(cfg: TrainConfig) -> dict:
         except Exception as err:  # truncated or damaged files: refuse, naming the checkpoint
             raise CheckpointError(f"{resume_from}: damaged checkpoint ({type(err).__name__}: {err})") from err
         progress.update({k: state[k] for k in progress})
+        for group in optimizer.param_groups:  # loading restores the saving run's flags; keep this device's
+            group["capturable"] = optimizer.optimizer.defaults["capturable"]
     if main:  # only now: bad data, flags or checkpoints have all been refused by this point
         output_dir.mkdir(parents=True, exist_ok=True)
     tracker_config = {
@@ -154,7 +160,8 @@ def train(cfg: TrainConfig) -> dict:
     say = bar.write if main else (lambda _: None)
     say(
         f"mnist_dist: {len(train_set)} train / {len(test_set)} test samples, {world} process(es) on "
-        f"{accelerator.device.type}, global batch {cfg.batch_size * world}, precision {accelerator.mixed_precision}"
+        f"{accelerator.device.type}, global batch {cfg.batch_size * world}, precision {accelerator.mixed_precision}, "
+        f"data path {data_path}"
         + (f"; resuming from {resume_from} (step {progress['global_step']})" if state else "")
     )
 
@@ -162,78 +169,117 @@ def train(cfg: TrainConfig) -> dict:
         state = {**progress, "world_size": world, "config": config, "tracker_run_id": run_id}
         return checkpoint.save(accelerator, output_dir, state, cfg.keep_checkpoints, model_cfg)
 
-    metrics = None
+    # this process's loss sum of each step of the current epoch, on the device; read at each check
+    step_losses = torch.zeros(steps_per_epoch, device=accelerator.device)
+    health = StepHealth(accelerator.device)
+
+    def take_step(inputs: torch.Tensor, labels: torch.Tensor, global_real: int, index: int) -> None:
+        # DDP averages gradients over processes; scaling each process's sum by world / global_real
+        # makes the update the mean over the real samples of the global batch, as on one process
+        train_step(accelerator, model, optimizer, scheduler, health, inputs, labels, world / global_real,
+                   cfg.label_smoothing, step_losses[index])
+
+    if data_path == "graph":
+        device = accelerator.device
+        runner = EpochGraph(take_step, normalize(train_set.images.to(device), *stats), train_set.labels.to(device),
+                            cfg.batch_size, cfg.seed)
+    else:
+        runner = EagerSteps(epoch_batches, take_step, stats)
+
+    def global_real(batch_index: int) -> int:  # real samples in the global batch at this step of an epoch
+        per_step = world * cfg.batch_size
+        return min(per_step, len(train_set) - batch_index * per_step)
+
+    metrics, first_segment = None, True
     timings["setup"] = time.perf_counter() - mark  # model, optimizer, prepare, device copies, trackers
     with StopSignals() as signals:
         try:
             while progress["global_step"] < total_steps:
                 epoch = progress["epoch"]
                 model.train()
-                # loss sums stay on the device; read once per log interval or checkpoint, not every step
                 rank = accelerator.process_index
-                health = StepHealth(accelerator.device)
-                epoch_loss = torch.tensor(progress["epoch_loss_sums"][rank], device=accelerator.device)
-                window_loss = torch.tensor(progress["window_loss_sums"][rank], device=accelerator.device)
+                # this process's running loss sums, added up step by step in float32 as the device would
+                sums = {"epoch": np.float32(progress["epoch_loss_sums"][rank]),
+                        "window": np.float32(progress["window_loss_sums"][rank])}
                 resumed_seconds = progress["train_seconds"]
                 epoch_start = time.perf_counter()
 
                 def sync_progress():  # every process calls this: it gathers the loss sums
-                    sums = accelerator.gather(torch.stack([epoch_loss, window_loss]).reshape(1, 2)).cpu()
-                    progress["epoch_loss_sums"], progress["window_loss_sums"] = sums[:, 0].tolist(), sums[:, 1].tolist()
+                    mine = torch.tensor([[sums["epoch"], sums["window"]]], dtype=torch.float32, device=accelerator.device)
+                    gathered = accelerator.gather(mine).cpu()
+                    progress["epoch_loss_sums"], progress["window_loss_sums"] = gathered[:, 0].tolist(), gathered[:, 1].tolist()
                     progress["train_seconds"] = resumed_seconds + time.perf_counter() - epoch_start
 
-                for batch_index, images, labels, global_real in epoch_batches(epoch, progress["batch_in_epoch"]):
-                    logits = model(normalize(images, *stats))
-                    losses = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=cfg.label_smoothing)
-                    # DDP averages gradients over processes; scaling each process's sum by world / global_real
-                    # makes the update the mean over the real samples of the global batch, as on one process
-                    accelerator.backward(losses.sum() * (world / global_real))
-                    optimizer_step(accelerator, optimizer, health)  # skips, on the device, a non-finite step
-                    optimizer.zero_grad(set_to_none=True)
-                    if scheduler is not None:
-                        scheduler.step()
-                    loss_sum = losses.detach().sum()
-                    health.record_loss(loss_sum)
+                def fold(first: int, stop: int) -> tuple[list, int | None]:
+                    """Add steps [first, stop) of this epoch to the sums (one host sync); return the log
+                    windows they closed, as (step, this process's loss sum, samples), and the first step
+                    whose loss was not finite."""
+                    windows, first_bad = [], None
+                    for index, value in enumerate(step_losses[first:stop].tolist(), start=first):
+                        at = progress["global_step"] - (stop - 1 - index)  # global step of this batch
+                        sums["epoch"] = np.float32(sums["epoch"] + np.float32(value))
+                        sums["window"] = np.float32(sums["window"] + np.float32(value))
+                        progress["epoch_samples"] += global_real(index)
+                        progress["window_samples"] += global_real(index)
+                        if first_bad is None and not math.isfinite(value):
+                            first_bad = at
+                        if at % cfg.log_every == 0:
+                            windows.append((at, float(sums["window"]), progress["window_samples"]))
+                            sums["window"], progress["window_samples"] = np.float32(0), 0
+                    return windows, first_bad
 
-                    progress["global_step"] += 1
+                runner.begin_epoch(epoch, progress["batch_in_epoch"])
+                folded = progress["batch_in_epoch"]  # steps of this epoch already in `sums`
+                while True:
+                    begin, step_before = progress["batch_in_epoch"], progress["global_step"]
+                    # run up to the next point where something needs the host: the epoch's end, a
+                    # checkpoint, a log (the eager paths; the graph path logs each epoch's windows after it)
+                    end = min(steps_per_epoch, begin + total_steps - step_before)
+                    if runner.cut_at_log_points:
+                        end = min(end, begin + cfg.log_every - step_before % cfg.log_every)
+                    if cfg.checkpoint_every:
+                        end = min(end, begin + cfg.checkpoint_every - step_before % cfg.checkpoint_every)
+                    if first_segment:  # this process's first step alone: time to first step, and the
+                        end = begin + 1  # eager warm-up a CUDA graph capture needs
+                    first_segment = False
+                    runner.run(begin, end)
                     if progress["seconds_to_first_step"] is None:
                         progress["seconds_to_first_step"] = since_process_start()
-                    progress["batch_in_epoch"] = batch_index + 1
-                    progress["epoch_samples"] += global_real
-                    progress["window_samples"] += global_real
-                    epoch_loss += loss_sum
-                    window_loss += loss_sum
-                    bar.update(1)
+                    progress["global_step"] += end - begin
+                    progress["batch_in_epoch"] = end
+                    bar.update(end - begin)
                     step = progress["global_step"]
-                    end_of_epoch = progress["batch_in_epoch"] == steps_per_epoch or step >= total_steps
+                    end_of_epoch = end == steps_per_epoch or step >= total_steps
                     checkpoint_due = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and not end_of_epoch
-                    stop = False
-                    # the processes agree (one host sync) only every --log-every steps and before saving anything
-                    if step % cfg.log_every == 0 or checkpoint_due or end_of_epoch:
-                        stop, first_bad = agree_to_stop(accelerator, signals.received is not None, health, step)
-                        if first_bad is not None:
-                            raise TrainingError(
-                                f"non-finite training loss or gradients at step {first_bad} (epoch {epoch + 1}); "
-                                f"the weights are those of step {first_bad - 1}, nothing after it was applied or "
-                                f"saved. Lower --lr or try --mixed-precision no; the checkpoints in "
-                                f"{checkpoint.checkpoints_root(output_dir)} hold the last good state."
-                            )
-                        health.checked()
-                    if step % cfg.log_every == 0:
-                        loss = accelerator.reduce(window_loss, reduction="sum").item() / progress["window_samples"]
+                    log_due = step // cfg.log_every > step_before // cfg.log_every
+                    if not (log_due or checkpoint_due or end_of_epoch):
+                        continue
+                    # the processes agree (one host sync) only here, never every step
+                    windows, first_bad_loss = fold(folded, end)
+                    folded = end
+                    stop, first_bad = agree_to_stop(accelerator, signals.received is not None, health, step, first_bad_loss)
+                    if first_bad is not None:
+                        raise TrainingError(
+                            f"non-finite training loss or gradients at step {first_bad} (epoch {epoch + 1}); "
+                            f"the weights are those of step {first_bad - 1}, nothing after it was applied or "
+                            f"saved. Lower --lr or try --mixed-precision no; the checkpoints in "
+                            f"{checkpoint.checkpoints_root(output_dir)} hold the last good state."
+                        )
+                    if windows:
+                        mine = torch.tensor([w[1] for w in windows], dtype=torch.float32, device=accelerator.device)
+                        totals = accelerator.reduce(mine, reduction="sum").tolist()
                         rate = (progress["samples_seen"] + progress["epoch_samples"]) / (
                             resumed_seconds + time.perf_counter() - epoch_start
                         )
-                        bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", samples_s=f"{rate:,.0f}")
-                        log(
-                            {
-                                "train/loss": loss, "train/lr": optimizer.param_groups[0]["lr"],
-                                "train/samples_per_second": rate, "train/epoch": step / steps_per_epoch,
-                            },
-                            step,
-                        )
-                        window_loss.zero_()
-                        progress["window_samples"] = 0
+                        for (at, _, samples), total in zip(windows, totals):
+                            log(
+                                {
+                                    "train/loss": total / samples, "train/lr": optimizer.param_groups[0]["lr"],
+                                    "train/samples_per_second": rate, "train/epoch": at / steps_per_epoch,
+                                },
+                                at,
+                            )
+                        bar.set_postfix(epoch=epoch + 1, loss=f"{totals[-1] / windows[-1][2]:.4f}", samples_s=f"{rate:,.0f}")
                     if stop or checkpoint_due:
                         sync_progress()
                         path = save_checkpoint()
@@ -244,7 +290,8 @@ def train(cfg: TrainConfig) -> dict:
                     if end_of_epoch:
                         break
 
-                train_loss = accelerator.reduce(epoch_loss, reduction="sum").item() / progress["epoch_samples"]
+                mine = torch.tensor(sums["epoch"], dtype=torch.float32, device=accelerator.device)
+                train_loss = accelerator.reduce(mine, reduction="sum").item() / progress["epoch_samples"]
                 sync_progress()
                 seconds = progress["train_seconds"] - sum(h["seconds"] for h in progress["history"])
                 eval_start = time.perf_counter()
@@ -299,12 +346,14 @@ def train(cfg: TrainConfig) -> dict:
         "per_process_batch_size": cfg.batch_size,
         "global_batch_size": cfg.batch_size * world,
         "mixed_precision": accelerator.mixed_precision,
+        "data_path": data_path,  # resolved: --data-path auto picks one
         "device_type": accelerator.device.type,
         "train_seconds": progress["train_seconds"],
         "samples_per_second": progress["samples_seen"] / progress["train_seconds"],
         "seconds_to_first_step": progress["seconds_to_first_step"],
         # this process's wall time by phase, seconds (train and eval: all epochs, across resumes)
-        "timings": {**timings, "train": progress["train_seconds"], "eval": sum(h["eval_seconds"] for h in history)},
+        "timings": {**timings, "train": progress["train_seconds"], "capture": runner.capture_seconds,  # part of train
+                    "eval": sum(h["eval_seconds"] for h in history)},
         "normalization": {"mean": stats[0], "std": stats[1]},
         "per_class_accuracy": dict(zip(model_cfg["class_names"], metrics["per_class_accuracy"])),
         "confusion_matrix": metrics["confusion_matrix"],  # [true class][predicted class], counts
@@ -347,8 +396,60 @@ def draw_pictures(output_dir: Path, results: dict, model, test_set, stats, model
 
 
 def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam, fused into one kernel per step where torch has one for the device."""
-    return torch.optim.Adam(params, lr=lr, fused=device.type in ("cuda", "cpu", "mps", "xpu"))
+    """Adam, fused into one kernel per step where torch has one for the device; on CUDA also
+    capturable (its step count stays on the GPU), so that `--data-path graph` can record it."""
+    fused = device.type in ("cuda", "cpu", "mps", "xpu")
+    return torch.optim.Adam(params, lr=lr, fused=fused, capturable=device.type == "cuda")
+
+
+def resolve_data_path(cfg: TrainConfig, accelerator) -> str:
+    """The --data-path this run uses: 'auto' is 'graph' where it can run (one CUDA process, constant
+    schedule, precision no or bf16), else 'device' on a GPU and 'dataloader' (the reference) on a CPU."""
+    why_not = graph_unsupported(cfg, accelerator.device, accelerator.num_processes, accelerator.mixed_precision)
+    if cfg.data_path == "graph" and why_not:
+        raise ConfigError(f"--data-path graph {why_not}")
+    if cfg.data_path != "auto":
+        return cfg.data_path
+    if why_not is None:
+        return "graph"
+    return "device" if accelerator.device.type != "cpu" else "dataloader"
+
+
+def train_step(accelerator, model, optimizer, scheduler, health: StepHealth, inputs: torch.Tensor,
+               labels: torch.Tensor, scale: float, label_smoothing: float, loss_out: torch.Tensor) -> None:
+    """One optimizer step on a batch of normalized inputs, with no host sync: the gradients are of
+    the batch's loss sum times `scale`, and that loss sum goes to the 0-d device tensor `loss_out`.
+
+    Every data path runs this function; `--data-path graph` records its kernels and replays them.
+    """
+    logits = model(inputs)
+    losses = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=label_smoothing)
+    loss_sum = losses.sum()
+    accelerator.backward(loss_sum * scale)
+    optimizer_step(accelerator, optimizer, health)  # skips, on the device, a non-finite step
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    loss_out.copy_(loss_sum.detach())
+
+
+class EagerSteps:
+    """The dataloader and device paths: each step launched from Python as its batch comes."""
+
+    cut_at_log_points = True  # the loop stops at every --log-every step to log live
+    capture_seconds = 0.0
+
+    def __init__(self, epoch_batches, step, stats: tuple[float, float]):
+        self.epoch_batches, self.step, self.stats = epoch_batches, step, stats
+        self.batches = iter(())
+
+    def begin_epoch(self, epoch: int, start: int) -> None:
+        self.batches = self.epoch_batches(epoch, start)
+
+    def run(self, start: int, stop: int) -> None:
+        for _ in range(start, stop):
+            index, images, labels, global_real = next(self.batches)
+            self.step(normalize(images, *self.stats), labels, global_real, index)
 
 
 def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int):

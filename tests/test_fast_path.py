@@ -7,9 +7,11 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from mnist_dist.config import RECIPES, parse_args
-from mnist_dist.distributed import StepHealth, agree_to_stop, optimizer_step
+from mnist_dist.data import normalize
+from mnist_dist.distributed import DeviceBatches, StepHealth, agree_to_stop, optimizer_step
+from mnist_dist.graphs import EpochGraph, graph_unsupported
 from mnist_dist.model import MLP
-from mnist_dist.train import make_optimizer
+from mnist_dist.train import make_optimizer, train_step
 
 from .helpers import check, launch, mnist5k, results, train_cli
 
@@ -61,6 +63,66 @@ def test_finite_steps_update_and_report_nothing(accelerator):
     _step(accelerator, model, optimizer, health, torch.randn(4, 784))
     assert not torch.equal(before, model.fc1.weight)
     assert agree_to_stop(accelerator, True, health, step=1) == (True, None)
+
+
+def test_a_non_finite_loss_is_named_by_its_step_even_when_gradients_stayed_finite(accelerator):
+    health = StepHealth(accelerator.device)
+    assert agree_to_stop(accelerator, False, health, step=30, first_bad_loss=27) == (False, 27)
+
+
+def _train_two_epochs(accelerator, data_path, images, labels, batch_size=96, seed=5):
+    """Two epochs of the recipe's step on `images`, batched as `data_path` batches them."""
+    torch.manual_seed(0)
+    model = MLP(hidden_size=32)
+    optimizer = make_optimizer(model.parameters(), 1e-3, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    health = StepHealth(accelerator.device)
+    steps = -(-len(labels) // batch_size)
+    losses = torch.zeros(2, steps)
+
+    def step(epoch):
+        def take(inputs, batch_labels, real, index):
+            train_step(accelerator, model, optimizer, None, health, inputs, batch_labels, 1 / real, 0.0, losses[epoch, index])
+        return take
+
+    for epoch in range(2):
+        if data_path == "graph":  # without capture (CPU): the same static buffers and slices, eagerly
+            runner = EpochGraph(step(epoch), normalize(images), labels, batch_size, seed, capture=False)
+            runner.begin_epoch(epoch)
+            runner.run(0, 3)  # cut anywhere: the first stretch, the rest
+            runner.run(3, runner.steps)
+        else:
+            batches = DeviceBatches(images, labels, batch_size, seed, accelerator)
+            for index, x, y, real in batches.epoch(epoch):
+                step(epoch)(normalize(x), y, real, index)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses
+
+
+def test_graph_path_batches_and_steps_are_the_device_paths(accelerator):
+    # 1,000 real digits in batches of 96: ten full batches and a last one of 40
+    train = mnist5k()["train"]
+    images, labels = train.images[:1000], train.labels[:1000]
+    graph_weights, graph_losses = _train_two_epochs(accelerator, "graph", images, labels)
+    device_weights, device_losses = _train_two_epochs(accelerator, "device", images, labels)
+    assert torch.equal(graph_losses, device_losses) and bool((graph_losses > 0).all())
+    for name in device_weights:
+        assert torch.equal(graph_weights[name], device_weights[name]), name
+
+
+def test_graph_path_says_why_it_cannot_run():
+    cfg = parse_args([])
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert "CUDA GPU" in graph_unsupported(cfg, cpu, 1, "no")
+    assert "2" in graph_unsupported(cfg, cuda, 2, "no") and "--data-path device" in graph_unsupported(cfg, cuda, 2, "no")
+    assert "--schedule" in graph_unsupported(parse_args(["--recipe", "tuned"]), cuda, 1, "no")
+    assert "fp16" in graph_unsupported(cfg, cuda, 1, "fp16")
+    assert graph_unsupported(cfg, cuda, 1, "bf16") is None and graph_unsupported(cfg, cuda, 1, "no") is None
+
+
+def test_asking_for_the_graph_path_on_a_cpu_is_refused_before_anything_is_written(tmp_path):
+    proc = check(train_cli("--dataset", "mnist-5k", "--cpu", "--data-path", "graph", "--output-dir", str(tmp_path / "out")), rc=2)
+    assert "--data-path graph needs a CUDA GPU" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_tuned_recipe_sets_its_flags_and_explicit_flags_win():

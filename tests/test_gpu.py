@@ -19,6 +19,10 @@ def test_one_gpu_trains_the_recipe_in_each_precision(precision, tmp_path):
     r = results(tmp_path)
     assert r["device_type"] == "cuda" and r["mixed_precision"] == precision
     assert r["test_samples"] == 10000 and r["test_accuracy"] >= 0.88, r["test_accuracy"]
+    # --data-path auto: captured epochs where they can run; fp16's grad scaler needs the host
+    assert r["data_path"] == ("device" if precision == "fp16" else "graph")
+    if r["data_path"] == "graph":
+        assert r["timings"]["capture"] > 0
 
 
 @gpu
@@ -59,3 +63,47 @@ def test_gpu_run_stopped_by_a_signal_resumes_to_identical_weights(tmp_path):
     assert results(out)["device_type"] == "cuda"
     same_weights(out, tmp_path / "reference")
     same_results(out, tmp_path / "reference")
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+@gpu
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_graph_path_computes_what_the_eager_device_path_computes(precision, tmp_path):
+    # 5 epochs of 40 steps: epoch 1 runs eagerly (warm-up), epoch 2 is captured, epochs 3-5 replay it
+    common = ["--dataset", "mnist-5k", "--epochs", "5", "--seed", "2", "--mixed-precision", precision,
+              "--report-to", "none"]
+    check(train_cli(*common, "--data-path", "graph", "--output-dir", str(tmp_path / "graph")))
+    check(train_cli(*common, "--data-path", "device", "--output-dir", str(tmp_path / "device")))
+    graph, device = results(tmp_path / "graph"), results(tmp_path / "device")
+    assert (graph["data_path"], device["data_path"]) == ("graph", "device")
+    assert graph["timings"]["capture"] > 0 and device["timings"]["capture"] == 0
+    wg, wd = _weights(tmp_path / "graph"), _weights(tmp_path / "device")
+    exact = all(torch.equal(wg[k], wd[k]) for k in wd)
+    print(f"graph vs device path weights after 200 steps ({precision}): {'bit-identical' if exact else 'close'}")
+    for name in wd:  # the same kernels on the same data; allow for a different cuBLAS algorithm in a graph
+        torch.testing.assert_close(wg[name], wd[name], rtol=1e-4, atol=1e-5)
+    for hg, hd in zip(graph["history"], device["history"], strict=True):
+        assert hg["train_loss"] == pytest.approx(hd["train_loss"], rel=1e-4)
+        assert abs(hg["test_accuracy"] - hd["test_accuracy"]) <= 0.002
+        assert hg["samples"] == hd["samples"] == 5000  # each training digit once per epoch
+
+
+@gpu
+def test_graph_run_resumed_from_a_mid_epoch_checkpoint_ends_where_the_whole_run_does(tmp_path):
+    # checkpoints at steps 40, 80, 100, 120, ...: resuming at 100 (epoch 3, step 20 of 40) runs the rest
+    # of that epoch eagerly, then captures epoch 4 afresh; the whole run replayed epoch 2's capture
+    common = ["--dataset", "mnist-5k", "--epochs", "5", "--checkpoint-every", "100", "--keep-checkpoints", "10",
+              "--report-to", "none"]
+    check(train_cli(*common, "--output-dir", str(tmp_path / "whole")))
+    assert results(tmp_path / "whole")["data_path"] == "graph"
+    midway = tmp_path / "whole" / "checkpoints" / "step_00000100"
+    check(train_cli(*common, "--resume", str(midway), "--output-dir", str(tmp_path / "resumed")))
+    whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=1e-4, atol=1e-5)
+    assert results(tmp_path / "resumed")["test_accuracy"] == pytest.approx(results(tmp_path / "whole")["test_accuracy"], abs=0.002)
