@@ -240,9 +240,9 @@ def train(cfg: TrainConfig) -> dict:
                     if cfg.checkpoint_every:
                         end = min(end, begin + cfg.checkpoint_every - step_before % cfg.checkpoint_every)
                     if first_segment:  # this process's first step alone: time to first step, and the
-                        end = begin + 1  # eager warm-up a CUDA graph capture needs
-                    first_segment = False
+                        end = min(end, begin + 1)  # eager warm-up a CUDA graph capture needs
                     runner.run(begin, end)
+                    first_segment = first_segment and end == begin  # until this process has taken a step
                     if progress["seconds_to_first_step"] is None:
                         progress["seconds_to_first_step"] = since_process_start()
                     progress["global_step"] += end - begin

@@ -238,3 +238,23 @@ def test_resume_that_would_stretch_a_schedule_is_refused(tmp_path):
     ckpt = checkpoint.complete_checkpoints(tmp_path)[-1]
     proc = check(train_cli(*flags[:-4], "--max-steps", "9", "--output-dir", str(tmp_path / "o"), "--resume", str(ckpt)), rc=2)
     assert f"--max-steps=9, but {ckpt} was trained with 5" in proc.stderr
+
+
+def test_run_stopped_at_an_epoch_end_resumes_to_identical_weights(tmp_path):
+    # with --log-every above the epoch length the processes only check for signals at epoch ends, so
+    # the stop lands there: the checkpoint holds a finished epoch whose evaluation has not run yet
+    flags = ["--dataset", "mnist-5k", "--epochs", "12", "--log-every", "1000", "--seed", "1"]
+    check(run(train_cmd(1, *flags, "--output-dir", str(tmp_path / "reference"))))
+    out = tmp_path / "out"
+    proc = start(1, *flags, "--output-dir", str(out))
+    assert proc.stdout.readline().startswith("mnist_dist: 5000 train")  # printed just before training starts
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    saved = checkpoint.complete_checkpoints(out)[-1]
+    state = checkpoint.read_state(saved)
+    assert state["batch_in_epoch"] == 40 and state["global_step"] % 40 == 0 and state["global_step"] < 12 * 40
+    check(run(train_cmd(1, *flags, "--output-dir", str(out), "--resume", "auto")))
+    same_weights(out, tmp_path / "reference")
+    same_results(out, tmp_path / "reference")
