@@ -211,7 +211,7 @@ def reduce_eval_sums(accelerator: Accelerator, sums: dict) -> dict:
             "confusion": confusion.tolist()}
 
 
-def optimizer_step(accelerator: Accelerator, optimizer, health: StepHealth) -> None:
+def optimizer_step(accelerator: Accelerator, optimizer, health: StepHealth, view_elements: int | None = None) -> None:
     """`optimizer.step()` for an Accelerate-prepared optimizer that skips non-finite steps without a host sync.
 
     The gradients are all-reduced by now, so every process sees the same ones and makes the same
@@ -219,17 +219,23 @@ def optimizer_step(accelerator: Accelerator, optimizer, health: StepHealth) -> N
     interface torch's GradScaler uses) and leaves weights, moments and step count untouched.
     With a grad scaler (fp16) the scaler does this itself. The direct call also skips
     AcceleratedOptimizer.step's two importlib lookups per step (~15% of a CPU step here).
+    `view_elements`: see `fused_adam_in_views` (the captured-epoch path on CUDA).
     """
     inner = optimizer.optimizer
     if accelerator.scaler is not None or accelerator.distributed_type == DistributedType.XLA:
         optimizer.step()
         return
     grads = [p.grad for group in inner.param_groups for p in group["params"] if p.grad is not None]
+    if view_elements and inner.state:  # the kernels below get many small tensors instead of a few large ones
+        grads = [view for grad in grads for view in grad.view(-1).split(view_elements)]
     # one multi-tensor kernel (GradScaler's): sets found_inf to 1 if any gradient is inf or nan, never back
     # to 0; with a scale of 1 the gradients stay as they are
     torch._amp_foreach_non_finite_check_and_unscale_(grads, health.found_inf, health.unit_scale)
     health.bad_steps += health.found_inf
     if inner.defaults.get("fused"):
+        if view_elements and inner.state:
+            fused_adam_in_views(inner, health.found_inf, view_elements)
+            return
         inner.found_inf = health.found_inf
         try:
             inner.step()
@@ -237,3 +243,34 @@ def optimizer_step(accelerator: Accelerator, optimizer, health: StepHealth) -> N
             del inner.found_inf
     elif not health.found_inf.item():  # unfused optimizer (a device without fused Adam): one host sync
         inner.step()
+
+
+def fused_adam_in_views(adam: torch.optim.Adam, found_inf: torch.Tensor, view_elements: int) -> None:
+    """Exactly `adam.step()` of a fused Adam whose state exists (torch.optim.adam._fused_adam's three
+    calls), with every parameter, gradient and moment cut into views of `view_elements` elements.
+
+    torch's multi-tensor kernels give each thread block one 65,536-element chunk of a tensor, so this
+    model's 203,530 parameters keep 7 of a GPU's 132 multiprocessors busy and the fused Adam kernel
+    takes ~28 us, a quarter of a captured step on an H200. Views of 4,096 elements give it ~50 blocks.
+    The arithmetic per element is unchanged: the weights are bit-identical (tested).
+    """
+    for group in adam.param_groups:
+        if group["amsgrad"] or group.get("decoupled_weight_decay") or not group["fused"]:
+            raise ValueError("fused_adam_in_views supports fused Adam without amsgrad or decoupled weight decay")
+        params = [p for p in group["params"] if p.grad is not None]
+        states = [adam.state[p] for p in params]
+        steps = [state["step"] for state in states]
+
+        def views(tensors):
+            return [view for t in tensors for view in t.view(-1).split(view_elements)]
+
+        per_param = [len(range(0, p.numel(), view_elements)) for p in params]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(
+            views([p.detach() for p in params]), views([p.grad for p in params]),
+            views([s["exp_avg"] for s in states]), views([s["exp_avg_sq"] for s in states]), [],
+            [step for step, n in zip(steps, per_param) for _ in range(n)],  # each view reads its tensor's step
+            lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
+            eps=group["eps"], amsgrad=False, maximize=group["maximize"], grad_scale=None, found_inf=found_inf,
+        )
+        torch._foreach_sub_(steps, [found_inf] * len(steps))  # a skipped step does not count

@@ -35,7 +35,7 @@ from .distributed import (
     device_test_shard, evaluate_sharded, optimizer_step, shard_counts,
 )
 from .evaluation import evaluate, predict, summarize
-from .graphs import EpochGraph, graph_unsupported
+from .graphs import ADAM_VIEW_ELEMENTS, EpochGraph, graph_unsupported
 from .model import CONFIG_NAME, MLP, model_config
 
 PROCESS_START = psutil.Process().create_time()  # wall clock, seconds: when the OS started this process
@@ -177,7 +177,7 @@ def train(cfg: TrainConfig) -> dict:
         # DDP averages gradients over processes; scaling each process's sum by world / global_real
         # makes the update the mean over the real samples of the global batch, as on one process
         train_step(accelerator, model, optimizer, scheduler, health, inputs, labels, world / global_real,
-                   cfg.label_smoothing, step_losses[index])
+                   cfg.label_smoothing, step_losses[index], ADAM_VIEW_ELEMENTS if data_path == "graph" else None)
 
     if data_path == "graph":
         device = accelerator.device
@@ -416,7 +416,8 @@ def resolve_data_path(cfg: TrainConfig, accelerator) -> str:
 
 
 def train_step(accelerator, model, optimizer, scheduler, health: StepHealth, inputs: torch.Tensor,
-               labels: torch.Tensor, scale: float, label_smoothing: float, loss_out: torch.Tensor) -> None:
+               labels: torch.Tensor, scale: float, label_smoothing: float, loss_out: torch.Tensor,
+               view_elements: int | None = None) -> None:
     """One optimizer step on a batch of normalized inputs, with no host sync: the gradients are of
     the batch's loss sum times `scale`, and that loss sum goes to the 0-d device tensor `loss_out`.
 
@@ -426,7 +427,7 @@ def train_step(accelerator, model, optimizer, scheduler, health: StepHealth, inp
     losses = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=label_smoothing)
     loss_sum = losses.sum()
     accelerator.backward(loss_sum * scale)
-    optimizer_step(accelerator, optimizer, health)  # skips, on the device, a non-finite step
+    optimizer_step(accelerator, optimizer, health, view_elements)  # skips, on the device, a non-finite step
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()

@@ -21,10 +21,10 @@ def accelerator():
     return Accelerator(cpu=True)
 
 
-def _step(accelerator, model, optimizer, health, images):
+def _step(accelerator, model, optimizer, health, images, view_elements=None):
     loss = F.cross_entropy(model(images), torch.zeros(len(images), dtype=torch.long))
     accelerator.backward(loss)
-    optimizer_step(accelerator, optimizer, health)
+    optimizer_step(accelerator, optimizer, health, view_elements)
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -52,6 +52,32 @@ def test_non_finite_gradients_skip_this_and_every_later_update_without_a_host_sy
     for key in state:  # moments and Adam's step count too
         assert torch.equal(state[key], after_state[key]), f"optimizer state {key} changed"
     assert agree_to_stop(accelerator, False, health, step=3) == (False, 2)
+
+
+def test_adam_in_small_views_is_bit_identical_to_torch_fused_adam_and_skips_alike(accelerator):
+    # the captured-epoch path cuts weights, gradients and moments into 4,096-element views (GPU block count)
+    runs = {}
+    for view_elements in (None, 4096, 1000):  # 1000: views that do not divide the tensors evenly
+        torch.manual_seed(0)
+        model = MLP(hidden_size=64)
+        optimizer = make_optimizer(model.parameters(), 1e-2, accelerator.device)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        health = StepHealth(accelerator.device)
+        generator = torch.Generator().manual_seed(1)
+        for step in range(6):
+            images = torch.randn(8, 784, generator=generator)
+            if step == 4:
+                images[0, 0] = float("inf")  # skipped, and so is step 5
+            _step(accelerator, model, optimizer, health, images, view_elements)
+        runs[view_elements] = _snapshot(model, optimizer)
+        assert agree_to_stop(accelerator, False, health, step=6) == (False, 5)
+    (weights, state), *others = runs.values()
+    for other_weights, other_state in others:
+        for name in weights:
+            assert torch.equal(weights[name], other_weights[name]), name
+        for key in state:
+            assert torch.equal(state[key], other_state[key]), key
+    assert {k[1]: v for k, v in state.items()}["step"].item() == 4  # four applied steps
 
 
 def test_finite_steps_update_and_report_nothing(accelerator):
