@@ -9,8 +9,9 @@ normalized training set is shuffled into one static buffer, with the same permut
 device path (`distributed.DeviceBatches`), and step j's batch is always the slice
 [j * batch, (j + 1) * batch) of it. The training step itself is the eager one, passed in: the
 graph holds exactly the kernels the eager loop would launch, and anything but a whole epoch
-(the run's first step, the rest of a resumed epoch, stretches cut by --checkpoint-every) runs
-that same step eagerly on the same slices.
+runs that same step eagerly on the same slices: the run's first epoch (its first step alone, then
+the rest: the warm-up a capture needs), the rest of a resumed epoch, stretches cut by
+--checkpoint-every.
 """
 
 from __future__ import annotations
