@@ -227,7 +227,7 @@ def optimizer_step(accelerator: Accelerator, optimizer, health: StepHealth, view
         return
     grads = [p.grad for group in inner.param_groups for p in group["params"] if p.grad is not None]
     if view_elements and inner.state:  # the kernels below get many small tensors instead of a few large ones
-        grads = [view for grad in grads for view in grad.view(-1).split(view_elements)]
+        grads = _views(grads, view_elements)
     # one multi-tensor kernel (GradScaler's): sets found_inf to 1 if any gradient is inf or nan, never back
     # to 0; with a scale of 1 the gradients stay as they are
     torch._amp_foreach_non_finite_check_and_unscale_(grads, health.found_inf, health.unit_scale)
@@ -260,17 +260,19 @@ def fused_adam_in_views(adam: torch.optim.Adam, found_inf: torch.Tensor, view_el
         params = [p for p in group["params"] if p.grad is not None]
         states = [adam.state[p] for p in params]
         steps = [state["step"] for state in states]
-
-        def views(tensors):
-            return [view for t in tensors for view in t.view(-1).split(view_elements)]
-
         per_param = [len(range(0, p.numel(), view_elements)) for p in params]
         torch._foreach_add_(steps, 1)
         torch._fused_adam_(
-            views([p.detach() for p in params]), views([p.grad for p in params]),
-            views([s["exp_avg"] for s in states]), views([s["exp_avg_sq"] for s in states]), [],
+            _views([p.detach() for p in params], view_elements), _views([p.grad for p in params], view_elements),
+            _views([s["exp_avg"] for s in states], view_elements),
+            _views([s["exp_avg_sq"] for s in states], view_elements), [],
             [step for step, n in zip(steps, per_param) for _ in range(n)],  # each view reads its tensor's step
             lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
             eps=group["eps"], amsgrad=False, maximize=group["maximize"], grad_scale=None, found_inf=found_inf,
         )
         torch._foreach_sub_(steps, [found_inf] * len(steps))  # a skipped step does not count
+
+
+def _views(tensors: list[torch.Tensor], elements: int) -> list[torch.Tensor]:
+    """Each tensor, flattened and cut into views of at most `elements` elements (sharing its storage)."""
+    return [view for t in tensors for view in t.view(-1).split(elements)]
