@@ -1,7 +1,8 @@
 """Epoch throughput side by side, in one invocation: the tutorial's pipeline, the Accelerate
 DataLoader path (`--data-path dataloader`), the device-resident path (`--data-path device`), on a
 GPU the captured-epoch path (`--data-path graph`), the device path on two processes (two GPUs, or
-two CPU processes on a machine without GPUs), and the tuned recipe (`--recipe tuned`).
+two CPU processes on a machine without GPUs, once with `--gradient-sync auto` (the exchange) and once
+with gloo's all-reduce), and the tuned recipe (`--recipe tuned`).
 
     python benchmarks/bench.py --data-dir /usr/share/datasets/fashion-mnist --fashion --epochs 4
     python benchmarks/bench.py --data-dir mnist_dist/datasets/mnist-5k --epochs 10 --json out.json
@@ -94,6 +95,8 @@ def main() -> None:
             runs.append(("graph", 1, [], {}))
         if gpus != 1:
             runs.append(("device", 2, [], {}))
+        if not gpus:  # CPU processes: gloo's ring all-reduce against the exchange `auto` picks
+            runs.append(("device", 2, ["--gradient-sync", "allreduce"], {}))
         runs.append(("device", 1, ["--recipe", "tuned"], {}))
         if not gpus:  # `accelerate launch` gives each of N CPU processes cores/N threads: compare like with like
             threads = str(max(1, (os.cpu_count() or 2) // 2))
@@ -106,8 +109,9 @@ def main() -> None:
                 timed(train_cmd(1, flags))  # warm the dataset cache, as any later run would find it
             wall, _ = timed(train_cmd(processes, flags), env)
             r = json.loads((out_dir / "results.json").read_text())
-            name = (f"mnist_dist {path}" + (f" x{processes} processes" if processes > 1 else "")
-                    + (f" ({env['OMP_NUM_THREADS']} thread(s))" if env else "") + " ".join(["", *extra]))
+            name = (f"mnist_dist {path}" + (f" x{processes} ({r['gradient_sync']})" if processes > 1 else "")
+                    + (f" ({env['OMP_NUM_THREADS']} thread(s))" if env else "")
+                    + (" ".join(["", *extra]) if processes == 1 else ""))  # x2: the resolved --gradient-sync
             rows.append(row(name, [h["seconds"] for h in r["history"]], r["train_samples"], r["test_accuracy"],
                             r["seconds_to_first_step"], wall, r["steps"] // r["epochs"], timings=r["timings"],
                             processes=processes, device=r["device_type"]))

@@ -27,6 +27,7 @@ RECIPES = {
 }
 DATASET_CHOICES = ("mnist", "fashion_mnist", "mnist-5k")
 DATA_PATH_CHOICES = ("auto", "dataloader", "device", "graph")
+GRADIENT_SYNC_CHOICES = ("auto", "allreduce", "exchange")
 
 
 class ConfigError(ValueError):
@@ -107,6 +108,14 @@ class TrainConfig:
         choices=MIXED_PRECISION_CHOICES,
     )
     cpu: bool = _field(False, "train on the CPU even if a GPU is present (also makes `accelerate launch` use gloo)")
+    gradient_sync: str = _field(
+        "auto",
+        "how the processes average their gradients each step: 'allreduce' (DDP's all-reduce: NCCL on GPUs, "
+        "gloo's ring on CPUs); 'exchange' (CPU processes only: each sends its gradients to every other in one "
+        "message and all add them up in rank order, about 2.5x faster than gloo's ring for this model on one "
+        "machine); 'auto': exchange for 2 to 4 CPU processes, else allreduce",
+        choices=GRADIENT_SYNC_CHOICES,
+    )
     # output
     output_dir: str = _field("outputs/mnist", "directory for results.json, model.safetensors and config.json")
     log_every: int = _field(
@@ -155,6 +164,8 @@ class TrainConfig:
         need(self.schedule in SCHEDULE_CHOICES, "schedule", f"choose one of {', '.join(SCHEDULE_CHOICES)}")
         need(self.recipe in RECIPES, "recipe", f"choose one of {', '.join(RECIPES)}")
         need(self.normalization in ("half", "dataset"), "normalization", "choose 'half' or 'dataset'")
+        need(self.gradient_sync in GRADIENT_SYNC_CHOICES, "gradient_sync",
+             f"choose one of {', '.join(GRADIENT_SYNC_CHOICES)}")
         need(self.data_path in DATA_PATH_CHOICES, "data_path", f"choose one of {', '.join(DATA_PATH_CHOICES)}")
         need(self.dataset in DATASET_CHOICES, "dataset", f"unknown dataset; choose one of {', '.join(DATASET_CHOICES)}")
         need(

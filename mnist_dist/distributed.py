@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, DataLoaderConfiguration, DistributedType, ProjectConfiguration
 
@@ -142,6 +143,71 @@ def agree_to_stop(
     stop, bad_steps, bad_loss_steps = accelerator.reduce(flags, reduction="max").tolist()
     bad = [step - int(n) + 1 for n in (bad_steps, bad_loss_steps) if n]
     return stop > 0, min(bad) if bad else None
+
+
+# --gradient-sync auto: up to this many CPU processes exchange whole buckets; each then sends world - 1
+# copies of its gradients, against about 2 for a ring all-reduce
+EXCHANGE_MAX_PROCESSES = 4
+
+
+def setup_gradient_sync(accelerator: Accelerator, model, mode: str) -> str:
+    """Choose how the prepared (DDP-wrapped) `model` averages its gradients, per --gradient-sync; return
+    what this run uses: 'none' (one process), 'allreduce' (DDP's own) or 'exchange' (`exchange_gradients`)."""
+    world = accelerator.num_processes
+    if world == 1:
+        return "none"
+    on_gloo = accelerator.device.type == "cpu" and dist.get_backend() == "gloo"
+    if mode == "exchange" and not on_gloo:
+        raise ConfigError(
+            f"--gradient-sync exchange is for CPU processes over gloo, and this run's {world} processes use "
+            f"{dist.get_backend()} on the {accelerator.device.type}; use allreduce or auto"
+        )
+    if mode == "auto":
+        mode = "exchange" if on_gloo and world <= EXCHANGE_MAX_PROCESSES else "allreduce"
+    if mode == "exchange":
+        model.register_comm_hook(GradientExchange(), exchange_gradients)
+    return mode
+
+
+class GradientExchange:
+    """The state of `exchange_gradients`: each DDP bucket's receive buffers, reused every step."""
+
+    def __init__(self):
+        self.buffers: dict[int, list[torch.Tensor]] = {}
+
+
+def exchange_gradients(state: GradientExchange, bucket):
+    """A DDP communication hook (dist.GradBucket in, Future of the averaged bucket out): the mean of every
+    process's gradients, with one message each way between each pair of processes.
+
+    gloo's ring all-reduce passes a bucket round the processes in 2 (world - 1) rounds of chunks, each
+    round waiting on a peer. On this project's 2-core VM it takes about 2.5 ms for anything from 4 kB to
+    1.6 MB, this model's 0.8 MB included, while sending the whole bucket each way takes about 0.6 ms.
+    Like DDP's own hook, each process divides its gradients by the world size; it then sends them to every
+    other process, and every process adds the same tensors in rank order, so all get the same sum. With
+    two processes it is bit for bit the all-reduce's: g0 / 2 + g1 / 2 is one addition, and addition commutes.
+    (No type annotations: DDP compares them with its own classes, and this module's are strings.)
+    """
+    grads = bucket.buffer()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    grads.div_(world)
+    buffers = state.buffers.get(bucket.index())
+    if buffers is None or buffers[0].shape != grads.shape:  # DDP may rebuild its buckets after the first step
+        buffers = state.buffers[bucket.index()] = [torch.empty_like(grads) for _ in range(world)]
+    requests = []
+    for peer in range(world):
+        if peer != rank:
+            requests += [dist.isend(grads, peer), dist.irecv(buffers[peer], peer)]
+    for request in requests:
+        request.wait()
+    parts = [grads if r == rank else buffers[r] for r in range(world)]
+    total = buffers[rank]  # the slot nobody sends to holds the sum
+    torch.add(parts[0], parts[1], out=total)
+    for part in parts[2:]:
+        total.add_(part)
+    future = torch.futures.Future()
+    future.set_result(total)
+    return future
 
 
 class StepHealth:

@@ -32,7 +32,7 @@ from .data import DataError, make_loaders, normalize
 from .checkpoint import CheckpointError
 from .distributed import (
     EXIT_PREEMPTED, DeviceBatches, LaunchError, StepHealth, StopSignals, agree_to_stop, build_accelerator,
-    device_test_shard, evaluate_sharded, optimizer_step, shard_counts,
+    device_test_shard, evaluate_sharded, optimizer_step, setup_gradient_sync, shard_counts,
 )
 from .evaluation import evaluate, predict, summarize
 from .graphs import ADAM_VIEW_ELEMENTS, EpochGraph, graph_unsupported
@@ -91,6 +91,7 @@ def train(cfg: TrainConfig) -> dict:
         train_set, test_set, cfg.batch_size, cfg.eval_batch_size, cfg.num_workers, cfg.seed
     )
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    gradient_sync = setup_gradient_sync(accelerator, model, cfg.gradient_sync)
     if data_path != "dataloader":  # the same batches, cut on the device instead of loaded
         device_test = device_test_shard(test_set.images, test_set.labels, cfg.eval_batch_size, accelerator)
     if data_path == "device":
@@ -161,7 +162,7 @@ def train(cfg: TrainConfig) -> dict:
     say(
         f"mnist_dist: {len(train_set)} train / {len(test_set)} test samples, {world} process(es) on "
         f"{accelerator.device.type}, global batch {cfg.batch_size * world}, precision {accelerator.mixed_precision}, "
-        f"data path {data_path}"
+        f"data path {data_path}" + (f", gradient sync {gradient_sync}" if world > 1 else "")
         + (f"; resuming from {resume_from} (step {progress['global_step']})" if state else "")
     )
 
@@ -347,6 +348,7 @@ def train(cfg: TrainConfig) -> dict:
         "global_batch_size": cfg.batch_size * world,
         "mixed_precision": accelerator.mixed_precision,
         "data_path": data_path,  # resolved: --data-path auto picks one
+        "gradient_sync": gradient_sync,  # resolved: none (one process), allreduce or exchange
         "device_type": accelerator.device.type,
         "train_seconds": progress["train_seconds"],
         "samples_per_second": progress["samples_seen"] / progress["train_seconds"],
