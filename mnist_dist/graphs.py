@@ -9,9 +9,13 @@ normalized training set is shuffled into one static buffer, with the same permut
 device path (`distributed.DeviceBatches`), and step j's batch is always the slice
 [j * batch, (j + 1) * batch) of it. The training step itself is the eager one, passed in: the
 graph holds exactly the kernels the eager loop would launch, and anything but a whole epoch
-runs that same step eagerly on the same slices: the run's first epoch (its first step alone, then
-the rest: the warm-up a capture needs), the rest of a resumed epoch, stretches cut by
+runs that same step eagerly on the same slices: the rest of a resumed epoch, stretches cut by
 --checkpoint-every.
+
+A capture needs a few eager steps first, for CUDA's lazy set-up (cuBLAS handles and workspaces,
+Adam's state, the caching allocator). Those warm-up steps run with every update skipped, through
+the same on-device skip that guards against non-finite steps, so they change no weight, moment or
+step count, and the run's first epoch is already a replay.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ from typing import Callable
 import torch
 
 from .config import TrainConfig
+from .distributed import StepHealth
 
 # the optimizer and finite check work on views of this many elements (distributed.fused_adam_in_views):
 # measured on an H200, the fused Adam kernel took 28 us per step on the whole tensors
 ADAM_VIEW_ELEMENTS = 4096
 # step(inputs, labels, real samples in the batch, step in epoch): one optimizer step, no host sync
 StepFn = Callable[[torch.Tensor, torch.Tensor, int, int], None]
+# eager steps before a capture, all skipped ("a few", torch's CUDA-graph notes)
+WARMUP_STEPS = 3
 
 
 def graph_unsupported(cfg: TrainConfig, device: torch.device, world: int, precision: str) -> str | None:
@@ -49,14 +56,15 @@ def graph_unsupported(cfg: TrainConfig, device: torch.device, world: int, precis
 class EpochGraph:
     """One process's training steps over a static, per-epoch shuffled copy of the training set.
 
-    `run(0, steps)` (a whole epoch) is captured into a CUDA graph the first time and replayed from
-    then on; any other stretch runs eagerly. With `capture=False` (the CPU, in tests) every
-    stretch runs eagerly, which computes the same thing.
+    `run(0, steps)` (a whole epoch) is captured into a CUDA graph the first time, after `warm_up`,
+    and replayed from then on; any other stretch runs eagerly. With `capture=False` (the CPU, in
+    tests) every stretch runs eagerly, which computes the same thing. `health` is the one `step`
+    updates: `warm_up` skips its steps through it.
     """
 
     def __init__(self, step: StepFn, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
-                 capture: bool = True):
-        self.step, self.inputs, self.labels = step, inputs, labels  # normalized float inputs, on the device
+                 health: StepHealth, capture: bool = True):
+        self.step, self.inputs, self.labels, self.health = step, inputs, labels, health  # inputs: normalized, on the device
         self.shuffled_inputs, self.shuffled_labels = torch.empty_like(inputs), torch.empty_like(labels)
         self.n, self.batch_size, self.seed = len(labels), batch_size, seed
         self.steps = math.ceil(self.n / batch_size)
@@ -79,11 +87,24 @@ class EpochGraph:
             return
         if self.graph is None:
             began = time.perf_counter()
+            self.warm_up()
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # records the kernels, runs none of them
                 self._eager(0, self.steps)
             self.capture_seconds = time.perf_counter() - began
         self.graph.replay()
+
+    def warm_up(self) -> None:
+        """Run the first steps of the current epoch eagerly with every update skipped: all their
+        kernels run, and nothing they would change does. `found_inf` set makes the optimizer step
+        leave weights, Adam's moments and its step count as they were (`distributed.optimizer_step`);
+        the health counters are then put back. Each step's loss still goes to its slot, which the
+        real step overwrites."""
+        found_inf, bad_steps = self.health.found_inf.clone(), self.health.bad_steps.clone()
+        self.health.found_inf.fill_(1)
+        self._eager(0, min(WARMUP_STEPS, self.steps))
+        self.health.found_inf.copy_(found_inf)
+        self.health.bad_steps.copy_(bad_steps)
 
     def _eager(self, start: int, stop: int) -> None:
         for j in range(start, stop):

@@ -183,7 +183,7 @@ def train(cfg: TrainConfig) -> dict:
     if data_path == "graph":
         device = accelerator.device
         runner = EpochGraph(take_step, normalize(train_set.images.to(device), *stats), train_set.labels.to(device),
-                            cfg.batch_size, cfg.seed)
+                            cfg.batch_size, cfg.seed, health)
     else:
         runner = EagerSteps(epoch_batches, take_step, stats)
 
@@ -240,8 +240,8 @@ def train(cfg: TrainConfig) -> dict:
                         end = min(end, begin + cfg.log_every - step_before % cfg.log_every)
                     if cfg.checkpoint_every:
                         end = min(end, begin + cfg.checkpoint_every - step_before % cfg.checkpoint_every)
-                    if first_segment:  # this process's first step alone: time to first step, and the
-                        end = min(end, begin + 1)  # eager warm-up a CUDA graph capture needs
+                    if first_segment and data_path != "graph":  # this process's first step alone: time to
+                        end = min(end, begin + 1)  # first step (a graph run's first stretch is its first epoch)
                     runner.run(begin, end)
                     first_segment = first_segment and end == begin  # until this process has taken a step
                     if progress["seconds_to_first_step"] is None:

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from mnist_dist.config import RECIPES, parse_args
 from mnist_dist.data import normalize
 from mnist_dist.distributed import DeviceBatches, StepHealth, agree_to_stop, optimizer_step
-from mnist_dist.graphs import EpochGraph, graph_unsupported
+from mnist_dist.graphs import ADAM_VIEW_ELEMENTS, EpochGraph, graph_unsupported
 from mnist_dist.model import MLP
 from mnist_dist.train import make_optimizer, train_step
 
@@ -97,7 +97,8 @@ def test_a_non_finite_loss_is_named_by_its_step_even_when_gradients_stayed_finit
 
 
 def _train_two_epochs(accelerator, data_path, images, labels, batch_size=96, seed=5):
-    """Two epochs of the recipe's step on `images`, batched as `data_path` batches them."""
+    """Two epochs of the recipe's step on `images`, batched as `data_path` batches them, each path with
+    the optimizer it runs in training (the graph path: Adam on views)."""
     torch.manual_seed(0)
     model = MLP(hidden_size=32)
     optimizer = make_optimizer(model.parameters(), 1e-3, accelerator.device)
@@ -106,25 +107,32 @@ def _train_two_epochs(accelerator, data_path, images, labels, batch_size=96, see
     steps = -(-len(labels) // batch_size)
     losses = torch.zeros(2, steps)
 
+    views = ADAM_VIEW_ELEMENTS if data_path == "graph" else None
+
     def step(epoch):
         def take(inputs, batch_labels, real, index):
-            train_step(accelerator, model, optimizer, None, health, inputs, batch_labels, 1 / real, 0.0, losses[epoch, index])
+            train_step(accelerator, model, optimizer, None, health, inputs, batch_labels, 1 / real, 0.0,
+                       losses[epoch, index], views)
         return take
 
     for epoch in range(2):
         if data_path == "graph":  # without capture (CPU): the same static buffers and slices, eagerly
-            runner = EpochGraph(step(epoch), normalize(images), labels, batch_size, seed, capture=False)
+            runner = EpochGraph(step(epoch), normalize(images), labels, batch_size, seed, health, capture=False)
             runner.begin_epoch(epoch)
+            # what precedes a capture: steps with every update skipped, before Adam has state
+            # (epoch 0) and after; they must change nothing
+            runner.warm_up()
             runner.run(0, 3)  # cut anywhere: the first stretch, the rest
             runner.run(3, runner.steps)
         else:
             batches = DeviceBatches(images, labels, batch_size, seed, accelerator)
             for index, x, y, real in batches.epoch(epoch):
                 step(epoch)(normalize(x), y, real, index)
+    assert health.found_inf.item() == 0 and health.bad_steps.item() == 0
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses
 
 
-def test_graph_path_batches_and_steps_are_the_device_paths(accelerator):
+def test_graph_path_batches_and_steps_are_the_device_paths_and_its_warm_up_changes_nothing(accelerator):
     # 1,000 real digits in batches of 96: ten full batches and a last one of 40
     train = mnist5k()["train"]
     images, labels = train.images[:1000], train.labels[:1000]

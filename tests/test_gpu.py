@@ -79,7 +79,8 @@ def _weights(path):
 @gpu
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_graph_path_computes_what_the_eager_device_path_computes(precision, tmp_path):
-    # 5 epochs of 40 steps: epoch 1 runs eagerly (warm-up), epoch 2 is captured, epochs 3-5 replay it
+    # 5 epochs of 40 steps: three warm-up steps with every update skipped, then epoch 1 is captured
+    # and replayed, and epochs 2-5 replay it
     common = ["--dataset", "mnist-5k", "--epochs", "5", "--seed", "2", "--mixed-precision", precision,
               "--report-to", "none"]
     check(train_cli(*common, "--data-path", "graph", "--output-dir", str(tmp_path / "graph")))
@@ -101,7 +102,8 @@ def test_graph_path_computes_what_the_eager_device_path_computes(precision, tmp_
 @gpu
 def test_graph_run_resumed_from_a_mid_epoch_checkpoint_ends_where_the_whole_run_does(tmp_path):
     # checkpoints at steps 40, 80, 100, 120, ...: resuming at 100 (epoch 3, step 20 of 40) runs the rest
-    # of that epoch eagerly, then captures epoch 4 afresh; the whole run replayed epoch 2's capture
+    # of that epoch eagerly, then warms up (after real eager steps) and captures epoch 4 afresh; the
+    # whole run replayed epoch 1's capture, warmed up before any step
     common = ["--dataset", "mnist-5k", "--epochs", "5", "--checkpoint-every", "100", "--keep-checkpoints", "10",
               "--report-to", "none"]
     check(train_cli(*common, "--output-dir", str(tmp_path / "whole")))
