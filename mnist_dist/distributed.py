@@ -249,7 +249,9 @@ class DeviceBatches:
         for step in range(start, len(self)):
             lo = min(step * per_step + self.rank * self.batch_size, self.n)
             index = order[lo : min(lo + self.batch_size, self.n)]
-            yield step, self.images[index], self.labels[index], min(per_step, self.n - step * per_step)
+            # index_select copies whole rows: on a CPU ~10x faster than images[index] for a batch
+            images, labels = torch.index_select(self.images, 0, index), torch.index_select(self.labels, 0, index)
+            yield step, images, labels, min(per_step, self.n - step * per_step)
 
 
 def device_test_shard(images: torch.Tensor, labels: torch.Tensor, batch_size: int, accelerator: Accelerator):
