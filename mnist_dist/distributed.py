@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import AutocastKwargs, DataLoaderConfiguration, DistributedType, ProjectConfiguration
+from accelerate.utils import (
+    AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, ProjectConfiguration,
+)
 
 from . import tracking
 from .config import ConfigError, TrainConfig
@@ -35,7 +37,12 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         mixed_precision=cfg.mixed_precision,  # None: what `accelerate launch` was configured with
         # no cache of cast weights: CUDA graphs need it off (torch's CUDA-graph notes), and each weight is
         # cast once per forward pass anyway, so the eager paths lose nothing and compute the same
-        kwargs_handlers=[AutocastKwargs(cache_enabled=False)],
+        kwargs_handlers=[
+            AutocastKwargs(cache_enabled=False),
+            # gradients live in DDP's communication buckets: no copy into them before the all-reduce
+            # and none back out after it
+            DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+        ],
         dataloader_config=DataLoaderConfiguration(
             # every process draws the same permutation, seeded by seed + epoch, then takes its shard
             use_seedable_sampler=True,
