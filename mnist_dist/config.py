@@ -112,7 +112,7 @@ class TrainConfig:
         "auto",
         "how the processes average their gradients each step: 'allreduce' (DDP's all-reduce: NCCL on GPUs, "
         "gloo's ring on CPUs); 'exchange' (CPU processes only: each sends its gradients to every other in one "
-        "message and all add them up in rank order; on a 2-core VM it cut a 2-process step from 6.5 to 5.3 ms); "
+        "message and all add them up in rank order; on a 2-core VM about a fifth faster for this model); "
         "'auto': exchange for 2 to 4 CPU processes, else allreduce",
         choices=GRADIENT_SYNC_CHOICES,
     )
