@@ -70,6 +70,7 @@ class EpochGraph:
         self.steps = math.ceil(self.n / batch_size)
         self.capture = capture
         self.cut_at_log_points = False  # a whole epoch is one launch; its log windows are written after it
+        self.first_step_alone = False  # the first stretch is a whole epoch, so that it can be captured
         self.graph: torch.cuda.CUDAGraph | None = None
         self.capture_seconds = 0.0
 

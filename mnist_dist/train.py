@@ -240,8 +240,8 @@ def train(cfg: TrainConfig) -> dict:
                         end = min(end, begin + cfg.log_every - step_before % cfg.log_every)
                     if cfg.checkpoint_every:
                         end = min(end, begin + cfg.checkpoint_every - step_before % cfg.checkpoint_every)
-                    if first_segment and data_path != "graph":  # this process's first step alone: time to
-                        end = min(end, begin + 1)  # first step (a graph run's first stretch is its first epoch)
+                    if first_segment and runner.first_step_alone:  # time to first step
+                        end = min(end, begin + 1)
                     runner.run(begin, end)
                     first_segment = first_segment and end == begin  # until this process has taken a step
                     if progress["seconds_to_first_step"] is None:
@@ -442,6 +442,7 @@ class EagerSteps:
     """The dataloader and device paths: each step launched from Python as its batch comes."""
 
     cut_at_log_points = True  # the loop stops at every --log-every step to log live
+    first_step_alone = True  # a process's first stretch is one step: its time to first step
     capture_seconds = 0.0
 
     def __init__(self, epoch_batches, step, stats: tuple[float, float]):
