@@ -192,6 +192,10 @@ def train(cfg: TrainConfig) -> dict:
         return min(per_step, len(train_set) - batch_index * per_step)
 
     metrics, first_segment = None, True
+    # Python's full garbage collections walk every object the imports made (torch, sympy, ...): ~0.2 s
+    # each on a 2-core VM, a few times a run. Frozen, those objects are never walked again; without
+    # this, each pause also stalls every other process at the next gradient sync.
+    gc.freeze()
     timings["setup"] = time.perf_counter() - mark  # model, optimizer, prepare, device copies, trackers
     with StopSignals() as signals:
         try:
