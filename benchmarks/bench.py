@@ -1,8 +1,8 @@
 """Epoch throughput side by side, in one invocation: the tutorial's pipeline, the Accelerate
 DataLoader path (`--data-path dataloader`), the device-resident path (`--data-path device`), on a
 GPU the captured-epoch path (`--data-path graph`), the device path on two processes (two GPUs, or
-two CPU processes on a machine without GPUs, once with `--gradient-sync auto` (the exchange) and once
-with gloo's all-reduce), and the tuned recipe (`--recipe tuned`).
+two CPU processes on a machine without GPUs, once with each `--gradient-sync`: auto (shared memory),
+the exchange and gloo's all-reduce), and the tuned recipe (`--recipe tuned`).
 
     python benchmarks/bench.py --data-dir /usr/share/datasets/fashion-mnist --fashion --epochs 4
     python benchmarks/bench.py --data-dir mnist_dist/datasets/mnist-5k --epochs 10 --json out.json
@@ -95,8 +95,8 @@ def main() -> None:
             runs.append(("graph", 1, [], {}))
         if gpus != 1:
             runs.append(("device", 2, [], {}))
-        if not gpus:  # CPU processes: gloo's ring all-reduce against the exchange `auto` picks
-            runs.append(("device", 2, ["--gradient-sync", "allreduce"], {}))
+        if not gpus:  # CPU processes: `auto` (shared memory) against the exchange and gloo's ring all-reduce
+            runs += [("device", 2, ["--gradient-sync", sync], {}) for sync in ("exchange", "allreduce")]
         runs.append(("device", 1, ["--recipe", "tuned"], {}))
         if not gpus:  # `accelerate launch` gives each of N CPU processes cores/N threads: compare like with like
             threads = str(max(1, (os.cpu_count() or 2) // 2))

@@ -27,7 +27,7 @@ RECIPES = {
 }
 DATASET_CHOICES = ("mnist", "fashion_mnist", "mnist-5k")
 DATA_PATH_CHOICES = ("auto", "dataloader", "device", "graph")
-GRADIENT_SYNC_CHOICES = ("auto", "allreduce", "exchange")
+GRADIENT_SYNC_CHOICES = ("auto", "allreduce", "shared-memory", "exchange")
 
 
 class ConfigError(ValueError):
@@ -111,9 +111,10 @@ class TrainConfig:
     gradient_sync: str = _field(
         "auto",
         "how the processes average their gradients each step: 'allreduce' (DDP's all-reduce: NCCL on GPUs, "
-        "gloo's ring on CPUs); 'exchange' (CPU processes only: each sends its gradients to every other in one "
-        "message and all add them up in rank order; on a 2-core VM about a fifth faster for this model); "
-        "'auto': exchange for 2 to 4 CPU processes, else allreduce",
+        "gloo's ring on CPUs); 'shared-memory' (CPU processes on one host: each puts its gradients in memory "
+        "they all map and all add them up in rank order); 'exchange' (CPU processes: each sends its gradients "
+        "to every other in one message, then the same sum); 'auto': for 2 to 4 CPU processes shared-memory "
+        "when they are on one host, else exchange; otherwise allreduce",
         choices=GRADIENT_SYNC_CHOICES,
     )
     # output

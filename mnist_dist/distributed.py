@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import math
 import os
+import select
+import shutil
 import signal
+import socket
+import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -152,28 +158,53 @@ def agree_to_stop(
     return stop > 0, min(bad) if bad else None
 
 
-# --gradient-sync auto: up to this many CPU processes exchange whole buckets; each then sends world - 1
-# copies of its gradients, against about 2 for a ring all-reduce
-EXCHANGE_MAX_PROCESSES = 4
+# --gradient-sync auto: up to this many CPU processes share (or exchange) whole buckets; each process then
+# reads (or receives) world - 1 copies of the gradients, against about 2 for a ring all-reduce
+WHOLE_BUCKET_MAX_PROCESSES = 4
 
 
 def setup_gradient_sync(accelerator: Accelerator, model, mode: str) -> str:
     """Choose how the prepared (DDP-wrapped) `model` averages its gradients, per --gradient-sync; return
-    what this run uses: 'none' (one process), 'allreduce' (DDP's own) or 'exchange' (`exchange_gradients`)."""
+    what this run uses: 'none' (one process), 'allreduce' (DDP's own), 'shared-memory'
+    (`SharedGradients`) or 'exchange' (`exchange_gradients`). Every process must call it."""
     world = accelerator.num_processes
     if world == 1:
         return "none"
     on_gloo = accelerator.device.type == "cpu" and dist.get_backend() == "gloo"
-    if mode == "exchange" and not on_gloo:
+    if mode in ("exchange", "shared-memory") and not on_gloo:
         raise ConfigError(
-            f"--gradient-sync exchange is for CPU processes over gloo, and this run's {world} processes use "
+            f"--gradient-sync {mode} is for CPU processes over gloo, and this run's {world} processes use "
             f"{dist.get_backend()} on the {accelerator.device.type}; use allreduce or auto"
         )
-    if mode == "auto":
-        mode = "exchange" if on_gloo and world <= EXCHANGE_MAX_PROCESSES else "allreduce"
+    if mode == "auto" and not (on_gloo and world <= WHOLE_BUCKET_MAX_PROCESSES):
+        mode = "allreduce"
+    if mode in ("auto", "shared-memory"):
+        shared, why_not = SharedGradients.open(model)
+        if shared is not None:
+            model.register_comm_hook(shared, shared_memory_gradients)
+            return "shared-memory"
+        if mode == "shared-memory":
+            raise ConfigError(f"--gradient-sync shared-memory: {why_not}; use exchange, allreduce or auto")
+        if accelerator.is_main_process:
+            print(f"mnist_dist: no shared-memory gradient sync ({why_not})", flush=True)
+        mode = "exchange"
     if mode == "exchange":
         model.register_comm_hook(GradientExchange(), exchange_gradients)
     return mode
+
+
+def _sum_in_rank_order(parts: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """parts[0] + parts[1] + ... into `out`: the same additions in the same order on every process."""
+    torch.add(parts[0], parts[1], out=out)
+    for part in parts[2:]:
+        out.add_(part)
+    return out
+
+
+def _done(tensor: torch.Tensor) -> torch.futures.Future:
+    future = torch.futures.Future()
+    future.set_result(tensor)
+    return future
 
 
 class GradientExchange:
@@ -208,13 +239,121 @@ def exchange_gradients(state: GradientExchange, bucket):
     for request in requests:
         request.wait()
     parts = [grads if r == rank else buffers[r] for r in range(world)]
-    total = buffers[rank]  # the slot nobody sends to holds the sum
-    torch.add(parts[0], parts[1], out=total)
-    for part in parts[2:]:
-        total.add_(part)
-    future = torch.futures.Future()
-    future.set_result(total)
-    return future
+    return _done(_sum_in_rank_order(parts, out=buffers[rank]))  # the slot nobody sends to holds the sum
+
+
+class SharedGradients:
+    """The state of `shared_memory_gradients`: a memory region every process on this host maps, and one
+    pipe (a FIFO) from each process to each other one, to say "my gradients are in".
+
+    The region holds two rounds of one slot per process, each slot as large as all the model's gradients.
+    Hook call k uses round k % 2: a process writes round k only after every other has said it finished
+    call k - 1, and so has finished reading round k - 2. The pipes carry one byte per call. A byte read
+    from a pipe went through the kernel after the writer's gradients were stored, so the reader sees them
+    on any CPU, however weakly it orders memory. The files are deleted as soon as every process has them
+    open: nothing is left behind, however the run ends.
+    """
+
+    SPIN_SECONDS = 0.005  # poll a pipe this long (yielding the core) before sleeping on it
+    TIMEOUT_SECONDS = 1800.0  # gloo's default: a process silent this long is stuck
+
+    def __init__(self, region: torch.Tensor, inbox: dict[int, int], outbox: dict[int, int]):
+        self.region = region  # uint8 [2 rounds, world, slot bytes]
+        self.inbox, self.outbox = inbox, outbox  # peer -> file descriptor of the pipe from / to it
+        self.world, self.rank = region.shape[1], dist.get_rank()
+        self.calls = 0
+
+    @classmethod
+    def open(cls, model) -> tuple["SharedGradients | None", str]:
+        """(state, "") when every process is on this host and the region fits, else (None, why not); the
+        same answer on every process (a collective: every process calls it)."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        slot = -(-grad_bytes // 64) * 64  # each slot cache-line aligned, any dtype's view lines up
+        made = [None]
+        if rank == 0:
+            made = [cls._make_files(world, 2 * world * slot)]
+        dist.broadcast_object_list(made, src=0)
+        directory, host, token, why_not = made[0]
+        try:  # the same host, and its files visible here: not another node sharing a file system
+            here = directory is not None and host == socket.gethostname() and \
+                (Path(directory) / "token").read_text() == token
+        except OSError:
+            here = False
+        together = torch.tensor(float(here))
+        dist.all_reduce(together, op=dist.ReduceOp.MIN)
+        if not together.item():
+            if rank == 0 and directory:
+                shutil.rmtree(directory, ignore_errors=True)
+            return None, why_not or "the processes are not all on one host"
+        region = torch.from_file(str(Path(directory) / "region"), shared=True, size=2 * world * slot,
+                                 dtype=torch.uint8).view(2, world, slot)
+        peers = [p for p in range(world) if p != rank]
+        inbox = {p: os.open(Path(directory) / f"{p}-to-{rank}", os.O_RDONLY | os.O_NONBLOCK) for p in peers}
+        dist.barrier()  # every read end is open: opening a write end no longer waits
+        outbox = {p: os.open(Path(directory) / f"{rank}-to-{p}", os.O_WRONLY | os.O_NONBLOCK) for p in peers}
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(directory)
+        return cls(region, inbox, outbox), ""
+
+    @staticmethod
+    def _make_files(world: int, region_bytes: int) -> tuple[str | None, str, str, str]:
+        """On process 0: a private directory with the region (its memory reserved now, so that a full
+        /dev/shm is an error here and not a crash mid-run), the pipes and a token for the others to read."""
+        if not hasattr(os, "mkfifo"):
+            return None, "", "", "this system has no named pipes"
+        shm = Path("/dev/shm")
+        directory = tempfile.mkdtemp(prefix="mnist_dist-gradients-", dir=shm if shm.is_dir() else None)
+        try:
+            with open(Path(directory) / "region", "wb") as f:
+                for start in range(0, region_bytes, 1 << 20):
+                    f.write(bytes(min(1 << 20, region_bytes - start)))
+            for a in range(world):
+                for b in range(world):
+                    if a != b:
+                        os.mkfifo(Path(directory) / f"{a}-to-{b}")
+            token = uuid.uuid4().hex
+            (Path(directory) / "token").write_text(token)
+        except OSError as e:
+            shutil.rmtree(directory, ignore_errors=True)
+            return None, "", "", f"could not set up {region_bytes / 2**20:.1f} MB in {directory}: {e}"
+        return directory, socket.gethostname(), token, ""
+
+    def signal_and_wait(self) -> None:
+        """Tell every other process this one's gradients are in; wait until each has said the same."""
+        for fd in self.outbox.values():
+            os.write(fd, b"\0")
+        for peer, fd in self.inbox.items():
+            spin_until = time.monotonic() + self.SPIN_SECONDS
+            while True:
+                try:
+                    if os.read(fd, 1):
+                        break
+                    raise RuntimeError(f"process {peer} stopped during the gradient sync (its pipe closed)")
+                except BlockingIOError:
+                    if time.monotonic() < spin_until:
+                        os.sched_yield()  # a few microseconds per poll; lets a peer on this core run
+                    elif not select.select([fd], [], [], self.TIMEOUT_SECONDS)[0]:
+                        raise RuntimeError(f"no gradients from process {peer} in {self.TIMEOUT_SECONDS:.0f} s")
+
+
+def shared_memory_gradients(state: SharedGradients, bucket):
+    """A DDP communication hook: the mean of every process's gradients through memory that all the
+    processes on one host share (see `SharedGradients`).
+
+    Each process divides its bucket by the world size into its slot, says so down the pipes, waits for
+    the others, then adds all the slots in rank order into its bucket: the same sum on every process, and
+    with two processes bit for bit the all-reduce's (as `exchange_gradients`). Nothing goes through
+    sockets: on this project's 2-core VM the division and the sum take about 0.2 ms each per step, the
+    signal a few microseconds, against 1.2-1.8 ms for the exchange's messages.
+    """
+    grads = bucket.buffer()
+    state.calls += 1
+    slots = state.region[state.calls % 2, :, : grads.numel() * grads.element_size()].view(grads.dtype)
+    torch.div(grads, state.world, out=slots[state.rank])
+    state.signal_and_wait()
+    return _done(_sum_in_rank_order(list(slots), out=grads))
 
 
 class StepHealth:

@@ -352,7 +352,7 @@ def train(cfg: TrainConfig) -> dict:
         "global_batch_size": cfg.batch_size * world,
         "mixed_precision": accelerator.mixed_precision,
         "data_path": data_path,  # resolved: --data-path auto picks one
-        "gradient_sync": gradient_sync,  # resolved: none (one process), allreduce or exchange
+        "gradient_sync": gradient_sync,  # resolved: none (one process), allreduce, shared-memory or exchange
         "device_type": accelerator.device.type,
         "train_seconds": progress["train_seconds"],
         "samples_per_second": progress["samples_seen"] / progress["train_seconds"],

@@ -10,6 +10,7 @@ from mnist_dist.evaluation import evaluate
 from mnist_dist.model import MLP, load_model
 
 from .helpers import REPO, check, launch, launch_script, results, train_cli
+from .workers.exchange import STEPS
 from .workers.shards import EPOCHS, indexed
 
 N_TRAIN, N_TEST, BATCH = 1001, 1001, 64
@@ -76,21 +77,30 @@ def test_distributed_evaluation_equals_single_process_evaluation(shard_report):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_gradient_exchange_averages_like_ddps_all_reduce(world, tmp_path):
+def test_cpu_gradient_syncs_average_like_ddps_all_reduce(world, tmp_path):
     out = tmp_path / "weights.safetensors"
     proc = check(launch_script(world, REPO / "tests" / "workers" / "exchange.py", str(out)))
     r = load_file(out)
     assert int(r["world"]) == world, "the launch did not connect the processes it started"
-    assert "--gradient-sync auto: exchange" in proc.stdout
-    assert int(r["buckets"]) == 2  # two buckets in the first step, then one rebuilt bucket of another size
-    exchanged, reduced = r["exchange"], r["allreduce"]  # [process, weight]
-    # each process trained on its own batches: only a correct average keeps them identical
-    assert all(torch.equal(exchanged[0], w) for w in exchanged[1:])
+    assert "--gradient-sync auto: shared-memory" in proc.stdout  # CPU processes on one host
+    # two buckets in the first step, then one rebuilt bucket of another size: 2 + 4 hook calls
+    assert int(r["buckets"]) == 2 and int(r["shared_calls"]) == 2 + (STEPS - 1)
+    reduced = r["allreduce"]  # [process, weight]
     assert not torch.equal(reduced[0], torch.cat([p.detach().flatten() for p in _mlp_at_seed_0(1024).parameters()]))
-    if world == 2:  # g0 / 2 + g1 / 2 either way: one addition, which commutes
-        assert torch.equal(exchanged, reduced)
-    else:  # rank order against gloo's ring order: rounding only
-        torch.testing.assert_close(exchanged, reduced, rtol=1e-5, atol=1e-6)
+    for mode in ("exchange", "shared-memory"):
+        synced = r[mode]
+        # each process trained on its own batches: only a correct average keeps them identical
+        assert all(torch.equal(synced[0], w) for w in synced[1:]), mode
+        if world == 2:  # g0 / 2 + g1 / 2 either way: one addition, which commutes
+            assert torch.equal(synced, reduced), mode
+        else:  # rank order against gloo's ring order: rounding only
+            torch.testing.assert_close(synced, reduced, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_memory_sync_stops_with_a_message_when_a_process_is_gone():
+    proc = launch_script(2, REPO / "tests" / "workers" / "exchange.py", "--peer-exits")
+    assert proc.returncode != 0
+    assert "process 1 stopped during the gradient sync" in proc.stderr
 
 
 def _mlp_at_seed_0(hidden: int) -> MLP:
@@ -109,7 +119,7 @@ def test_two_process_run_trains_on_all_processes_and_tests_on_all_10000_digits(t
     assert proc.stdout.count("mnist_dist: decoding mnist-5k") == 1
     assert len(list(cache.glob("*.safetensors"))) == 1
     assert r["world_size"] == 2 and r["global_batch_size"] == 256 and r["per_process_batch_size"] == 128
-    assert r["gradient_sync"] == "exchange"  # --gradient-sync auto on 2 CPU processes
+    assert r["gradient_sync"] == "shared-memory"  # --gradient-sync auto: CPU processes on one host
     assert r["test_samples"] == 10000 and r["train_samples"] == 5000
     assert [h["samples"] for h in r["history"]] == [5000, 5000, 5000]
     assert r["test_accuracy"] > 0.8

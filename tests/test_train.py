@@ -112,7 +112,7 @@ def test_bad_flag_exits_2_naming_the_flag(flags, message, capsys):
 def test_validate_refuses_unknown_dataset_when_called_from_python():
     with pytest.raises(ConfigError, match="--dataset='cifar10': unknown dataset"):
         TrainConfig(dataset="cifar10").validate()
-    with pytest.raises(ConfigError, match="--gradient-sync='ring': choose one of auto, allreduce, exchange"):
+    with pytest.raises(ConfigError, match="--gradient-sync='ring': choose one of auto, allreduce, shared-memory, exchange"):
         TrainConfig(gradient_sync="ring").validate()
 
 
