@@ -91,7 +91,8 @@ def train(cfg: TrainConfig) -> dict:
         train_set, test_set, cfg.batch_size, cfg.eval_batch_size, cfg.num_workers, cfg.seed
     )
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    gradient_sync = setup_gradient_sync(accelerator, model, cfg.gradient_sync)
+    # how the processes average gradients; with shared memory the step runs the module outside DDP
+    sync = setup_gradient_sync(accelerator, model, cfg.gradient_sync)
     if data_path != "dataloader":  # the same batches, cut on the device instead of loaded
         device_test = device_test_shard(test_set.images, test_set.labels, cfg.eval_batch_size, accelerator)
     if data_path == "device":
@@ -162,7 +163,7 @@ def train(cfg: TrainConfig) -> dict:
     say(
         f"mnist_dist: {len(train_set)} train / {len(test_set)} test samples, {world} process(es) on "
         f"{accelerator.device.type}, global batch {cfg.batch_size * world}, precision {accelerator.mixed_precision}, "
-        f"data path {data_path}" + (f", gradient sync {gradient_sync}" if world > 1 else "")
+        f"data path {data_path}" + (f", gradient sync {sync.mode}" if world > 1 else "")
         + (f"; resuming from {resume_from} (step {progress['global_step']})" if state else "")
     )
 
@@ -175,10 +176,11 @@ def train(cfg: TrainConfig) -> dict:
     health = StepHealth(accelerator.device)
 
     def take_step(inputs: torch.Tensor, labels: torch.Tensor, global_real: int, index: int) -> None:
-        # DDP averages gradients over processes; scaling each process's sum by world / global_real
+        # the sync averages gradients over processes; scaling each process's sum by world / global_real
         # makes the update the mean over the real samples of the global batch, as on one process
-        train_step(accelerator, model, optimizer, scheduler, health, inputs, labels, world / global_real,
-                   cfg.label_smoothing, step_losses[index], ADAM_VIEW_ELEMENTS if data_path == "graph" else None)
+        train_step(accelerator, sync.model, optimizer, scheduler, health, inputs, labels, world / global_real,
+                   cfg.label_smoothing, step_losses[index], ADAM_VIEW_ELEMENTS if data_path == "graph" else None,
+                   sync.average)
 
     if data_path == "graph":
         device = accelerator.device
@@ -352,7 +354,7 @@ def train(cfg: TrainConfig) -> dict:
         "global_batch_size": cfg.batch_size * world,
         "mixed_precision": accelerator.mixed_precision,
         "data_path": data_path,  # resolved: --data-path auto picks one
-        "gradient_sync": gradient_sync,  # resolved: none (one process), allreduce, shared-memory or exchange
+        "gradient_sync": sync.mode,  # resolved: none (one process), allreduce, shared-memory or exchange
         "device_type": accelerator.device.type,
         "train_seconds": progress["train_seconds"],
         "samples_per_second": progress["samples_seen"] / progress["train_seconds"],
@@ -425,9 +427,10 @@ def resolve_data_path(cfg: TrainConfig, accelerator) -> str:
 
 def train_step(accelerator, model, optimizer, scheduler, health: StepHealth, inputs: torch.Tensor,
                labels: torch.Tensor, scale: float, label_smoothing: float, loss_out: torch.Tensor,
-               view_elements: int | None = None) -> None:
+               view_elements: int | None = None, average_gradients=None) -> None:
     """One optimizer step on a batch of normalized inputs, with no host sync: the gradients are of
     the batch's loss sum times `scale`, and that loss sum goes to the 0-d device tensor `loss_out`.
+    `average_gradients`: called after backward where DDP does not average them (`GradientSync`).
 
     Every data path runs this function; `--data-path graph` records its kernels and replays them.
     """
@@ -435,6 +438,8 @@ def train_step(accelerator, model, optimizer, scheduler, health: StepHealth, inp
     losses = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=label_smoothing)
     loss_sum = losses.sum()
     accelerator.backward(loss_sum * scale)
+    if average_gradients is not None:
+        average_gradients()
     optimizer_step(accelerator, optimizer, health, view_elements)  # skips, on the device, a non-finite step
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:

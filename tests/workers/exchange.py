@@ -1,12 +1,13 @@
-"""Launched on N CPU processes by test_distributed.py: DDP with the CPU gradient syncs against DDP's all-reduce.
+"""Launched on N CPU processes by test_distributed.py: the CPU gradient syncs against DDP's all-reduce.
 
     exchange.py OUT.safetensors     train and write the weights
-    exchange.py --peer-exits        the last process leaves before its first gradient sync
+    exchange.py --peer-exits        a parameter without a gradient is named; then the last process
+                                    leaves before its first gradient sync
 
 Three copies of the same MLP train for a few SGD steps, each process on its own random batches: one
-averages gradients with DDP's all-reduce (gloo's ring), one with `exchange_gradients`, one with
-`shared_memory_gradients`. Process 0 writes every process's final weights of each, and how many
-buckets the exchange saw and how many times the shared-memory hook ran.
+averages gradients with DDP's all-reduce (gloo's ring), one with `exchange_gradients` (a DDP hook),
+one with `SharedGradients.average` after backward, outside DDP. Process 0 writes every process's final
+weights of each, how many buckets the exchange saw and how many times the shared memory averaged.
 """
 
 import os
@@ -21,20 +22,21 @@ from torch.nn.parallel import DistributedDataParallel
 from mnist_dist.config import TrainConfig
 from mnist_dist.distributed import (
     GradientExchange, SharedGradients, build_accelerator, exchange_gradients, setup_gradient_sync,
-    shared_memory_gradients,
 )
 from mnist_dist.model import MLP
 
 STEPS = 5
 
 
-def train(model, rank: int, steps: int = STEPS) -> None:
+def train(model, rank: int, average=None, steps: int = STEPS) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     data = torch.Generator().manual_seed(100 + rank)  # each process its own batches
     for _ in range(steps):
         inputs, labels = torch.randn(64, 784, generator=data), torch.randint(0, 10, (64,), generator=data)
-        optimizer.zero_grad()
+        optimizer.zero_grad(set_to_none=True)  # as the training loop: fresh gradient tensors each step
         torch.nn.functional.cross_entropy(model(inputs), labels).backward()
+        if average is not None:
+            average()
         optimizer.step()
 
 
@@ -42,13 +44,20 @@ def main() -> None:
     accelerator = build_accelerator(TrainConfig(cpu=True).validate())
     world, rank = accelerator.num_processes, accelerator.process_index
     if sys.argv[1] == "--peer-exits":
-        model = DistributedDataParallel(MLP(hidden_size=16))
+        model = MLP(hidden_size=16)
+        model.unused = torch.nn.Parameter(torch.zeros(3))  # takes no part in the forward pass
         shared, why_not = SharedGradients.open(model)
         assert shared is not None, why_not
-        model.register_comm_hook(shared, shared_memory_gradients)
+        try:
+            train(model, rank, shared.average, steps=1)
+        except RuntimeError as e:
+            print(f"process {rank}: {e}", flush=True)
+        model = MLP(hidden_size=16)
+        shared, why_not = SharedGradients.open(model)
+        assert shared is not None, why_not
         if rank == world - 1:
             os._exit(0)  # as a crashed process would: no goodbye, its pipes close
-        train(model, rank)
+        train(model, rank, shared.average)
         return
     weights, exchange, shared = {}, GradientExchange(), None
     for mode in ("allreduce", "exchange", "shared-memory"):
@@ -58,14 +67,14 @@ def main() -> None:
         model = DistributedDataParallel(MLP(hidden_size=1024), bucket_cap_mb_list=[1])
         if mode == "exchange":
             model.register_comm_hook(exchange, exchange_gradients)
-        if mode == "shared-memory":
+        if mode == "shared-memory":  # DDP only set up the weights: the step runs the module itself
+            model = model.module
             shared, why_not = SharedGradients.open(model)
             assert shared is not None, why_not
-            model.register_comm_hook(shared, shared_memory_gradients)
-        train(model, rank)
+        train(model, rank, shared.average if mode == "shared-memory" else None)
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
         weights[mode] = gather(flat[None]).contiguous()  # [world, parameters]: every process's weights
-    auto = setup_gradient_sync(accelerator, DistributedDataParallel(MLP(hidden_size=4)), "auto")
+    auto = setup_gradient_sync(accelerator, DistributedDataParallel(MLP(hidden_size=4)), "auto").mode
     if rank == 0:
         save_file({**weights, "world": torch.tensor(world), "buckets": torch.tensor(len(exchange.buffers)),
                    "shared_calls": torch.tensor(shared.calls)}, sys.argv[1])
