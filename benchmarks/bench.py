@@ -12,7 +12,9 @@ Each pipeline runs in its own process on the same IDX files with the recipe of r
 Steady-state s/epoch is the median of the epochs after the first; ms/step is that divided by
 each process's steps per epoch (two processes take half as many steps each). The two-process
 row runs over gloo on the CPU, or on two GPUs when there are two; a machine with one GPU skips it.
-Prints a table and writes JSON.
+Then `--pairs` times in turn, one process (on a CPU with one thread, as each of two processes gets)
+and two processes (`auto`): the ratio of their steps per pair, as the table's rows run minutes
+apart on a machine whose speed may change in between. Prints a table and writes JSON.
 """
 
 import argparse
@@ -77,6 +79,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--skip-tutorial", action="store_true")
+    parser.add_argument("--pairs", type=int, default=3, help="one process then two, this many times (0: none)")
     args = parser.parse_args()
 
     rows = []
@@ -101,20 +104,34 @@ def main() -> None:
         if not gpus:  # `accelerate launch` gives each of N CPU processes cores/N threads: compare like with like
             threads = str(max(1, (os.cpu_count() or 2) // 2))
             runs.insert(2, ("device", 1, [], {"OMP_NUM_THREADS": threads}))
-        for i, (path, processes, extra, env) in enumerate(runs):
-            out_dir = tmp / f"run{i}"
+        runs_done = 0
+
+        def run(path: str, processes: int, extra: list[str], env: dict) -> dict:
+            nonlocal runs_done
+            out_dir = tmp / f"run{runs_done}"
+            runs_done += 1
             flags = ["--data-dir", str(args.data_dir), "--epochs", str(args.epochs), "--data-path", path,
                      "--report-to", "none", "--output-dir", str(out_dir), "--cache-dir", str(tmp / "cache"), *extra]
-            if i == 0:
+            if runs_done == 1:
                 timed(train_cmd(1, flags))  # warm the dataset cache, as any later run would find it
             wall, _ = timed(train_cmd(processes, flags), env)
             r = json.loads((out_dir / "results.json").read_text())
             name = (f"mnist_dist {path}" + (f" x{processes} ({r['gradient_sync']})" if processes > 1 else "")
                     + (f" ({env['OMP_NUM_THREADS']} thread(s))" if env else "")
                     + (" ".join(["", *extra]) if processes == 1 else ""))  # x2: the resolved --gradient-sync
-            rows.append(row(name, [h["seconds"] for h in r["history"]], r["train_samples"], r["test_accuracy"],
-                            r["seconds_to_first_step"], wall, r["steps"] // r["epochs"], timings=r["timings"],
-                            processes=processes, device=r["device_type"]))
+            return row(name, [h["seconds"] for h in r["history"]], r["train_samples"], r["test_accuracy"],
+                       r["seconds_to_first_step"], wall, r["steps"] // r["epochs"], timings=r["timings"],
+                       processes=processes, device=r["device_type"])
+
+        for path, processes, extra, env in runs:
+            rows.append(run(path, processes, extra, env))
+        pairs = []
+        if gpus != 1:
+            alone = {} if gpus else {"OMP_NUM_THREADS": "1"}
+            for _ in range(args.pairs):
+                one, two = run("device", 1, [], alone), run("device", 2, [], {})
+                pairs.append({"one_process_ms_per_step": one["ms_per_step"], "two_processes_ms_per_step": two["ms_per_step"],
+                              "ratio": two["ms_per_step"] / one["ms_per_step"]})
 
     base = rows[0]["s_per_epoch"]
     print(f"{'pipeline':40} {'s/epoch':>8} {'samples/s':>11} {'speed-up':>8} {'ms/step':>8} {'test acc':>8} "
@@ -126,8 +143,12 @@ def main() -> None:
     for r in rows:
         if "timings" in r:
             print(f"{r['pipeline']:40} " + "  ".join(f"{k} {v:.2f}s" for k, v in r["timings"].items()))
+    if pairs:
+        print("one process, then two, in turn (ms/step): " + ",  ".join(
+            f"{p['one_process_ms_per_step']:.2f} / {p['two_processes_ms_per_step']:.2f} = {p['ratio']:.2f}x" for p in pairs)
+            + f";  median {statistics.median(p['ratio'] for p in pairs):.2f}x")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps({"rows": rows, "pairs": pairs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
