@@ -195,7 +195,7 @@ def setup_gradient_sync(accelerator: Accelerator, model, mode: str) -> GradientS
     if mode == "auto" and not (on_gloo and world <= WHOLE_BUCKET_MAX_PROCESSES):
         mode = "allreduce"
     if mode in ("auto", "shared-memory"):
-        module = accelerator.unwrap_model(model)
+        module = accelerator.unwrap_model(model)  # keeps Accelerate's autocast on its forward (fp16/bf16)
         shared, why_not = SharedGradients.open(module)
         if shared is not None:
             return GradientSync("shared-memory", module, shared.average)

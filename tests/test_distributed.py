@@ -82,7 +82,8 @@ def test_cpu_gradient_syncs_average_like_ddps_all_reduce(world, tmp_path):
     proc = check(launch_script(world, REPO / "tests" / "workers" / "exchange.py", str(out)))
     r = load_file(out)
     assert int(r["world"]) == world, "the launch did not connect the processes it started"
-    assert "--gradient-sync auto: shared-memory" in proc.stdout  # CPU processes on one host
+    # CPU processes on one host: the step runs the module itself, under the launch's bf16 autocast
+    assert "--gradient-sync auto: shared-memory, MLP forward in torch.bfloat16" in proc.stdout
     # the exchange: two buckets in the first step, then one rebuilt bucket of another size
     assert int(r["buckets"]) == 2 and int(r["shared_calls"]) == STEPS  # shared memory: once a step
     reduced = r["allreduce"]  # [process, weight]

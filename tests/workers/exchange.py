@@ -41,7 +41,8 @@ def train(model, rank: int, average=None, steps: int = STEPS) -> None:
 
 
 def main() -> None:
-    accelerator = build_accelerator(TrainConfig(cpu=True).validate())
+    # bf16: only models the accelerator prepares run under its autocast, here the last one
+    accelerator = build_accelerator(TrainConfig(cpu=True, mixed_precision="bf16").validate())
     world, rank = accelerator.num_processes, accelerator.process_index
     if sys.argv[1] == "--peer-exits":
         model = MLP(hidden_size=16)
@@ -74,11 +75,14 @@ def main() -> None:
         train(model, rank, shared.average if mode == "shared-memory" else None)
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
         weights[mode] = gather(flat[None]).contiguous()  # [world, parameters]: every process's weights
-    auto = setup_gradient_sync(accelerator, DistributedDataParallel(MLP(hidden_size=4)), "auto").mode
+    sync = setup_gradient_sync(accelerator, accelerator.prepare(MLP(hidden_size=4)), "auto")
+    dtypes = []  # the module the step runs outside DDP must keep Accelerate's autocast
+    sync.model.fc1.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    sync.model(torch.zeros(1, 784))
     if rank == 0:
         save_file({**weights, "world": torch.tensor(world), "buckets": torch.tensor(len(exchange.buffers)),
                    "shared_calls": torch.tensor(shared.calls)}, sys.argv[1])
-        print(f"--gradient-sync auto: {auto}")
+        print(f"--gradient-sync auto: {sync.mode}, {type(sync.model).__name__} forward in {dtypes[0]}")
     dist.barrier()
 
 
