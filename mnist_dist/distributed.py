@@ -279,9 +279,13 @@ class SharedGradients:
         self.inbox, self.outbox = inbox, outbox  # peer -> file descriptor of the pipe from / to it
         self.world, self.rank = region.shape[1], dist.get_rank()
         offsets, _ = _slot_layout([p for _, p in params])
-        # slots[round][process][i]: parameter i's place in that process's slot, as a tensor of its shape
-        self.slots = [[[region[round_, process, start : start + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
-                        for start, (_, p) in zip(offsets, params)] for process in range(self.world)] for round_ in (0, 1)]
+
+        def place(slot: torch.Tensor) -> list[torch.Tensor]:  # each parameter's bytes of a slot, as its tensor
+            return [slot[at : at + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
+                    for at, (_, p) in zip(offsets, params)]
+
+        # slots[round][process][i]: parameter i's gradient in that process's slot of that round
+        self.slots = [[place(region[round_, process]) for process in range(self.world)] for round_ in (0, 1)]
         self.calls = 0
 
     @classmethod
