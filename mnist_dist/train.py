@@ -441,7 +441,8 @@ def train_step(accelerator, model, optimizer, scheduler, health: StepHealth, inp
     if average_gradients is not None:
         average_gradients()
     optimizer_step(accelerator, optimizer, health, view_elements)  # skips, on the device, a non-finite step
-    optimizer.zero_grad(set_to_none=True)
+    # torch's own: Accelerate's wrapper looks up the optimizer's signature on every call (~28 µs on a CPU)
+    optimizer.optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()
     loss_out.copy_(loss_sum.detach())
