@@ -84,6 +84,11 @@ def test_cpu_gradient_syncs_average_like_ddps_all_reduce(world, tmp_path):
     assert int(r["world"]) == world, "the launch did not connect the processes it started"
     # CPU processes on one host: the step runs the module itself, under the launch's bf16 autocast
     assert "--gradient-sync auto: shared-memory, MLP forward in torch.bfloat16" in proc.stdout
+    # a process that reports another host name: the exchange, inside DDP, and the reason said once
+    assert "--gradient-sync auto on two hosts: exchange, DistributedDataParallel" in proc.stdout
+    assert proc.stdout.count("mnist_dist: no shared-memory gradient sync (the processes are not all on one host)") == 1
+    assert ("--gradient-sync shared-memory on two hosts: --gradient-sync shared-memory: the processes are not all "
+            "on one host; use exchange, allreduce or auto") in proc.stdout
     # the exchange: two buckets in the first step, then one rebuilt bucket of another size
     assert int(r["buckets"]) == 2 and int(r["shared_calls"]) == STEPS  # shared memory: once a step
     reduced = r["allreduce"]  # [process, weight]

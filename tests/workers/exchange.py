@@ -12,6 +12,8 @@ weights of each, how many buckets the exchange saw and how many times the shared
 
 import os
 import sys
+from contextlib import nullcontext
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -19,7 +21,7 @@ from accelerate.utils import gather
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from mnist_dist.config import TrainConfig
+from mnist_dist.config import ConfigError, TrainConfig
 from mnist_dist.distributed import (
     GradientExchange, SharedGradients, build_accelerator, exchange_gradients, setup_gradient_sync,
 )
@@ -79,10 +81,21 @@ def main() -> None:
     dtypes = []  # the module the step runs outside DDP must keep Accelerate's autocast
     sync.model.fc1.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
     sync.model(torch.zeros(1, 784))
+    # the last process says it is on another machine: auto must fall back to the exchange, saying why,
+    # and an explicit shared-memory must be refused
+    with mock.patch("socket.gethostname", return_value="another-node") if rank == world - 1 else nullcontext():
+        apart = setup_gradient_sync(accelerator, accelerator.prepare(MLP(hidden_size=4)), "auto")
+        try:
+            setup_gradient_sync(accelerator, accelerator.prepare(MLP(hidden_size=4)), "shared-memory")
+            refused = "not refused"
+        except ConfigError as e:
+            refused = str(e)
     if rank == 0:
         save_file({**weights, "world": torch.tensor(world), "buckets": torch.tensor(len(exchange.buffers)),
                    "shared_calls": torch.tensor(shared.calls)}, sys.argv[1])
         print(f"--gradient-sync auto: {sync.mode}, {type(sync.model).__name__} forward in {dtypes[0]}")
+        print(f"--gradient-sync auto on two hosts: {apart.mode}, {type(apart.model).__name__}")
+        print(f"--gradient-sync shared-memory on two hosts: {refused}", flush=True)
     dist.barrier()
 
 
