@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -427,7 +428,7 @@ def resolve_data_path(cfg: TrainConfig, accelerator) -> str:
 
 def train_step(accelerator, model, optimizer, scheduler, health: StepHealth, inputs: torch.Tensor,
                labels: torch.Tensor, scale: float, label_smoothing: float, loss_out: torch.Tensor,
-               view_elements: int | None = None, average_gradients=None) -> None:
+               view_elements: int | None = None, average_gradients: Callable[[], None] | None = None) -> None:
     """One optimizer step on a batch of normalized inputs, with no host sync: the gradients are of
     the batch's loss sum times `scale`, and that loss sum goes to the 0-d device tensor `loss_out`.
     `average_gradients`: called after backward where DDP does not average them (`GradientSync`).
