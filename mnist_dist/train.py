@@ -21,13 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import psutil  # an Accelerate dependency
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, plots, tracking
+from .clock import since_process_start
 from .config import ConfigError, TrainConfig, parse_args
 from .data import DataError, make_loaders, normalize
 from .checkpoint import CheckpointError
@@ -38,13 +38,6 @@ from .distributed import (
 from .evaluation import evaluate, predict, summarize
 from .graphs import ADAM_VIEW_ELEMENTS, EpochGraph, graph_unsupported
 from .model import CONFIG_NAME, MLP, model_config
-
-PROCESS_START = psutil.Process().create_time()  # wall clock, seconds: when the OS started this process
-
-
-def since_process_start() -> float:
-    return time.time() - PROCESS_START
-
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message names the step."""

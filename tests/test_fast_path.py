@@ -189,3 +189,22 @@ def test_a_schedule_steps_once_per_optimizer_step_on_every_process(tmp_path, sma
     for name in one:  # tolerance: see test_distributed's DDP equivalence test
         torch.testing.assert_close(ddp[name], one[name], rtol=1e-5, atol=5e-5)
     assert results(tmp_path / "ddp")["world_size"] == 2
+
+
+def test_process_age_counts_from_the_os_starting_the_process_to_within_a_clock_tick():
+    """`startup` and `seconds_to_first_step` count from process start. psutil's Linux create_time adds
+    whole-second btime, so ages came out up to a second too long; the age must fit inside the wall
+    time the parent saw, and include what the child did before importing the clock."""
+    import subprocess
+    import sys
+    import time
+
+    before_import = 0.3  # seconds the child sleeps before it imports mnist_dist.clock
+    code = (f"import time; time.sleep({before_import}); "
+            "from mnist_dist.clock import since_process_start; print(since_process_start())")
+    for _ in range(3):
+        t0 = time.time()
+        age = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+        seen = time.time() - t0
+        tick = 0.011  # /proc's start time is in 10 ms ticks
+        assert before_import <= age <= seen + tick, (age, seen)

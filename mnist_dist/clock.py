@@ -1,0 +1,34 @@
+"""How long this process has been running, from the moment the OS started it (imports included).
+
+`psutil.Process().create_time()` is not enough on Linux: it adds the process's start tick to
+/proc/stat's `btime`, which is whole seconds, so every age it gives is too long by the boot
+time's lost fraction, up to a second (giampaolo/psutil#877). On Linux the start tick is read
+against the clock it counts on (CLOCK_BOOTTIME), to 1/CLK_TCK (10 ms); elsewhere psutil's
+value is exact (macOS and Windows record the start time itself).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+
+def _process_age() -> float:
+    """Seconds since the OS started this process."""
+    if sys.platform.startswith("linux"):
+        with open("/proc/self/stat", "rb") as f:
+            # field 22 is starttime; the command name (field 2, in brackets) may hold spaces
+            start_ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    import psutil  # an Accelerate dependency
+
+    return time.time() - psutil.Process().create_time()
+
+
+PROCESS_START = time.time() - _process_age()  # wall clock, seconds: when the OS started this process
+
+
+def since_process_start() -> float:
+    """Seconds from the OS starting this process to now: interpreter, imports and all."""
+    return time.time() - PROCESS_START
