@@ -362,12 +362,14 @@ def train(cfg: TrainConfig) -> dict:
         "history": history,
         "config": cfg.to_dict(),
     }
+    outputs_start = time.perf_counter()
     accelerator.wait_for_everyone()
     accelerator.save_model(model, output_dir)  # model.safetensors, written by the main process
     if main:
         _write_json(output_dir / CONFIG_NAME, model_cfg)
         pictures = draw_pictures(output_dir, results, accelerator.unwrap_model(model), test_set, stats, model_cfg)
         tracking.log_images(accelerator, pictures, progress["global_step"])
+        results["timings"]["outputs"] = time.perf_counter() - outputs_start  # model file, pictures, W&B images
         _write_json(output_dir / "results.json", results)  # last: its presence marks a finished run
         say(f"mnist_dist: test_accuracy {results['test_accuracy']:.4f}; wrote {output_dir}/results.json and "
             f"{', '.join(p.name for p in pictures.values())}")

@@ -41,6 +41,17 @@ def test_results_json_has_the_documented_fields(recipe_run):
     assert 0 < r["train_seconds"] and r["samples_per_second"] == pytest.approx(50000 / r["train_seconds"])
 
 
+def test_timings_split_the_run_into_phases_that_fit_in_its_wall_time(recipe_run):
+    _, r, proc = recipe_run
+    t = r["timings"]
+    assert t.keys() == {"startup", "data_load", "setup", "train", "capture", "eval", "outputs"}
+    assert all(v >= 0 for v in t.values()) and t["capture"] == 0  # no CUDA graph on a CPU
+    assert t["train"] == r["train_seconds"] and t["eval"] == pytest.approx(sum(h["eval_seconds"] for h in r["history"]))
+    phases = t["startup"] + t["data_load"] + t["setup"] + t["train"] + t["eval"] + t["outputs"]
+    # startup counts from the OS starting the process (mnist_dist.clock), to within a 10 ms tick
+    assert t["startup"] > 0.1 and phases <= proc.wall_seconds + 0.011, (t, proc.wall_seconds)
+
+
 def test_saved_model_reproduces_the_reported_accuracy(recipe_run):
     out, r, _ = recipe_run
     model, config = load_model(out)
