@@ -58,8 +58,10 @@ def main() -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
                 return model(x)
 
+        scales = {real: torch.full((), 1 / real, device=device) for real in {128, len(labels) - (steps - 1) * 128}}
+
         def step(x, y, real, index):
-            train_step(accelerator, forward, optimizer, None, health, x, y, 1 / real, 0.0, losses[index],
+            train_step(accelerator, forward, optimizer, None, health, x, y, scales[real], 0.0, losses[index],
                        ADAM_VIEW_ELEMENTS if views else None)
 
         runner = EpochGraph(step, inputs, labels, 128, 0, health, capture=cuda)

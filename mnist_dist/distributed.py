@@ -465,6 +465,23 @@ def reduce_eval_sums(accelerator: Accelerator, sums: dict) -> dict:
             "confusion": confusion.tolist()}
 
 
+def backward(accelerator: Accelerator, loss: torch.Tensor, scale: torch.Tensor) -> None:
+    """`accelerator.backward(loss * scale)`, with `scale` (a 0-d float32 tensor on the device) seeding
+    the backward pass instead: the same gradients bit for bit, three kernels fewer per step.
+
+    `loss * scale` costs a multiplication forward, a fill of the seed and a multiplication backward,
+    and Accelerate's backward divides the loss by `gradient_accumulation_steps` even when it is 1 (a
+    division and its backward). At batch 128 a step is a couple of dozen tiny kernels, each bound by
+    its launch, so five fewer count. Accelerate's own path stays where it does more than that: a
+    grad scaler (fp16), gradient accumulation, DeepSpeed or Megatron-LM.
+    """
+    if (accelerator.scaler is not None or accelerator.gradient_accumulation_steps != 1
+            or accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)):
+        accelerator.backward(loss * scale)
+    else:
+        loss.backward(gradient=scale)
+
+
 def optimizer_step(accelerator: Accelerator, optimizer, health: StepHealth, view_elements: int | None = None) -> None:
     """`optimizer.step()` for an Accelerate-prepared optimizer that skips non-finite steps without a host sync.
 

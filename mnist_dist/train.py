@@ -32,7 +32,7 @@ from .config import ConfigError, TrainConfig, parse_args
 from .data import DataError, make_loaders, normalize
 from .checkpoint import CheckpointError
 from .distributed import (
-    EXIT_PREEMPTED, DeviceBatches, LaunchError, StepHealth, StopSignals, agree_to_stop, build_accelerator,
+    EXIT_PREEMPTED, DeviceBatches, LaunchError, StepHealth, StopSignals, agree_to_stop, backward, build_accelerator,
     device_test_shard, evaluate_sharded, optimizer_step, setup_gradient_sync, shard_counts,
 )
 from .evaluation import evaluate, predict, summarize
@@ -169,10 +169,18 @@ def train(cfg: TrainConfig) -> dict:
     step_losses = torch.zeros(steps_per_epoch, device=accelerator.device)
     health = StepHealth(accelerator.device)
 
+    def global_real(batch_index: int) -> int:  # real samples in the global batch at this step of an epoch
+        per_step = world * cfg.batch_size
+        return min(per_step, len(train_set) - batch_index * per_step)
+
+    # the sync averages gradients over processes; scaling each process's sum by world / global_real
+    # makes the update the mean over the real samples of the global batch, as on one process. One
+    # 0-d device tensor per batch size an epoch has (full, and a shorter last one), made before any capture
+    step_scales = {real: torch.full((), world / real, device=accelerator.device)
+                   for real in {global_real(index) for index in range(steps_per_epoch)}}
+
     def take_step(inputs: torch.Tensor, labels: torch.Tensor, global_real: int, index: int) -> None:
-        # the sync averages gradients over processes; scaling each process's sum by world / global_real
-        # makes the update the mean over the real samples of the global batch, as on one process
-        train_step(accelerator, sync.model, optimizer, scheduler, health, inputs, labels, world / global_real,
+        train_step(accelerator, sync.model, optimizer, scheduler, health, inputs, labels, step_scales[global_real],
                    cfg.label_smoothing, step_losses[index], ADAM_VIEW_ELEMENTS if data_path == "graph" else None,
                    sync.average)
 
@@ -182,10 +190,6 @@ def train(cfg: TrainConfig) -> dict:
                             cfg.batch_size, cfg.seed, health)
     else:
         runner = EagerSteps(epoch_batches, take_step, stats)
-
-    def global_real(batch_index: int) -> int:  # real samples in the global batch at this step of an epoch
-        per_step = world * cfg.batch_size
-        return min(per_step, len(train_set) - batch_index * per_step)
 
     metrics, first_segment = None, True
     # Python's full garbage collections walk every object the imports made (torch, sympy, ...): ~0.2 s
@@ -422,18 +426,18 @@ def resolve_data_path(cfg: TrainConfig, accelerator) -> str:
 
 
 def train_step(accelerator, model, optimizer, scheduler, health: StepHealth, inputs: torch.Tensor,
-               labels: torch.Tensor, scale: float, label_smoothing: float, loss_out: torch.Tensor,
+               labels: torch.Tensor, scale: torch.Tensor, label_smoothing: float, loss_out: torch.Tensor,
                view_elements: int | None = None, average_gradients: Callable[[], None] | None = None) -> None:
     """One optimizer step on a batch of normalized inputs, with no host sync: the gradients are of
-    the batch's loss sum times `scale`, and that loss sum goes to the 0-d device tensor `loss_out`.
+    the batch's loss sum times `scale` (a 0-d float32 tensor on the device), and that loss sum goes
+    to the 0-d device tensor `loss_out`.
     `average_gradients`: called after backward where DDP does not average them (`GradientSync`).
 
     Every data path runs this function; `--data-path graph` records its kernels and replays them.
     """
     logits = model(inputs)
-    losses = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=label_smoothing)
-    loss_sum = losses.sum()
-    accelerator.backward(loss_sum * scale)
+    loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
+    backward(accelerator, loss_sum, scale)  # the gradients of loss_sum * scale
     if average_gradients is not None:
         average_gradients()
     optimizer_step(accelerator, optimizer, health, view_elements)  # skips, on the device, a non-finite step

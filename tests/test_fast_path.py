@@ -111,7 +111,7 @@ def _train_two_epochs(accelerator, data_path, images, labels, batch_size=96, see
 
     def step(epoch):
         def take(inputs, batch_labels, real, index):
-            train_step(accelerator, model, optimizer, None, health, inputs, batch_labels, 1 / real, 0.0,
+            train_step(accelerator, model, optimizer, None, health, inputs, batch_labels, torch.tensor(1 / real), 0.0,
                        losses[epoch, index], views)
         return take
 
@@ -130,6 +130,40 @@ def _train_two_epochs(accelerator, data_path, images, labels, batch_size=96, see
                 step(epoch)(normalize(x), y, real, index)
     assert health.found_inf.item() == 0 and health.bad_steps.item() == 0
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_the_step_updates_exactly_as_the_textbook_loss_times_scale_does(accelerator, label_smoothing):
+    """train_step seeds backward with the scale and lets cross_entropy sum (fewer kernels); the
+    weights must come out bit-identical to accelerator.backward(per-sample losses .sum() * scale),
+    over full and short batches, and the loss sums equal to rounding."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(300, 784), torch.randint(0, 10, (300,))
+    runs = []
+    for textbook in (False, True):
+        torch.manual_seed(1)
+        model = MLP(hidden_size=32)
+        initial = model.fc1.weight.detach().clone()
+        optimizer = make_optimizer(model.parameters(), 1e-3, accelerator.device)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        health, sums = StepHealth(accelerator.device), torch.zeros(6)
+        for step in range(6):
+            lo = 128 * (step % 3)
+            x, y = images[lo:lo + 128], labels[lo:lo + 128]  # the third batch is 44 samples
+            scale = torch.tensor(1 / len(y))
+            if textbook:
+                loss = F.cross_entropy(model(x), y, reduction="none", label_smoothing=label_smoothing).sum()
+                accelerator.backward(loss * (1 / len(y)))
+                optimizer_step(accelerator, optimizer, health)
+                optimizer.zero_grad(set_to_none=True)
+                sums[step] = loss.detach()
+            else:
+                train_step(accelerator, model, optimizer, None, health, x, y, scale, label_smoothing, sums[step])
+        runs.append(({k: v.clone() for k, v in model.state_dict().items()}, sums))
+    (fast, fast_sums), (textbook, textbook_sums) = runs
+    assert fast.keys() == textbook.keys() and all(torch.equal(fast[k], textbook[k]) for k in fast)
+    torch.testing.assert_close(fast_sums, textbook_sums, rtol=1e-6, atol=0)
+    assert (fast["fc1.weight"] - initial).abs().max() > 1e-3  # it trained
 
 
 def test_graph_path_batches_and_steps_are_the_device_paths_and_its_warm_up_changes_nothing(accelerator):
