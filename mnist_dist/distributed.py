@@ -505,7 +505,7 @@ def optimizer_step(accelerator: Accelerator, optimizer, health: StepHealth, view
     health.bad_steps += health.found_inf
     if inner.defaults.get("fused"):
         if view_elements and inner.state:
-            fused_adam_in_views(inner, health.found_inf, view_elements)
+            fused_adam_in_views(inner, health.found_inf, view_elements, grads)  # the views cut above
             return
         inner.found_inf = health.found_inf
         try:
@@ -516,7 +516,8 @@ def optimizer_step(accelerator: Accelerator, optimizer, health: StepHealth, view
         inner.step()
 
 
-def fused_adam_in_views(adam: torch.optim.Adam, found_inf: torch.Tensor, view_elements: int) -> None:
+def fused_adam_in_views(adam: torch.optim.Adam, found_inf: torch.Tensor, view_elements: int,
+                        grad_views: list[torch.Tensor] | None = None) -> None:
     """Exactly `adam.step()` of a fused Adam whose state exists (torch.optim.adam._fused_adam's three
     calls), with every parameter, gradient and moment cut into views of `view_elements` elements.
 
@@ -524,24 +525,48 @@ def fused_adam_in_views(adam: torch.optim.Adam, found_inf: torch.Tensor, view_el
     model's 203,530 parameters keep 7 of a GPU's 132 multiprocessors busy and the fused Adam kernel
     takes ~28 us, a quarter of a captured step on an H200. Views of 4,096 elements give it ~50 blocks.
     The arithmetic per element is unchanged: the weights are bit-identical (tested).
+
+    `grad_views`: the gradients of every parameter that has one, all groups in order, already cut
+    this way (`optimizer_step` cuts them for the finite check); cut here when not given. The views
+    of the weights and moments are kept on the optimizer and cut again only when one of those
+    tensors changes (a loaded state dict, a parameter that got no gradient): cutting a list of them
+    takes ~0.1 ms of host time, which on a GPU is longer than the kernels of a step, and a capture
+    runs the step's Python once per step of the epoch.
     """
-    for group in adam.param_groups:
+    cache = adam.__dict__.setdefault("_mnist_dist_views", {})  # param group index -> (tensors, views)
+    offset = 0
+    for index, group in enumerate(adam.param_groups):
         if group["amsgrad"] or group.get("decoupled_weight_decay") or not group["fused"]:
             raise ValueError("fused_adam_in_views supports fused Adam without amsgrad or decoupled weight decay")
         params = [p for p in group["params"] if p.grad is not None]
         states = [adam.state[p] for p in params]
         steps = [state["step"] for state in states]
-        per_param = [len(range(0, p.numel(), view_elements)) for p in params]
+        tensors = [t for p, s in zip(params, states) for t in (p, s["exp_avg"], s["exp_avg_sq"], s["step"])]
+        key = [(t, t.data_ptr()) for t in tensors]
+        kept = cache.get(index)
+        if kept is None or len(kept[0]) != len(key) or any(a is not b or pa != pb for (a, pa), (b, pb) in zip(kept[0], key)):
+            per_param = [len(range(0, p.numel(), view_elements)) for p in params]
+            kept = cache[index] = (key, {
+                "params": _views([p.detach() for p in params], view_elements),
+                "exp_avgs": _views([s["exp_avg"] for s in states], view_elements),
+                "exp_avg_sqs": _views([s["exp_avg_sq"] for s in states], view_elements),
+                "steps": [step for step, n in zip(steps, per_param) for _ in range(n)],  # each view reads its tensor's step
+            })
+        views = kept[1]
+        count = len(views["params"])
+        if grad_views is None:
+            grads = _views([p.grad for p in params], view_elements)
+        else:
+            grads, offset = grad_views[offset:offset + count], offset + count
         torch._foreach_add_(steps, 1)
         torch._fused_adam_(
-            _views([p.detach() for p in params], view_elements), _views([p.grad for p in params], view_elements),
-            _views([s["exp_avg"] for s in states], view_elements),
-            _views([s["exp_avg_sq"] for s in states], view_elements), [],
-            [step for step, n in zip(steps, per_param) for _ in range(n)],  # each view reads its tensor's step
+            views["params"], grads, views["exp_avgs"], views["exp_avg_sqs"], [], views["steps"],
             lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
             eps=group["eps"], amsgrad=False, maximize=group["maximize"], grad_scale=None, found_inf=found_inf,
         )
         torch._foreach_sub_(steps, [found_inf] * len(steps))  # a skipped step does not count
+    if grad_views is not None and offset != len(grad_views):
+        raise ValueError(f"grad_views holds {len(grad_views)} views; the parameters with gradients make {offset}")
 
 
 def _views(tensors: list[torch.Tensor], elements: int) -> list[torch.Tensor]:

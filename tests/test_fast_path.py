@@ -1,5 +1,7 @@
 """The fast path's pieces: on-device skipping of non-finite steps, fused Adam, schedules and the tuned recipe."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,11 +66,18 @@ def test_adam_in_small_views_is_bit_identical_to_torch_fused_adam_and_skips_alik
         model, optimizer = accelerator.prepare(model, optimizer)
         health = StepHealth(accelerator.device)
         generator = torch.Generator().manual_seed(1)
+        kept = []  # the weight and moment views fused_adam_in_views keeps between steps
         for step in range(6):
             images = torch.randn(8, 784, generator=generator)
             if step == 4:
                 images[0, 0] = float("inf")  # skipped, and so is step 5
+            if step == 3:  # as a resume does: new state tensors, which the kept views must follow
+                optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
             _step(accelerator, model, optimizer, health, images, view_elements)
+            views = optimizer.optimizer.__dict__.get("_mnist_dist_views")
+            kept.append(views[0][1]["exp_avgs"][0] if views else None)
+        if view_elements:  # step 0 makes Adam's state (no views); cut at step 1, kept, cut again after the load
+            assert kept[0] is None and kept[1] is kept[2] and kept[2] is not kept[3] and kept[3] is kept[4] is kept[5]
         runs[view_elements] = _snapshot(model, optimizer)
         assert agree_to_stop(accelerator, False, health, step=6) == (False, 5)
     (weights, state), *others = runs.values()
