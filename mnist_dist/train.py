@@ -39,6 +39,7 @@ from .evaluation import evaluate, predict, summarize
 from .graphs import ADAM_VIEW_ELEMENTS, EpochGraph, graph_unsupported
 from .model import CONFIG_NAME, MLP, model_config
 
+
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message names the step."""
 
