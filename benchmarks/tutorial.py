@@ -17,7 +17,6 @@ from torchvision import datasets, transforms
 from mnist_dist.clock import since_process_start  # as mnist_dist measures it: from the OS starting the process
 
 
-
 def main() -> None:
     root, epochs = sys.argv[1], int(sys.argv[2])
     Dataset = datasets.FashionMNIST if "--fashion" in sys.argv else datasets.MNIST
