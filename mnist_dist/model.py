@@ -72,6 +72,7 @@ def load_model(path: str | Path) -> tuple[MLP, dict]:
         weights = load_file(weights_path)
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise ValueError(f"{weights_path}: unreadable weights ({err})") from err
+    consume_prefix_in_state_dict_if_present(weights, "_orig_mod.")  # saved through torch.compile's wrapper
     consume_prefix_in_state_dict_if_present(weights, "module.")  # saved from a DDP-wrapped model
     try:
         model.load_state_dict(weights)

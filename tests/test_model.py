@@ -31,6 +31,28 @@ def test_saved_model_reloads_from_its_directory(tmp_path):
     assert isinstance(build_model(config), MLP)
 
 
+class _DDPLayout(torch.nn.Module):
+    """Holds the model as `.module`, as DistributedDataParallel does (whose weights are "module.fc1.weight")."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+@pytest.mark.parametrize("wrap", ["compiled", "compiled DDP"])
+def test_weights_saved_through_torch_compiles_wrapper_reload(tmp_path, wrap):
+    model = MLP(hidden_size=16)
+    # what Accelerate's dynamo_backend makes of a prepared model; nothing is compiled until it is called
+    wrapped = torch.compile(model if wrap == "compiled" else _DDPLayout(model))
+    state = wrapped.state_dict()
+    assert all(key.startswith("_orig_mod.") for key in state)
+    (tmp_path / "config.json").write_text(json.dumps(model_config(model)))
+    save_file(state, tmp_path / "model.safetensors")
+    loaded, _ = load_model(tmp_path)
+    x = torch.randn(3, 784)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
 def test_config_that_does_not_match_the_weights_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(model_config(MLP(hidden_size=8))))
     save_file(MLP(hidden_size=16).state_dict(), tmp_path / "model.safetensors")
