@@ -62,6 +62,12 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     return accelerator
 
 
+def compiled_with(accelerator: Accelerator) -> str:
+    """The torch.compile backend Accelerate compiles prepared models with (its dynamo_backend, from
+    `accelerate launch --dynamo_backend` or the config file), lower case; "no" when it does not."""
+    return accelerator.state.dynamo_plugin.backend.value.lower()
+
+
 def check_coupled(accelerator: Accelerator) -> None:
     """Refuse to run when the launcher started N processes but they are not connected.
 
@@ -195,10 +201,12 @@ def setup_gradient_sync(accelerator: Accelerator, model, mode: str) -> GradientS
     if mode == "auto" and not (on_gloo and world <= WHOLE_BUCKET_MAX_PROCESSES):
         mode = "allreduce"
     if mode in ("auto", "shared-memory"):
-        module = accelerator.unwrap_model(model)  # keeps Accelerate's autocast on its forward (fp16/bf16)
-        shared, why_not = SharedGradients.open(module)
+        shared, why_not = SharedGradients.open(accelerator.unwrap_model(model, keep_torch_compile=False))
         if shared is not None:
-            return GradientSync("shared-memory", module, shared.average)
+            # the module inside DDP, with Accelerate's autocast on its forward (fp16/bf16). A model compiled by
+            # Accelerate (dynamo_backend) is torch.compile's wrapper around DDP; unwrapping it keeps the wrapper
+            # and puts the bare module inside it in DDP's place, so it is done only once DDP is not needed
+            return GradientSync("shared-memory", accelerator.unwrap_model(model), shared.average)
         if mode == "shared-memory":
             raise ConfigError(f"--gradient-sync shared-memory: {why_not}; use exchange, allreduce or auto")
         if accelerator.is_main_process:

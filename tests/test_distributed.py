@@ -86,9 +86,14 @@ def test_cpu_gradient_syncs_average_like_ddps_all_reduce(world, tmp_path):
     assert "--gradient-sync auto: shared-memory, MLP forward in torch.bfloat16" in proc.stdout
     # a process that reports another host name: the exchange, inside DDP, and the reason said once
     assert "--gradient-sync auto on two hosts: exchange, DistributedDataParallel" in proc.stdout
-    assert proc.stdout.count("mnist_dist: no shared-memory gradient sync (the processes are not all on one host)") == 1
+    # said by the main process only: once for each of the two set-ups that fall back (plain and compiled, below)
+    assert proc.stdout.count("mnist_dist: no shared-memory gradient sync (the processes are not all on one host)") == 2
     assert ("--gradient-sync shared-memory on two hosts: --gradient-sync shared-memory: the processes are not all "
             "on one host; use exchange, allreduce or auto") in proc.stdout
+    # compiled by torch.compile: the step runs the compiled module itself on one host; on two, the exchange
+    # is hooked into the DDP inside the compiled wrapper, which must still be there
+    assert "compiled, --gradient-sync auto on one host: shared-memory, OptimizedModule of MLP" in proc.stdout
+    assert "compiled, --gradient-sync auto on two hosts: exchange, OptimizedModule of DistributedDataParallel" in proc.stdout
     # the exchange: two buckets in the first step, then one rebuilt bucket of another size
     assert int(r["buckets"]) == 2 and int(r["shared_calls"]) == STEPS  # shared memory: once a step
     reduced = r["allreduce"]  # [process, weight]

@@ -78,6 +78,9 @@ def main() -> None:
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
         weights[mode] = gather(flat[None]).contiguous()  # [world, parameters]: every process's weights
     sync = setup_gradient_sync(accelerator, accelerator.prepare(MLP(hidden_size=4)), "auto")
+    # a model Accelerate compiled (dynamo_backend) is torch.compile's wrapper around DDP; nothing compiles here,
+    # as nothing calls it
+    compiled = setup_gradient_sync(accelerator, torch.compile(accelerator.prepare(MLP(hidden_size=4))), "auto")
     dtypes = []  # the module the step runs outside DDP must keep Accelerate's autocast
     sync.model.fc1.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
     sync.model(torch.zeros(1, 784))
@@ -85,6 +88,7 @@ def main() -> None:
     # and an explicit shared-memory must be refused
     with mock.patch("socket.gethostname", return_value="another-node") if rank == world - 1 else nullcontext():
         apart = setup_gradient_sync(accelerator, accelerator.prepare(MLP(hidden_size=4)), "auto")
+        compiled_apart = setup_gradient_sync(accelerator, torch.compile(accelerator.prepare(MLP(hidden_size=4))), "auto")
         try:
             setup_gradient_sync(accelerator, accelerator.prepare(MLP(hidden_size=4)), "shared-memory")
             refused = "not refused"
@@ -95,7 +99,10 @@ def main() -> None:
                    "shared_calls": torch.tensor(shared.calls)}, sys.argv[1])
         print(f"--gradient-sync auto: {sync.mode}, {type(sync.model).__name__} forward in {dtypes[0]}")
         print(f"--gradient-sync auto on two hosts: {apart.mode}, {type(apart.model).__name__}")
-        print(f"--gradient-sync shared-memory on two hosts: {refused}", flush=True)
+        print(f"--gradient-sync shared-memory on two hosts: {refused}")
+        for name, s in (("one host", compiled), ("two hosts", compiled_apart)):
+            print(f"compiled, --gradient-sync auto on {name}: {s.mode}, {type(s.model).__name__} of "
+                  f"{type(s.model._orig_mod).__name__}", flush=True)
     dist.barrier()
 
 
