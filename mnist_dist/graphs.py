@@ -38,8 +38,10 @@ StepFn = Callable[[torch.Tensor, torch.Tensor, int, int], None]
 WARMUP_STEPS = 3
 
 
-def graph_unsupported(cfg: TrainConfig, device: torch.device, world: int, precision: str) -> str | None:
-    """Why this run cannot replay captured epochs, or None when it can."""
+def graph_unsupported(cfg: TrainConfig, device: torch.device, world: int, precision: str,
+                      compiled: str = "no") -> str | None:
+    """Why this run cannot replay captured epochs, or None when it can. `compiled`: the torch.compile
+    backend of the prepared model (`distributed.compiled_with`), "no" for none."""
     if device.type != "cuda":
         return f"needs a CUDA GPU, and this run is on the {device.type}"
     if world > 1:
@@ -50,6 +52,10 @@ def graph_unsupported(cfg: TrainConfig, device: torch.device, world: int, precis
                 "rates of the epoch it was captured in")
     if precision == "fp16":
         return "does not support --mixed-precision fp16, whose grad scaler checks for overflow on the host; use bf16 or no"
+    if compiled != "no":
+        return (f"does not run a model compiled by torch.compile (Accelerate's dynamo_backend is {compiled}): "
+                "capturing compiled kernels in the epoch's graph is not supported here; --data-path device runs it, "
+                "or launch with --dynamo_backend no")
     return None
 
 

@@ -33,7 +33,7 @@ from .data import DataError, make_loaders, normalize
 from .checkpoint import CheckpointError
 from .distributed import (
     EXIT_PREEMPTED, DeviceBatches, LaunchError, StepHealth, StopSignals, agree_to_stop, backward, build_accelerator,
-    device_test_shard, evaluate_sharded, optimizer_step, setup_gradient_sync, shard_counts,
+    compiled_with, device_test_shard, evaluate_sharded, optimizer_step, setup_gradient_sync, shard_counts,
 )
 from .evaluation import evaluate, predict, summarize
 from .graphs import ADAM_VIEW_ELEMENTS, EpochGraph, graph_unsupported
@@ -55,7 +55,8 @@ def train(cfg: TrainConfig) -> dict:
     timings["startup"] = since_process_start()  # interpreter, imports, process group
     main = accelerator.is_main_process
     world = accelerator.num_processes
-    config = {**cfg.to_dict(), "mixed_precision": accelerator.mixed_precision}  # resolved
+    config = {**cfg.to_dict(), "mixed_precision": accelerator.mixed_precision,  # resolved
+              "torch_compile": compiled_with(accelerator)}
     resume_from = checkpoint.resolve(cfg.resume, cfg.output_dir)  # a bad --resume PATH stops here
     state = checkpoint.read_state(resume_from) if resume_from else None
     if state:
@@ -158,7 +159,8 @@ def train(cfg: TrainConfig) -> dict:
     say(
         f"mnist_dist: {len(train_set)} train / {len(test_set)} test samples, {world} process(es) on "
         f"{accelerator.device.type}, global batch {cfg.batch_size * world}, precision {accelerator.mixed_precision}, "
-        f"data path {data_path}" + (f", gradient sync {sync.mode}" if world > 1 else "")
+        + (f"torch.compile {compiled_with(accelerator)}, " if compiled_with(accelerator) != "no" else "")
+        + f"data path {data_path}" + (f", gradient sync {sync.mode}" if world > 1 else "")
         + (f"; resuming from {resume_from} (step {progress['global_step']})" if state else "")
     )
 
@@ -352,6 +354,7 @@ def train(cfg: TrainConfig) -> dict:
         "per_process_batch_size": cfg.batch_size,
         "global_batch_size": cfg.batch_size * world,
         "mixed_precision": accelerator.mixed_precision,
+        "torch_compile": compiled_with(accelerator),  # Accelerate's dynamo_backend, lower case; "no" when off
         "data_path": data_path,  # resolved: --data-path auto picks one
         "gradient_sync": sync.mode,  # resolved: none (one process), allreduce, shared-memory or exchange
         "device_type": accelerator.device.type,
@@ -369,10 +372,13 @@ def train(cfg: TrainConfig) -> dict:
     }
     outputs_start = time.perf_counter()
     accelerator.wait_for_everyone()
-    accelerator.save_model(model, output_dir)  # model.safetensors, written by the main process
+    # the plain module, never its torch.compile wrapper: that one's weights are saved as "_orig_mod.fc1.weight"
+    # (pytorch/pytorch#101107), and unwrapping it while keeping the wrapper puts the bare module inside it
+    plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    accelerator.save_model(plain_model, output_dir)  # model.safetensors, written by the main process
     if main:
         _write_json(output_dir / CONFIG_NAME, model_cfg)
-        pictures = draw_pictures(output_dir, results, accelerator.unwrap_model(model), test_set, stats, model_cfg)
+        pictures = draw_pictures(output_dir, results, plain_model, test_set, stats, model_cfg)
         tracking.log_images(accelerator, pictures, progress["global_step"])
         results["timings"]["outputs"] = time.perf_counter() - outputs_start  # model file, pictures, W&B images
         _write_json(output_dir / "results.json", results)  # last: its presence marks a finished run
@@ -416,7 +422,8 @@ def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam:
 def resolve_data_path(cfg: TrainConfig, accelerator) -> str:
     """The --data-path this run uses: 'auto' is 'graph' where it can run (one CUDA process, constant
     schedule, precision no or bf16), else 'device' on a GPU and 'dataloader' (the reference) on a CPU."""
-    why_not = graph_unsupported(cfg, accelerator.device, accelerator.num_processes, accelerator.mixed_precision)
+    why_not = graph_unsupported(cfg, accelerator.device, accelerator.num_processes, accelerator.mixed_precision,
+                                compiled_with(accelerator))
     if cfg.data_path == "graph" and why_not:
         raise ConfigError(f"--data-path graph {why_not}")
     if cfg.data_path != "auto":

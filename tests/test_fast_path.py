@@ -193,6 +193,7 @@ def test_graph_path_says_why_it_cannot_run():
     assert "2" in graph_unsupported(cfg, cuda, 2, "no") and "--data-path device" in graph_unsupported(cfg, cuda, 2, "no")
     assert "--schedule" in graph_unsupported(parse_args(["--recipe", "tuned"]), cuda, 1, "no")
     assert "fp16" in graph_unsupported(cfg, cuda, 1, "fp16")
+    assert "torch.compile" in graph_unsupported(cfg, cuda, 1, "no", compiled="inductor")
     assert graph_unsupported(cfg, cuda, 1, "bf16") is None and graph_unsupported(cfg, cuda, 1, "no") is None
 
 

@@ -15,7 +15,7 @@ RESULT_KEYS = {
     "test_accuracy", "test_loss", "test_samples", "train_samples", "epochs", "world_size",
     "per_process_batch_size", "global_batch_size", "mixed_precision", "device_type",
     "train_seconds", "samples_per_second", "history", "config", "timings", "normalization",
-    "per_class_accuracy", "confusion_matrix", "data_path", "gradient_sync",
+    "per_class_accuracy", "confusion_matrix", "data_path", "gradient_sync", "torch_compile",
 }
 
 
@@ -30,7 +30,7 @@ def test_results_json_has_the_documented_fields(recipe_run):
     assert RESULT_KEYS <= r.keys()
     assert r["world_size"] == 1 and r["global_batch_size"] == r["per_process_batch_size"] == 128
     assert r["epochs"] == 10 and len(r["history"]) == 10
-    assert r["mixed_precision"] == "no" and r["device_type"] == "cpu"
+    assert r["mixed_precision"] == "no" and r["device_type"] == "cpu" and r["torch_compile"] == "no"
     assert (r["data_path"], r["gradient_sync"]) == ("dataloader", "none")  # --data-path auto on a CPU; one process
     assert r["config"] == {**TrainConfig().to_dict(), "dataset": "mnist-5k", "cpu": True, "output_dir": r["config"]["output_dir"]}
     for h in r["history"]:
