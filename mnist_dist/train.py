@@ -301,6 +301,8 @@ def train(cfg: TrainConfig) -> dict:
                 mine = torch.tensor(sums["epoch"], dtype=torch.float32, device=accelerator.device)
                 train_loss = accelerator.reduce(mine, reduction="sum").item() / progress["epoch_samples"]
                 sync_progress()
+                if progress["history"] and progress["history"][-1]["epoch"] == epoch + 1:
+                    progress["history"].pop()  # this epoch's first part, up to an earlier run's --max-steps
                 seconds = progress["train_seconds"] - sum(h["seconds"] for h in progress["history"])
                 eval_start = time.perf_counter()
                 metrics = test_metrics()
@@ -328,8 +330,11 @@ def train(cfg: TrainConfig) -> dict:
                     },
                     progress["global_step"],
                 )
-                progress["samples_seen"] += progress["epoch_samples"]
-                progress.update(epoch=epoch + 1, batch_in_epoch=0, epoch_loss_sums=[0.0] * world, epoch_samples=0)
+                if progress["batch_in_epoch"] == steps_per_epoch:
+                    progress["samples_seen"] += progress["epoch_samples"]
+                    progress.update(epoch=epoch + 1, batch_in_epoch=0, epoch_loss_sums=[0.0] * world, epoch_samples=0)
+                # else --max-steps ended the run inside the epoch: its checkpoint stays there, so that resuming
+                # with more steps finishes this epoch rather than skipping to the next
                 save_checkpoint()
         except (Preempted, TrainingError):  # every process raises these at the same step
             bar.close()
@@ -349,7 +354,7 @@ def train(cfg: TrainConfig) -> dict:
         "train_samples": len(train_set),
         "epochs": len(history),
         "steps": progress["global_step"],
-        "samples_seen": progress["samples_seen"],
+        "samples_seen": progress["samples_seen"] + progress["epoch_samples"],  # epoch_samples: a cut-short epoch's
         "world_size": world,
         "per_process_batch_size": cfg.batch_size,
         "global_batch_size": cfg.batch_size * world,
@@ -359,7 +364,7 @@ def train(cfg: TrainConfig) -> dict:
         "gradient_sync": sync.mode,  # resolved: none (one process), allreduce, shared-memory or exchange
         "device_type": accelerator.device.type,
         "train_seconds": progress["train_seconds"],
-        "samples_per_second": progress["samples_seen"] / progress["train_seconds"],
+        "samples_per_second": (progress["samples_seen"] + progress["epoch_samples"]) / progress["train_seconds"],
         "seconds_to_first_step": progress["seconds_to_first_step"],
         # this process's wall time by phase, seconds (train and eval: all epochs, across resumes)
         "timings": {**timings, "train": progress["train_seconds"], "capture": runner.capture_seconds,  # part of train

@@ -186,6 +186,22 @@ def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
     assert results(tmp_path)["steps"] == 3
 
 
+def test_a_run_cut_short_by_max_steps_resumes_with_more_steps_as_if_never_cut(tmp_path):
+    flags = ("--dataset", "mnist-5k", "--cpu", "--seed", "5")  # 40 steps an epoch
+    check(train_cli(*flags, "--max-steps", "50", "--output-dir", str(tmp_path / "whole")))
+    check(train_cli(*flags, "--max-steps", "25", "--output-dir", str(tmp_path / "cut")))
+    cut = results(tmp_path / "cut")
+    assert (cut["steps"], cut["samples_seen"], cut["epochs"]) == (25, 25 * 128, 1)  # evaluated where it stopped
+    proc = check(train_cli(*flags, "--max-steps", "50", "--output-dir", str(tmp_path / "cut"), "--resume", "auto"))
+    assert "epoch 1/2:" in proc.stdout and "epoch 2/2:" in proc.stdout  # the rest of epoch 1, then epoch 2
+    whole, resumed = results(tmp_path / "whole"), results(tmp_path / "cut")
+    assert {k: resumed[k] for k in COMPARED} == {k: whole[k] for k in COMPARED}
+    timeless = [{k: v for k, v in h.items() if "seconds" not in k} for h in whole["history"]]
+    assert [{k: v for k, v in h.items() if "seconds" not in k} for h in resumed["history"]] == timeless
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(a[name].equal(b[name]) for name in a)
+
+
 def test_resume_with_another_world_size_is_refused(finished, tmp_path):
     proc = check(launch(2, *RUN, "--output-dir", str(tmp_path / "o"), "--resume", str(checkpoint.complete_checkpoints(finished)[-1])), rc=1)
     assert "was written by 1 processes, this run has 2" in proc.stderr
