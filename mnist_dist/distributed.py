@@ -206,7 +206,7 @@ def setup_gradient_sync(accelerator: Accelerator, model, mode: str) -> GradientS
             # the module inside DDP, with Accelerate's autocast on its forward (fp16/bf16). A model compiled by
             # Accelerate (dynamo_backend) is torch.compile's wrapper around DDP; unwrapping it keeps the wrapper
             # and puts the bare module inside it in DDP's place, so it is done only once DDP is not needed
-            return GradientSync("shared-memory", accelerator.unwrap_model(model), shared.average)
+            return GradientSync("shared-memory", accelerator.unwrap_model(model, keep_torch_compile=True), shared.average)
         if mode == "shared-memory":
             raise ConfigError(f"--gradient-sync shared-memory: {why_not}; use exchange, allreduce or auto")
         if accelerator.is_main_process:
