@@ -426,7 +426,8 @@ def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam:
 
 def resolve_data_path(cfg: TrainConfig, accelerator) -> str:
     """The --data-path this run uses: 'auto' is 'graph' where it can run (one CUDA process, constant
-    schedule, precision no or bf16), else 'device' on a GPU and 'dataloader' (the reference) on a CPU."""
+    schedule, precision no or bf16, no torch.compile), else 'device' on a GPU and 'dataloader' (the
+    reference) on a CPU."""
     why_not = graph_unsupported(cfg, accelerator.device, accelerator.num_processes, accelerator.mixed_precision,
                                 compiled_with(accelerator))
     if cfg.data_path == "graph" and why_not:
