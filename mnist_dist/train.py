@@ -159,7 +159,7 @@ def train(cfg: TrainConfig) -> dict:
     say(
         f"mnist_dist: {len(train_set)} train / {len(test_set)} test samples, {world} process(es) on "
         f"{accelerator.device.type}, global batch {cfg.batch_size * world}, precision {accelerator.mixed_precision}, "
-        + (f"torch.compile {compiled_with(accelerator)}, " if compiled_with(accelerator) != "no" else "")
+        + (f"torch.compile {config['torch_compile']}, " if config["torch_compile"] != "no" else "")
         + f"data path {data_path}" + (f", gradient sync {sync.mode}" if world > 1 else "")
         + (f"; resuming from {resume_from} (step {progress['global_step']})" if state else "")
     )
@@ -359,7 +359,7 @@ def train(cfg: TrainConfig) -> dict:
         "per_process_batch_size": cfg.batch_size,
         "global_batch_size": cfg.batch_size * world,
         "mixed_precision": accelerator.mixed_precision,
-        "torch_compile": compiled_with(accelerator),  # Accelerate's dynamo_backend, lower case; "no" when off
+        "torch_compile": config["torch_compile"],  # Accelerate's dynamo_backend, lower case; "no" when off
         "data_path": data_path,  # resolved: --data-path auto picks one
         "gradient_sync": sync.mode,  # resolved: none (one process), allreduce, shared-memory or exchange
         "device_type": accelerator.device.type,
