@@ -345,6 +345,7 @@ def train(cfg: TrainConfig) -> dict:
     if metrics is None:  # resumed from a checkpoint of a run that had already finished its steps
         metrics = test_metrics()
     history = progress["history"]
+    samples_seen = progress["samples_seen"] + progress["epoch_samples"]  # epoch_samples: a cut-short epoch's
     results = {
         "dataset": cfg.dataset,
         "test_accuracy": metrics["accuracy"],
@@ -354,7 +355,7 @@ def train(cfg: TrainConfig) -> dict:
         "train_samples": len(train_set),
         "epochs": len(history),
         "steps": progress["global_step"],
-        "samples_seen": progress["samples_seen"] + progress["epoch_samples"],  # epoch_samples: a cut-short epoch's
+        "samples_seen": samples_seen,
         "world_size": world,
         "per_process_batch_size": cfg.batch_size,
         "global_batch_size": cfg.batch_size * world,
@@ -364,7 +365,7 @@ def train(cfg: TrainConfig) -> dict:
         "gradient_sync": sync.mode,  # resolved: none (one process), allreduce, shared-memory or exchange
         "device_type": accelerator.device.type,
         "train_seconds": progress["train_seconds"],
-        "samples_per_second": (progress["samples_seen"] + progress["epoch_samples"]) / progress["train_seconds"],
+        "samples_per_second": samples_seen / progress["train_seconds"],
         "seconds_to_first_step": progress["seconds_to_first_step"],
         # this process's wall time by phase, seconds (train and eval: all epochs, across resumes)
         "timings": {**timings, "train": progress["train_seconds"], "capture": runner.capture_seconds,  # part of train
