@@ -1,8 +1,8 @@
 """Epoch throughput side by side, in one invocation: the tutorial's pipeline, the Accelerate
 DataLoader path (`--data-path dataloader`), the device-resident path (`--data-path device`), on a
-GPU the captured-epoch path (`--data-path graph`), the device path on two processes (two GPUs, or
-two CPU processes on a machine without GPUs, once with each `--gradient-sync`: auto (shared memory),
-the exchange and gloo's all-reduce), and the tuned recipe (`--recipe tuned`).
+GPU the captured-epoch path (`--data-path graph`), the device path on two processes (DDP: two GPUs
+over NCCL, or two CPU processes over gloo on a machine without GPUs), and the tuned recipe
+(`--recipe tuned`).
 
     python benchmarks/bench.py --data-dir /usr/share/datasets/fashion-mnist --fashion --epochs 4
     python benchmarks/bench.py --data-dir mnist_dist/datasets/mnist-5k --epochs 10 --json out.json
@@ -13,7 +13,7 @@ Steady-state s/epoch is the median of the epochs after the first; ms/step is tha
 each process's steps per epoch (two processes take half as many steps each). The two-process
 row runs over gloo on the CPU, or on two GPUs when there are two; a machine with one GPU skips it.
 Then `--pairs` times in turn, one process (on a CPU with one thread, as each of two processes gets)
-and two processes (`auto`): the ratio of their steps per pair, as the table's rows run minutes
+and two processes: the ratio of their steps per pair, as the table's rows run minutes
 apart on a machine whose speed may change in between. Prints a table and writes JSON.
 """
 
@@ -98,8 +98,6 @@ def main() -> None:
             runs.append(("graph", 1, [], {}))
         if gpus != 1:
             runs.append(("device", 2, [], {}))
-        if not gpus:  # CPU processes: `auto` (shared memory) against the exchange and gloo's ring all-reduce
-            runs += [("device", 2, ["--gradient-sync", sync], {}) for sync in ("exchange", "allreduce")]
         runs.append(("device", 1, ["--recipe", "tuned"], {}))
         if not gpus:  # `accelerate launch` gives each of N CPU processes cores/N threads: compare like with like
             threads = str(max(1, (os.cpu_count() or 2) // 2))
@@ -116,9 +114,8 @@ def main() -> None:
                 timed(train_cmd(1, flags))  # warm the dataset cache, as any later run would find it
             wall, _ = timed(train_cmd(processes, flags), env)
             r = json.loads((out_dir / "results.json").read_text())
-            name = (f"mnist_dist {path}" + (f" x{processes} ({r['gradient_sync']})" if processes > 1 else "")
-                    + (f" ({env['OMP_NUM_THREADS']} thread(s))" if env else "")
-                    + (" ".join(["", *extra]) if processes == 1 else ""))  # x2: the resolved --gradient-sync
+            name = (f"mnist_dist {path}" + (f" x{processes}" if processes > 1 else "")
+                    + (f" ({env['OMP_NUM_THREADS']} thread(s))" if env else "") + " ".join(["", *extra]))
             return row(name, [h["seconds"] for h in r["history"]], r["train_samples"], r["test_accuracy"],
                        r["seconds_to_first_step"], wall, r["steps"] // r["epochs"], timings=r["timings"],
                        processes=processes, device=r["device_type"])

@@ -27,7 +27,7 @@ RECIPES = {
 }
 DATASET_CHOICES = ("mnist", "fashion_mnist", "mnist-5k")
 DATA_PATH_CHOICES = ("auto", "dataloader", "device", "graph")
-GRADIENT_SYNC_CHOICES = ("auto", "allreduce", "shared-memory", "exchange")
+OPTIONAL_COUNTS = ("max_steps", "checkpoint_every")  # None: no limit, no step checkpoints
 
 
 class ConfigError(ValueError):
@@ -41,141 +41,90 @@ def _field(default, help: str, **metadata):
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = _field(
-        "mnist",
-        "dataset: 'mnist' (Hub ylecun/mnist), 'fashion_mnist' (Hub zalando-datasets/fashion_mnist) "
-        "or 'mnist-5k' (5,000 real MNIST training digits + the real 10k test set, bundled, offline)",
-        choices=DATASET_CHOICES,
-    )
-    data_dir: str | None = _field(
-        None,
-        "read the four MNIST-format IDX files (gzip or not) from this directory instead of the Hub; "
-        "also accepts the torchvision layout DIR/MNIST/raw",
-    )
-    cache_dir: str | None = _field(
-        None,
-        "where decoded datasets are cached as uint8 tensors "
-        "(default: $MNIST_DIST_CACHE, else $XDG_CACHE_HOME/mnist_dist, else ~/.cache/mnist_dist)",
-    )
+    dataset: str = _field("mnist", "dataset: 'mnist' (Hub ylecun/mnist), 'fashion_mnist' (Hub zalando-datasets/"
+                          "fashion_mnist) or 'mnist-5k' (5,000 real MNIST training digits + the real 10k test set, "
+                          "bundled, offline)", choices=DATASET_CHOICES)
+    data_dir: str | None = _field(None, "read the four MNIST-format IDX files (gzip or not) from this directory "
+                                  "instead of the Hub; also accepts the torchvision layout DIR/MNIST/raw")
+    cache_dir: str | None = _field(None, "where decoded datasets are cached as uint8 tensors (default: "
+                                   "$MNIST_DIST_CACHE, else $XDG_CACHE_HOME/mnist_dist, else ~/.cache/mnist_dist)")
     data_path: str = _field(
-        "auto",
-        "'dataloader': Accelerate-prepared PyTorch DataLoaders (the reference); 'device': the dataset kept on "
-        "the device as uint8 and each process's batches cut from it by index (faster, same batches); 'graph': "
-        "the device path with each whole epoch replayed from one CUDA graph (one CUDA process, constant "
-        "schedule, precision no or bf16; same batches); 'auto': graph where it can run, else device on a GPU, "
-        "dataloader on a CPU",
-        choices=DATA_PATH_CHOICES,
-    )
+        "auto", "'dataloader': Accelerate-prepared PyTorch DataLoaders (the reference); 'device': the dataset kept "
+        "on the device as uint8 and each process's batches cut from it by index (same batches); 'graph': the "
+        "device path with each whole epoch replayed from one CUDA graph (one CUDA process, constant schedule, "
+        "precision no or bf16; same batches); 'auto': graph where it can run, else device on a GPU, dataloader "
+        "on a CPU", choices=DATA_PATH_CHOICES)
     num_workers: int = _field(0, "DataLoader worker processes per training process (0: load in the main process)")
-    normalization: str = _field(
-        "half",
-        "input scaling: 'half' maps pixels 0..255 to [-1, 1] (mean 0.5, std 0.5, as the tutorials do); "
-        "'dataset' standardizes with the training set's pixel mean and std (saved with the model)",
-        choices=("half", "dataset"),
-    )
+    normalization: str = _field("half", "input scaling: 'half' maps pixels 0..255 to [-1, 1] (mean 0.5, std 0.5, "
+                                "as the tutorials do); 'dataset' standardizes with the training set's pixel mean "
+                                "and std (saved with the model)", choices=("half", "dataset"))
     # model
     hidden_size: int = _field(256, "width of the MLP's hidden layer (units)")
     # optimisation
     epochs: int = _field(10, "passes over the training set (epochs)")
-    batch_size: int = _field(
-        128, "training samples per process per optimizer step; the global batch is this times the world size"
-    )
+    batch_size: int = _field(128, "training samples per process per optimizer step; the global batch is this "
+                             "times the world size")
     eval_batch_size: int = _field(1024, "test samples per process per evaluation batch")
-    recipe: str = _field(
-        "record",
-        "preset for the optimisation flags: 'record' (the defaults: constant lr 1e-3) or 'tuned' "
-        "(--schedule onecycle --lr 3e-3 --warmup-fraction 0.15 --label-smoothing 0.1 --normalization dataset); "
-        "flags given explicitly override it",
-        choices=tuple(RECIPES),
-    )
+    recipe: str = _field("record", "preset for the optimisation flags: 'record' (the defaults: constant lr 1e-3) "
+                         "or 'tuned' (--schedule onecycle --lr 3e-3 --warmup-fraction 0.15 --label-smoothing 0.1 "
+                         "--normalization dataset); flags given explicitly override it", choices=tuple(RECIPES))
     lr: float = _field(1e-3, "Adam learning rate per optimizer step (the peak, with a schedule)")
-    schedule: str = _field(
-        "constant",
-        "learning-rate schedule over all steps: 'constant', 'onecycle' (warm up to --lr, then cosine down to "
-        "--lr/1e4; torch OneCycleLR) or 'cosine' (from --lr down to 0)",
-        choices=SCHEDULE_CHOICES,
-    )
+    schedule: str = _field("constant", "learning-rate schedule over all steps: 'constant', 'onecycle' (warm up to "
+                           "--lr, then cosine down to --lr/1e4; torch OneCycleLR) or 'cosine' (from --lr down to 0)",
+                           choices=SCHEDULE_CHOICES)
     warmup_fraction: float = _field(0.15, "onecycle: fraction of all steps spent rising to the peak --lr (0..1)")
     label_smoothing: float = _field(0.0, "cross-entropy label smoothing for training (0: none; test loss never uses it)")
     seed: int = _field(0, "seed for weight init and the per-epoch shuffle (same on every process)")
-    max_steps: int | None = _field(
-        None, "stop after this many optimizer steps in total, then evaluate (debugging); default: all epochs"
-    )
+    max_steps: int | None = _field(None, "stop after this many optimizer steps in total, then evaluate "
+                                   "(debugging); default: all epochs")
     # hardware
-    mixed_precision: str | None = _field(
-        None,
-        "autocast precision; default: what `accelerate launch` was configured with, else 'no'",
-        choices=MIXED_PRECISION_CHOICES,
-    )
+    mixed_precision: str | None = _field(None, "autocast precision; default: what `accelerate launch` was "
+                                         "configured with, else 'no'", choices=MIXED_PRECISION_CHOICES)
     cpu: bool = _field(False, "train on the CPU even if a GPU is present (also makes `accelerate launch` use gloo)")
-    gradient_sync: str = _field(
-        "auto",
-        "how the processes average their gradients each step: 'allreduce' (DDP's all-reduce: NCCL on GPUs, "
-        "gloo's ring on CPUs); 'shared-memory' (CPU processes on one host: each puts its gradients in memory "
-        "they all map and all add them up in rank order); 'exchange' (CPU processes: each sends its gradients "
-        "to every other in one message, then the same sum); 'auto': for 2 to 4 CPU processes shared-memory "
-        "when they are on one host, else exchange; otherwise allreduce",
-        choices=GRADIENT_SYNC_CHOICES,
-    )
     # output
     output_dir: str = _field("outputs/mnist", "directory for results.json, model.safetensors and config.json")
-    log_every: int = _field(
-        50, "optimizer steps between loss reads (log, progress bar) and the processes' check for a stop signal "
-        "or a non-finite step: the only host syncs in training (steps)"
-    )
+    log_every: int = _field(50, "optimizer steps between loss reads (log, progress bar) and the processes' check "
+                            "for a stop signal or a non-finite step: the only host syncs in training (steps)")
     # tracking
-    report_to: str = _field(
-        "wandb", "experiment tracker: W&B, TensorBoard, both, or none (metrics.jsonl is written regardless)",
-        choices=("wandb", "tensorboard", "all", "none"),
-    )
+    report_to: str = _field("wandb", "experiment tracker: W&B, TensorBoard, both, or none (metrics.jsonl is "
+                            "written regardless)", choices=("wandb", "tensorboard", "all", "none"))
     wandb_project: str = _field("mnist_dist", "W&B project (also the TensorBoard run name)")
     wandb_entity: str | None = _field(None, "W&B entity (user or team); default: your W&B default")
     run_name: str | None = _field(None, "W&B run name; default: W&B picks one")
-    wandb_mode: str | None = _field(
-        None, "W&B mode; default: $WANDB_MODE, else online when logged in, else offline",
-        choices=("online", "offline", "disabled"),
-    )
+    wandb_mode: str | None = _field(None, "W&B mode; default: $WANDB_MODE, else online when logged in, else "
+                                    "offline", choices=("online", "offline", "disabled"))
     # checkpoints
-    checkpoint_every: int | None = _field(
-        None, "optimizer steps between checkpoints, besides the one at each epoch end (steps); default: epoch ends only"
-    )
+    checkpoint_every: int | None = _field(None, "optimizer steps between checkpoints, besides the one at each "
+                                          "epoch end (steps); default: epoch ends only")
     keep_checkpoints: int = _field(2, "complete checkpoints to keep in OUTPUT_DIR/checkpoints (newest first)")
-    resume: str | None = _field(
-        None, "'auto' (newest complete checkpoint in --output-dir, else a fresh start) or a checkpoint directory"
-    )
+    resume: str | None = _field(None, "'auto' (newest complete checkpoint in --output-dir, else a fresh start) "
+                                "or a checkpoint directory")
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the flag for any value that cannot work."""
-
-        def need(ok: bool, name: str, why: str) -> None:
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value not in choices and not (value is None and f.default is None):
+                self._refuse(f.name, f"unknown {f.name.replace('_', ' ')}; choose one of {', '.join(choices)}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "hidden_size", "log_every", "keep_checkpoints",
+                     "max_steps", "checkpoint_every"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1) and not (value is None and name in OPTIONAL_COUNTS):
+                self._refuse(name, "must be an integer >= 1")
+        for name, ok, why in [
+            ("num_workers", self.num_workers >= 0, "must be an integer >= 0"),
+            ("lr", math.isfinite(self.lr) and self.lr > 0, "must be a finite number > 0"),
+            ("warmup_fraction", 0 < self.warmup_fraction < 1, "must be between 0 and 1 (exclusive)"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
+            ("resume", self.resume is None or bool(self.resume), "give 'auto' or a checkpoint directory"),
+            ("output_dir", bool(self.output_dir), "must not be empty"),
+        ]:
             if not ok:
-                flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"{flag}={getattr(self, name)!r}: {why}")
-
-        for name in ("epochs", "batch_size", "eval_batch_size", "hidden_size", "log_every"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
-        need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be an integer >= 1")
-        need(self.checkpoint_every is None or self.checkpoint_every >= 1, "checkpoint_every", "must be an integer >= 1")
-        need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be an integer >= 1")
-        need(self.resume is None or bool(self.resume), "resume", "give 'auto' or a checkpoint directory")
-        need(self.num_workers >= 0, "num_workers", "must be an integer >= 0")
-        need(math.isfinite(self.lr) and self.lr > 0, "lr", "must be a finite number > 0")
-        need(0 < self.warmup_fraction < 1, "warmup_fraction", "must be between 0 and 1 (exclusive)")
-        need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
-        need(self.schedule in SCHEDULE_CHOICES, "schedule", f"choose one of {', '.join(SCHEDULE_CHOICES)}")
-        need(self.recipe in RECIPES, "recipe", f"choose one of {', '.join(RECIPES)}")
-        need(self.normalization in ("half", "dataset"), "normalization", "choose 'half' or 'dataset'")
-        need(self.gradient_sync in GRADIENT_SYNC_CHOICES, "gradient_sync",
-             f"choose one of {', '.join(GRADIENT_SYNC_CHOICES)}")
-        need(self.data_path in DATA_PATH_CHOICES, "data_path", f"choose one of {', '.join(DATA_PATH_CHOICES)}")
-        need(self.dataset in DATASET_CHOICES, "dataset", f"unknown dataset; choose one of {', '.join(DATASET_CHOICES)}")
-        need(
-            self.mixed_precision is None or self.mixed_precision in MIXED_PRECISION_CHOICES,
-            "mixed_precision",
-            f"choose one of {', '.join(MIXED_PRECISION_CHOICES)}",
-        )
-        need(bool(self.output_dir), "output_dir", "must not be empty")
+                self._refuse(name, why)
         return self
+
+    def _refuse(self, name: str, why: str):
+        raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: {why}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -201,9 +150,8 @@ def build_parser(prog: str = "python -m mnist_dist.train") -> argparse.ArgumentP
         if kind is bool:
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
-            parser.add_argument(
-                flag, type=kind, default=f.default, choices=f.metadata.get("choices"), help=f.metadata["help"]
-            )
+            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"),
+                                help=f.metadata["help"])
     return parser
 
 

@@ -1,6 +1,7 @@
 """MNIST-format data as uint8 tensors, from IDX files, the Hugging Face Hub or the bundled mnist-5k.
 
-Plain PyTorch, no rank logic: the training loop decides which process builds the cache.
+Plain PyTorch: the training loop decides which process builds the cache, and passes a process's
+rank and the world size where a shard is cut.
 Every source is decoded once into `images` uint8 [N, 784] and `labels` int64 [N], checked,
 and cached on disk as safetensors, so a second run loads in milliseconds.
 """
@@ -272,3 +273,40 @@ def make_loaders(
         TensorDataset(test.images, test.labels), batch_size=eval_batch_size, shuffle=False, num_workers=num_workers
     )
     return train_loader, test_loader
+
+
+class DeviceBatches:
+    """The DataLoader path's training batches for process `rank` of `world`, cut from tensors already on
+    the device: no DataLoader, no collation, no host-to-device copy per step.
+
+    Same permutation as Accelerate's seedable sampler (torch.randperm seeded by seed + epoch, drawn
+    on the CPU so every process and device type gets the same one), same shard: at step s process r
+    takes positions [(s * world + r) * batch, +batch) of it, real samples only.
+    """
+
+    def __init__(self, split: Split, batch_size: int, seed: int, rank: int, world: int, device: torch.device):
+        self.images, self.labels = split.images.to(device), split.labels.to(device)
+        self.n, self.batch_size, self.seed, self.rank, self.world = len(split), batch_size, seed, rank, world
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / (self.world * self.batch_size))
+
+    def epoch(self, epoch: int, start: int = 0):
+        """Yield (images, labels) of this process's steps `start`, `start + 1`, ... of `epoch`."""
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        order = order.to(self.images.device)
+        for step in range(start, len(self)):
+            lo = min((step * self.world + self.rank) * self.batch_size, self.n)
+            index = order[lo : min(lo + self.batch_size, self.n)]
+            # index_select copies whole rows, where images[index] gathers element by element
+            yield torch.index_select(self.images, 0, index), torch.index_select(self.labels, 0, index)
+
+
+def test_shard(split: Split, batch_size: int, rank: int, world: int, device: torch.device) -> list[tuple]:
+    """Process `rank`'s contiguous share of the test set as (images, labels) batches on the device:
+    together the `world` shares hold every test image once, with no padding."""
+    per_process = math.ceil(len(split) / world)
+    lo = min(rank * per_process, len(split))
+    hi = min(lo + per_process, len(split))
+    images, labels = split.images[lo:hi].to(device), split.labels[lo:hi].to(device)
+    return [(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, hi - lo, batch_size)]

@@ -20,14 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from accelerate import Accelerator
-
-from . import data, plots
 from .config import DATASET_CHOICES
-from .data import DataError
-from .distributed import LaunchError, check_coupled, device_test_shard, evaluate_sharded
-from .evaluation import predict, summarize
-from .model import load_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate_model(args: argparse.Namespace) -> dict:
     """Evaluate as `args` say; the main process writes the files; every process returns the report."""
+    from accelerate import Accelerator
+
+    from . import data, plots
+    from .data import DataError
+    from .distributed import check_coupled
+    from .evaluation import evaluate_shard, predict
+    from .model import load_model
+
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size}: must be an integer >= 1")
     accelerator = Accelerator(cpu=args.cpu)
@@ -69,8 +70,9 @@ def evaluate_model(args: argparse.Namespace) -> dict:
         norm = config.get("normalization", {"mean": data.MEAN, "std": data.STD})
         stats = (norm["mean"], norm["std"])
         model.to(accelerator.device)
-        shard = device_test_shard(test.images, test.labels, args.batch_size, accelerator)
-        metrics = summarize(evaluate_sharded(accelerator, model, shard, stats))
+        shard = data.test_shard(test, args.batch_size, accelerator.process_index, accelerator.num_processes,
+                                accelerator.device)
+        metrics = evaluate_shard(model, shard, stats, lambda t: accelerator.reduce(t, reduction="sum"))
         names = config.get("class_names") or data.class_names(dataset)
         report = {
             "model": str(model_path), "dataset": dataset, "data_dir": data_dir, "world_size": accelerator.num_processes,
@@ -95,7 +97,9 @@ def evaluate_model(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and bad flags are answered before torch loads (seconds)
+    from .distributed import LaunchError
+
     try:
         report = evaluate_model(args)
     except (FileNotFoundError, ValueError, LaunchError) as err:  # DataError is a ValueError

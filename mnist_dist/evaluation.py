@@ -1,8 +1,9 @@
-"""Test-set evaluation. Plain PyTorch: the caller passes `gather` to combine processes.
+"""Test-set evaluation. Plain PyTorch: the caller passes the function that combines processes.
 
-Each batch's per-sample results go through `gather` (Accelerate's `gather_for_metrics`
-in a distributed run), which returns every process's samples with the padding that evens
-out the shards removed, so each test image counts exactly once at any world size.
+Either each batch's per-sample results go through `gather` (Accelerate's `gather_for_metrics`,
+which drops the padding that evens out a DataLoader's shards), or each process evaluates its own
+unpadded share (`data.test_shard`) and `evaluate_shard` adds the totals up with `sum_over_processes`.
+Either way each test image counts exactly once at any world size.
 """
 
 from __future__ import annotations
@@ -83,3 +84,19 @@ def evaluate(
 ) -> dict:
     """Accuracy (fraction 0..1), mean cross-entropy loss and sample count over `batches` of uint8 images."""
     return summarize(evaluate_sums(model, batches, gather, normalization))
+
+
+def evaluate_shard(
+    model: torch.nn.Module,
+    shard: list[tuple[torch.Tensor, torch.Tensor]],
+    normalization: tuple[float, float] = (MEAN, STD),
+    sum_over_processes: Callable = _identity,
+) -> dict:
+    """`evaluate` over every process's `data.test_shard`: this process's totals, added up across
+    processes by `sum_over_processes` (a tensor in, its sum over processes out)."""
+    sums = evaluate_sums(model, shard, normalization=normalization)
+    device = next(model.parameters()).device
+    confusion = sum_over_processes(torch.tensor(sums["confusion"], dtype=torch.int64, device=device)).cpu()
+    loss_sum = sum_over_processes(torch.tensor([sums["loss_sum"]], dtype=torch.float64, device=device)).item()
+    return summarize({"correct": int(confusion.trace()), "loss_sum": loss_sum, "samples": int(confusion.sum()),
+                      "confusion": confusion.tolist()})

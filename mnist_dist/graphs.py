@@ -6,11 +6,13 @@ epoch once and replays them with one launch (https://pytorch.org/docs/stable/not
 
 For that, every step of every epoch must read and write the same memory. So each epoch the
 normalized training set is shuffled into one static buffer, with the same permutation as the
-device path (`distributed.DeviceBatches`), and step j's batch is always the slice
-[j * batch, (j + 1) * batch) of it. The training step itself is the eager one, passed in: the
-graph holds exactly the kernels the eager loop would launch, and anything but a whole epoch
-runs that same step eagerly on the same slices: the rest of a resumed epoch, stretches cut by
---checkpoint-every.
+device path (`data.DeviceBatches`), and step j's batch is always the slice [j * batch, (j + 1) * batch)
+of it. Anything but a whole epoch runs the same step eagerly on the same slices: the rest of a
+resumed epoch, stretches cut by --checkpoint-every.
+
+The captured step (`graph_step`) computes what the reference step (`train.train_step`) computes, bit
+for bit (tests/test_fast_path.py), in fewer kernels and with no host sync. Its tricks, and the private
+torch ops they need, live in this module only.
 
 A capture needs a few eager steps first, for CUDA's lazy set-up (cuBLAS handles and workspaces,
 Adam's state, the caching allocator). Those warm-up steps run with every update skipped, through
@@ -22,18 +24,20 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from .config import TrainConfig
-from .distributed import StepHealth
+from .clock import since_process_start
 
-# the optimizer and finite check work on views of this many elements (distributed.fused_adam_in_views):
-# measured on an H200, the fused Adam kernel took 28 us per step on the whole tensors
-ADAM_VIEW_ELEMENTS = 4096
-# step(inputs, labels, real samples in the batch, step in epoch): one optimizer step, no host sync
-StepFn = Callable[[torch.Tensor, torch.Tensor, int, int], None]
+if TYPE_CHECKING:
+    from .train import NonFiniteGuard
+
+# the finite check and Adam work on views of this many elements: torch's multi-tensor kernels give a
+# thread block one 65,536-element chunk, so whole tensors keep 7 of an H200's 132 multiprocessors busy
+VIEW_ELEMENTS = 4096
 # eager steps before a capture, all skipped ("a few", torch's CUDA-graph notes)
 WARMUP_STEPS = 3
 
@@ -59,26 +63,107 @@ def graph_unsupported(cfg: TrainConfig, device: torch.device, world: int, precis
     return None
 
 
+def graph_step(model, adam: torch.optim.Adam, guard: "NonFiniteGuard", inputs: torch.Tensor, labels: torch.Tensor,
+               scale: torch.Tensor, label_smoothing: float, unit: torch.Tensor) -> torch.Tensor:
+    """`train.train_step` for one process with fused Adam and no grad scaler, in kernels a CUDA graph can
+    record: no host sync, every tensor it reads made before the capture (`scale` and `unit`: 0-d float32
+    on the device, `scale` being 1 / real samples, `unit` 1). Returns the batch's loss sum (0-d, on the device)."""
+    logits = model(inputs)
+    loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
+    # backward seeded with the scale, not accelerator.backward(loss * scale): 6 of 25 ops a step fewer (CPU count)
+    loss_sum.backward(gradient=scale)
+    grads = _views([p.grad for group in adam.param_groups for p in group["params"] if p.grad is not None])
+    # GradScaler's one-kernel finite check, on views: found_inf becomes 1 and stays 1 (H200, with Adam on views: 54.1 -> 40.6 ms/epoch)
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, guard.found_inf, unit)
+    guard.bad_steps += guard.found_inf
+    if adam.state:
+        adam_step_in_views(adam, guard.found_inf, grads)
+    else:  # the first step makes Adam's state; torch's own fused step skips it on found_inf alike
+        adam.step()
+    adam.zero_grad(set_to_none=True)
+    return loss_sum.detach()
+
+
+def adam_step_in_views(adam: torch.optim.Adam, found_inf: torch.Tensor, grad_views: list[torch.Tensor]) -> None:
+    """Exactly `adam.step()` of a fused Adam whose state exists (torch.optim.adam._fused_adam's three
+    calls), with every parameter, gradient and moment cut into views of VIEW_ELEMENTS elements (more
+    thread blocks; the same arithmetic per element). Skips the update, on the device, where found_inf is 1.
+
+    `grad_views`: the gradients of every parameter that has one, all groups in order, cut by `_views`.
+    The views of the weights and moments are kept on the optimizer and cut again only when one of
+    those tensors changes (a loaded state dict, a parameter that got no gradient): a capture runs the
+    step's Python once per step of the epoch, and cutting them costs more host time than a step's kernels.
+    """
+    cache = adam.__dict__.setdefault("_mnist_dist_views", {})  # param group index -> (tensors, views)
+    offset = 0
+    for index, group in enumerate(adam.param_groups):
+        if group["amsgrad"] or group.get("decoupled_weight_decay") or not group["fused"]:
+            raise ValueError("adam_step_in_views supports fused Adam without amsgrad or decoupled weight decay")
+        params = [p for p in group["params"] if p.grad is not None]
+        states = [adam.state[p] for p in params]
+        steps = [state["step"] for state in states]
+        views = _kept_views(cache, index, params, states)
+        count = len(views["params"])
+        grads, offset = grad_views[offset:offset + count], offset + count
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(
+            views["params"], grads, views["exp_avgs"], views["exp_avg_sqs"], [], views["steps"],
+            lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
+            eps=group["eps"], amsgrad=False, maximize=group["maximize"], grad_scale=None, found_inf=found_inf,
+        )
+        torch._foreach_sub_(steps, [found_inf] * len(steps))  # a skipped step does not count
+    if offset != len(grad_views):
+        raise ValueError(f"grad_views holds {len(grad_views)} views; the parameters with gradients make {offset}")
+
+
+def _kept_views(cache: dict, index: int, params: list, states: list) -> dict:
+    """The views of one param group's weights and moments, cut again only if a tensor changed."""
+    tensors = [t for p, s in zip(params, states) for t in (p, s["exp_avg"], s["exp_avg_sq"], s["step"])]
+    key = [(t, t.data_ptr()) for t in tensors]
+    kept = cache.get(index)
+    if kept is None or len(kept[0]) != len(key) or any(a is not b or pa != pb for (a, pa), (b, pb) in zip(kept[0], key)):
+        per_param = [len(range(0, p.numel(), VIEW_ELEMENTS)) for p in params]
+        kept = cache[index] = (key, {
+            "params": _views([p.detach() for p in params]),
+            "exp_avgs": _views([s["exp_avg"] for s in states]),
+            "exp_avg_sqs": _views([s["exp_avg_sq"] for s in states]),
+            # each view reads its tensor's step count
+            "steps": [s["step"] for s, n in zip(states, per_param) for _ in range(n)],
+        })
+    return kept[1]
+
+
+def _views(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor, flattened and cut into views of at most VIEW_ELEMENTS elements (sharing its storage)."""
+    return [view for t in tensors for view in t.view(-1).split(VIEW_ELEMENTS)]
+
+
 class EpochGraph:
     """One process's training steps over a static, per-epoch shuffled copy of the training set.
 
     `run(0, steps)` (a whole epoch) is captured into a CUDA graph the first time, after `warm_up`,
     and replayed from then on; any other stretch runs eagerly. With `capture=False` (the CPU, in
-    tests) every stretch runs eagerly, which computes the same thing. `health` is the one `step`
-    updates: `warm_up` skips its steps through it.
+    tests) every stretch runs eagerly, which computes the same thing. Each step's loss sum goes to
+    `losses[step]`, on the device.
     """
 
-    def __init__(self, step: StepFn, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
-                 health: StepHealth, capture: bool = True):
-        self.step, self.inputs, self.labels, self.health = step, inputs, labels, health  # inputs: normalized, on the device
+    logs_live = False  # a whole epoch is one launch: its log windows are written after it
+
+    def __init__(self, model, optimizer, guard: "NonFiniteGuard", inputs: torch.Tensor, labels: torch.Tensor,
+                 batch_size: int, seed: int, label_smoothing: float = 0.0, capture: bool = True):
+        self.model, self.adam, self.guard, self.label_smoothing = model, optimizer.optimizer, guard, label_smoothing
+        self.inputs, self.labels = inputs, labels  # inputs: normalized, on the device
         self.shuffled_inputs, self.shuffled_labels = torch.empty_like(inputs), torch.empty_like(labels)
-        self.n, self.batch_size, self.seed = len(labels), batch_size, seed
+        self.n, self.batch_size, self.seed, self.capture = len(labels), batch_size, seed, capture
         self.steps = math.ceil(self.n / batch_size)
-        self.capture = capture
-        self.cut_at_log_points = False  # a whole epoch is one launch; its log windows are written after it
-        self.first_step_alone = False  # the first stretch is a whole epoch, so that it can be captured
+        device = inputs.device
+        self.losses = torch.zeros(self.steps, device=device)
+        self.unit = torch.ones((), device=device)
+        # 1 / real samples of each batch size an epoch has (full, and a shorter last one), made before any capture
+        self.scales = {real: torch.full((), 1 / real, device=device) for real in {batch_size, self.n - (self.steps - 1) * batch_size}}
         self.graph: torch.cuda.CUDAGraph | None = None
         self.capture_seconds = 0.0
+        self.seconds_to_first_step: float | None = None
 
     def begin_epoch(self, epoch: int, start: int = 0) -> None:
         """Shuffle into the static buffers: the permutation torch.randperm draws from seed + epoch on the CPU."""
@@ -91,29 +176,32 @@ class EpochGraph:
         """Steps [start, stop) of the current epoch."""
         if not (self.capture and (start, stop) == (0, self.steps)):
             self._eager(start, stop)
-            return
-        if self.graph is None:
-            began = time.perf_counter()
-            self.warm_up()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records the kernels, runs none of them
-                self._eager(0, self.steps)
-            self.capture_seconds = time.perf_counter() - began
-        self.graph.replay()
+        else:
+            if self.graph is None:
+                began = time.perf_counter()
+                self.warm_up()
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):  # records the kernels, runs none of them
+                    self._eager(0, self.steps)
+                self.capture_seconds = time.perf_counter() - began
+            self.graph.replay()
+        if self.seconds_to_first_step is None:
+            self.seconds_to_first_step = since_process_start()
 
     def warm_up(self) -> None:
         """Run the first steps of the current epoch eagerly with every update skipped: all their
-        kernels run, and nothing they would change does. `found_inf` set makes the optimizer step
-        leave weights, Adam's moments and its step count as they were (`distributed.optimizer_step`);
-        the health counters are then put back. Each step's loss still goes to its slot, which the
-        real step overwrites."""
-        found_inf, bad_steps = self.health.found_inf.clone(), self.health.bad_steps.clone()
-        self.health.found_inf.fill_(1)
+        kernels run, and nothing they would change does. `found_inf` set makes Adam leave weights,
+        moments and its step count as they were; the guard's counters are then put back. Each step's
+        loss still goes to its slot, which the real step overwrites."""
+        found_inf, bad_steps = self.guard.found_inf.clone(), self.guard.bad_steps.clone()
+        self.guard.found_inf.fill_(1)
         self._eager(0, min(WARMUP_STEPS, self.steps))
-        self.health.found_inf.copy_(found_inf)
-        self.health.bad_steps.copy_(bad_steps)
+        self.guard.found_inf.copy_(found_inf)
+        self.guard.bad_steps.copy_(bad_steps)
 
     def _eager(self, start: int, stop: int) -> None:
         for j in range(start, stop):
             lo, hi = j * self.batch_size, min((j + 1) * self.batch_size, self.n)
-            self.step(self.shuffled_inputs[lo:hi], self.shuffled_labels[lo:hi], hi - lo, j)
+            loss = graph_step(self.model, self.adam, self.guard, self.shuffled_inputs[lo:hi], self.shuffled_labels[lo:hi],
+                              self.scales[hi - lo], self.label_smoothing, self.unit)
+            self.losses[j].copy_(loss)

@@ -15,11 +15,7 @@ import argparse
 import json
 import sys
 
-import torch
-
-from .digits import BACKGROUNDS, ImageError, load_digit
-from .evaluation import predict
-from .model import load_model
+BACKGROUNDS = ("auto", "dark", "light")  # digits.BACKGROUNDS, named here without importing torch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and bad flags are answered before torch loads (seconds)
+    import torch
+
+    from .digits import ImageError, load_digit
+    from .evaluation import predict
+    from .model import load_model
+
     try:
         model, config = load_model(args.model)
     except (FileNotFoundError, ValueError) as err:

@@ -11,37 +11,98 @@
 
 from __future__ import annotations
 
-import gc
-import json
-import math
-import os
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from accelerate.utils import set_seed
-from tqdm.auto import tqdm
-
-from . import checkpoint, data, plots, tracking
-from .clock import since_process_start
 from .config import ConfigError, TrainConfig, parse_args
-from .data import DataError, make_loaders, normalize
-from .checkpoint import CheckpointError
-from .distributed import (
-    EXIT_PREEMPTED, DeviceBatches, LaunchError, StepHealth, StopSignals, agree_to_stop, backward, build_accelerator,
-    compiled_with, device_test_shard, evaluate_sharded, optimizer_step, setup_gradient_sync, shard_counts,
+
+if __name__ == "__main__":  # --help and bad flags are answered before torch and matplotlib load (seconds)
+    CLI_CONFIG = parse_args()
+
+import gc  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from . import checkpoint, data, plots, tracking  # noqa: E402
+from .checkpoint import CheckpointError  # noqa: E402
+from .clock import since_process_start  # noqa: E402
+from .data import DataError, DeviceBatches, make_loaders, normalize  # noqa: E402
+from .distributed import (  # noqa: E402
+    EXIT_PREEMPTED, LaunchError, StopSignals, agree_to_stop, build_accelerator, compiled_with, global_real,
+    local_real,
 )
-from .evaluation import evaluate, predict, summarize
-from .graphs import ADAM_VIEW_ELEMENTS, EpochGraph, graph_unsupported
-from .model import CONFIG_NAME, MLP, model_config
+from .evaluation import evaluate, evaluate_shard, predict  # noqa: E402
+from .graphs import EpochGraph, graph_unsupported  # noqa: E402
+from .model import CONFIG_NAME, MLP, model_config  # noqa: E402
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message names the step."""
+
+
+class Preempted(Exception):
+    """Stopped by SIGTERM/SIGUSR1 after saving the checkpoint at `path`."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.path = path
+
+
+@dataclass
+class TrainState:
+    """Where the run is and what it has added up. Saved with every checkpoint, so that a resumed run
+    continues exactly as if it had never stopped. Loss sums are this process's, added in float32."""
+
+    global_step: int = 0  # optimizer steps taken
+    epoch: int = 0  # epochs finished
+    batch_in_epoch: int = 0  # steps of the current epoch taken
+    samples_seen: int = 0  # training samples of the finished epochs, all processes
+    epoch_samples: int = 0  # real samples of the current epoch's steps, all processes
+    epoch_loss_sum: float = 0.0  # this process's loss sum over them
+    window_samples: int = 0  # real samples since the last --log-every point
+    window_loss_sum: float = 0.0  # this process's loss sum over them
+    train_seconds: float = 0.0  # training time across resumes, evaluation and checkpoints excluded (s)
+    seconds_to_first_step: float | None = None  # from the OS starting the process (s)
+    best_test_accuracy: float | None = None  # fraction 0..1
+    history: list[dict] = field(default_factory=list)  # one entry per evaluated epoch
+
+    def add_steps(self, losses: list[float], samples: list[int], log_every: int) -> tuple[list, int | None]:
+        """Count the steps just taken, given their loss sums (this process's) and real samples (the
+        global batch's). Returns the log windows they closed, as (step, this process's loss sum,
+        samples), and the first of the steps whose loss was not finite, or None."""
+        windows, first_bad = [], None
+        for loss, n in zip(losses, samples):
+            self.global_step, self.batch_in_epoch = self.global_step + 1, self.batch_in_epoch + 1
+            self.epoch_loss_sum = float(np.float32(self.epoch_loss_sum) + np.float32(loss))
+            self.window_loss_sum = float(np.float32(self.window_loss_sum) + np.float32(loss))
+            self.epoch_samples, self.window_samples = self.epoch_samples + n, self.window_samples + n
+            if first_bad is None and not math.isfinite(loss):
+                first_bad = self.global_step
+            if self.global_step % log_every == 0:
+                windows.append((self.global_step, self.window_loss_sum, self.window_samples))
+                self.window_loss_sum, self.window_samples = 0.0, 0
+        return windows, first_bad
+
+    def saved(self, accelerator) -> dict:
+        """This state as training_state.json holds it, with every process's loss sums (a collective)."""
+        mine = torch.tensor([[self.epoch_loss_sum, self.window_loss_sum]], device=accelerator.device)
+        sums = accelerator.gather(mine).cpu().tolist()
+        state = {k: v for k, v in asdict(self).items() if k not in ("epoch_loss_sum", "window_loss_sum")}
+        return {**state, "epoch_loss_sums": [s[0] for s in sums], "window_loss_sums": [s[1] for s in sums]}
+
+    @classmethod
+    def restored(cls, saved: dict, rank: int) -> "TrainState":
+        fields = {k: saved[k] for k in cls.__dataclass_fields__ if k in saved}
+        return cls(**fields, epoch_loss_sum=saved["epoch_loss_sums"][rank], window_loss_sum=saved["window_loss_sums"][rank])
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -50,379 +111,127 @@ def train(cfg: TrainConfig) -> dict:
     Raises `Preempted` after saving a checkpoint when SIGTERM or SIGUSR1 arrives.
     """
     cfg.validate()
-    timings = {}  # seconds: where a run's wall time goes, reported in results.json
     accelerator = build_accelerator(cfg)
-    timings["startup"] = since_process_start()  # interpreter, imports, process group
-    main = accelerator.is_main_process
-    world = accelerator.num_processes
+    timings = {"startup": since_process_start()}  # seconds: interpreter, imports, process group
+    world, rank = accelerator.num_processes, accelerator.process_index
     config = {**cfg.to_dict(), "mixed_precision": accelerator.mixed_precision,  # resolved
               "torch_compile": compiled_with(accelerator)}
     resume_from = checkpoint.resolve(cfg.resume, cfg.output_dir)  # a bad --resume PATH stops here
-    state = checkpoint.read_state(resume_from) if resume_from else None
-    if state:
-        checkpoint.check_compatible(state, config, world, resume_from)
+    saved = checkpoint.read_state(resume_from) if resume_from else None
+    if saved:
+        checkpoint.check_compatible(saved, config, world, resume_from)
 
-    data_start = time.perf_counter()
-    # one process per node decodes the data and writes the cache; the others then read the cache
-    with accelerator.local_main_process_first():
+    began = time.perf_counter()
+    with accelerator.local_main_process_first():  # one process per node decodes and caches, the others read
         splits = data.load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
     train_set, test_set = splits["train"], splits["test"]
-    output_dir = Path(cfg.output_dir)
-    # (mean, std) on the 0..1 pixel scale; saved with the model so evaluate and predict scale alike
+    # (mean, std) on the 0..1 pixel scale; saved with the model so that evaluate and predict scale alike
     stats = data.pixel_stats(train_set.images) if cfg.normalization == "dataset" else (data.MEAN, data.STD)
-    mark = time.perf_counter()
-    timings["data_load"] = mark - data_start
+    timings["data_load"] = time.perf_counter() - began
 
-    set_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
+    began = time.perf_counter()
+    set_seed(cfg.seed)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
     model = MLP(train_set.images.shape[1], cfg.hidden_size, data.NUM_CLASSES)
-    # config.json beside every saved model: what rebuilds it and how its inputs are scaled
-    model_cfg = model_config(
-        model, normalization={"mean": stats[0], "std": stats[1], "pixel_scale": 255}, dataset=cfg.dataset,
-        data_dir=str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,  # evaluate's default test set
-        class_names=data.class_names(cfg.dataset),
-    )
+    model_cfg = saved_model_config(model, cfg, stats)
     data_path = resolve_data_path(cfg, accelerator)
     optimizer = make_optimizer(model.parameters(), cfg.lr, accelerator.device)
-    train_loader, test_loader = make_loaders(
-        train_set, test_set, cfg.batch_size, cfg.eval_batch_size, cfg.num_workers, cfg.seed
-    )
+    train_loader, test_loader = make_loaders(train_set, test_set, cfg.batch_size, cfg.eval_batch_size,
+                                             cfg.num_workers, cfg.seed)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    # how the processes average gradients; with shared memory the step runs the module outside DDP
-    sync = setup_gradient_sync(accelerator, model, cfg.gradient_sync)
-    if data_path != "dataloader":  # the same batches, cut on the device instead of loaded
-        device_test = device_test_shard(test_set.images, test_set.labels, cfg.eval_batch_size, accelerator)
-    if data_path == "device":
-        device_train = DeviceBatches(train_set.images, train_set.labels, cfg.batch_size, cfg.seed, accelerator)
-
-    def epoch_batches(epoch: int, start: int):
-        """(step in epoch, images, labels, real samples in the global batch): this process's real samples."""
-        if data_path == "device":
-            yield from device_train.epoch(epoch, start)
-            return
-        train_loader.set_epoch(epoch)  # reshuffle: permutation seeded by seed + epoch, same everywhere
-        loader = train_loader
-        if start:  # resumed mid-epoch: the same permutation, minus what was done
-            loader = accelerator.skip_first_batches(train_loader, start)
-            loader.set_epoch(epoch)
-        for index, (images, labels) in enumerate(loader, start=start):
-            local_real, global_real = shard_counts(index, len(labels), len(train_set), cfg.batch_size, accelerator)
-            yield index, images[:local_real], labels[:local_real], global_real
-
-    def test_metrics() -> dict:
-        if data_path != "dataloader":
-            return summarize(evaluate_sharded(accelerator, model, device_test, stats))
-        return evaluate(model, test_loader, gather=accelerator.gather_for_metrics, normalization=stats)
-
     steps_per_epoch = len(train_loader)  # per process; the same on every process
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
+    scheduler = make_scheduler(cfg, accelerator, optimizer, total_steps)
+    state = restore(accelerator, resume_from, saved, optimizer) if saved else TrainState()
+    guard = NonFiniteGuard(accelerator, optimizer)
+    if data_path == "graph":
+        runner = EpochGraph(model, optimizer, guard, normalize(train_set.images.to(accelerator.device), *stats),
+                            train_set.labels.to(accelerator.device), cfg.batch_size, cfg.seed, cfg.label_smoothing)
+    else:
+        batches = train_loader if data_path == "dataloader" else DeviceBatches(
+            train_set, cfg.batch_size, cfg.seed, rank, world, accelerator.device)
+        runner = EagerSteps(accelerator, model, optimizer, scheduler, guard, batches, cfg, len(train_set), stats)
+    test_shard = data.test_shard(test_set, cfg.eval_batch_size, rank, world, accelerator.device) \
+        if data_path != "dataloader" else None
+
+    if accelerator.is_main_process:  # only now: bad data, flags and checkpoints have all been refused
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    tracker_config = {**config, "world_size": world, "global_batch_size": cfg.batch_size * world,
+                      "train_samples": len(train_set), "device_type": accelerator.device.type,
+                      **tracking.run_metadata()}
+    run_id = tracking.start(accelerator, cfg, tracker_config, saved["tracker_run_id"] if saved else None)
+    report = Reporter(accelerator, cfg.output_dir, total_steps, state.global_step if saved else None)
     epochs = math.ceil(total_steps / steps_per_epoch)
-    scheduler = make_scheduler(cfg, optimizer, total_steps)
-    if scheduler is not None:
-        accelerator.register_for_checkpointing(scheduler)  # saved and restored with the checkpoints
-    # everything a resumed run needs to continue as if never stopped; saved with each checkpoint
-    progress = {
-        "global_step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_seen": 0, "train_seconds": 0.0,
-        # per-process running loss sums (one entry per process), so that a resumed run adds up
-        # exactly what an uninterrupted one would
-        "epoch_loss_sums": [0.0] * world, "epoch_samples": 0, "window_loss_sums": [0.0] * world, "window_samples": 0,
-        "best_test_accuracy": None, "history": [], "seconds_to_first_step": None,
-    }
-    if state:
-        try:
-            accelerator.load_state(str(resume_from))
-        except Exception as err:  # truncated or damaged files: refuse, naming the checkpoint
-            raise CheckpointError(f"{resume_from}: damaged checkpoint ({type(err).__name__}: {err})") from err
-        progress.update({k: state[k] for k in progress})
-        for group in optimizer.param_groups:  # loading restores the saving run's flags; keep this device's
-            group["capturable"] = optimizer.optimizer.defaults["capturable"]
-    if main:  # only now: bad data, flags or checkpoints have all been refused by this point
-        output_dir.mkdir(parents=True, exist_ok=True)
-    tracker_config = {
-        **config, "world_size": world, "global_batch_size": cfg.batch_size * world,
-        "train_samples": len(train_set), "device_type": accelerator.device.type, **tracking.run_metadata(),
-    }
-    run_id = tracking.start(accelerator, cfg, tracker_config, state["tracker_run_id"] if state else None)
-    metrics_log = tracking.MetricsLog(output_dir, main, progress["global_step"] if state else None)
-    if state:
-        tracking.replay(accelerator, metrics_log.records())
-
-    def log(values: dict, step: int) -> None:
-        accelerator.log(values, step=step)  # main process only
-        metrics_log.write(step, values)
-
-    bar = tqdm(
-        total=total_steps, initial=progress["global_step"], unit="step", dynamic_ncols=True,
-        # the bar is for people at a terminal; batch logs (SLURM) get the one line per epoch below
-        disable=not (main and sys.stderr.isatty()),
-    )
-    say = bar.write if main else (lambda _: None)
-    say(
+    report.say(
         f"mnist_dist: {len(train_set)} train / {len(test_set)} test samples, {world} process(es) on "
         f"{accelerator.device.type}, global batch {cfg.batch_size * world}, precision {accelerator.mixed_precision}, "
         + (f"torch.compile {config['torch_compile']}, " if config["torch_compile"] != "no" else "")
-        + f"data path {data_path}" + (f", gradient sync {sync.mode}" if world > 1 else "")
-        + (f"; resuming from {resume_from} (step {progress['global_step']})" if state else "")
+        + f"data path {data_path}" + (f"; resuming from {resume_from} (step {state.global_step})" if saved else "")
     )
+    checkpoint_extra = {"world_size": world, "config": config, "tracker_run_id": run_id}
+    # real samples in the global batch at each step of an epoch: the last one may be short
+    real_samples = [global_real(i, len(train_set), cfg.batch_size, world) for i in range(steps_per_epoch)]
 
-    def save_checkpoint() -> Path:
-        state = {**progress, "world_size": world, "config": config, "tracker_run_id": run_id}
-        return checkpoint.save(accelerator, output_dir, state, cfg.keep_checkpoints, model_cfg)
-
-    # this process's loss sum of each step of the current epoch, on the device; read at each check
-    step_losses = torch.zeros(steps_per_epoch, device=accelerator.device)
-    health = StepHealth(accelerator.device)
-
-    def global_real(batch_index: int) -> int:  # real samples in the global batch at this step of an epoch
-        per_step = world * cfg.batch_size
-        return min(per_step, len(train_set) - batch_index * per_step)
-
-    # the sync averages gradients over processes; scaling each process's sum by world / global_real
-    # makes the update the mean over the real samples of the global batch, as on one process. One
-    # 0-d device tensor per batch size an epoch has (full, and a shorter last one), made before any capture
-    step_scales = {real: torch.full((), world / real, device=accelerator.device)
-                   for real in {global_real(index) for index in range(steps_per_epoch)}}
-
-    def take_step(inputs: torch.Tensor, labels: torch.Tensor, global_real: int, index: int) -> None:
-        train_step(accelerator, sync.model, optimizer, scheduler, health, inputs, labels, step_scales[global_real],
-                   cfg.label_smoothing, step_losses[index], ADAM_VIEW_ELEMENTS if data_path == "graph" else None,
-                   sync.average)
-
-    if data_path == "graph":
-        device = accelerator.device
-        runner = EpochGraph(take_step, normalize(train_set.images.to(device), *stats), train_set.labels.to(device),
-                            cfg.batch_size, cfg.seed, health)
-    else:
-        runner = EagerSteps(epoch_batches, take_step, stats)
-
-    metrics, first_segment = None, True
-    # Python's full garbage collections walk every object the imports made (torch, sympy, ...): ~0.2 s
-    # each on a 2-core VM, a few times a run. Frozen, those objects are never walked again; without
-    # this, each pause also stalls every other process at the next gradient sync.
+    # Python's full garbage collections walk every object the imports made (torch, sympy, ...); frozen,
+    # they are never walked again, and no process stalls the others at a gradient all-reduce for it
     gc.freeze()
-    timings["setup"] = time.perf_counter() - mark  # model, optimizer, prepare, device copies, trackers
+    timings["setup"] = time.perf_counter() - began  # model, optimizer, prepare, device copies, trackers
+    metrics = None
     with StopSignals() as signals:
         try:
-            while progress["global_step"] < total_steps:
-                epoch = progress["epoch"]
+            while state.global_step < total_steps:
+                runner.begin_epoch(state.epoch, state.batch_in_epoch)
                 model.train()
-                rank = accelerator.process_index
-                # this process's running loss sums, added up step by step in float32 as the device would
-                sums = {"epoch": np.float32(progress["epoch_loss_sums"][rank]),
-                        "window": np.float32(progress["window_loss_sums"][rank])}
-                resumed_seconds = progress["train_seconds"]
-                epoch_start = time.perf_counter()
-
-                def sync_progress():  # every process calls this: it gathers the loss sums
-                    mine = torch.tensor([[sums["epoch"], sums["window"]]], dtype=torch.float32, device=accelerator.device)
-                    gathered = accelerator.gather(mine).cpu()
-                    progress["epoch_loss_sums"], progress["window_loss_sums"] = gathered[:, 0].tolist(), gathered[:, 1].tolist()
-                    progress["train_seconds"] = resumed_seconds + time.perf_counter() - epoch_start
-
-                def fold(first: int, stop: int) -> tuple[list, int | None]:
-                    """Add steps [first, stop) of this epoch to the sums (one host sync); return the log
-                    windows they closed, as (step, this process's loss sum, samples), and the first step
-                    whose loss was not finite."""
-                    windows, first_bad = [], None
-                    for index, value in enumerate(step_losses[first:stop].tolist(), start=first):
-                        at = progress["global_step"] - (stop - 1 - index)  # global step of this batch
-                        sums["epoch"] = np.float32(sums["epoch"] + np.float32(value))
-                        sums["window"] = np.float32(sums["window"] + np.float32(value))
-                        progress["epoch_samples"] += global_real(index)
-                        progress["window_samples"] += global_real(index)
-                        if first_bad is None and not math.isfinite(value):
-                            first_bad = at
-                        if at % cfg.log_every == 0:
-                            windows.append((at, float(sums["window"]), progress["window_samples"]))
-                            sums["window"], progress["window_samples"] = np.float32(0), 0
-                    return windows, first_bad
-
-                runner.begin_epoch(epoch, progress["batch_in_epoch"])
-                folded = progress["batch_in_epoch"]  # steps of this epoch already in `sums`
-                while True:
-                    begin, step_before = progress["batch_in_epoch"], progress["global_step"]
-                    # run up to the next point where something needs the host: the epoch's end, a
-                    # checkpoint, a log (the eager paths; the graph path logs each epoch's windows after it)
-                    end = min(steps_per_epoch, begin + total_steps - step_before)
-                    if runner.cut_at_log_points:
-                        end = min(end, begin + cfg.log_every - step_before % cfg.log_every)
-                    if cfg.checkpoint_every:
-                        end = min(end, begin + cfg.checkpoint_every - step_before % cfg.checkpoint_every)
-                    if first_segment and runner.first_step_alone:  # time to first step
-                        end = min(end, begin + 1)
-                    runner.run(begin, end)
-                    first_segment = first_segment and end == begin  # until this process has taken a step
-                    if progress["seconds_to_first_step"] is None:
-                        progress["seconds_to_first_step"] = since_process_start()
-                    progress["global_step"] += end - begin
-                    progress["batch_in_epoch"] = end
-                    bar.update(end - begin)
-                    step = progress["global_step"]
-                    end_of_epoch = end == steps_per_epoch or step >= total_steps
-                    checkpoint_due = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and not end_of_epoch
-                    log_due = step // cfg.log_every > step_before // cfg.log_every
-                    if not (log_due or checkpoint_due or end_of_epoch):
-                        continue
-                    # the processes agree (one host sync) only here, never every step
-                    windows, first_bad_loss = fold(folded, end)
-                    folded = end
-                    stop, first_bad = agree_to_stop(accelerator, signals.received is not None, health, step, first_bad_loss)
+                clock = time.perf_counter()
+                while state.batch_in_epoch < steps_per_epoch and state.global_step < total_steps:
+                    first = state.batch_in_epoch
+                    last = first + steps_to_next_check(state, cfg, runner.logs_live, steps_per_epoch, total_steps)
+                    runner.run(first, last)  # steps [first, last) of this epoch, none waiting for the host
+                    windows, first_bad_loss = state.add_steps(
+                        runner.losses[first:last].tolist(), real_samples[first:last], cfg.log_every)
+                    state.seconds_to_first_step = state.seconds_to_first_step or runner.seconds_to_first_step
+                    report.advance(last - first)
+                    # the processes compare notes (one host sync) only here, never every step
+                    stop, first_bad = agree_to_stop(accelerator, signals.received is not None, guard.bad_steps,
+                                                    state.global_step, first_bad_loss)
                     if first_bad is not None:
-                        raise TrainingError(
-                            f"non-finite training loss or gradients at step {first_bad} (epoch {epoch + 1}); "
-                            f"the weights are those of step {first_bad - 1}, nothing after it was applied or "
-                            f"saved. Lower --lr or try --mixed-precision no; the checkpoints in "
-                            f"{checkpoint.checkpoints_root(output_dir)} hold the last good state."
-                        )
-                    if windows:
-                        mine = torch.tensor([w[1] for w in windows], dtype=torch.float32, device=accelerator.device)
-                        totals = accelerator.reduce(mine, reduction="sum").tolist()
-                        rate = (progress["samples_seen"] + progress["epoch_samples"]) / (
-                            resumed_seconds + time.perf_counter() - epoch_start
-                        )
-                        for (at, _, samples), total in zip(windows, totals):
-                            log(
-                                {
-                                    "train/loss": total / samples, "train/lr": optimizer.param_groups[0]["lr"],
-                                    "train/samples_per_second": rate, "train/epoch": at / steps_per_epoch,
-                                },
-                                at,
-                            )
-                        bar.set_postfix(epoch=epoch + 1, loss=f"{totals[-1] / windows[-1][2]:.4f}", samples_s=f"{rate:,.0f}")
-                    if stop or checkpoint_due:
-                        sync_progress()
-                        path = save_checkpoint()
+                        raise TrainingError(non_finite_message(first_bad, state.epoch, cfg.output_dir))
+                    report.log_windows(windows, state, optimizer, steps_per_epoch, time.perf_counter() - clock)
+                    if stop or checkpoint_due(state, cfg, steps_per_epoch, total_steps):
+                        state.train_seconds += time.perf_counter() - clock
+                        path = save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg)
+                        clock = time.perf_counter()
                         if stop:
-                            say(f"mnist_dist: stopped by signal after step {step}; checkpoint {path}")
+                            report.say(f"mnist_dist: stopped by signal after step {state.global_step}; checkpoint {path}")
                             raise Preempted(path)
-                        epoch_start, resumed_seconds = time.perf_counter(), progress["train_seconds"]
-                    if end_of_epoch:
-                        break
-
-                mine = torch.tensor(sums["epoch"], dtype=torch.float32, device=accelerator.device)
-                train_loss = accelerator.reduce(mine, reduction="sum").item() / progress["epoch_samples"]
-                sync_progress()
-                if progress["history"] and progress["history"][-1]["epoch"] == epoch + 1:
-                    progress["history"].pop()  # this epoch's first part, up to an earlier run's --max-steps
-                seconds = progress["train_seconds"] - sum(h["seconds"] for h in progress["history"])
-                eval_start = time.perf_counter()
-                metrics = test_metrics()
-                progress["history"].append(
-                    {
-                        "epoch": epoch + 1,
-                        "train_loss": train_loss,
-                        "test_accuracy": metrics["accuracy"],
-                        "test_loss": metrics["loss"],
-                        "seconds": seconds,
-                        "eval_seconds": time.perf_counter() - eval_start,
-                        "samples": progress["epoch_samples"],
-                    }
-                )
-                best = progress["best_test_accuracy"]
-                progress["best_test_accuracy"] = max(best, metrics["accuracy"]) if best is not None else metrics["accuracy"]
-                say(
-                    f"epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f}  test_loss {metrics['loss']:.4f}  "
-                    f"test_accuracy {metrics['accuracy']:.4f}  ({seconds:.2f} s, {progress['epoch_samples'] / seconds:,.0f} samples/s)"
-                )
-                log(
-                    {
-                        "test/accuracy": metrics["accuracy"], "test/loss": metrics["loss"], "train/epoch_loss": train_loss,
-                        "epoch": epoch + 1, "epoch_seconds": seconds,
-                    },
-                    progress["global_step"],
-                )
-                if progress["batch_in_epoch"] == steps_per_epoch:
-                    progress["samples_seen"] += progress["epoch_samples"]
-                    progress.update(epoch=epoch + 1, batch_in_epoch=0, epoch_loss_sums=[0.0] * world, epoch_samples=0)
-                # else --max-steps ended the run inside the epoch: its checkpoint stays there, so that resuming
-                # with more steps finishes this epoch rather than skipping to the next
-                save_checkpoint()
+                state.train_seconds += time.perf_counter() - clock
+                metrics = end_epoch(accelerator, state, model, test_loader, test_shard, stats, report, epochs,
+                                    steps_per_epoch)
+                save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg)
         except (Preempted, TrainingError):  # every process raises these at the same step
-            bar.close()
+            report.close()
             _shutdown(accelerator)
             raise
-    bar.close()
+    report.close()
 
     if metrics is None:  # resumed from a checkpoint of a run that had already finished its steps
-        metrics = test_metrics()
-    history = progress["history"]
-    samples_seen = progress["samples_seen"] + progress["epoch_samples"]  # epoch_samples: a cut-short epoch's
-    results = {
-        "dataset": cfg.dataset,
-        "test_accuracy": metrics["accuracy"],
-        "test_loss": metrics["loss"],
-        "test_samples": metrics["samples"],
-        "best_test_accuracy": progress["best_test_accuracy"],
-        "train_samples": len(train_set),
-        "epochs": len(history),
-        "steps": progress["global_step"],
-        "samples_seen": samples_seen,
-        "world_size": world,
-        "per_process_batch_size": cfg.batch_size,
-        "global_batch_size": cfg.batch_size * world,
-        "mixed_precision": accelerator.mixed_precision,
-        "torch_compile": config["torch_compile"],  # Accelerate's dynamo_backend, lower case; "no" when off
-        "data_path": data_path,  # resolved: --data-path auto picks one
-        "gradient_sync": sync.mode,  # resolved: none (one process), allreduce, shared-memory or exchange
-        "device_type": accelerator.device.type,
-        "train_seconds": progress["train_seconds"],
-        "samples_per_second": samples_seen / progress["train_seconds"],
-        "seconds_to_first_step": progress["seconds_to_first_step"],
-        # this process's wall time by phase, seconds (train and eval: all epochs, across resumes)
-        "timings": {**timings, "train": progress["train_seconds"], "capture": runner.capture_seconds,  # part of train
-                    "eval": sum(h["eval_seconds"] for h in history)},
-        "normalization": {"mean": stats[0], "std": stats[1]},
-        "per_class_accuracy": dict(zip(model_cfg["class_names"], metrics["per_class_accuracy"])),
-        "confusion_matrix": metrics["confusion_matrix"],  # [true class][predicted class], counts
-        "history": history,
-        "config": cfg.to_dict(),
-    }
-    outputs_start = time.perf_counter()
-    accelerator.wait_for_everyone()
-    # the plain module, never its torch.compile wrapper: that one's weights are saved as "_orig_mod.fc1.weight"
-    # (pytorch/pytorch#101107), and unwrapping it while keeping the wrapper puts the bare module inside it
-    plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
-    accelerator.save_model(plain_model, output_dir)  # model.safetensors, written by the main process
-    if main:
-        _write_json(output_dir / CONFIG_NAME, model_cfg)
-        pictures = draw_pictures(output_dir, results, plain_model, test_set, stats, model_cfg)
-        tracking.log_images(accelerator, pictures, progress["global_step"])
-        results["timings"]["outputs"] = time.perf_counter() - outputs_start  # model file, pictures, W&B images
-        _write_json(output_dir / "results.json", results)  # last: its presence marks a finished run
-        say(f"mnist_dist: test_accuracy {results['test_accuracy']:.4f}; wrote {output_dir}/results.json and "
-            f"{', '.join(p.name for p in pictures.values())}")
-    tracking.finish(
-        accelerator, {"best_test_accuracy": results["best_test_accuracy"], "final_test_accuracy": results["test_accuracy"]}
-    )
+        metrics = test_metrics(accelerator, model, test_loader, test_shard, stats)
+    timings |= {"train": state.train_seconds, "capture": runner.capture_seconds,  # capture: part of train
+                "eval": sum(h["eval_seconds"] for h in state.history)}
+    results = results_of(cfg, accelerator, state, metrics, timings, data_path, len(train_set), stats, model_cfg)
+    write_outputs(accelerator, model, cfg.output_dir, results, test_set, stats, model_cfg, report)
+    tracking.finish(accelerator, {"best_test_accuracy": results["best_test_accuracy"],
+                                  "final_test_accuracy": results["test_accuracy"]})
     _shutdown(accelerator)
     return results
 
 
-def draw_pictures(output_dir: Path, results: dict, model, test_set, stats, model_cfg: dict) -> dict[str, Path]:
-    """The run's PNGs: training curves, confusion matrix, misclassified test digits (main process)."""
-    names = model_cfg["class_names"]
-    config = results["config"]
-    title = f"{results['dataset']}, {results['epochs']} epochs, recipe {config['recipe']}"
-    predicted = predict(model, test_set.images.to(next(model.parameters()).device), stats).argmax(1).cpu()
-    return {
-        "training_curves": plots.training_curves(
-            results["history"], output_dir / "training_curves.png", title, config["label_smoothing"]
-        ),
-        "confusion_matrix": plots.confusion_matrix(
-            results["confusion_matrix"], names, output_dir / "confusion_matrix.png", title
-        ),
-        "misclassified": plots.misclassified_grid(
-            test_set.images, test_set.labels, predicted, names, output_dir / "misclassified.png"
-        ),
-    }
-
-
-def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam, fused into one kernel per step where torch has one for the device; on CUDA also
-    capturable (its step count stays on the GPU), so that `--data-path graph` can record it."""
-    # only where its skip of a non-finite step (found_inf) is tested: MPS's fused Adam ignored
-    # found_inf until mid-2026 (pytorch/pytorch#186360); other devices take one host sync per step
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.Adam(params, lr=lr, fused=fused, capturable=device.type == "cuda")
+def saved_model_config(model: MLP, cfg: TrainConfig, stats: tuple[float, float]) -> dict:
+    """config.json, saved beside every model: what rebuilds it and how its inputs are scaled."""
+    return model_config(
+        model, normalization={"mean": stats[0], "std": stats[1], "pixel_scale": 255}, dataset=cfg.dataset,
+        data_dir=str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,  # evaluate's default test set
+        class_names=data.class_names(cfg.dataset),
+    )
 
 
 def resolve_data_path(cfg: TrainConfig, accelerator) -> str:
@@ -440,71 +249,292 @@ def resolve_data_path(cfg: TrainConfig, accelerator) -> str:
     return "device" if accelerator.device.type != "cpu" else "dataloader"
 
 
-def train_step(accelerator, model, optimizer, scheduler, health: StepHealth, inputs: torch.Tensor,
-               labels: torch.Tensor, scale: torch.Tensor, label_smoothing: float, loss_out: torch.Tensor,
-               view_elements: int | None = None, average_gradients: Callable[[], None] | None = None) -> None:
-    """One optimizer step on a batch of normalized inputs, with no host sync: the gradients are of
-    the batch's loss sum times `scale` (a 0-d float32 tensor on the device), and that loss sum goes
-    to the 0-d device tensor `loss_out`.
-    `average_gradients`: called after backward where DDP does not average them (`GradientSync`).
-
-    Every data path runs this function; `--data-path graph` records its kernels and replays them.
-    """
-    logits = model(inputs)
-    loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
-    backward(accelerator, loss_sum, scale)  # the gradients of loss_sum * scale
-    if average_gradients is not None:
-        average_gradients()
-    optimizer_step(accelerator, optimizer, health, view_elements)  # skips, on the device, a non-finite step
-    # torch's own: Accelerate's wrapper looks up the optimizer's signature on every call (~28 µs on a CPU)
-    optimizer.optimizer.zero_grad(set_to_none=True)
-    if scheduler is not None:
-        scheduler.step()
-    loss_out.copy_(loss_sum.detach())
+def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam, fused into one kernel per step where torch has one for the device; on CUDA also
+    capturable (its step count stays on the GPU), so that `--data-path graph` can record it."""
+    # fused only where its skip of a non-finite step (found_inf) is tested: MPS's fused Adam ignored
+    # found_inf until mid-2026 (pytorch/pytorch#186360)
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.Adam(params, lr=lr, fused=fused, capturable=device.type == "cuda")
 
 
-class EagerSteps:
-    """The dataloader and device paths: each step launched from Python as its batch comes."""
-
-    cut_at_log_points = True  # the loop stops at every --log-every step to log live
-    first_step_alone = True  # a process's first stretch is one step: its time to first step
-    capture_seconds = 0.0
-
-    def __init__(self, epoch_batches, step, stats: tuple[float, float]):
-        self.epoch_batches, self.step, self.stats = epoch_batches, step, stats
-        self.batches = iter(())
-
-    def begin_epoch(self, epoch: int, start: int) -> None:
-        self.batches = self.epoch_batches(epoch, start)
-
-    def run(self, start: int, stop: int) -> None:
-        for _ in range(start, stop):
-            index, images, labels, global_real = next(self.batches)
-            self.step(normalize(images, *self.stats), labels, global_real, index)
-
-
-def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
-    """The --schedule over `total_steps` optimizer steps, or None for a constant learning rate.
+def make_scheduler(cfg: TrainConfig, accelerator, optimizer, total_steps: int):
+    """The --schedule over `total_steps` optimizer steps, saved and restored with the checkpoints; None
+    for a constant learning rate.
 
     Deliberately not passed to `accelerator.prepare`: Accelerate's scheduler wrapper steps the
     schedule once per process per step, which would end a multi-process schedule early.
     """
-    inner = optimizer.optimizer  # the torch optimizer, whose step() the loop calls
+    inner = optimizer.optimizer  # the torch optimizer, whose learning rate the schedule sets
+    if cfg.schedule == "constant":
+        return None
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            inner, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.warmup_fraction
-        )
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(inner, T_max=total_steps)
-    return None
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(inner, max_lr=cfg.lr, total_steps=total_steps,
+                                                        pct_start=cfg.warmup_fraction)
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(inner, T_max=total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    return scheduler
 
 
-class Preempted(Exception):
-    """Stopped by SIGTERM/SIGUSR1 after saving the checkpoint at `path`."""
+def restore(accelerator, path: Path, saved: dict, optimizer) -> TrainState:
+    """Load the checkpoint at `path` into the prepared objects (all processes); return its TrainState."""
+    try:
+        accelerator.load_state(str(path))  # model, optimizer, schedule, sampler, every process's RNG state
+    except Exception as err:  # truncated or damaged files: refuse, naming the checkpoint
+        raise CheckpointError(f"{path}: damaged checkpoint ({type(err).__name__}: {err})") from err
+    for group in optimizer.param_groups:  # loading restores the saving run's flags; keep this device's
+        group["capturable"] = optimizer.optimizer.defaults["capturable"]
+    return TrainState.restored(saved, accelerator.process_index)
 
-    def __init__(self, path: Path):
-        super().__init__(str(path))
-        self.path = path
+
+class NonFiniteGuard:
+    """Skips, on the device, the update of the first step whose gradients are not finite and of every
+    step after it, so that the weights stay those of the last good step until the processes next
+    compare notes (`agree_to_stop`) and stop naming that step. No step waits for the host for it.
+    """
+
+    def __init__(self, accelerator, optimizer):
+        device = accelerator.device
+        self.found_inf = torch.zeros((), device=device)  # 1.0 from the first non-finite step on
+        self.bad_steps = torch.zeros((), device=device)  # steps skipped since then
+        self.scaler = accelerator.scaler is not None  # fp16: the grad scaler skips overflowing steps itself
+        self.fused = bool(optimizer.optimizer.defaults.get("fused")) and not self.scaler
+        if self.fused:  # fused Adam skips its update while found_inf is 1: the interface GradScaler uses
+            optimizer.optimizer.found_inf = self.found_inf
+
+    def check(self, optimizer) -> None:
+        """After backward, before `optimizer.step()`: mark this step bad if a gradient is not finite."""
+        if self.scaler:
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.nn.utils.get_total_norm(grads).isfinite()  # torch's own test (clip_grad_norm_)
+        torch.maximum(self.found_inf, ~finite, out=self.found_inf)
+        self.bad_steps += self.found_inf
+        if not self.fused and self.found_inf.item():  # an optimizer without found_inf: one host sync a step
+            optimizer.zero_grad(set_to_none=True)  # torch's optimizers leave a parameter without gradient alone
+
+
+def train_step(accelerator, model, optimizer, guard: NonFiniteGuard, images: torch.Tensor, labels: torch.Tensor,
+               scale: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """One optimizer step on a batch of normalized images; returns its loss sum (0-d, on the device).
+
+    `scale` is world size / real samples in the global batch: DDP averages the gradients over the
+    processes, so the update follows the mean loss over the global batch, as on one process.
+    """
+    logits = model(images)
+    loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
+    accelerator.backward(loss_sum * scale)
+    guard.check(optimizer)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum.detach()
+
+
+class EagerSteps:
+    """--data-path dataloader and device: the reference step, launched from Python batch by batch.
+    Each step's loss sum goes to `losses[step]`, on the device."""
+
+    logs_live = True  # the loop stops at every --log-every step to log
+    capture_seconds = 0.0
+
+    def __init__(self, accelerator, model, optimizer, scheduler, guard, batches, cfg: TrainConfig, train_len: int,
+                 stats: tuple[float, float]):
+        """`batches`: the prepared DataLoader, or `data.DeviceBatches`."""
+        self.accelerator, self.model, self.optimizer, self.scheduler, self.guard = accelerator, model, optimizer, scheduler, guard
+        self.batches, self.cfg, self.train_len, self.stats = batches, cfg, train_len, stats
+        self.losses = torch.zeros(len(batches), device=accelerator.device)
+        self.epoch_batches = iter(())
+        self.seconds_to_first_step: float | None = None
+
+    def begin_epoch(self, epoch: int, start: int) -> None:
+        if isinstance(self.batches, DeviceBatches):
+            self.epoch_batches = self.batches.epoch(epoch, start)
+            return
+        self.batches.set_epoch(epoch)  # reshuffle: the permutation seeded by seed + epoch, the same everywhere
+        loader = self.accelerator.skip_first_batches(self.batches, start) if start else self.batches
+        loader.set_epoch(epoch)  # resumed mid-epoch: the same permutation, minus the batches done
+        self.epoch_batches = iter(loader)
+
+    def run(self, start: int, stop: int) -> None:
+        world, batch_size = self.accelerator.num_processes, self.cfg.batch_size
+        for index in range(start, stop):
+            images, labels = next(self.epoch_batches)
+            real = local_real(index, len(labels), self.train_len, batch_size, self.accelerator)  # fillers last
+            scale = world / global_real(index, self.train_len, batch_size, world)
+            self.losses[index] = train_step(self.accelerator, self.model, self.optimizer, self.guard,
+                                            normalize(images[:real], *self.stats), labels[:real], scale,
+                                            self.cfg.label_smoothing)
+            if self.scheduler is not None:
+                self.scheduler.step()
+            if self.seconds_to_first_step is None:
+                self.seconds_to_first_step = since_process_start()
+
+
+def steps_to_next_check(state: TrainState, cfg: TrainConfig, logs_live: bool, steps_per_epoch: int,
+                        total_steps: int) -> int:
+    """Steps from here to the next point where the host looks: the epoch's end or the run's, a
+    checkpoint, or (where the path logs live) a log point."""
+    step = state.global_step
+    ends = [steps_per_epoch - state.batch_in_epoch, total_steps - step]
+    for every in ([cfg.log_every] if logs_live else []) + ([cfg.checkpoint_every] if cfg.checkpoint_every else []):
+        ends.append(every - step % every)
+    return min(ends)
+
+
+def checkpoint_due(state: TrainState, cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> bool:
+    """A --checkpoint-every point inside an epoch (epoch ends always get one, after their evaluation)."""
+    inside = state.batch_in_epoch < steps_per_epoch and state.global_step < total_steps
+    return bool(cfg.checkpoint_every) and state.global_step % cfg.checkpoint_every == 0 and inside
+
+
+def non_finite_message(step: int, epoch: int, output_dir: str) -> str:
+    return (f"non-finite training loss or gradients at step {step} (epoch {epoch + 1}); the weights are those "
+            f"of step {step - 1}, nothing after it was applied or saved. Lower --lr or try --mixed-precision no; "
+            f"the checkpoints in {checkpoint.checkpoints_root(output_dir)} hold the last good state.")
+
+
+def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState, extra: dict, model_cfg: dict) -> Path:
+    """A checkpoint of `state` and the prepared objects (all processes call this)."""
+    return checkpoint.save(accelerator, cfg.output_dir, {**state.saved(accelerator), **extra}, cfg.keep_checkpoints,
+                           model_cfg)
+
+
+def test_metrics(accelerator, model, test_loader, test_shard, stats) -> dict:
+    """Test-set metrics over every process, each test image counted once."""
+    if test_shard is None:  # the DataLoader path: gather_for_metrics drops the padding of the last batches
+        return evaluate(model, test_loader, gather=accelerator.gather_for_metrics, normalization=stats)
+    return evaluate_shard(model, test_shard, stats, lambda t: accelerator.reduce(t, reduction="sum"))
+
+
+def end_epoch(accelerator, state: TrainState, model, test_loader, test_shard, stats, report: "Reporter",
+              epochs: int, steps_per_epoch: int) -> dict:
+    """Evaluate, add the epoch to the history, say and log it; move the state to the next epoch
+    unless --max-steps ended this one early. Returns the test metrics."""
+    mine = torch.tensor(state.epoch_loss_sum, dtype=torch.float32, device=accelerator.device)
+    train_loss = accelerator.reduce(mine, reduction="sum").item() / state.epoch_samples
+    if state.history and state.history[-1]["epoch"] == state.epoch + 1:
+        state.history.pop()  # this epoch's first part, up to an earlier run's --max-steps
+    seconds = state.train_seconds - sum(h["seconds"] for h in state.history)
+    began = time.perf_counter()
+    metrics = test_metrics(accelerator, model, test_loader, test_shard, stats)
+    state.history.append({"epoch": state.epoch + 1, "train_loss": train_loss, "test_accuracy": metrics["accuracy"],
+                          "test_loss": metrics["loss"], "seconds": seconds,
+                          "eval_seconds": time.perf_counter() - began, "samples": state.epoch_samples})
+    best = state.best_test_accuracy
+    state.best_test_accuracy = metrics["accuracy"] if best is None else max(best, metrics["accuracy"])
+    report.say(f"epoch {state.epoch + 1}/{epochs}: train_loss {train_loss:.4f}  test_loss {metrics['loss']:.4f}  "
+               f"test_accuracy {metrics['accuracy']:.4f}  ({seconds:.2f} s, {state.epoch_samples / seconds:,.0f} samples/s)")
+    report.log({"test/accuracy": metrics["accuracy"], "test/loss": metrics["loss"], "train/epoch_loss": train_loss,
+                "epoch": state.epoch + 1, "epoch_seconds": seconds}, state.global_step)
+    if state.batch_in_epoch == steps_per_epoch:
+        state.samples_seen += state.epoch_samples
+        state.epoch, state.batch_in_epoch, state.epoch_loss_sum, state.epoch_samples = state.epoch + 1, 0, 0.0, 0
+    # else --max-steps ended the run inside the epoch: its checkpoint stays there, so that resuming
+    # with more steps finishes this epoch rather than skipping to the next
+    return metrics
+
+
+class Reporter:
+    """What the main process tells people and trackers: a progress bar at a terminal, one line per
+    epoch, Accelerate's trackers and metrics.jsonl. The other processes stay quiet."""
+
+    def __init__(self, accelerator, output_dir: str, total_steps: int, resumed_at: int | None):
+        self.accelerator, self.main = accelerator, accelerator.is_main_process
+        self.metrics_log = tracking.MetricsLog(output_dir, self.main, resumed_at)
+        if resumed_at is not None:
+            tracking.replay(accelerator, self.metrics_log.records())
+        # the bar is for people at a terminal; batch logs (SLURM) get the one line per epoch
+        self.bar = tqdm(total=total_steps, initial=resumed_at or 0, unit="step", dynamic_ncols=True,
+                        disable=not (self.main and sys.stderr.isatty()))
+
+    def say(self, text: str) -> None:
+        if self.main:
+            self.bar.write(text)
+
+    def log(self, values: dict, step: int) -> None:
+        self.accelerator.log(values, step=step)  # main process only
+        self.metrics_log.write(step, values)
+
+    def advance(self, steps: int) -> None:
+        self.bar.update(steps)
+
+    def log_windows(self, windows: list, state: TrainState, optimizer, steps_per_epoch: int, seconds: float) -> None:
+        """Log the --log-every windows just closed (`TrainState.add_steps`): loss over every process."""
+        if not windows:
+            return
+        mine = torch.tensor([w[1] for w in windows], dtype=torch.float32, device=self.accelerator.device)
+        totals = self.accelerator.reduce(mine, reduction="sum").tolist()
+        rate = (state.samples_seen + state.epoch_samples) / (state.train_seconds + seconds)
+        for (step, _, samples), total in zip(windows, totals):
+            self.log({"train/loss": total / samples, "train/lr": optimizer.param_groups[0]["lr"],
+                      "train/samples_per_second": rate, "train/epoch": step / steps_per_epoch}, step)
+        self.bar.set_postfix(loss=f"{totals[-1] / windows[-1][2]:.4f}", samples_s=f"{rate:,.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def results_of(cfg: TrainConfig, accelerator, state: TrainState, metrics: dict, timings: dict, data_path: str,
+               train_len: int, stats: tuple[float, float], model_cfg: dict) -> dict:
+    """results.json: the run's final metrics, its history and what it ran on."""
+    world = accelerator.num_processes
+    samples_seen = state.samples_seen + state.epoch_samples  # epoch_samples: a cut-short epoch's
+    return {
+        "dataset": cfg.dataset, "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"],
+        "test_samples": metrics["samples"], "best_test_accuracy": state.best_test_accuracy,
+        "train_samples": train_len, "epochs": len(state.history), "steps": state.global_step,
+        "samples_seen": samples_seen, "world_size": world, "per_process_batch_size": cfg.batch_size,
+        "global_batch_size": cfg.batch_size * world, "mixed_precision": accelerator.mixed_precision,
+        "torch_compile": compiled_with(accelerator),  # Accelerate's dynamo_backend, lower case; "no" when off
+        "data_path": data_path,  # resolved: --data-path auto picks one
+        "device_type": accelerator.device.type, "train_seconds": state.train_seconds,
+        "samples_per_second": samples_seen / state.train_seconds,
+        "seconds_to_first_step": state.seconds_to_first_step,
+        "timings": timings,  # this process's wall time by phase, seconds (train and eval: across resumes)
+        "normalization": {"mean": stats[0], "std": stats[1]},
+        "per_class_accuracy": dict(zip(model_cfg["class_names"], metrics["per_class_accuracy"])),
+        "confusion_matrix": metrics["confusion_matrix"],  # [true class][predicted class], counts
+        "history": state.history, "config": cfg.to_dict(),
+    }
+
+
+def write_outputs(accelerator, model, output_dir: str, results: dict, test_set, stats, model_cfg: dict,
+                  report: Reporter) -> None:
+    """The model, config.json, the pictures (also to the trackers) and, last, results.json, whose
+    presence marks a finished run. All processes call this; the main process writes."""
+    began = time.perf_counter()
+    output_dir = Path(output_dir)
+    accelerator.wait_for_everyone()
+    # the plain module, never its torch.compile wrapper: that one's weights are saved as "_orig_mod.fc1.weight"
+    # (pytorch/pytorch#101107), and unwrapping it while keeping the wrapper puts the bare module inside it
+    plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    accelerator.save_model(plain_model, output_dir)  # model.safetensors, written by the main process
+    if not accelerator.is_main_process:
+        return
+    _write_json(output_dir / CONFIG_NAME, model_cfg)
+    pictures = draw_pictures(output_dir, results, plain_model, test_set, stats, model_cfg)
+    tracking.log_images(accelerator, pictures, results["steps"])
+    results["timings"]["outputs"] = time.perf_counter() - began  # model file, pictures, W&B images
+    _write_json(output_dir / "results.json", results)
+    report.say(f"mnist_dist: test_accuracy {results['test_accuracy']:.4f}; wrote {output_dir}/results.json and "
+               f"{', '.join(p.name for p in pictures.values())}")
+
+
+def draw_pictures(output_dir: Path, results: dict, model, test_set, stats, model_cfg: dict) -> dict[str, Path]:
+    """The run's PNGs: training curves, confusion matrix, misclassified test digits (main process)."""
+    names = model_cfg["class_names"]
+    config = results["config"]
+    title = f"{results['dataset']}, {results['epochs']} epochs, recipe {config['recipe']}"
+    predicted = predict(model, test_set.images.to(next(model.parameters()).device), stats).argmax(1).cpu()
+    return {
+        "training_curves": plots.training_curves(results["history"], output_dir / "training_curves.png", title,
+                                                 config["label_smoothing"]),
+        "confusion_matrix": plots.confusion_matrix(results["confusion_matrix"], names,
+                                                   output_dir / "confusion_matrix.png", title),
+        "misclassified": plots.misclassified_grid(test_set.images, test_set.labels, predicted, names,
+                                                  output_dir / "misclassified.png"),
+    }
 
 
 def _shutdown(accelerator) -> None:
@@ -518,8 +548,8 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)  # readers see the old file or the new one, never half of one
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+def main(cfg: TrainConfig) -> int:
+    """Train as `cfg` says (from `parse_args`); return the exit status."""
     try:
         train(cfg)
     except (ConfigError, DataError, LaunchError, CheckpointError) as err:
@@ -538,4 +568,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(CLI_CONFIG))

@@ -1,4 +1,8 @@
-"""Every test runs against a private dataset cache and never reaches for the Hub."""
+"""Every test runs against a private dataset cache and never reaches for the Hub.
+
+The suite runs on pytest-xdist's workers (pyproject.toml): tests that share an expensive fixture
+(a training run, the SLURM cluster) run on one worker, so that the fixture is built once.
+"""
 
 import os
 import time
@@ -7,6 +11,18 @@ import pytest
 import torch
 
 from .helpers import check, mnist5k, results, train_cli, write_dataset
+
+
+SHARED_FIXTURES = ("recipe_run", "reference", "finished", "shard_report", "runs", "cluster")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
+        if shared:  # one xdist group per fixture (--dist loadgroup)
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{shared[0]}"
+                                                    if shared[0] != "recipe_run" else "recipe_run"))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -10,7 +10,6 @@ from mnist_dist.evaluation import evaluate
 from mnist_dist.model import MLP, load_model
 
 from .helpers import REPO, check, launch, launch_script, results, train_cli
-from .workers.exchange import STEPS
 from .workers.shards import EPOCHS, indexed
 
 N_TRAIN, N_TEST, BATCH = 1001, 1001, 64
@@ -76,51 +75,6 @@ def test_distributed_evaluation_equals_single_process_evaluation(shard_report):
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_cpu_gradient_syncs_average_like_ddps_all_reduce(world, tmp_path):
-    out = tmp_path / "weights.safetensors"
-    proc = check(launch_script(world, REPO / "tests" / "workers" / "exchange.py", str(out)))
-    r = load_file(out)
-    assert int(r["world"]) == world, "the launch did not connect the processes it started"
-    # CPU processes on one host: the step runs the module itself, under the launch's bf16 autocast
-    assert "--gradient-sync auto: shared-memory, MLP forward in torch.bfloat16" in proc.stdout
-    # a process that reports another host name: the exchange, inside DDP, and the reason said once
-    assert "--gradient-sync auto on two hosts: exchange, DistributedDataParallel" in proc.stdout
-    # said by the main process only: once for each of the two set-ups that fall back (plain and compiled, below)
-    assert proc.stdout.count("mnist_dist: no shared-memory gradient sync (the processes are not all on one host)") == 2
-    assert ("--gradient-sync shared-memory on two hosts: --gradient-sync shared-memory: the processes are not all "
-            "on one host; use exchange, allreduce or auto") in proc.stdout
-    # compiled by torch.compile: the step runs the compiled module itself on one host; on two, the exchange
-    # is hooked into the DDP inside the compiled wrapper, which must still be there
-    assert "compiled, --gradient-sync auto on one host: shared-memory, OptimizedModule of MLP" in proc.stdout
-    assert "compiled, --gradient-sync auto on two hosts: exchange, OptimizedModule of DistributedDataParallel" in proc.stdout
-    # the exchange: two buckets in the first step, then one rebuilt bucket of another size
-    assert int(r["buckets"]) == 2 and int(r["shared_calls"]) == STEPS  # shared memory: once a step
-    reduced = r["allreduce"]  # [process, weight]
-    assert not torch.equal(reduced[0], torch.cat([p.detach().flatten() for p in _mlp_at_seed_0(1024).parameters()]))
-    for mode in ("exchange", "shared-memory"):
-        synced = r[mode]
-        # each process trained on its own batches: only a correct average keeps them identical
-        assert all(torch.equal(synced[0], w) for w in synced[1:]), mode
-        if world == 2:  # g0 / 2 + g1 / 2 either way: one addition, which commutes
-            assert torch.equal(synced, reduced), mode
-        else:  # rank order against gloo's ring order: rounding only
-            torch.testing.assert_close(synced, reduced, rtol=1e-5, atol=1e-6)
-
-
-def test_shared_memory_sync_names_a_parameter_without_gradient_and_a_process_that_is_gone():
-    proc = launch_script(2, REPO / "tests" / "workers" / "exchange.py", "--peer-exits")
-    for rank in (0, 1):
-        assert f"process {rank}: parameter 'unused' got no gradient in this step" in proc.stdout
-    assert proc.returncode != 0
-    assert "process 1 stopped during the gradient sync" in proc.stderr
-
-
-def _mlp_at_seed_0(hidden: int) -> MLP:
-    torch.manual_seed(0)
-    return MLP(hidden_size=hidden)
-
-
 # ---------------------------------------------------------------- the real entry point
 
 
@@ -132,7 +86,6 @@ def test_two_process_run_trains_on_all_processes_and_tests_on_all_10000_digits(t
     assert proc.stdout.count("mnist_dist: decoding mnist-5k") == 1
     assert len(list(cache.glob("*.safetensors"))) == 1
     assert r["world_size"] == 2 and r["global_batch_size"] == 256 and r["per_process_batch_size"] == 128
-    assert r["gradient_sync"] == "shared-memory"  # --gradient-sync auto: CPU processes on one host
     assert r["test_samples"] == 10000 and r["train_samples"] == 5000
     assert [h["samples"] for h in r["history"]] == [5000, 5000, 5000]
     assert r["test_accuracy"] > 0.8

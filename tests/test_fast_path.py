@@ -1,19 +1,20 @@
-"""The fast path's pieces: on-device skipping of non-finite steps, fused Adam, schedules and the tuned recipe."""
+"""The reference step's on-device skip of non-finite steps, the captured-epoch path's step against the
+reference step, schedules and the tuned recipe."""
 
 import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
+from mnist_dist import graphs
 from mnist_dist.config import RECIPES, parse_args
-from mnist_dist.data import normalize
-from mnist_dist.distributed import DeviceBatches, StepHealth, agree_to_stop, optimizer_step
-from mnist_dist.graphs import ADAM_VIEW_ELEMENTS, EpochGraph, graph_unsupported
+from mnist_dist.data import DeviceBatches, Split, normalize
+from mnist_dist.distributed import agree_to_stop
+from mnist_dist.graphs import EpochGraph, graph_step, graph_unsupported
 from mnist_dist.model import MLP
-from mnist_dist.train import make_optimizer, train_step
+from mnist_dist.train import NonFiniteGuard, make_optimizer, train_step
 
 from .helpers import check, launch, mnist5k, results, train_cli
 
@@ -23,156 +24,133 @@ def accelerator():
     return Accelerator(cpu=True)
 
 
-def _step(accelerator, model, optimizer, health, images, view_elements=None):
-    loss = F.cross_entropy(model(images), torch.zeros(len(images), dtype=torch.long))
-    accelerator.backward(loss)
-    optimizer_step(accelerator, optimizer, health, view_elements)
-    optimizer.zero_grad(set_to_none=True)
+def prepared(accelerator, hidden_size=8, lr=1e-3, seed=0):
+    """An MLP, its fused Adam and their guard, prepared as training prepares them."""
+    torch.manual_seed(seed)
+    model = MLP(hidden_size=hidden_size)
+    model, optimizer = accelerator.prepare(model, make_optimizer(model.parameters(), lr, accelerator.device))
+    return model, optimizer, NonFiniteGuard(accelerator, optimizer)
 
 
-def _snapshot(model, optimizer):
+def reference_step(accelerator, model, optimizer, guard, x, y, label_smoothing=0.0):
+    return train_step(accelerator, model, optimizer, guard, x, y, 1 / len(y), label_smoothing)
+
+
+def captured_step(accelerator, model, optimizer, guard, x, y, label_smoothing=0.0):
+    scale, unit = torch.tensor(1 / len(y)), torch.ones(())
+    return graph_step(model, optimizer.optimizer, guard, x, y, scale, label_smoothing, unit)
+
+
+def snapshot(model, optimizer):
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     state = {(i, k): v.clone() for i, s in enumerate(optimizer.optimizer.state.values()) for k, v in s.items()}
     return weights, state
 
 
-def test_non_finite_gradients_skip_this_and_every_later_update_without_a_host_sync(accelerator):
-    torch.manual_seed(0)
-    model = MLP(hidden_size=8)
-    optimizer = make_optimizer(model.parameters(), 1e-3, accelerator.device)
-    assert optimizer.defaults["fused"], "CPU Adam should be fused"
-    model, optimizer = accelerator.prepare(model, optimizer)
-    health = StepHealth(accelerator.device)
-    good = torch.randn(4, 784)
-    _step(accelerator, model, optimizer, health, good)  # step 1: applied
-    weights, state = _snapshot(model, optimizer)
-    _step(accelerator, model, optimizer, health, torch.full((4, 784), float("nan")))  # step 2: non-finite
-    _step(accelerator, model, optimizer, health, good)  # step 3: finite, but after the bad one
-    after_weights, after_state = _snapshot(model, optimizer)
-    for name in weights:
-        assert torch.equal(weights[name], after_weights[name]), f"{name} changed after a non-finite step"
-    for key in state:  # moments and Adam's step count too
-        assert torch.equal(state[key], after_state[key]), f"optimizer state {key} changed"
-    assert agree_to_stop(accelerator, False, health, step=3) == (False, 2)
+def assert_same(a, b):
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
-def test_adam_in_small_views_is_bit_identical_to_torch_fused_adam_and_skips_alike(accelerator):
-    # the captured-epoch path cuts weights, gradients and moments into 4,096-element views (GPU block count)
-    runs = {}
-    for view_elements in (None, 4096, 1000):  # 1000: views that do not divide the tensors evenly
-        torch.manual_seed(0)
-        model = MLP(hidden_size=64)
-        optimizer = make_optimizer(model.parameters(), 1e-2, accelerator.device)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        health = StepHealth(accelerator.device)
-        generator = torch.Generator().manual_seed(1)
-        kept = []  # the weight and moment views fused_adam_in_views keeps between steps
-        for step in range(6):
-            images = torch.randn(8, 784, generator=generator)
-            if step == 4:
-                images[0, 0] = float("inf")  # skipped, and so is step 5
-            if step == 3:  # as a resume does: new state tensors, which the kept views must follow
-                optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-            _step(accelerator, model, optimizer, health, images, view_elements)
-            views = optimizer.optimizer.__dict__.get("_mnist_dist_views")
-            kept.append(views[0][1]["exp_avgs"][0] if views else None)
-        if view_elements:  # step 0 makes Adam's state (no views); cut at step 1, kept, cut again after the load
-            assert kept[0] is None and kept[1] is kept[2] and kept[2] is not kept[3] and kept[3] is kept[4] is kept[5]
-        runs[view_elements] = _snapshot(model, optimizer)
-        assert agree_to_stop(accelerator, False, health, step=6) == (False, 5)
-    (weights, state), *others = runs.values()
-    for other_weights, other_state in others:
-        for name in weights:
-            assert torch.equal(weights[name], other_weights[name]), name
-        for key in state:
-            assert torch.equal(state[key], other_state[key]), key
-    assert {k[1]: v for k, v in state.items()}["step"].item() == 4  # four applied steps
+@pytest.mark.parametrize("step", [reference_step, captured_step], ids=["reference", "captured"])
+def test_non_finite_gradients_skip_this_and_every_later_update_without_a_host_sync(accelerator, step):
+    model, optimizer, guard = prepared(accelerator)
+    assert optimizer.optimizer.defaults["fused"], "CPU Adam should be fused"
+    good, labels = torch.randn(4, 784), torch.zeros(4, dtype=torch.long)
+    step(accelerator, model, optimizer, guard, good, labels)  # step 1: applied
+    weights, state = snapshot(model, optimizer)
+    step(accelerator, model, optimizer, guard, torch.full((4, 784), float("nan")), labels)  # step 2: non-finite
+    step(accelerator, model, optimizer, guard, good, labels)  # step 3: finite, but after the bad one
+    after_weights, after_state = snapshot(model, optimizer)
+    assert_same(weights, after_weights)
+    assert_same(state, after_state)  # moments and Adam's step count too
+    assert agree_to_stop(accelerator, False, guard.bad_steps, step=3) == (False, 2)
 
 
 def test_finite_steps_update_and_report_nothing(accelerator):
-    model = MLP(hidden_size=8)
-    optimizer = make_optimizer(model.parameters(), 1e-3, accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    health = StepHealth(accelerator.device)
+    model, optimizer, guard = prepared(accelerator)
     before = model.fc1.weight.detach().clone()
-    _step(accelerator, model, optimizer, health, torch.randn(4, 784))
+    reference_step(accelerator, model, optimizer, guard, torch.randn(4, 784), torch.zeros(4, dtype=torch.long))
     assert not torch.equal(before, model.fc1.weight)
-    assert agree_to_stop(accelerator, True, health, step=1) == (True, None)
+    assert agree_to_stop(accelerator, True, guard.bad_steps, step=1) == (True, None)
 
 
 def test_a_non_finite_loss_is_named_by_its_step_even_when_gradients_stayed_finite(accelerator):
-    health = StepHealth(accelerator.device)
-    assert agree_to_stop(accelerator, False, health, step=30, first_bad_loss=27) == (False, 27)
+    _, _, guard = prepared(accelerator)
+    assert agree_to_stop(accelerator, False, guard.bad_steps, step=30, first_bad_loss=27) == (False, 27)
+
+
+@pytest.mark.parametrize("view_elements", [4096, 1000])  # 1000: views that cut every tensor unevenly
+def test_adam_in_views_is_bit_identical_to_torch_fused_adam_and_skips_alike(accelerator, view_elements, monkeypatch):
+    monkeypatch.setattr(graphs, "VIEW_ELEMENTS", view_elements)
+    runs = {}
+    for step in (reference_step, captured_step):
+        model, optimizer, guard = prepared(accelerator, hidden_size=64, lr=1e-2)
+        generator = torch.Generator().manual_seed(1)
+        kept = []  # the weight and moment views the captured step keeps between steps
+        for i in range(6):
+            images, labels = torch.randn(8, 784, generator=generator), torch.randint(0, 10, (8,), generator=generator)
+            if i == 4:
+                images[0, 0] = float("inf")  # skipped, and so is step 5
+            if i == 3:  # as a resume does: new state tensors, which the kept views must follow
+                optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+            step(accelerator, model, optimizer, guard, images, labels)
+            views = optimizer.optimizer.__dict__.get("_mnist_dist_views")
+            kept.append(views[0][1]["exp_avgs"][0] if views else None)
+        if step is captured_step:  # step 0 makes Adam's state (no views); cut at step 1, kept, cut again after the load
+            assert kept[0] is None and kept[1] is kept[2] and kept[2] is not kept[3] and kept[3] is kept[4] is kept[5]
+        runs[step] = snapshot(model, optimizer)
+        assert agree_to_stop(accelerator, False, guard.bad_steps, step=6) == (False, 5)
+    (weights, state), (other_weights, other_state) = runs.values()
+    assert_same(weights, other_weights)
+    assert_same(state, other_state)
+    assert {k[1]: v for k, v in state.items()}["step"].item() == 4  # four applied steps
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_the_captured_step_updates_exactly_as_the_reference_step_does(accelerator, label_smoothing):
+    """graph_step seeds backward with the scale and checks and updates on views (fewer kernels); its
+    weights must come out bit-identical to train_step's, over full and short batches, with equal loss sums."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(300, 784), torch.randint(0, 10, (300,))
+    runs = []
+    for step in (captured_step, reference_step):
+        model, optimizer, guard = prepared(accelerator, hidden_size=32, seed=1)
+        initial = model.fc1.weight.detach().clone()
+        sums = torch.zeros(6)
+        for i in range(6):
+            lo = 128 * (i % 3)
+            x, y = images[lo:lo + 128], labels[lo:lo + 128]  # the third batch is 44 samples
+            sums[i] = step(accelerator, model, optimizer, guard, x, y, label_smoothing)
+        runs.append(({k: v.clone() for k, v in model.state_dict().items()}, sums))
+    (fast, fast_sums), (reference, reference_sums) = runs
+    assert fast.keys() == reference.keys()
+    assert_same(fast, reference)
+    assert torch.equal(fast_sums, reference_sums)
+    assert (fast["fc1.weight"] - initial).abs().max() > 1e-3  # it trained
 
 
 def _train_two_epochs(accelerator, data_path, images, labels, batch_size=96, seed=5):
-    """Two epochs of the recipe's step on `images`, batched as `data_path` batches them, each path with
-    the optimizer it runs in training (the graph path: Adam on views)."""
-    torch.manual_seed(0)
-    model = MLP(hidden_size=32)
-    optimizer = make_optimizer(model.parameters(), 1e-3, accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    health = StepHealth(accelerator.device)
-    steps = -(-len(labels) // batch_size)
-    losses = torch.zeros(2, steps)
-
-    views = ADAM_VIEW_ELEMENTS if data_path == "graph" else None
-
-    def step(epoch):
-        def take(inputs, batch_labels, real, index):
-            train_step(accelerator, model, optimizer, None, health, inputs, batch_labels, torch.tensor(1 / real), 0.0,
-                       losses[epoch, index], views)
-        return take
-
+    """Two epochs on `images`: the graph path's runner (eagerly, without capture), or the device path's
+    batches through the reference step."""
+    model, optimizer, guard = prepared(accelerator, hidden_size=32)
+    split = Split(images, labels)
+    losses = torch.zeros(2, -(-len(labels) // batch_size))
     for epoch in range(2):
         if data_path == "graph":  # without capture (CPU): the same static buffers and slices, eagerly
-            runner = EpochGraph(step(epoch), normalize(images), labels, batch_size, seed, health, capture=False)
+            runner = EpochGraph(model, optimizer, guard, normalize(images), labels, batch_size, seed, capture=False)
             runner.begin_epoch(epoch)
             # what precedes a capture: steps with every update skipped, before Adam has state
             # (epoch 0) and after; they must change nothing
             runner.warm_up()
             runner.run(0, 3)  # cut anywhere: the first stretch, the rest
             runner.run(3, runner.steps)
+            losses[epoch] = runner.losses
         else:
-            batches = DeviceBatches(images, labels, batch_size, seed, accelerator)
-            for index, x, y, real in batches.epoch(epoch):
-                step(epoch)(normalize(x), y, real, index)
-    assert health.found_inf.item() == 0 and health.bad_steps.item() == 0
+            for index, (x, y) in enumerate(DeviceBatches(split, batch_size, seed, 0, 1, accelerator.device).epoch(epoch)):
+                losses[epoch, index] = reference_step(accelerator, model, optimizer, guard, normalize(x), y)
+    assert guard.found_inf.item() == 0 and guard.bad_steps.item() == 0
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses
-
-
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_the_step_updates_exactly_as_the_textbook_loss_times_scale_does(accelerator, label_smoothing):
-    """train_step seeds backward with the scale and lets cross_entropy sum (fewer kernels); the
-    weights must come out bit-identical to accelerator.backward(per-sample losses .sum() * scale),
-    over full and short batches, and the loss sums equal to rounding."""
-    torch.manual_seed(0)
-    images, labels = torch.randn(300, 784), torch.randint(0, 10, (300,))
-    runs = []
-    for textbook in (False, True):
-        torch.manual_seed(1)
-        model = MLP(hidden_size=32)
-        initial = model.fc1.weight.detach().clone()
-        optimizer = make_optimizer(model.parameters(), 1e-3, accelerator.device)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        health, sums = StepHealth(accelerator.device), torch.zeros(6)
-        for step in range(6):
-            lo = 128 * (step % 3)
-            x, y = images[lo:lo + 128], labels[lo:lo + 128]  # the third batch is 44 samples
-            scale = torch.tensor(1 / len(y))
-            if textbook:
-                loss = F.cross_entropy(model(x), y, reduction="none", label_smoothing=label_smoothing).sum()
-                accelerator.backward(loss * (1 / len(y)))
-                optimizer_step(accelerator, optimizer, health)
-                optimizer.zero_grad(set_to_none=True)
-                sums[step] = loss.detach()
-            else:
-                train_step(accelerator, model, optimizer, None, health, x, y, scale, label_smoothing, sums[step])
-        runs.append(({k: v.clone() for k, v in model.state_dict().items()}, sums))
-    (fast, fast_sums), (textbook, textbook_sums) = runs
-    assert fast.keys() == textbook.keys() and all(torch.equal(fast[k], textbook[k]) for k in fast)
-    torch.testing.assert_close(fast_sums, textbook_sums, rtol=1e-6, atol=0)
-    assert (fast["fc1.weight"] - initial).abs().max() > 1e-3  # it trained
 
 
 def test_graph_path_batches_and_steps_are_the_device_paths_and_its_warm_up_changes_nothing(accelerator):

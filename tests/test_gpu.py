@@ -37,11 +37,7 @@ def test_two_gpus_train_as_one_ddp_run(tmp_path):
     check(launch_gpus(2, "--dataset", "mnist-5k", "--report-to", "none", "--output-dir", str(tmp_path)))
     r = results(tmp_path)
     assert r["world_size"] == 2 and r["device_type"] == "cuda" and r["test_samples"] == 10000
-    assert r["gradient_sync"] == "allreduce"  # NCCL's; the exchange is for CPU processes
-    refused = launch_gpus(2, "--dataset", "mnist-5k", "--gradient-sync", "exchange", "--report-to", "none",
-                          "--output-dir", str(tmp_path / "refused"))
-    assert refused.returncode != 0 and "--gradient-sync exchange is for CPU processes" in refused.stderr
-    assert not (tmp_path / "refused").exists()
+    assert r["data_path"] == "device"  # --data-path auto with several GPUs
 
 
 @gpu

@@ -15,7 +15,7 @@ RESULT_KEYS = {
     "test_accuracy", "test_loss", "test_samples", "train_samples", "epochs", "world_size",
     "per_process_batch_size", "global_batch_size", "mixed_precision", "device_type",
     "train_seconds", "samples_per_second", "history", "config", "timings", "normalization",
-    "per_class_accuracy", "confusion_matrix", "data_path", "gradient_sync", "torch_compile",
+    "per_class_accuracy", "confusion_matrix", "data_path", "torch_compile",
 }
 
 
@@ -31,7 +31,7 @@ def test_results_json_has_the_documented_fields(recipe_run):
     assert r["world_size"] == 1 and r["global_batch_size"] == r["per_process_batch_size"] == 128
     assert r["epochs"] == 10 and len(r["history"]) == 10
     assert r["mixed_precision"] == "no" and r["device_type"] == "cpu" and r["torch_compile"] == "no"
-    assert (r["data_path"], r["gradient_sync"]) == ("dataloader", "none")  # --data-path auto on a CPU; one process
+    assert r["data_path"] == "dataloader"  # --data-path auto on a CPU
     assert r["config"] == {**TrainConfig().to_dict(), "dataset": "mnist-5k", "cpu": True, "output_dir": r["config"]["output_dir"]}
     for h in r["history"]:
         assert {"epoch", "train_loss", "test_accuracy", "test_loss", "seconds"} <= h.keys()
@@ -109,7 +109,7 @@ def test_fp16_from_the_accelerate_config_on_cpu_is_an_error_too(tmp_path):
         (["--num-workers", "-1"], "--num-workers=-1: must be an integer >= 0"),
         (["--dataset", "cifar10"], "argument --dataset: invalid choice: 'cifar10'"),
         (["--mixed-precision", "fp8"], "argument --mixed-precision: invalid choice: 'fp8'"),
-        (["--gradient-sync", "ring"], "argument --gradient-sync: invalid choice: 'ring'"),
+        (["--data-path", "ring"], "argument --data-path: invalid choice: 'ring'"),
         (["--batch-size", "ten"], "argument --batch-size: invalid int value: 'ten'"),
     ],
 )
@@ -123,8 +123,8 @@ def test_bad_flag_exits_2_naming_the_flag(flags, message, capsys):
 def test_validate_refuses_unknown_dataset_when_called_from_python():
     with pytest.raises(ConfigError, match="--dataset='cifar10': unknown dataset"):
         TrainConfig(dataset="cifar10").validate()
-    with pytest.raises(ConfigError, match="--gradient-sync='ring': choose one of auto, allreduce, shared-memory, exchange"):
-        TrainConfig(gradient_sync="ring").validate()
+    with pytest.raises(ConfigError, match="--data-path='ring': unknown data path; choose one of auto, dataloader, device, graph"):
+        TrainConfig(data_path="ring").validate()
 
 
 def test_help_lists_every_flag_with_its_default():

@@ -13,11 +13,9 @@ import torch
 from accelerate.utils import gather_object
 
 from mnist_dist.config import TrainConfig
-from mnist_dist.data import Split, make_loaders
-from mnist_dist.distributed import (
-    DeviceBatches, build_accelerator, device_test_shard, reduce_eval_sums, shard_counts,
-)
-from mnist_dist.evaluation import evaluate, evaluate_sums, summarize
+from mnist_dist.data import DeviceBatches, Split, make_loaders, test_shard
+from mnist_dist.distributed import build_accelerator, local_real
+from mnist_dist.evaluation import evaluate, evaluate_shard
 from mnist_dist.model import MLP
 
 EPOCHS = 2
@@ -45,10 +43,11 @@ def main() -> None:
     train_loader, test_loader = make_loaders(train_set, test_set, batch, batch, 0, cfg.seed)
     model, train_loader, test_loader = accelerator.prepare(model, train_loader, test_loader)
 
-    device_batches = DeviceBatches(train_set.images, train_set.labels, batch, cfg.seed, accelerator)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device_batches = DeviceBatches(train_set, batch, cfg.seed, rank, world, accelerator.device)
     device_epochs = []
     for epoch in range(EPOCHS):
-        batches = [index_of(images.cpu()) for _, images, _, _ in device_batches.epoch(epoch)]
+        batches = [index_of(images.cpu()) for images, _ in device_batches.epoch(epoch)]
         device_epochs.append(gather_object([batches]))
 
     epochs = []
@@ -56,17 +55,15 @@ def main() -> None:
         train_loader.set_epoch(epoch)
         batches = []  # this process's real samples, batch by batch
         for i, (images, labels) in enumerate(train_loader):
-            local_real, _ = shard_counts(i, len(labels), n_train, batch, accelerator)
-            batches.append(index_of(images[:local_real]))
+            batches.append(index_of(images[: local_real(i, len(labels), n_train, batch, accelerator)]))
         epochs.append(gather_object([batches]))  # [rank][batch] -> indices
 
     evaluated = []
     for images, _ in test_loader:
         evaluated += accelerator.gather_for_metrics(torch.tensor(index_of(images))).tolist()
     metrics = evaluate(model, test_loader, gather=accelerator.gather_for_metrics)
-    device_metrics = summarize(reduce_eval_sums(
-        accelerator, evaluate_sums(model, device_test_shard(test_set.images, test_set.labels, batch, accelerator))
-    ))
+    shard = test_shard(test_set, batch, rank, world, accelerator.device)
+    device_metrics = evaluate_shard(model, shard, sum_over_processes=lambda t: accelerator.reduce(t, reduction="sum"))
 
     if accelerator.is_main_process:
         with open(out, "w") as f:
