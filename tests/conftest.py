@@ -33,6 +33,8 @@ def _isolated_cache(tmp_path_factory):
     # W&B stays out of the way except in the tests about it, which set their own mode
     os.environ["WANDB_MODE"] = "disabled"
     os.environ["WANDB_SILENT"] = "true"
+    # one thread per training process: the xdist workers already keep every core busy
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     yield
 
 

@@ -17,6 +17,7 @@ from mnist_dist.distributed import EXIT_PREEMPTED
 
 from .helpers import REPO, _free_port, check, launch, results, run, train_cli
 
+pytestmark = pytest.mark.slow  # the quick loop (-m "not slow") leaves these out
 RUN = ["--dataset", "mnist-5k", "--epochs", "2", "--checkpoint-every", "7", "--seed", "5"]
 COMPARED = ("test_accuracy", "test_loss", "test_samples", "steps", "samples_seen", "best_test_accuracy", "epochs")
 

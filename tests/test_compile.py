@@ -13,6 +13,7 @@ from mnist_dist.model import MLP
 
 from .helpers import check, results, run, train_cli
 
+pytestmark = pytest.mark.slow  # the quick loop (-m "not slow") leaves these out
 # one epoch of the 5,000 bundled digits: 39 batches of 128 and one of 8, so the compiled model meets two
 # batch shapes; checkpoints at steps 20 and 40
 FLAGS = ("--dataset", "mnist-5k", "--cpu", "--data-path", "device", "--max-steps", "40", "--checkpoint-every", "20",

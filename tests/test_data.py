@@ -195,6 +195,7 @@ def test_hub_format_decodes_to_the_same_pixels_and_labels(tmp_path):
         assert torch.equal(splits[s].labels, subset[s].labels)
 
 
+@pytest.mark.slow
 def test_unreachable_hub_names_the_offline_options(tmp_path):
     # offline mode with an empty Hub cache fails the way an unreachable Hub does, without the wait
     offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}

@@ -15,7 +15,7 @@ from .workers.shards import EPOCHS, indexed
 N_TRAIN, N_TEST, BATCH = 1001, 1001, 64
 
 
-@pytest.fixture(scope="module", params=[2, 3])
+@pytest.fixture(scope="module", params=[2, pytest.param(3, marks=pytest.mark.slow)])
 def shard_report(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"shards{world}") / "report.json"
@@ -93,6 +93,7 @@ def test_two_process_run_trains_on_all_processes_and_tests_on_all_10000_digits(t
     assert proc.stdout.count("epoch 1/3:") + proc.stderr.count("epoch 1/3:") == 1
 
 
+@pytest.mark.slow
 def test_three_process_accuracy_counts_each_of_1001_test_images_once(tmp_path, small_subset):
     out = tmp_path / "out"
     check(launch(3, "--data-dir", str(small_subset), "--epochs", "1", "--batch-size", "32", "--output-dir", str(out)))
@@ -138,6 +139,7 @@ def test_unconnected_multi_process_launch_is_stopped_before_writing_anything(tmp
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_bad_data_stops_every_process_with_the_file_named(tmp_path, small_subset):
     # the local main process decodes while the others wait at a barrier: its error must end them all
     broken = tmp_path / "broken"
@@ -153,6 +155,7 @@ def test_bad_data_stops_every_process_with_the_file_named(tmp_path, small_subset
     assert not out.exists() and not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 def test_device_path_trains_to_the_weights_of_the_dataloader_path(world, tmp_path, small_subset):
     common = ["--data-dir", str(small_subset), "--epochs", "2", "--batch-size", "32", "--report-to", "none"]

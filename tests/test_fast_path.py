@@ -189,6 +189,7 @@ def test_tuned_recipe_sets_its_flags_and_explicit_flags_win():
     assert (record.schedule, record.lr, record.label_smoothing, record.normalization) == ("constant", 1e-3, 0.0, "half")
 
 
+@pytest.mark.slow
 def test_tuned_recipe_beats_the_recipe_of_record_on_the_real_test_digits(tmp_path):
     check(train_cli("--dataset", "mnist-5k", "--cpu", "--recipe", "tuned", "--output-dir", str(tmp_path)))
     r = results(tmp_path)
@@ -200,6 +201,7 @@ def test_tuned_recipe_beats_the_recipe_of_record_on_the_real_test_digits(tmp_pat
     assert r["normalization"]["std"] == pytest.approx((train_images.float() / 255).std().item(), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_a_schedule_steps_once_per_optimizer_step_on_every_process(tmp_path, small_subset):
     # Accelerate's scheduler wrapper would step 2x per step on 2 processes and end the cycle halfway;
     # with the schedule stepped by hand, 2 x 32 per step must still end on the weights of 1 x 64

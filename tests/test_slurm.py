@@ -13,6 +13,7 @@ from .helpers import REPO, check, results, train_cli
 from .slurm_cluster import Cluster
 from .test_checkpoint import same_results, same_weights
 
+pytestmark = pytest.mark.slow  # the quick loop (-m "not slow") leaves these out
 SCRIPT = REPO / "slurm" / "train.sh"
 FLAGS = ["--dataset", "mnist-5k", "--epochs", "2", "--report-to", "none"]
 

@@ -11,6 +11,7 @@ from mnist_dist import checkpoint
 from .helpers import check, launch, read_wandb_run, results, run, train_cli
 from .test_checkpoint import start, train_cmd, wait_for_checkpoint
 
+pytestmark = pytest.mark.slow  # the quick loop (-m "not slow") leaves these out
 RUN = ["--dataset", "mnist-5k", "--epochs", "2", "--log-every", "10"]
 OFFLINE = {"WANDB_MODE": "offline"}
 TRAIN_KEYS = {"train/loss", "train/lr", "train/samples_per_second", "train/epoch"}

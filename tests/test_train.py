@@ -1,5 +1,6 @@
 """The training entry point as a user runs it: one process, flags, outputs, precision errors."""
 
+import sys
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
@@ -9,7 +10,7 @@ from mnist_dist.data import find_idx_files, load_idx
 from mnist_dist.evaluation import evaluate
 from mnist_dist.model import load_model
 
-from .helpers import MNIST_5K, REPO, check, results, train_cli
+from .helpers import MNIST_5K, REPO, check, results, run, train_cli
 
 RESULT_KEYS = {
     "test_accuracy", "test_loss", "test_samples", "train_samples", "epochs", "world_size",
@@ -133,6 +134,15 @@ def test_help_lists_every_flag_with_its_default():
                  "--data-dir", "--output-dir", "--cpu", "--max-steps"]:
         assert flag in text
     assert text.count("(default:") >= len(TrainConfig.__dataclass_fields__) - 1  # --cpu is a switch
+
+
+@pytest.mark.parametrize("cli", ["train", "evaluate", "predict"])
+def test_help_is_answered_before_torch_is_imported(cli):
+    proc = check(run([sys.executable, "-X", "importtime", "-m", f"mnist_dist.{cli}", "--help"]))
+    assert proc.stdout.startswith("usage: python -m mnist_dist.")
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "mnist_dist.config" in imported or cli != "train"  # what importtime shows: the modules loaded
+    assert not imported & {"torch", "torchvision", "matplotlib", "accelerate"}, sorted(imported)
 
 
 def test_defaults_are_the_recipe_of_record():

@@ -1,7 +1,10 @@
 """Using a trained model: `mnist_dist.evaluate`, `mnist_dist.predict` and the pictures a run leaves."""
 
+import contextlib
+import io
 import json
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from PIL import Image
 
-from mnist_dist import checkpoint
+from mnist_dist import checkpoint, evaluate, predict
 from mnist_dist.model import MLP, model_config
 
 from .helpers import check, launch, mnist5k, run
@@ -23,6 +26,22 @@ def evaluate_cli(*flags: str, **kw):
 
 def predict_cli(*flags: str, **kw):
     return run([sys.executable, "-m", "mnist_dist.predict", *flags], **kw)
+
+
+def in_process(main, *flags: str) -> SimpleNamespace:
+    """A CLI's `main(argv)` in this process (no interpreter start-up): its exit status and output."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(flags))
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def evaluate_here(*flags: str) -> SimpleNamespace:
+    return in_process(evaluate.main, *flags)
+
+
+def predict_here(*flags: str) -> SimpleNamespace:
+    return in_process(predict.main, *flags)
 
 
 def report(out) -> dict:
@@ -44,6 +63,7 @@ def test_evaluate_reproduces_the_accuracy_in_results_json_exactly(recipe_run, tm
     assert f"test_accuracy {r['test_accuracy']:.4f}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_on_two_processes_counts_each_test_image_once(recipe_run, tmp_path):
     out, r, _ = recipe_run
     check(launch(2, "--model", str(out), "--output-dir", str(tmp_path), module="mnist_dist.evaluate"))
@@ -64,10 +84,10 @@ def test_evaluate_defaults_to_the_files_the_model_was_trained_on(tmp_path, small
 
 def test_evaluate_takes_the_weights_file_or_a_checkpoint_directory(recipe_run, tmp_path):
     out, r, _ = recipe_run
-    check(evaluate_cli("--model", str(out / "model.safetensors"), "--cpu", "--output-dir", str(tmp_path / "file")))
+    check(evaluate_here("--model", str(out / "model.safetensors"), "--cpu", "--output-dir", str(tmp_path / "file")))
     assert report(tmp_path / "file")["test_accuracy"] == r["test_accuracy"]
     last = checkpoint.complete_checkpoints(out)[-1]  # saved after the last epoch: the final weights
-    check(evaluate_cli("--model", str(last), "--cpu", "--output-dir", str(tmp_path / "ckpt")))
+    check(evaluate_here("--model", str(last), "--cpu", "--output-dir", str(tmp_path / "ckpt")))
     assert report(tmp_path / "ckpt")["test_accuracy"] == r["test_accuracy"]
 
 
@@ -77,7 +97,7 @@ def test_evaluate_writes_next_to_the_model_by_default(recipe_run, tmp_path):
     model_dir.mkdir()
     for name in ("model.safetensors", "config.json"):
         (model_dir / name).write_bytes((out / name).read_bytes())
-    check(evaluate_cli("--model", str(model_dir), "--cpu"))
+    check(evaluate_here("--model", str(model_dir), "--cpu"))
     assert valid_png(model_dir / "evaluation" / "confusion_matrix.png")
     assert report(model_dir / "evaluation")["test_samples"] == 10_000
 
@@ -105,7 +125,7 @@ def save_digits(directory, dark_on_light: bool = False) -> dict:
 def test_predict_names_real_test_digits_saved_as_images(recipe_run, tmp_path, dark_on_light):
     out, _, _ = recipe_run
     files = save_digits(tmp_path / "digits", dark_on_light)
-    proc = check(predict_cli(*files, "--model", str(out), "--json"))
+    proc = check(predict_here(*files, "--model", str(out), "--json"))
     predictions = json.loads(proc.stdout)
     assert [p["file"] for p in predictions] == list(files)
     hits = sum(p["prediction"] == files[p["file"]] for p in predictions)
@@ -146,7 +166,7 @@ def draw_digits(directory) -> dict:
 def test_predict_reads_digits_drawn_on_a_white_canvas(recipe_run, tmp_path):
     out, _, _ = recipe_run
     files = draw_digits(tmp_path / "drawn")
-    predictions = json.loads(check(predict_cli(*files, "--model", str(out), "--json")).stdout)
+    predictions = json.loads(check(predict_here(*files, "--model", str(out), "--json")).stdout)
     hits = [p["file"] for p in predictions if p["prediction"] == files[p["file"]]]
     # measured: 6 of 6 with the mnist-5k model of record, and with the tuned recipe's model
     assert len(hits) >= 5, predictions
@@ -182,8 +202,8 @@ def test_training_leaves_pictures_of_the_run(recipe_run):
 
 
 def test_missing_model_is_named(tmp_path):
-    for cli in (evaluate_cli, predict_cli):
-        args = ["--model", str(tmp_path / "nope")] + (["x.png"] if cli is predict_cli else [])
+    for cli in (evaluate_here, predict_here):
+        args = ["--model", str(tmp_path / "nope")] + (["x.png"] if cli is predict_here else [])
         proc = check(cli(*args), rc=2)
         assert f"{tmp_path / 'nope' / 'model.safetensors'}: no such file" in proc.stderr
 
@@ -191,8 +211,8 @@ def test_missing_model_is_named(tmp_path):
 def test_config_that_does_not_match_the_weights_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(model_config(MLP(hidden_size=128))))
     save_file(MLP().state_dict(), str(tmp_path / "model.safetensors"))
-    for cli in (evaluate_cli, predict_cli):
-        args = ["--model", str(tmp_path)] + (["x.png"] if cli is predict_cli else [])
+    for cli in (evaluate_here, predict_here):
+        args = ["--model", str(tmp_path)] + (["x.png"] if cli is predict_here else [])
         proc = check(cli(*args), rc=2)
         assert f"{tmp_path / 'model.safetensors'}: weights do not match {tmp_path / 'config.json'}" in proc.stderr
         assert not (tmp_path / "evaluation").exists()
@@ -202,7 +222,7 @@ def test_damaged_config_is_named(recipe_run, tmp_path):
     out, _, _ = recipe_run
     (tmp_path / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
     (tmp_path / "config.json").write_text("{not json")
-    proc = check(predict_cli("x.png", "--model", str(tmp_path)), rc=2)
+    proc = check(predict_here("x.png", "--model", str(tmp_path)), rc=2)
     assert f"{tmp_path / 'config.json'}: not a mnist_dist model config" in proc.stderr
 
 
@@ -213,7 +233,7 @@ def test_unreadable_images_are_named_and_the_rest_still_predicted(recipe_run, tm
     text.write_text("not an image")
     blank = tmp_path / "blank.png"
     Image.new("L", (40, 40), color=255).save(blank)
-    proc = check(predict_cli(good, str(text), str(blank), str(tmp_path / "missing.jpg"), "--model", str(out), "--json"), rc=2)
+    proc = check(predict_here(good, str(text), str(blank), str(tmp_path / "missing.jpg"), "--model", str(out), "--json"), rc=2)
     assert f"{text}: not a readable image" in proc.stderr
     assert f"{blank}: no digit found" in proc.stderr
     assert f"{tmp_path / 'missing.jpg'}: no such file" in proc.stderr
