@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 import os
 import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -46,6 +49,22 @@ def run(args: list[str], timeout: float = 300, env: dict | None = None) -> subpr
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env = {k: v for k, v in full_env.items() if v is not None}
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+
+
+def in_process(main, *flags: str) -> SimpleNamespace:
+    """A CLI's `main(argv)` in this process, without an interpreter's start-up: its exit status and output.
+    For runs that end in an error before training; the subprocess helpers run the CLIs as users do."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(flags))
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def train_here(*flags: str) -> SimpleNamespace:
+    """`python -m mnist_dist.train FLAGS`, in this process (see `in_process`)."""
+    from mnist_dist import config, train
+
+    return in_process(lambda argv: train.main(config.parse_args(argv)), *flags)
 
 
 def train_cli(*flags: str, **kw) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from mnist_dist import checkpoint
 from mnist_dist.distributed import EXIT_PREEMPTED
 
-from .helpers import REPO, _free_port, check, launch, results, run, train_cli
+from .helpers import REPO, _free_port, check, launch, results, run, train_cli, train_here
 
 pytestmark = pytest.mark.slow  # the quick loop (-m "not slow") leaves these out
 RUN = ["--dataset", "mnist-5k", "--epochs", "2", "--checkpoint-every", "7", "--seed", "5"]
@@ -160,7 +160,7 @@ def test_truncated_checkpoint_is_refused_and_nothing_is_written(finished, tmp_pa
     weights = damaged / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     out = tmp_path / "out"
-    proc = check(train_cli(*RUN, "--cpu", "--output-dir", str(out), "--resume", str(damaged)), rc=2)
+    proc = check(train_here(*RUN, "--cpu", "--output-dir", str(out), "--resume", str(damaged)), rc=2)
     assert f"error: {damaged}: damaged checkpoint" in proc.stderr
     assert not out.exists()
 
@@ -169,7 +169,7 @@ def test_checkpoint_without_its_state_file_is_refused(finished, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(checkpoint.complete_checkpoints(finished)[-1], partial)
     (partial / checkpoint.STATE_NAME).unlink()
-    proc = check(train_cli(*RUN, "--cpu", "--output-dir", str(tmp_path / "o"), "--resume", str(partial)), rc=2)
+    proc = check(train_here(*RUN, "--cpu", "--output-dir", str(tmp_path / "o"), "--resume", str(partial)), rc=2)
     assert f"{partial}: incomplete checkpoint (no training_state.json)" in proc.stderr
 
 
@@ -210,7 +210,7 @@ def test_resume_with_another_world_size_is_refused(finished, tmp_path):
 
 def test_resume_with_another_batch_size_is_refused(finished, tmp_path):
     ckpt = checkpoint.complete_checkpoints(finished)[-1]
-    proc = check(train_cli(*RUN, "--cpu", "--batch-size", "64", "--output-dir", str(tmp_path), "--resume", str(ckpt)), rc=2)
+    proc = check(train_here(*RUN, "--cpu", "--batch-size", "64", "--output-dir", str(tmp_path), "--resume", str(ckpt)), rc=2)
     assert f"--batch-size=64, but {ckpt} was trained with 128" in proc.stderr
 
 
@@ -253,7 +253,7 @@ def test_resume_that_would_stretch_a_schedule_is_refused(tmp_path):
     flags = ["--dataset", "mnist-5k", "--cpu", "--schedule", "cosine", "--max-steps", "5", "--output-dir", str(tmp_path)]
     check(train_cli(*flags))
     ckpt = checkpoint.complete_checkpoints(tmp_path)[-1]
-    proc = check(train_cli(*flags[:-4], "--max-steps", "9", "--output-dir", str(tmp_path / "o"), "--resume", str(ckpt)), rc=2)
+    proc = check(train_here(*flags[:-4], "--max-steps", "9", "--output-dir", str(tmp_path / "o"), "--resume", str(ckpt)), rc=2)
     assert f"--max-steps=9, but {ckpt} was trained with 5" in proc.stderr
 
 

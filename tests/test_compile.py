@@ -2,16 +2,15 @@
 function as a plain one and leaves files that plain PyTorch, `mnist_dist.evaluate` and a resume read."""
 
 import json
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from mnist_dist import checkpoint
+from mnist_dist import checkpoint, evaluate
 from mnist_dist.model import MLP
 
-from .helpers import check, results, run, train_cli
+from .helpers import check, in_process, results, train_cli
 
 pytestmark = pytest.mark.slow  # the quick loop (-m "not slow") leaves these out
 # one epoch of the 5,000 bundled digits: 39 batches of 128 and one of 8, so the compiled model meets two
@@ -51,8 +50,7 @@ def test_evaluate_reads_a_compiled_runs_model_and_its_checkpoints(runs, tmp_path
     out = runs["inductor"][0]
     halfway, last = checkpoint.complete_checkpoints(out)
     for name, model in (("model", out), ("last", last), ("halfway", halfway)):
-        check(run([sys.executable, "-m", "mnist_dist.evaluate", "--model", str(model), "--cpu",
-                   "--output-dir", str(tmp_path / name)]))
+        check(in_process(evaluate.main, "--model", str(model), "--cpu", "--output-dir", str(tmp_path / name)))
     evaluation = {name: json.loads((tmp_path / name / "evaluation.json").read_text()) for name in ("model", "last", "halfway")}
     assert evaluation["model"]["test_accuracy"] == evaluation["last"]["test_accuracy"] == results(out)["test_accuracy"]
     assert evaluation["halfway"]["test_accuracy"] != evaluation["last"]["test_accuracy"]

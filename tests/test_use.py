@@ -1,10 +1,7 @@
 """Using a trained model: `mnist_dist.evaluate`, `mnist_dist.predict` and the pictures a run leaves."""
 
-import contextlib
-import io
 import json
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +12,7 @@ from PIL import Image
 from mnist_dist import checkpoint, evaluate, predict
 from mnist_dist.model import MLP, model_config
 
-from .helpers import check, launch, mnist5k, run
+from .helpers import check, in_process, launch, mnist5k, run
 
 SAMPLE = range(10)  # the fixed sample: the first ten real test digits
 
@@ -28,19 +25,11 @@ def predict_cli(*flags: str, **kw):
     return run([sys.executable, "-m", "mnist_dist.predict", *flags], **kw)
 
 
-def in_process(main, *flags: str) -> SimpleNamespace:
-    """A CLI's `main(argv)` in this process (no interpreter start-up): its exit status and output."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(list(flags))
-    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
-
-
-def evaluate_here(*flags: str) -> SimpleNamespace:
+def evaluate_here(*flags: str):
     return in_process(evaluate.main, *flags)
 
 
-def predict_here(*flags: str) -> SimpleNamespace:
+def predict_here(*flags: str):
     return in_process(predict.main, *flags)
 
 
@@ -76,7 +65,7 @@ def test_evaluate_on_two_processes_counts_each_test_image_once(recipe_run, tmp_p
 def test_evaluate_defaults_to_the_files_the_model_was_trained_on(tmp_path, small_subset):
     check(run([sys.executable, "-m", "mnist_dist.train", "--data-dir", str(small_subset), "--cpu", "--epochs", "1",
                "--report-to", "none", "--output-dir", str(tmp_path / "run")]))
-    check(evaluate_cli("--model", str(tmp_path / "run"), "--cpu"))
+    check(evaluate_here("--model", str(tmp_path / "run"), "--cpu"))
     e = report(tmp_path / "run" / "evaluation")
     assert e["data_dir"] == str(small_subset.resolve()) and e["test_samples"] == 1001
     assert e["test_accuracy"] == json.loads((tmp_path / "run" / "results.json").read_text())["test_accuracy"]
