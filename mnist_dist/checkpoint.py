@@ -52,8 +52,8 @@ def save(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if model_config is not None:
-            _write_json_durably(tmp / "config.json", model_config)
-        _write_json_durably(tmp / STATE_NAME, {"format": STATE_FORMAT, **state})
+            write_json(tmp / "config.json", model_config)
+        write_json(tmp / STATE_NAME, {"format": STATE_FORMAT, **state})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # the directory appears complete, or not at all
@@ -129,11 +129,15 @@ def check_compatible(state: dict, config: dict, world_size: int, path: Path) -> 
             )
 
 
-def _write_json_durably(path: Path, obj: dict) -> None:
-    with open(path, "w") as f:
+def write_json(path: Path, obj: dict) -> None:
+    """Write `obj` to `path` on disk for good: readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
+        f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:

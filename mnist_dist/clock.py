@@ -1,10 +1,8 @@
 """How long this process has been running, from the moment the OS started it (imports included).
 
-`psutil.Process().create_time()` is not enough on Linux: it adds the process's start tick to
-/proc/stat's `btime`, which is whole seconds, so every age it gives is too long by the boot
-time's lost fraction, up to a second (giampaolo/psutil#877). On Linux the start tick is read
-against the clock it counts on (CLOCK_BOOTTIME), to 1/CLK_TCK (10 ms); elsewhere psutil's
-value is exact (macOS and Windows record the start time itself).
+On Linux the start tick in /proc/self/stat is read against the clock it counts on (CLOCK_BOOTTIME),
+to 10 ms: psutil's create_time adds /proc/stat's whole-second boot time and reads up to a second
+early (giampaolo/psutil#877). Elsewhere psutil's value is exact.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """MNIST-format data as uint8 tensors, from IDX files, the Hugging Face Hub or the bundled mnist-5k.
 
-Plain PyTorch: the training loop decides which process builds the cache, and passes a process's
-rank and the world size where a shard is cut.
-Every source is decoded once into `images` uint8 [N, 784] and `labels` int64 [N], checked,
-and cached on disk as safetensors, so a second run loads in milliseconds.
+Every source is decoded once into `images` uint8 [N, 784] and `labels` int64 [N], checked, and
+cached on disk as safetensors. Plain PyTorch: the training loop decides which process builds the
+cache, and passes a process's rank and the world size where a shard is cut.
 """
 
 from __future__ import annotations
@@ -26,12 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 HUB_IDS = {"mnist": "ylecun/mnist", "fashion_mnist": "zalando-datasets/fashion_mnist"}
 BUNDLED_DIRS = {"mnist-5k": Path(__file__).parent / "datasets" / "mnist-5k"}
-CLASS_NAMES = {
-    "fashion_mnist": [
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-    ],
-}
+CLASS_NAMES = {"fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                  "Sneaker", "Bag", "Ankle boot"]}
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -103,19 +98,15 @@ def read_idx(path: str | Path, ndim: int) -> torch.Tensor:
     expected_magic = 0x0800 | ndim  # 0x00 0x00, type 0x08 (unsigned byte), number of dimensions
     if magic != expected_magic:
         found = f"0x{magic:08x}" if magic is not None else f"only {len(raw)} bytes"
-        raise DataError(
-            f"{path}: wrong IDX magic number {found}, expected 0x{expected_magic:08x} "
-            f"(unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''}); is this the right file?"
-        )
+        raise DataError(f"{path}: wrong IDX magic number {found}, expected 0x{expected_magic:08x} (unsigned "
+                        f"bytes, {ndim} dimension{'s' if ndim > 1 else ''}); is this the right file?")
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes)")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = header + math.prod(dims)
     if len(raw) != expected:
-        raise DataError(
-            f"{path}: truncated or corrupt: {len(raw)} bytes, but its header {tuple(dims)} needs {expected}"
-        )
+        raise DataError(f"{path}: truncated or corrupt: {len(raw)} bytes, but its header {tuple(dims)} needs {expected}")
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
 
 
@@ -257,21 +248,13 @@ def load_splits(dataset: str, data_dir: str | None = None, cache_dir: str | Path
 # ---------------------------------------------------------------- loaders
 
 
-def make_loaders(
-    train: Split, test: Split, batch_size: int, eval_batch_size: int, num_workers: int = 0, seed: int = 0
-) -> tuple[DataLoader, DataLoader]:
+def make_loaders(train: Split, test: Split, batch_size: int, eval_batch_size: int, num_workers: int = 0,
+                 seed: int = 0) -> tuple[DataLoader, DataLoader]:
     """Plain DataLoaders over uint8 tensors; pixels are normalized later, on the device (4x less to copy)."""
-    generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(
-        TensorDataset(train.images, train.labels),
-        batch_size=batch_size,
-        shuffle=True,
-        generator=generator,
-        num_workers=num_workers,
-    )
-    test_loader = DataLoader(
-        TensorDataset(test.images, test.labels), batch_size=eval_batch_size, shuffle=False, num_workers=num_workers
-    )
+    train_loader = DataLoader(TensorDataset(train.images, train.labels), batch_size=batch_size, shuffle=True,
+                              generator=torch.Generator().manual_seed(seed), num_workers=num_workers)
+    test_loader = DataLoader(TensorDataset(test.images, test.labels), batch_size=eval_batch_size,
+                             num_workers=num_workers)
     return train_loader, test_loader
 
 

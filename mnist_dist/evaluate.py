@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -46,9 +44,10 @@ def evaluate_model(args: argparse.Namespace) -> dict:
     from accelerate import Accelerator
 
     from . import data, plots
+    from .checkpoint import write_json
     from .data import DataError
     from .distributed import check_coupled
-    from .evaluation import evaluate_shard, predict
+    from .evaluation import evaluate_shard
     from .model import load_model
 
     if args.batch_size < 1:
@@ -83,13 +82,8 @@ def evaluate_model(args: argparse.Namespace) -> dict:
         if accelerator.is_main_process:
             out = Path(args.output_dir) if args.output_dir else model_dir / "evaluation"
             out.mkdir(parents=True, exist_ok=True)
-            title = f"{dataset}, {model_path}"
-            plots.confusion_matrix(report["confusion_matrix"], names, out / "confusion_matrix.png", title)
-            predicted = predict(model, test.images.to(accelerator.device), stats).argmax(1).cpu()
-            plots.misclassified_grid(test.images, test.labels, predicted, names, out / "misclassified.png")
-            tmp = out / "evaluation.json.tmp"
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
-            os.replace(tmp, out / "evaluation.json")
+            plots.test_pictures(out, report["confusion_matrix"], names, model, test, stats, f"{dataset}, {model_path}")
+            write_json(out / "evaluation.json", report)
             report["output_dir"] = str(out)
         return report
     finally:

@@ -1,23 +1,17 @@
 """`--data-path graph`: whole epochs of training captured once in a CUDA graph and replayed.
 
-At batch 128 this model's step is a few dozen tiny kernels; launched one by one from Python, the
-GPU spends most of an epoch waiting for the host. A CUDA graph records the kernels of a whole
-epoch once and replays them with one launch (https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs).
-
-For that, every step of every epoch must read and write the same memory. So each epoch the
-normalized training set is shuffled into one static buffer, with the same permutation as the
-device path (`data.DeviceBatches`), and step j's batch is always the slice [j * batch, (j + 1) * batch)
-of it. Anything but a whole epoch runs the same step eagerly on the same slices: the rest of a
-resumed epoch, stretches cut by --checkpoint-every.
+At batch 128 a step is a few dozen tiny kernels; launched one by one from Python, the GPU waits
+for the host. A CUDA graph records an epoch's kernels once and replays them with one launch
+(https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs). For that every step must read and
+write the same memory: each epoch the normalized training set is shuffled into one static buffer
+(the device path's permutation, `data.DeviceBatches`), and step j always reads slice j of it.
+Anything but a whole epoch (a resumed epoch's rest, stretches cut by --checkpoint-every) runs the
+same step eagerly on the same slices. Before the capture a few warm-up steps do CUDA's lazy set-up
+with every update skipped, so the first epoch is already a replay.
 
 The captured step (`graph_step`) computes what the reference step (`train.train_step`) computes, bit
-for bit (tests/test_fast_path.py), in fewer kernels and with no host sync. Its tricks, and the private
-torch ops they need, live in this module only.
-
-A capture needs a few eager steps first, for CUDA's lazy set-up (cuBLAS handles and workspaces,
-Adam's state, the caching allocator). Those warm-up steps run with every update skipped, through
-the same on-device skip that guards against non-finite steps, so they change no weight, moment or
-step count, and the run's first epoch is already a replay.
+for bit (tests/test_fast_path.py), in fewer kernels and with no host sync. Its tricks, and the
+private torch ops they need, live in this module only.
 """
 
 from __future__ import annotations
@@ -46,34 +40,34 @@ def graph_unsupported(cfg: TrainConfig, device: torch.device, world: int, precis
                       compiled: str = "no") -> str | None:
     """Why this run cannot replay captured epochs, or None when it can. `compiled`: the torch.compile
     backend of the prepared model (`distributed.compiled_with`), "no" for none."""
-    if device.type != "cuda":
-        return f"needs a CUDA GPU, and this run is on the {device.type}"
-    if world > 1:
-        return (f"runs one process, and this launch has {world}: capturing DDP's all-reduce is not supported "
-                "here; --data-path device keeps the data on each GPU without per-step host syncs")
-    if cfg.schedule != "constant":
-        return (f"needs --schedule constant (got {cfg.schedule!r}): a replayed epoch would repeat the learning "
-                "rates of the epoch it was captured in")
-    if precision == "fp16":
-        return "does not support --mixed-precision fp16, whose grad scaler checks for overflow on the host; use bf16 or no"
-    if compiled != "no":
-        return (f"does not run a model compiled by torch.compile (Accelerate's dynamo_backend is {compiled}): "
-                "capturing compiled kernels in the epoch's graph is not supported here; --data-path device runs it, "
-                "or launch with --dynamo_backend no")
-    return None
+    reasons = [
+        (device.type != "cuda", f"needs a CUDA GPU, and this run is on the {device.type}"),
+        (world > 1, f"runs one process, and this launch has {world}: capturing DDP's all-reduce is not supported "
+                    "here; --data-path device keeps the data on each GPU without per-step host syncs"),
+        (cfg.schedule != "constant", f"needs --schedule constant (got {cfg.schedule!r}): a replayed epoch would "
+                                     "repeat the learning rates of the epoch it was captured in"),
+        (precision == "fp16", "does not support --mixed-precision fp16, whose grad scaler checks for overflow on "
+                              "the host; use bf16 or no"),
+        (compiled != "no", f"does not run a model compiled by torch.compile (Accelerate's dynamo_backend is "
+                           f"{compiled}): capturing compiled kernels in the epoch's graph is not supported here; "
+                           "--data-path device runs it, or launch with --dynamo_backend no"),
+    ]
+    return next((why for applies, why in reasons if applies), None)
 
 
 def graph_step(model, adam: torch.optim.Adam, guard: "NonFiniteGuard", inputs: torch.Tensor, labels: torch.Tensor,
                scale: torch.Tensor, label_smoothing: float, unit: torch.Tensor) -> torch.Tensor:
-    """`train.train_step` for one process with fused Adam and no grad scaler, in kernels a CUDA graph can
-    record: no host sync, every tensor it reads made before the capture (`scale` and `unit`: 0-d float32
-    on the device, `scale` being 1 / real samples, `unit` 1). Returns the batch's loss sum (0-d, on the device)."""
+    """`train.train_step` for one process with fused Adam and no grad scaler, with no host sync: `scale`
+    (1 / real samples) and `unit` (1) are 0-d float32 tensors on the device, made before any capture.
+    Returns the batch's loss sum (0-d, on the device)."""
     logits = model(inputs)
     loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
-    # backward seeded with the scale, not accelerator.backward(loss * scale): 6 of 25 ops a step fewer (CPU count)
+    # backward seeded with the scale, not accelerator.backward(loss * scale): 25 -> 19 kernels a step
+    # (CPU dispatch count); 76-93 us a step less on one thread of the 2-core CPU VM
     loss_sum.backward(gradient=scale)
     grads = _views([p.grad for group in adam.param_groups for p in group["params"] if p.grad is not None])
-    # GradScaler's one-kernel finite check, on views: found_inf becomes 1 and stays 1 (H200, with Adam on views: 54.1 -> 40.6 ms/epoch)
+    # GradScaler's one-kernel finite check (1 kernel against 8 for the reference's total norm); found_inf
+    # becomes 1 and stays 1. Check and Adam on views: 54.1 -> 40.6 ms an epoch on an H200
     torch._amp_foreach_non_finite_check_and_unscale_(grads, guard.found_inf, unit)
     guard.bad_steps += guard.found_inf
     if adam.state:

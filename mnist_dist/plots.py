@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 from .data import IMAGE_SIDE  # noqa: E402
+from .evaluation import predict  # noqa: E402
 
 DPI = 100  # pixels per inch of figure size
 
@@ -98,3 +99,14 @@ def misclassified_grid(
     ax.set_title(f"misclassified test images: predicted class, true class in brackets (first {len(wrong)})",
                  fontsize=11)
     return _save(fig, path)
+
+
+def test_pictures(output_dir: Path, matrix: list[list[int]], class_names: list[str], model, test_set,
+                  stats: tuple[float, float], title: str) -> dict[str, Path]:
+    """confusion_matrix.png and misclassified.png of `model` on `test_set` (scaled by `stats`, as in training)."""
+    predicted = predict(model, test_set.images.to(next(model.parameters()).device), stats).argmax(1).cpu()
+    return {
+        "confusion_matrix": confusion_matrix(matrix, class_names, output_dir / "confusion_matrix.png", title),
+        "misclassified": misclassified_grid(test_set.images, test_set.labels, predicted, class_names,
+                                            output_dir / "misclassified.png"),
+    }

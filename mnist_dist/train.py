@@ -19,9 +19,7 @@ if __name__ == "__main__":  # --help and bad flags are answered before torch and
     CLI_CONFIG = parse_args()
 
 import gc  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -40,7 +38,7 @@ from .distributed import (  # noqa: E402
     EXIT_PREEMPTED, LaunchError, StopSignals, agree_to_stop, build_accelerator, compiled_with, global_real,
     local_real,
 )
-from .evaluation import evaluate, evaluate_shard, predict  # noqa: E402
+from .evaluation import evaluate, evaluate_shard  # noqa: E402
 from .graphs import EpochGraph, graph_unsupported  # noqa: E402
 from .model import CONFIG_NAME, MLP, model_config  # noqa: E402
 
@@ -512,29 +510,17 @@ def write_outputs(accelerator, model, output_dir: str, results: dict, test_set, 
     accelerator.save_model(plain_model, output_dir)  # model.safetensors, written by the main process
     if not accelerator.is_main_process:
         return
-    _write_json(output_dir / CONFIG_NAME, model_cfg)
-    pictures = draw_pictures(output_dir, results, plain_model, test_set, stats, model_cfg)
+    checkpoint.write_json(output_dir / CONFIG_NAME, model_cfg)
+    title = f"{results['dataset']}, {results['epochs']} epochs, recipe {results['config']['recipe']}"
+    pictures = {"training_curves": plots.training_curves(results["history"], output_dir / "training_curves.png",
+                                                         title, results["config"]["label_smoothing"]),
+                **plots.test_pictures(output_dir, results["confusion_matrix"], model_cfg["class_names"], plain_model,
+                                      test_set, stats, title)}
     tracking.log_images(accelerator, pictures, results["steps"])
     results["timings"]["outputs"] = time.perf_counter() - began  # model file, pictures, W&B images
-    _write_json(output_dir / "results.json", results)
+    checkpoint.write_json(output_dir / "results.json", results)
     report.say(f"mnist_dist: test_accuracy {results['test_accuracy']:.4f}; wrote {output_dir}/results.json and "
                f"{', '.join(p.name for p in pictures.values())}")
-
-
-def draw_pictures(output_dir: Path, results: dict, model, test_set, stats, model_cfg: dict) -> dict[str, Path]:
-    """The run's PNGs: training curves, confusion matrix, misclassified test digits (main process)."""
-    names = model_cfg["class_names"]
-    config = results["config"]
-    title = f"{results['dataset']}, {results['epochs']} epochs, recipe {config['recipe']}"
-    predicted = predict(model, test_set.images.to(next(model.parameters()).device), stats).argmax(1).cpu()
-    return {
-        "training_curves": plots.training_curves(results["history"], output_dir / "training_curves.png", title,
-                                                 config["label_smoothing"]),
-        "confusion_matrix": plots.confusion_matrix(results["confusion_matrix"], names,
-                                                   output_dir / "confusion_matrix.png", title),
-        "misclassified": plots.misclassified_grid(test_set.images, test_set.labels, predicted, names,
-                                                  output_dir / "misclassified.png"),
-    }
 
 
 def _shutdown(accelerator) -> None:
@@ -542,22 +528,13 @@ def _shutdown(accelerator) -> None:
     accelerator.free_memory()  # drops the accelerator's references to the model and loaders
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-
-
 def main(cfg: TrainConfig) -> int:
     """Train as `cfg` says (from `parse_args`); return the exit status."""
     try:
         train(cfg)
-    except (ConfigError, DataError, LaunchError, CheckpointError) as err:
+    except (ConfigError, DataError, LaunchError, CheckpointError, TrainingError) as err:
         print(f"mnist_dist.train: error: {err}", file=sys.stderr)
-        return 2
-    except TrainingError as err:
-        print(f"mnist_dist.train: error: {err}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(err, TrainingError) else 2  # 2: fix the command; 1: the training failed
     except Preempted:
         return EXIT_PREEMPTED
     finally:
