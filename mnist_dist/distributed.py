@@ -141,8 +141,8 @@ def agree_to_stop(accelerator: Accelerator, stop_requested: bool, bad_steps: tor
 
     `step` is the global step just taken; `bad_steps` (a 0-d device tensor) counts the steps skipped
     since the first non-finite gradients; `first_bad_loss` is the first step at which this process saw
-    a non-finite loss, if any. One tiny all-reduce and one host sync; the loop calls it every
-    --log-every steps, before each checkpoint and at each epoch end, never every step.
+    a non-finite loss, if any. One tiny all-reduce and one host sync; the loop calls it whenever the
+    host looks (every --log-every steps on the eager paths, before checkpoints, at epoch ends).
     """
     flags = torch.stack([
         torch.tensor(float(stop_requested), device=bad_steps.device),

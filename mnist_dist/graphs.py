@@ -10,7 +10,8 @@ same step eagerly on the same slices. Before the capture a few warm-up steps do 
 with every update skipped, so the first epoch is already a replay.
 
 The captured step (`graph_step`) computes what the reference step (`train.train_step`) computes, bit
-for bit (tests/test_fast_path.py), in fewer kernels and with no host sync. Its tricks, and the
+for bit when both run eagerly on the CPU (tests/test_fast_path.py), in fewer kernels and with no host
+sync; tests/test_gpu.py compares a replayed run with the device path's on a GPU. Its tricks, and the
 private torch ops they need, live in this module only.
 """
 
@@ -62,12 +63,12 @@ def graph_step(model, adam: torch.optim.Adam, guard: "NonFiniteGuard", inputs: t
     Returns the batch's loss sum (0-d, on the device)."""
     logits = model(inputs)
     loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
-    # backward seeded with the scale, not accelerator.backward(loss * scale): 25 -> 19 kernels a step
-    # (CPU dispatch count); 76-93 us a step less on one thread of the 2-core CPU VM
+    # backward seeded with the scale, not accelerator.backward(loss * scale): 6 kernels a step fewer
+    # (benchmarks/step_ops.py); eagerly on one thread of the 2-core CPU VM 76-93 us a step less
     loss_sum.backward(gradient=scale)
     grads = _views([p.grad for group in adam.param_groups for p in group["params"] if p.grad is not None])
-    # GradScaler's one-kernel finite check (1 kernel against 8 for the reference's total norm); found_inf
-    # becomes 1 and stays 1. Check and Adam on views: 54.1 -> 40.6 ms an epoch on an H200
+    # GradScaler's finite check, 1 kernel against the reference's 8 (step_ops.py); found_inf becomes 1
+    # and stays 1. This check and Adam on views, together: 54.1 -> 40.6 ms an epoch on an H200
     torch._amp_foreach_non_finite_check_and_unscale_(grads, guard.found_inf, unit)
     guard.bad_steps += guard.found_inf
     if adam.state:

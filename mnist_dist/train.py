@@ -99,8 +99,13 @@ class TrainState:
 
     @classmethod
     def restored(cls, saved: dict, rank: int) -> "TrainState":
-        fields = {k: saved[k] for k in cls.__dataclass_fields__ if k in saved}
-        return cls(**fields, epoch_loss_sum=saved["epoch_loss_sums"][rank], window_loss_sum=saved["window_loss_sums"][rank])
+        """The state in a checkpoint's training_state.json (`saved`), as process `rank` continues it."""
+        names = [k for k in cls.__dataclass_fields__ if k not in ("epoch_loss_sum", "window_loss_sum")]
+        missing = [k for k in names + ["epoch_loss_sums", "window_loss_sums"] if k not in saved]
+        if missing:
+            raise CheckpointError(f"training_state.json of this checkpoint lacks {', '.join(missing)}")
+        return cls(**{k: saved[k] for k in names}, epoch_loss_sum=saved["epoch_loss_sums"][rank],
+                   window_loss_sum=saved["window_loss_sums"][rank])
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -177,31 +182,32 @@ def train(cfg: TrainConfig) -> dict:
     with StopSignals() as signals:
         try:
             while state.global_step < total_steps:
+                timed_since = time.perf_counter()  # training time runs from here to the next checkpoint
                 runner.begin_epoch(state.epoch, state.batch_in_epoch)
                 model.train()
-                clock = time.perf_counter()
                 while state.batch_in_epoch < steps_per_epoch and state.global_step < total_steps:
-                    first = state.batch_in_epoch
-                    last = first + steps_to_next_check(state, cfg, runner.logs_live, steps_per_epoch, total_steps)
-                    runner.run(first, last)  # steps [first, last) of this epoch, none waiting for the host
+                    start = state.batch_in_epoch
+                    stop = start + steps_to_next_check(state, cfg, runner.logs_live, steps_per_epoch, total_steps)
+                    runner.run(start, stop)  # steps [start, stop) of this epoch, no host sync between them
                     windows, first_bad_loss = state.add_steps(
-                        runner.losses[first:last].tolist(), real_samples[first:last], cfg.log_every)
-                    state.seconds_to_first_step = state.seconds_to_first_step or runner.seconds_to_first_step
-                    report.advance(last - first)
+                        runner.losses[start:stop].tolist(), real_samples[start:stop], cfg.log_every)
+                    if state.seconds_to_first_step is None:  # a fresh run's first stretch
+                        state.seconds_to_first_step = runner.seconds_to_first_step
+                    report.advance(stop - start)
                     # the processes compare notes (one host sync) only here, never every step
                     stop, first_bad = agree_to_stop(accelerator, signals.received is not None, guard.bad_steps,
                                                     state.global_step, first_bad_loss)
                     if first_bad is not None:
                         raise TrainingError(non_finite_message(first_bad, state.epoch, cfg.output_dir))
-                    report.log_windows(windows, state, optimizer, steps_per_epoch, time.perf_counter() - clock)
+                    report.log_windows(windows, state, optimizer, steps_per_epoch, time.perf_counter() - timed_since)
                     if stop or checkpoint_due(state, cfg, steps_per_epoch, total_steps):
-                        state.train_seconds += time.perf_counter() - clock
+                        state.train_seconds += time.perf_counter() - timed_since
                         path = save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg)
-                        clock = time.perf_counter()
+                        timed_since = time.perf_counter()
                         if stop:
                             report.say(f"mnist_dist: stopped by signal after step {state.global_step}; checkpoint {path}")
                             raise Preempted(path)
-                state.train_seconds += time.perf_counter() - clock
+                state.train_seconds += time.perf_counter() - timed_since
                 metrics = end_epoch(accelerator, state, model, test_loader, test_shard, stats, report, epochs,
                                     steps_per_epoch)
                 save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg)
@@ -282,14 +288,19 @@ def restore(accelerator, path: Path, saved: dict, optimizer) -> TrainState:
     except Exception as err:  # truncated or damaged files: refuse, naming the checkpoint
         raise CheckpointError(f"{path}: damaged checkpoint ({type(err).__name__}: {err})") from err
     for group in optimizer.param_groups:  # loading restores the saving run's flags; keep this device's
-        group["capturable"] = optimizer.optimizer.defaults["capturable"]
-    return TrainState.restored(saved, accelerator.process_index)
+        group["capturable"], group["fused"] = (optimizer.optimizer.defaults[k] for k in ("capturable", "fused"))
+    try:
+        return TrainState.restored(saved, accelerator.process_index)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
 
 
 class NonFiniteGuard:
     """Skips, on the device, the update of the first step whose gradients are not finite and of every
     step after it, so that the weights stay those of the last good step until the processes next
-    compare notes (`agree_to_stop`) and stop naming that step. No step waits for the host for it.
+    compare notes (`agree_to_stop`) and stop naming that step. Only an optimizer without `found_inf`
+    (torch's unfused Adam) makes the guard wait for the host, once a step. With fp16 the grad scaler
+    skips the steps that overflow instead.
     """
 
     def __init__(self, accelerator, optimizer):
@@ -540,6 +551,7 @@ def main(cfg: TrainConfig) -> int:
     finally:
         # free the DDP model, which holds the process group, while Python is fully alive: left
         # to interpreter shutdown, gloo's threads can abort a finished run with SIGABRT
+        gc.unfreeze()
         gc.collect()
     return 0
 

@@ -1,6 +1,7 @@
 """Checkpoints, exact resume and preemption, with real processes killed and signalled mid-run."""
 
 import glob
+import json
 import os
 import random
 import shutil
@@ -171,6 +172,17 @@ def test_checkpoint_without_its_state_file_is_refused(finished, tmp_path):
     (partial / checkpoint.STATE_NAME).unlink()
     proc = check(train_here(*RUN, "--cpu", "--output-dir", str(tmp_path / "o"), "--resume", str(partial)), rc=2)
     assert f"{partial}: incomplete checkpoint (no training_state.json)" in proc.stderr
+
+
+def test_checkpoint_whose_state_lacks_a_field_is_refused_naming_it(finished, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoint.complete_checkpoints(finished)[-1], damaged)
+    state_file = damaged / checkpoint.STATE_NAME
+    state = json.loads(state_file.read_text())
+    del state["history"]
+    state_file.write_text(json.dumps(state))
+    proc = check(train_here(*RUN, "--cpu", "--output-dir", str(tmp_path / "o"), "--resume", str(damaged)), rc=2)
+    assert f"{damaged}: training_state.json of this checkpoint lacks history" in proc.stderr
 
 
 def test_resume_auto_skips_incomplete_checkpoints(finished, tmp_path):
