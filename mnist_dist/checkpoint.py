@@ -18,10 +18,8 @@ from accelerate import Accelerator
 STATE_NAME = "training_state.json"
 STATE_FORMAT = 1
 # config fields that shape the trajectory: a resumed run must use the same values
-MUST_MATCH = (
-    "dataset", "hidden_size", "batch_size", "lr", "seed", "mixed_precision", "schedule", "warmup_fraction",
-    "label_smoothing", "normalization",
-)
+MUST_MATCH = ("dataset", "hidden_size", "batch_size", "lr", "seed", "mixed_precision", "schedule", "warmup_fraction",
+              "label_smoothing", "normalization")
 # a schedule is laid out over all steps: the run's length must not change under it
 MUST_MATCH_SCHEDULED = ("epochs", "max_steps")
 
@@ -34,13 +32,10 @@ def checkpoints_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save(
-    accelerator: Accelerator, output_dir: str | Path, state: dict, keep: int | None, model_config: dict | None = None
-) -> Path:
-    """Save a complete checkpoint for `state['global_step']` (all processes call this).
-
-    With `model_config`, the checkpoint also holds config.json, so that it loads as a model
-    directory (`load_model`, `mnist_dist.evaluate --model CHECKPOINT`)."""
+def save(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: int | None,
+         model_config: dict | None = None) -> Path:
+    """Save a complete checkpoint for `state['global_step']` (all processes call this); with
+    `model_config` it also holds config.json and loads as a model directory (`load_model`)."""
     root = checkpoints_root(output_dir)
     final = root / f"step_{state['global_step']:08d}"
     tmp = final.with_name(final.name + ".tmp")

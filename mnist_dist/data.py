@@ -27,10 +27,8 @@ HUB_IDS = {"mnist": "ylecun/mnist", "fashion_mnist": "zalando-datasets/fashion_m
 BUNDLED_DIRS = {"mnist-5k": Path(__file__).parent / "datasets" / "mnist-5k"}
 CLASS_NAMES = {"fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                                   "Sneaker", "Bag", "Ankle boot"]}
-IDX_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 IMAGE_SIDE = 28  # pixels
 NUM_CLASSES = 10
 # pixels go uint8 [0, 255] -> [0, 1] -> (x - MEAN) / STD, i.e. [-1, 1]
@@ -87,11 +85,8 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def read_idx(path: str | Path, ndim: int) -> torch.Tensor:
-    """Read an IDX file of unsigned bytes with `ndim` dimensions (3 for images, 1 for labels).
-
-    Hand-written rather than torchvision's reader so that every failure names the file and
-    the problem (gzip, magic number, truncation) instead of surfacing as a reshape error.
-    """
+    """Read an IDX file of unsigned bytes with `ndim` dimensions (3 for images, 1 for labels). Not
+    torchvision's reader: every failure names the file and the problem, not a reshape error."""
     path = Path(path)
     raw = _read_bytes(path)
     magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
@@ -259,13 +254,9 @@ def make_loaders(train: Split, test: Split, batch_size: int, eval_batch_size: in
 
 
 class DeviceBatches:
-    """The DataLoader path's training batches for process `rank` of `world`, cut from tensors already on
-    the device: no DataLoader, no collation, no host-to-device copy per step.
-
-    Same permutation as Accelerate's seedable sampler (torch.randperm seeded by seed + epoch, drawn
-    on the CPU so every process and device type gets the same one), same shard: at step s process r
-    takes positions [(s * world + r) * batch, +batch) of it, real samples only.
-    """
+    """The DataLoader path's batches for process `rank` of `world`, cut from tensors on the device (no
+    collation, no copy per step): Accelerate's seedable sampler's permutation (torch.randperm from seed +
+    epoch, on the CPU), and at step s process r takes positions [(s * world + r) * batch, +batch) of it."""
 
     def __init__(self, split: Split, batch_size: int, seed: int, rank: int, world: int, device: torch.device):
         self.images, self.labels = split.images.to(device), split.labels.to(device)

@@ -1,9 +1,6 @@
 """The one place that knows about processes: the Accelerator, launch and precision checks, stop
-signals, the processes' agreement to stop, and which samples of a batch are real.
-
-The training loop calls these helpers; model, data and evaluation code stay plain PyTorch.
-Gradients are averaged by DDP, which `accelerator.prepare` wraps the model in: gloo on CPUs,
-NCCL on GPUs.
+signals, the processes' agreement to stop, and which samples of a batch are real. Gradients are
+averaged by the DDP that `accelerator.prepare` wraps the model in: gloo on CPUs, NCCL on GPUs.
 """
 
 from __future__ import annotations
@@ -14,9 +11,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (
-    AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration,
-)
+from accelerate.utils import (AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs,
+                              ProjectConfiguration)
 
 from . import tracking
 from .config import ConfigError, TrainConfig
@@ -61,11 +57,8 @@ def compiled_with(accelerator: Accelerator) -> str:
 
 
 def check_coupled(accelerator: Accelerator) -> None:
-    """Refuse to run when the launcher started N processes but they are not connected.
-
-    A MULTI_GPU launch on a machine without GPUs starts N processes that each see a world
-    of one: they would all train alone on the full data and overwrite each other's output.
-    """
+    """Refuse to run when the launcher started N processes that are not connected (a MULTI_GPU launch
+    without GPUs): each would train alone on the full data and overwrite the others' output."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise LaunchError(
@@ -83,9 +76,7 @@ def check_precision(accelerator: Accelerator, from_flag: bool) -> None:
     precision, device = accelerator.mixed_precision, accelerator.device
     source = "--mixed-precision" if from_flag else "the accelerate config's mixed_precision"
     if precision == "fp16" and device.type == "cpu":
-        raise ConfigError(
-            f"{source}=fp16 needs a GPU, but this run is on the CPU; use bf16 (CPU autocast) or 'no'"
-        )
+        raise ConfigError(f"{source}=fp16 needs a GPU, but this run is on the CPU; use bf16 (CPU autocast) or 'no'")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"{source}=bf16: {torch.cuda.get_device_name(device)} has no bf16 support; use fp16 or 'no'")
 
@@ -96,12 +87,11 @@ def global_real(batch_index: int, dataset_len: int, batch_size: int, world: int)
 
 
 def local_real(batch_index: int, batch_len: int, dataset_len: int, batch_size: int, accelerator: Accelerator) -> int:
-    """Real samples in this process's batch at step `batch_index` of an epoch.
+    """Real samples in this process's batch at step `batch_index` of an epoch: a prefix of it.
 
-    Accelerate gives process r batch number `batch_index * world + r` of the shuffled epoch and,
-    so that every process takes the same number of steps, fills the last steps up with samples
-    from the start of the epoch. Those fillers come after the real samples, so the real ones
-    are a prefix of the batch and each training sample is used exactly once per epoch.
+    Accelerate gives process r batch `batch_index * world + r` of the shuffled epoch and, so that
+    every process takes the same number of steps, fills the last steps up with samples from the
+    start of the epoch, after the real ones. Cutting them off uses each sample once per epoch.
     """
     world, rank = accelerator.num_processes, accelerator.process_index
     real = global_real(batch_index, dataset_len, batch_size, world)
@@ -109,11 +99,8 @@ def local_real(batch_index: int, batch_len: int, dataset_len: int, batch_size: i
 
 
 class StopSignals:
-    """Turn SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) into a flag.
-
-    The handler only records the signal; the training loop checks the flag between steps,
-    so a signal never interrupts a step or a checkpoint, and a second signal changes nothing.
-    """
+    """Turn SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) into a flag that
+    the loop reads between steps: a signal never interrupts a step or a checkpoint."""
 
     SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
 

@@ -22,10 +22,8 @@ from .config import DATASET_CHOICES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mnist_dist.evaluate", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(prog="python -m mnist_dist.evaluate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True,
                         help="a trained model: its directory (config.json + model.safetensors), the "
                              "model.safetensors file, or a checkpoint directory")

@@ -21,13 +21,9 @@ def _identity(x):
 
 
 @torch.no_grad()
-def evaluate_sums(
-    model: torch.nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    gather: Callable = _identity,
-    normalization: tuple[float, float] = (MEAN, STD),
-    num_classes: int = NUM_CLASSES,
-) -> dict:
+def evaluate_sums(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                  gather: Callable = _identity, normalization: tuple[float, float] = (MEAN, STD),
+                  num_classes: int = NUM_CLASSES) -> dict:
     """Correct predictions, summed cross-entropy, sample count and the confusion matrix
     (`confusion[true][predicted]`, counts) over `batches` of uint8 images, normalized with
     `normalization` = (mean, std) as in training."""
@@ -40,9 +36,8 @@ def evaluate_sums(
         # per-sample values, so that padded duplicates can be dropped by `gather`
         losses = F.cross_entropy(logits, labels, reduction="none")
         predicted, labels, losses = gather((logits.argmax(dim=1), labels, losses))
-        confusion = confusion.to(labels.device) + torch.bincount(
-            labels * num_classes + predicted, minlength=num_classes * num_classes
-        )
+        confusion = confusion.to(labels.device) + torch.bincount(labels * num_classes + predicted,
+                                                                 minlength=num_classes * num_classes)
         loss_sum = loss_sum + losses.double().sum()
         samples += len(labels)
     model.train(was_training)
@@ -61,10 +56,8 @@ def summarize(sums: dict) -> dict:
 
 
 @torch.no_grad()
-def predict(
-    model: torch.nn.Module, images: torch.Tensor, normalization: tuple[float, float] = (MEAN, STD),
-    batch_size: int = 4096,
-) -> torch.Tensor:
+def predict(model: torch.nn.Module, images: torch.Tensor, normalization: tuple[float, float] = (MEAN, STD),
+            batch_size: int = 4096) -> torch.Tensor:
     """Class probabilities [N, classes] for uint8 `images` [N, 784], in eval mode."""
     was_training = model.training
     model.eval()
@@ -76,22 +69,15 @@ def predict(
     return torch.cat(probs)
 
 
-def evaluate(
-    model: torch.nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    gather: Callable = _identity,
-    normalization: tuple[float, float] = (MEAN, STD),
-) -> dict:
+def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             gather: Callable = _identity, normalization: tuple[float, float] = (MEAN, STD)) -> dict:
     """Accuracy (fraction 0..1), mean cross-entropy loss and sample count over `batches` of uint8 images."""
     return summarize(evaluate_sums(model, batches, gather, normalization))
 
 
-def evaluate_shard(
-    model: torch.nn.Module,
-    shard: list[tuple[torch.Tensor, torch.Tensor]],
-    normalization: tuple[float, float] = (MEAN, STD),
-    sum_over_processes: Callable = _identity,
-) -> dict:
+def evaluate_shard(model: torch.nn.Module, shard: list[tuple[torch.Tensor, torch.Tensor]],
+                   normalization: tuple[float, float] = (MEAN, STD),
+                   sum_over_processes: Callable = _identity) -> dict:
     """`evaluate` over every process's `data.test_shard`: this process's totals, added up across
     processes by `sum_over_processes` (a tensor in, its sum over processes out)."""
     sums = evaluate_sums(model, shard, normalization=normalization)

@@ -81,14 +81,10 @@ def graph_step(model, adam: torch.optim.Adam, guard: "NonFiniteGuard", inputs: t
 
 def adam_step_in_views(adam: torch.optim.Adam, found_inf: torch.Tensor, grad_views: list[torch.Tensor]) -> None:
     """Exactly `adam.step()` of a fused Adam whose state exists (torch.optim.adam._fused_adam's three
-    calls), with every parameter, gradient and moment cut into views of VIEW_ELEMENTS elements (more
-    thread blocks; the same arithmetic per element). Skips the update, on the device, where found_inf is 1.
-
-    `grad_views`: the gradients of every parameter that has one, all groups in order, cut by `_views`.
-    The views of the weights and moments are kept on the optimizer and cut again only when one of
-    those tensors changes (a loaded state dict, a parameter that got no gradient): a capture runs the
-    step's Python once per step of the epoch, and cutting them costs more host time than a step's kernels.
-    """
+    calls) on views of VIEW_ELEMENTS elements of every parameter, gradient (`grad_views`, cut by
+    `_views`, all groups in order) and moment: the same arithmetic, more thread blocks. The views of
+    weights and moments are kept and cut again only when a tensor changes (a loaded state dict):
+    cutting them costs more host time than a step's kernels, and a capture runs it every step."""
     cache = adam.__dict__.setdefault("_mnist_dist_views", {})  # param group index -> (tensors, views)
     offset = 0
     for index, group in enumerate(adam.param_groups):
@@ -101,11 +97,10 @@ def adam_step_in_views(adam: torch.optim.Adam, found_inf: torch.Tensor, grad_vie
         count = len(views["params"])
         grads, offset = grad_views[offset:offset + count], offset + count
         torch._foreach_add_(steps, 1)
-        torch._fused_adam_(
-            views["params"], grads, views["exp_avgs"], views["exp_avg_sqs"], [], views["steps"],
-            lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
-            eps=group["eps"], amsgrad=False, maximize=group["maximize"], grad_scale=None, found_inf=found_inf,
-        )
+        torch._fused_adam_(views["params"], grads, views["exp_avgs"], views["exp_avg_sqs"], [], views["steps"],
+                           lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                           weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
+                           maximize=group["maximize"], grad_scale=None, found_inf=found_inf)
         torch._foreach_sub_(steps, [found_inf] * len(steps))  # a skipped step does not count
     if offset != len(grad_views):
         raise ValueError(f"grad_views holds {len(grad_views)} views; the parameters with gradients make {offset}")
@@ -135,12 +130,9 @@ def _views(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 class EpochGraph:
     """One process's training steps over a static, per-epoch shuffled copy of the training set.
-
-    `run(0, steps)` (a whole epoch) is captured into a CUDA graph the first time, after `warm_up`,
-    and replayed from then on; any other stretch runs eagerly. With `capture=False` (the CPU, in
-    tests) every stretch runs eagerly, which computes the same thing. Each step's loss sum goes to
-    `losses[step]`, on the device.
-    """
+    `run(0, steps)` (a whole epoch) is captured in a CUDA graph the first time, after `warm_up`, and
+    replayed from then on; other stretches, and all of them with `capture=False` (the CPU, in tests),
+    run eagerly. Each step's loss sum goes to `losses[step]`, on the device."""
 
     logs_live = False  # a whole epoch is one launch: its log windows are written after it
 
@@ -184,10 +176,8 @@ class EpochGraph:
             self.seconds_to_first_step = since_process_start()
 
     def warm_up(self) -> None:
-        """Run the first steps of the current epoch eagerly with every update skipped: all their
-        kernels run, and nothing they would change does. `found_inf` set makes Adam leave weights,
-        moments and its step count as they were; the guard's counters are then put back. Each step's
-        loss still goes to its slot, which the real step overwrites."""
+        """Run the first steps of the current epoch eagerly with every update skipped (`found_inf` set):
+        their kernels run, and weights, moments and step counts stay as they were."""
         found_inf, bad_steps = self.guard.found_inf.clone(), self.guard.bad_steps.clone()
         self.guard.found_inf.fill_(1)
         self._eager(0, min(WARMUP_STEPS, self.steps))

@@ -1,8 +1,7 @@
 """The model of record: a 784-256-10 MLP with a ReLU. Plain PyTorch, no distributed code.
 
-A trained model is two files in one directory: `model.safetensors` (the weights) and
-`config.json` (what `build_model` needs to rebuild it, plus the input normalization),
-so `load_model(dir)` works without the training code's state.
+A trained model is `model.safetensors` (the weights) and `config.json` (what `build_model` needs,
+plus the input normalization) in one directory, which `load_model(dir)` reads.
 """
 
 from __future__ import annotations
@@ -32,13 +31,8 @@ class MLP(nn.Module):
 
 def model_config(model: MLP, **extra) -> dict:
     """What config.json holds: the architecture, plus whatever the caller adds (normalization, classes)."""
-    return {
-        "architecture": "mlp",
-        "input_size": model.fc1.in_features,
-        "hidden_size": model.fc1.out_features,
-        "num_classes": model.fc2.out_features,
-        **extra,
-    }
+    return {"architecture": "mlp", "input_size": model.fc1.in_features, "hidden_size": model.fc1.out_features,
+            "num_classes": model.fc2.out_features, **extra}
 
 
 def build_model(config: dict) -> MLP:
@@ -46,12 +40,8 @@ def build_model(config: dict) -> MLP:
 
 
 def load_model(path: str | Path) -> tuple[MLP, dict]:
-    """Rebuild a saved model; returns (model in eval mode, config).
-
-    `path` is a model directory (config.json + model.safetensors: a training run's output dir or
-    one of its checkpoints), or the model.safetensors file itself with config.json beside it.
-    Raises FileNotFoundError or ValueError naming the file at fault.
-    """
+    """(model in eval mode, config) from a model directory (a run's output dir or a checkpoint), or from
+    its model.safetensors with config.json beside it. Raises FileNotFoundError or ValueError naming the file."""
     path = Path(path)
     if path.is_file() or path.suffix == ".safetensors":
         directory, weights_path = path.parent, path

@@ -73,10 +73,8 @@ def confusion_matrix(matrix: list[list[int]], class_names: list[str], path: Path
     return _save(fig, path)
 
 
-def misclassified_grid(
-    images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, class_names: list[str], path: Path,
-    limit: int = 64, columns: int = 8,
-) -> Path:
+def misclassified_grid(images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, class_names: list[str],
+                       path: Path, limit: int = 64, columns: int = 8) -> Path:
     """The first `limit` misclassified digits (uint8 [N, 784]) in a grid, each labelled predicted / true."""
     wrong = (predicted != labels).nonzero().flatten()[:limit]
     side, pad = IMAGE_SIDE, 14  # pixels: the padding holds each tile's two-line label

@@ -19,10 +19,8 @@ BACKGROUNDS = ("auto", "dark", "light")  # digits.BACKGROUNDS, named here withou
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mnist_dist.predict", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(prog="python -m mnist_dist.predict", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, GIF, WebP, BMP, TIFF), any size and colour")
     parser.add_argument("--model", required=True,
                         help="a trained model: its directory (config.json + model.safetensors), the "

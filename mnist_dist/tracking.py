@@ -1,8 +1,5 @@
-"""Experiment tracking through Accelerate's trackers (W&B, TensorBoard) plus a plain metrics.jsonl.
-
-Accelerate runs trackers on the main process only, so a launch makes exactly one W&B run
-however many processes or nodes it has. `metrics.jsonl` in the output directory is written
-whatever the tracker: one JSON object per logged step, the plain record to plot from.
+"""Experiment tracking through Accelerate's trackers (W&B, TensorBoard), on the main process only (one
+W&B run per launch), plus OUTPUT_DIR/metrics.jsonl whatever the tracker: one JSON object per logged step.
 """
 
 from __future__ import annotations
@@ -52,9 +49,8 @@ def run_metadata() -> dict:
     """What the tracker's config gets besides the training config: git commit and SLURM job, when present."""
     meta = {}
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5)
         if commit.returncode == 0:
             meta["git_commit"] = commit.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -134,12 +130,9 @@ def log_images(accelerator: Accelerator, pictures: dict[str, Path], step: int) -
 
 
 def replay(accelerator: Accelerator, records: list[dict]) -> None:
-    """Log again what a resumed run had logged up to its checkpoint, where the tracker lacks it.
-
-    A killed run may not have flushed its last W&B records (offline, nothing reaches disk
-    after a kill -9), so the resumed run re-sends metrics.jsonl from the first step its
-    W&B run does not have yet: the run's history then has every step once.
-    """
+    """Log again what a resumed run had logged up to its checkpoint, from the first step its W&B run
+    lacks: a killed run may not have flushed its last records (offline, nothing reaches disk after a
+    kill -9), and the run's history then has every step once."""
     if not accelerator.is_main_process or not accelerator.trackers:
         return
     first = 0

@@ -57,8 +57,8 @@ class Preempted(Exception):
 
 @dataclass
 class TrainState:
-    """Where the run is and what it has added up. Saved with every checkpoint, so that a resumed run
-    continues exactly as if it had never stopped. Loss sums are this process's, added in float32."""
+    """Where the run is and what it has added up, saved with every checkpoint: a resumed run continues
+    as if never stopped. Loss sums are this process's, added in float32."""
 
     global_step: int = 0  # optimizer steps taken
     epoch: int = 0  # epochs finished
@@ -74,9 +74,9 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # one entry per evaluated epoch
 
     def add_steps(self, losses: list[float], samples: list[int], log_every: int) -> tuple[list, int | None]:
-        """Count the steps just taken, given their loss sums (this process's) and real samples (the
-        global batch's). Returns the log windows they closed, as (step, this process's loss sum,
-        samples), and the first of the steps whose loss was not finite, or None."""
+        """Count the steps just taken from their loss sums (this process's) and real samples (the global
+        batch's); return the log windows they closed, as (step, loss sum, samples), and the first
+        step whose loss was not finite, or None."""
         windows, first_bad = [], None
         for loss, n in zip(losses, samples):
             self.global_step, self.batch_in_epoch = self.global_step + 1, self.batch_in_epoch + 1
@@ -110,9 +110,7 @@ class TrainState:
 
 def train(cfg: TrainConfig) -> dict:
     """Train as `cfg` says; write results.json and the model (main process); return the results.
-
-    Raises `Preempted` after saving a checkpoint when SIGTERM or SIGUSR1 arrives.
-    """
+    Raises `Preempted` after saving a checkpoint when SIGTERM or SIGUSR1 arrives."""
     cfg.validate()
     accelerator = build_accelerator(cfg)
     timings = {"startup": since_process_start()}  # seconds: interpreter, imports, process group
@@ -263,12 +261,9 @@ def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam:
 
 
 def make_scheduler(cfg: TrainConfig, accelerator, optimizer, total_steps: int):
-    """The --schedule over `total_steps` optimizer steps, saved and restored with the checkpoints; None
-    for a constant learning rate.
-
-    Deliberately not passed to `accelerator.prepare`: Accelerate's scheduler wrapper steps the
-    schedule once per process per step, which would end a multi-process schedule early.
-    """
+    """The --schedule over `total_steps` optimizer steps, saved with the checkpoints; None for a constant
+    learning rate. Not passed to `accelerator.prepare`: Accelerate's wrapper steps the schedule once per
+    process per step, which would end a multi-process schedule early."""
     inner = optimizer.optimizer  # the torch optimizer, whose learning rate the schedule sets
     if cfg.schedule == "constant":
         return None
@@ -327,10 +322,8 @@ class NonFiniteGuard:
 def train_step(accelerator, model, optimizer, guard: NonFiniteGuard, images: torch.Tensor, labels: torch.Tensor,
                scale: float, label_smoothing: float = 0.0) -> torch.Tensor:
     """One optimizer step on a batch of normalized images; returns its loss sum (0-d, on the device).
-
     `scale` is world size / real samples in the global batch: DDP averages the gradients over the
-    processes, so the update follows the mean loss over the global batch, as on one process.
-    """
+    processes, so the update follows the global batch's mean loss, as on one process."""
     logits = model(images)
     loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
     accelerator.backward(loss_sum * scale)

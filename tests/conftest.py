@@ -16,13 +16,13 @@ from .helpers import check, mnist5k, results, train_cli, write_dataset
 SHARED_FIXTURES = ("recipe_run", "reference", "finished", "shard_report", "runs", "cluster")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(items):
-    for item in items:
-        shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
-        if shared:  # one xdist group per fixture (--dist loadgroup)
-            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{shared[0]}"
-                                                    if shared[0] != "recipe_run" else "recipe_run"))
+def pytest_itemcollected(item):
+    """One xdist group per shared fixture (--dist loadgroup), set as each test is collected: before the
+    collection hooks, where xdist reads the groups."""
+    shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
+    if shared:
+        group = shared[0] if shared[0] == "recipe_run" else f"{item.module.__name__}:{shared[0]}"
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True, scope="session")

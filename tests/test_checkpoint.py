@@ -89,13 +89,18 @@ def signal_mid_run(world: int, out, sig: int, times: int = 1) -> subprocess.Pope
     return proc
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["1proc", "2procs"])
+_references = {}  # world size -> output dir: one run each, however pytest orders the tests
+
+
+@pytest.fixture(params=[1, 2], ids=["1proc", "2procs"])
 def reference(request, tmp_path_factory):
     """An uninterrupted run to compare interrupted ones with."""
     world = request.param
-    out = tmp_path_factory.mktemp(f"reference{world}")
-    check(run(train_cmd(world, *RUN, "--output-dir", str(out))))
-    return world, out
+    if world not in _references:
+        out = tmp_path_factory.mktemp(f"reference{world}")
+        check(run(train_cmd(world, *RUN, "--output-dir", str(out))))
+        _references[world] = out
+    return world, _references[world]
 
 
 def test_checkpoints_are_complete_and_only_the_newest_are_kept(reference):

@@ -15,12 +15,18 @@ from .workers.shards import EPOCHS, indexed
 N_TRAIN, N_TEST, BATCH = 1001, 1001, 64
 
 
-@pytest.fixture(scope="module", params=[2, pytest.param(3, marks=pytest.mark.slow)])
+_shard_reports = {}  # world size -> report: one launch each, however pytest orders the tests
+
+
+@pytest.fixture(params=[2, pytest.param(3, marks=pytest.mark.slow)])
 def shard_report(request, tmp_path_factory):
     world = request.param
-    out = tmp_path_factory.mktemp(f"shards{world}") / "report.json"
-    check(launch_script(world, REPO / "tests" / "workers" / "shards.py", str(N_TRAIN), str(N_TEST), str(BATCH), str(out)))
-    report = json.loads(out.read_text())
+    if world not in _shard_reports:
+        out = tmp_path_factory.mktemp(f"shards{world}") / "report.json"
+        check(launch_script(world, REPO / "tests" / "workers" / "shards.py", str(N_TRAIN), str(N_TEST), str(BATCH),
+                            str(out)))
+        _shard_reports[world] = json.loads(out.read_text())
+    report = _shard_reports[world]
     assert report["world_size"] == world, "the launch did not connect the processes it started"
     return report
 

@@ -36,10 +36,27 @@ def job_env(**extra) -> dict:
 
 
 def submit(cluster, workdir: Path, *sbatch_args: str, flags=FLAGS, env=None, wait=True):
-    args = ["sbatch", "--parsable", f"--chdir={workdir}", *(["--wait"] if wait else []), *sbatch_args, str(SCRIPT), *flags]
+    """sbatch the script; with `wait`, return once the job has ended, its exit status as the returncode."""
+    args = ["sbatch", "--parsable", f"--chdir={workdir}", *sbatch_args, str(SCRIPT), *flags]
     proc = cluster.run(*args, env=env or job_env())
+    assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip().split(";")[0]
+    if wait:  # polled here: `sbatch --wait` polls ever more slowly (a 9 s job returned after 42 s)
+        state, _ = wait_for_job(cluster, job_id)
+        proc.returncode = 0 if state == "COMPLETED" else 1
     return proc, job_id
+
+
+def wait_for_job(cluster, job_id: str, timeout: float = 240) -> tuple[str, str]:
+    """(final JobState, `scontrol show job` text) once the job has ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = cluster.run("scontrol", "show", "job", job_id).stdout
+        state = re.search(r"JobState=(\S+)", info).group(1)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state, info
+        assert time.monotonic() < deadline, f"job {job_id} still {state} after {timeout} s"
+        time.sleep(0.25)
 
 
 def job_log(workdir: Path, job_id: str) -> str:
@@ -80,14 +97,7 @@ def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(cluste
     check_signal = cluster.run("scancel", "--signal=USR1", "--batch", job_id)
     assert check_signal.returncode == 0, check_signal.stderr
 
-    deadline = time.monotonic() + 240
-    while True:
-        info = cluster.run("scontrol", "show", "job", job_id).stdout
-        state = re.search(r"JobState=(\S+)", info).group(1)
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-            break
-        assert time.monotonic() < deadline, f"job {job_id} still {state}"
-        time.sleep(0.5)
+    state, info = wait_for_job(cluster, job_id)
     log = job_log(tmp_path, job_id)
     assert state == "COMPLETED", log[-3000:]
     assert "Restarts=1" in info
