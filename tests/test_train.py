@@ -141,7 +141,7 @@ def test_help_is_answered_before_torch_is_imported(cli):
     proc = check(run([sys.executable, "-X", "importtime", "-m", f"mnist_dist.{cli}", "--help"]))
     assert proc.stdout.startswith("usage: python -m mnist_dist.")
     imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
-    assert "mnist_dist.config" in imported or cli != "train"  # what importtime shows: the modules loaded
+    assert "argparse" in imported  # importtime's report was read: the modules the CLI loaded
     assert not imported & {"torch", "torchvision", "matplotlib", "accelerate"}, sorted(imported)
 
 
