@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from . import checkpoint, data, plots, tracking  # noqa: E402
+from . import checkpoint, data, tracking  # noqa: E402
 from .checkpoint import CheckpointError  # noqa: E402
 from .clock import since_process_start  # noqa: E402
 from .data import DataError, DeviceBatches, make_loaders, normalize  # noqa: E402
@@ -515,6 +515,8 @@ def write_outputs(accelerator, model, output_dir: str, results: dict, test_set, 
     if not accelerator.is_main_process:
         return
     checkpoint.write_json(output_dir / CONFIG_NAME, model_cfg)
+    from . import plots  # matplotlib and torchvision: about 1 s of start-up that only the main process needs, at the end
+
     title = f"{results['dataset']}, {results['epochs']} epochs, recipe {results['config']['recipe']}"
     pictures = {"training_curves": plots.training_curves(results["history"], output_dir / "training_curves.png",
                                                          title, results["config"]["label_smoothing"]),
