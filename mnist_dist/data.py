@@ -34,6 +34,8 @@ NUM_CLASSES = 10
 # pixels go uint8 [0, 255] -> [0, 1] -> (x - MEAN) / STD, i.e. [-1, 1]
 MEAN, STD = 0.5, 0.5
 CACHE_FORMAT = 1  # bump when the cached layout changes
+# the largest IDX payload read (EMNIST's biggest split is 0.5 GiB); a header promising more is refused
+MAX_IDX_BYTES = 2 * 2**30
 
 
 class DataError(ValueError):
@@ -74,35 +76,55 @@ def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
 # ---------------------------------------------------------------- IDX files
 
 
-def _read_bytes(path: Path) -> bytes:
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
-        try:
-            return gzip.decompress(raw)
-        except (EOFError, OSError, zlib.error) as err:
-            raise DataError(f"{path}: corrupt or truncated gzip file ({err})") from err
-    return raw
+def _open(path: Path):
+    """The file at `path` as a binary stream, inflated on the fly when it is gzip (whatever its name)."""
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+
+
+def _read_exactly(stream, out: memoryview, path: Path) -> None:
+    filled = 0
+    while filled < len(out):
+        n = stream.readinto(out[filled:])
+        if not n:
+            raise DataError(f"{path}: truncated or corrupt: its header promises {len(out)} bytes of data, it holds {filled}")
+        filled += n
 
 
 def read_idx(path: str | Path, ndim: int) -> torch.Tensor:
     """Read an IDX file of unsigned bytes with `ndim` dimensions (3 for images, 1 for labels). Not
-    torchvision's reader: every failure names the file and the problem, not a reshape error."""
+    torchvision's reader: every failure names the file and the problem, and memory stays bounded by
+    what the header promises (a gzip that inflates past it is refused without inflating the rest)."""
     path = Path(path)
-    raw = _read_bytes(path)
-    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
     expected_magic = 0x0800 | ndim  # 0x00 0x00, type 0x08 (unsigned byte), number of dimensions
-    if magic != expected_magic:
-        found = f"0x{magic:08x}" if magic is not None else f"only {len(raw)} bytes"
-        raise DataError(f"{path}: wrong IDX magic number {found}, expected 0x{expected_magic:08x} (unsigned "
-                        f"bytes, {ndim} dimension{'s' if ndim > 1 else ''}); is this the right file?")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes)")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + math.prod(dims)
-    if len(raw) != expected:
-        raise DataError(f"{path}: truncated or corrupt: {len(raw)} bytes, but its header {tuple(dims)} needs {expected}")
-    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
+    try:
+        with _open(path) as stream:
+            header = stream.read(4 + 4 * ndim)
+            magic = int.from_bytes(header[:4], "big") if len(header) >= 4 else None
+            if magic != expected_magic:
+                found = f"0x{magic:08x}" if magic is not None else f"only {len(header)} bytes"
+                raise DataError(f"{path}: wrong IDX magic number {found}, expected 0x{expected_magic:08x} (unsigned "
+                                f"bytes, {ndim} dimension{'s' if ndim > 1 else ''}); is this the right file?")
+            if len(header) < 4 + 4 * ndim:
+                raise DataError(f"{path}: truncated IDX header ({len(header)} bytes)")
+            dims = struct.unpack(f">{ndim}I", header[4:])
+            if ndim == 3 and dims[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+                raise DataError(f"{path}: images of {dims[1]}x{dims[2]} pixels, expected 28x28")
+            size = math.prod(dims)
+            if size > MAX_IDX_BYTES:
+                raise DataError(f"{path}: its header promises {size / 2**30:.1f} GiB of data (shape {tuple(dims)}), "
+                                f"more than the {MAX_IDX_BYTES / 2**30:.0f} GiB an MNIST-like split can need")
+            out = torch.empty(size, dtype=torch.uint8)
+            _read_exactly(stream, memoryview(out.numpy()), path)
+            if stream.read(1):
+                raise DataError(f"{path}: holds more data than its header {tuple(dims)} promises ({size} bytes); "
+                                "refused without reading the rest")
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise DataError(f"{path}: corrupt or truncated gzip file ({err})") from err
+    except OSError as err:
+        raise DataError(f"{path}: cannot read it ({err.strerror or err})") from err
+    return out.reshape(dims)
 
 
 def find_idx_files(data_dir: str | Path) -> dict[str, tuple[Path, Path]]:
@@ -194,10 +216,12 @@ def _files_identity(files: dict[str, tuple[Path, Path]]) -> list:
 def _read_cache(path: Path) -> dict[str, Split] | None:
     try:
         tensors = load_file(path)
-        return {s: Split(tensors[f"{s}_images"], tensors[f"{s}_labels"]) for s in IDX_FILES}
+        # checked like freshly decoded data: a cache that was tampered with is never trained on
+        return {s: check_split(tensors[f"{s}_images"].view(-1, IMAGE_SIDE, IMAGE_SIDE), tensors[f"{s}_labels"],
+                               f"{path} [{s}]") for s in IDX_FILES}
     except FileNotFoundError:
         return None
-    except (SafetensorError, KeyError, OSError) as err:
+    except (SafetensorError, KeyError, OSError, RuntimeError, DataError) as err:
         print(f"mnist_dist: ignoring unreadable cache file {path} ({err}); rebuilding it")
         return None
 
@@ -238,6 +262,16 @@ def load_splits(dataset: str, data_dir: str | None = None, cache_dir: str | Path
         splits = build()
         _write_cache(cache_file, splits)
     return splits
+
+
+def fingerprint(splits: dict[str, Split]) -> dict:
+    """What a checkpoint records of its data: each split's size and the sha256 of its decoded tensors."""
+    prints = {}
+    for name, split in splits.items():
+        digest = hashlib.sha256(memoryview(split.images.numpy()))
+        digest.update(memoryview(split.labels.numpy()))
+        prints[name] = {"samples": len(split), "sha256": digest.hexdigest()}
+    return prints
 
 
 # ---------------------------------------------------------------- loaders

@@ -8,6 +8,7 @@ the file; torch and torchvision do the rest. No model or training code.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from .data import IMAGE_SIDE
 DIGIT_BOX = 20  # pixels: the longer side of the digit inside the 28x28 frame, as in MNIST
 BACKGROUNDS = ("auto", "dark", "light")
 THRESHOLD = 0.1 * 255  # ink level that counts towards the digit's bounding box (fainter: noise, paper grain)
+# pixels an image may have (a 40-megapixel camera's photo); decoded, each costs about 10 bytes here
+MAX_PIXELS = 40_000_000
 
 
 class ImageError(ValueError):
@@ -32,11 +35,20 @@ def read_gray(path: str | Path) -> torch.Tensor:
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)  # phone photos: upright as a viewer shows them
-            image = image.convert("LA")  # luminance + alpha, whatever the mode (RGB, palette, 16-bit, ...)
+        with warnings.catch_warnings():  # Pillow's bomb warning (89 MP): MAX_PIXELS is tighter and an error
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # reads the header only
     except (OSError, ValueError, Image.DecompressionBombError):
         raise ImageError(f"{path}: not a readable image (PNG, JPEG, GIF, WebP, BMP or TIFF expected)") from None
+    with image:
+        if image.width * image.height > MAX_PIXELS:
+            raise ImageError(f"{path}: {image.width}x{image.height} pixels, more than the {MAX_PIXELS / 1e6:.0f} "
+                             "megapixels read; scale it down first")
+        try:
+            image = ImageOps.exif_transpose(image)  # phone photos: upright as a viewer shows them
+            image = image.convert("LA")  # luminance + alpha, whatever the mode (RGB, palette, 16-bit, ...)
+        except (OSError, ValueError) as err:
+            raise ImageError(f"{path}: a damaged image ({err})") from None
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())  # [H, W, 2]
     gray, alpha = pixels[..., 0], pixels[..., 1] / 255
     # a drawing on a transparent canvas: composite onto white, as it looks in a viewer

@@ -1,14 +1,18 @@
+import gzip
 import os
+import struct
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from mnist_dist import data
 from mnist_dist.data import DataError, find_idx_files, load_splits, read_idx
 
-from .helpers import check, mnist5k, train_cli, write_dataset, write_idx
+from .helpers import check, mnist5k, run, train_cli, write_dataset, write_idx
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -203,3 +207,63 @@ def test_unreachable_hub_names_the_offline_options(tmp_path):
     assert "cannot reach the Hugging Face Hub for 'ylecun/mnist'" in proc.stderr
     assert "--data-dir" in proc.stderr and "--dataset mnist-5k" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- hostile files
+
+
+def write_gzip_bomb(path: Path, images: int, extra_gib: int) -> Path:
+    """A gzip IDX image file whose header promises `images` 28x28 images, followed by `extra_gib` GiB more
+    zeros: gzip members, one of them repeated, so it is a few MB on disk."""
+    payload = bytes([0, 0, 0x08, 3]) + struct.pack(">3I", images, 28, 28) + bytes(images * 784)
+    zeros = gzip.compress(bytes(2**27), compresslevel=9)  # 128 MiB of zeros -> 128 KB
+    with open(path, "wb") as f:
+        f.write(gzip.compress(payload, compresslevel=1))
+        for _ in range(extra_gib * 8):
+            f.write(zeros)
+    return path
+
+
+def test_a_gzip_that_inflates_past_its_header_is_refused_in_bounded_memory(tmp_path):
+    bomb = write_gzip_bomb(tmp_path / "train-images-idx3-ubyte.gz", 60000, 3)
+    assert bomb.stat().st_size < 20 * 2**20
+    probe = ("import resource, sys\nfrom mnist_dist.data import DataError, read_idx\n"
+             "try:\n    read_idx(sys.argv[1], 3)\nexcept DataError as err:\n    print(err)\n"
+             "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    proc = check(run([sys.executable, "-c", probe, str(bomb)]))
+    assert f"{bomb}: holds more data than its header (60000, 28, 28) promises (47040000 bytes); refused" in proc.stdout
+    peak = int(proc.stdout.split("peak_rss_kib")[1])
+    print(f"peak RSS reading a 3 GiB gzip bomb: {peak / 2**10:.0f} MiB")
+    assert peak < 2**20  # KiB: under 1 GiB
+
+
+def test_a_header_that_promises_too_much_or_the_wrong_image_size_is_refused_before_reading(tmp_path):
+    huge = tmp_path / "huge"
+    huge.write_bytes(bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 10**8, 28, 28))
+    with pytest.raises(DataError, match=rf"{huge}: its header promises 73.0 GiB of data"):
+        read_idx(huge, 3)
+    wide = tmp_path / "wide"
+    wide.write_bytes(bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 1, 12000, 12000))
+    with pytest.raises(DataError, match=rf"{wide}: images of 12000x12000 pixels, expected 28x28"):
+        read_idx(wide, 3)
+
+
+def test_a_cache_whose_contents_are_wrong_is_rebuilt(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    load_splits("mnist-5k", cache_dir=cache)
+    (cache_file,) = cache.glob("*.safetensors")
+    tensors = load_file(cache_file)
+    tensors["train_labels"][7] = 42
+    save_file(tensors, cache_file)
+    splits = load_splits("mnist-5k", cache_dir=cache)
+    assert "label 42 at index 7 is outside 0-9" in capsys.readouterr().out
+    assert splits["train"].labels.max() == 9 and splits["train"].labels.equal(mnist5k()["train"].labels)
+
+
+def test_a_test_split_without_images_is_refused_naming_the_file(tmp_path):
+    split = mnist5k()["train"]
+    directory = write_dataset(tmp_path / "d", (split.images[:10], split.labels[:10]),
+                              (torch.zeros(0, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.uint8)))
+    proc = check(train_cli("--cpu", "--data-dir", str(directory), "--output-dir", str(tmp_path / "o")), rc=2)
+    assert "t10k-images-idx3-ubyte.gz" in proc.stderr and "no samples" in proc.stderr
+    assert "Traceback" not in proc.stderr

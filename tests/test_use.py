@@ -1,7 +1,9 @@
 """Using a trained model: `mnist_dist.evaluate`, `mnist_dist.predict` and the pictures a run leaves."""
 
 import json
+import struct
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -227,3 +229,26 @@ def test_unreadable_images_are_named_and_the_rest_still_predicted(recipe_run, tm
     assert f"{blank}: no digit found" in proc.stderr
     assert f"{tmp_path / 'missing.jpg'}: no such file" in proc.stderr
     assert [p["file"] for p in json.loads(proc.stdout)] == [good]
+
+
+def png_header_only(path, width: int, height: int):
+    """A PNG whose header says width x height (grayscale) and whose pixel data is one tiny chunk."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_over_the_pixel_budget_is_refused_before_it_is_decoded(recipe_run, tmp_path):
+    out, _, _ = recipe_run
+    huge = png_header_only(tmp_path / "huge.png", 12000, 12000)
+    good = list(save_digits(tmp_path / "digits"))[0]
+    probe = ("import resource, sys\nfrom mnist_dist import predict\nrc = predict.main(sys.argv[1:])\n"
+             "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)\n")
+    proc = check(run([sys.executable, "-c", probe, str(huge), good, "--model", str(out), "--json"]), rc=2)
+    assert f"{huge}: 12000x12000 pixels, more than the 40 megapixels read" in proc.stderr
+    assert [p["file"] for p in json.loads(proc.stdout.split("peak_rss_kib")[0])] == [good]
+    assert int(proc.stdout.split("peak_rss_kib")[1]) < 2**20  # KiB: under 1 GiB
