@@ -2,21 +2,31 @@
 
 A checkpoint is `OUTPUT_DIR/checkpoints/step_XXXXXXXX/`, built under a `.tmp` name and
 renamed only once every process has written its part and `training_state.json` is on
-disk, so a directory with that name is always complete. Resume reads the step, epoch,
-position in the epoch, running loss sums and history from the JSON, never from a name.
+disk, so a directory with that name is always complete. Re-saving a step first renames the
+old copy to `.old`, which still counts as complete until the new one is in place. Resume
+reads the step, epoch, position in the epoch, running loss sums and history from the JSON,
+never from a name, and loads every file before it trusts a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .distributed import any_process
 
 STATE_NAME = "training_state.json"
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+# what every training_state.json holds besides TrainState's fields
+STATE_KEYS = ("format", "global_step", "world_size", "config", "run_id", "data")
 # config fields that shape the trajectory: a resumed run must use the same values
 MUST_MATCH = ("dataset", "hidden_size", "batch_size", "lr", "seed", "mixed_precision", "schedule", "warmup_fraction",
               "label_smoothing", "normalization")
@@ -28,6 +38,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message names the directory."""
 
 
+class DiskError(OSError):
+    """Writing a checkpoint or an output failed (a full disk, a broken mount); the message names the path."""
+
+
 def checkpoints_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
@@ -35,43 +49,68 @@ def checkpoints_root(output_dir: str | Path) -> Path:
 def save(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: int | None,
          model_config: dict | None = None) -> Path:
     """Save a complete checkpoint for `state['global_step']` (all processes call this); with
-    `model_config` it also holds config.json and loads as a model directory (`load_model`)."""
+    `model_config` it also holds config.json and loads as a model directory (`load_model`). Raises
+    CheckpointError on every process when any could not write its part; earlier checkpoints stay."""
     root = checkpoints_root(output_dir)
     final = root / f"step_{state['global_step']:08d}"
-    tmp = final.with_name(final.name + ".tmp")
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    failure = None
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))  # model, optimizer, sampler, every process's RNG state
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        failure = write_failure(tmp, err)
+    if any_process(accelerator, failure is not None):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise DiskError(failure or f"another process could not write its part of {final}")
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # model, optimizer, sampler, every process's RNG state
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if model_config is not None:
-            write_json(tmp / "config.json", model_config)
-        write_json(tmp / STATE_NAME, {"format": STATE_FORMAT, **state})
-        if final.exists():
-            shutil.rmtree(final)
+        try:
+            if model_config is not None:
+                write_json(tmp / "config.json", model_config)
+            write_json(tmp / STATE_NAME, {"format": STATE_FORMAT, **state})
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DiskError(write_failure(tmp, err)) from None
+        if final.exists():  # a re-save: keep the old copy complete under another name until the new one is in
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)  # the directory appears complete, or not at all
+        shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(root)
         if keep:
-            for old in complete_checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(old)
+            for stale in complete_checkpoints(output_dir, state["run_id"])[:-keep]:
+                shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     return final
 
 
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints under OUTPUT_DIR/checkpoints, oldest first (by the step they record)."""
+def write_failure(path: Path, err: Exception) -> str:
+    """What to tell the user when writing under `path` failed: a full disk is named as such."""
+    free = shutil.disk_usage(next(p for p in [path, *path.parents] if p.exists())).free
+    why = f"the disk is full ({free / 2**20:.1f} MiB free)" if free < 2**26 or "No space" in str(err) else str(err)
+    return f"could not write {path}: {why}; the earlier checkpoints are intact"
+
+
+def complete_checkpoints(output_dir: str | Path, run_id: str | None = None) -> list[Path]:
+    """Complete checkpoints under OUTPUT_DIR/checkpoints, oldest first (by the step they record);
+    with `run_id`, only that run's."""
     found = []
     root = checkpoints_root(output_dir)
     if root.is_dir():
         for path in root.iterdir():
             if path.is_dir() and not path.name.endswith(".tmp"):
                 try:
-                    found.append((read_state(path)["global_step"], path))
+                    state = read_state(path)
                 except CheckpointError:
                     continue  # incomplete or damaged: never resumed from automatically
-    return [path for _, path in sorted(found)]
+                if run_id is None or state["run_id"] == run_id:
+                    # of a step's two copies (a re-save killed half-way) the one without .old is newer
+                    found.append((state["global_step"], not path.name.endswith(".old"), path))
+    return [path for *_, path in sorted(found)]
 
 
 def read_state(path: str | Path) -> dict:
@@ -88,6 +127,9 @@ def read_state(path: str | Path) -> dict:
         raise CheckpointError(f"{state_file}: unreadable ({err})") from err
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{state_file}: not a mnist_dist training state (format {STATE_FORMAT})")
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{state_file}: damaged, it lacks {', '.join(missing)}")
     needed = ["model.safetensors", "optimizer.bin"] + [f"random_states_{r}.pkl" for r in range(state["world_size"])]
     missing = [name for name in needed if not (path / name).is_file()]
     if missing:
@@ -95,15 +137,43 @@ def read_state(path: str | Path) -> dict:
     return state
 
 
+def check_loads(path: Path) -> None:
+    """Load every file of the checkpoint at `path` (they are small), so that a damaged one is found
+    now: Accelerate's `load_state` skips random states it cannot read without a word."""
+    for file in sorted(path.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                load_file(file)
+            elif file.suffix in (".bin", ".pkl"):
+                torch.load(file, map_location="cpu", weights_only=False)  # Accelerate's own files
+        except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+            raise CheckpointError(f"{file}: damaged checkpoint file ({type(err).__name__}: {err})") from None
+
+
 def resolve(resume: str | None, output_dir: str | Path) -> Path | None:
-    """The checkpoint `--resume` names: 'auto' is the newest complete one in output_dir, or None."""
+    """The checkpoint `--resume` names, checked to load: 'auto' is the newest complete one in output_dir
+    that loads (a damaged newer one is skipped with a warning), or None where there is none."""
     if resume is None:
         return None
-    if resume == "auto":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
-    read_state(resume)  # refuse a partial or damaged checkpoint before anything else happens
-    return Path(resume)
+    if resume != "auto":
+        read_state(resume)  # refuse a partial or damaged checkpoint before anything else happens
+        check_loads(Path(resume))
+        return Path(resume)
+    root, skipped = checkpoints_root(output_dir), []
+    for path in reversed(complete_checkpoints(output_dir)):
+        try:
+            check_loads(path)
+        except CheckpointError as err:
+            print(f"mnist_dist: warning: skipping {path}: {err}")
+            skipped.append(path)
+            continue
+        return path
+    # a step_N directory that is not complete was damaged after it was written (a .tmp one: killed mid-save)
+    damaged = skipped or [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")]
+    if damaged:
+        raise CheckpointError(f"--resume auto: no checkpoint in {root} loads ({', '.join(p.name for p in damaged)} are "
+                              "incomplete or damaged); resume one with --resume PATH, or start over with --overwrite")
+    return None
 
 
 def check_compatible(state: dict, config: dict, world_size: int, path: Path) -> None:
@@ -122,6 +192,20 @@ def check_compatible(state: dict, config: dict, world_size: int, path: Path) -> 
                 f"{flag}={config.get(name)!r}, but {path} was trained with {state['config'].get(name)!r}; "
                 f"resume with the same value"
             )
+
+
+def check_data(state: dict, data: dict, config: dict, path: Path) -> None:
+    """Refuse to resume on other data than the checkpoint's (`data.fingerprint` of both)."""
+    if state["data"] != data:
+        was = state["config"]
+        raise CheckpointError(
+            f"{path} was trained on other data: --dataset {was.get('dataset')} --data-dir {was.get('data_dir')} gave "
+            f"{_describe(state['data'])}, this run's --dataset {config['dataset']} --data-dir {config['data_dir']} "
+            f"gives {_describe(data)}; resume with the data it was trained on")
+
+
+def _describe(data: dict) -> str:
+    return " and ".join(f"{s['samples']} {name} images (sha256 {s['sha256'][:12]})" for name, s in data.items())
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -27,6 +27,8 @@ RECIPES = {
 DATASET_CHOICES = ("mnist", "fashion_mnist", "mnist-5k")
 DATA_PATH_CHOICES = ("auto", "dataloader", "device", "graph")
 OPTIONAL_COUNTS = ("max_steps", "checkpoint_every")  # None: no limit, no step checkpoints
+MAX_HIDDEN = 65_536  # units: 51M weights, 0.8 GB with Adam's moments and the gradients in fp32
+MAX_BATCH = 1_048_576  # samples: past any dataset this package reads
 
 
 class ConfigError(ValueError):
@@ -58,7 +60,7 @@ class TrainConfig:
                                 "as the tutorials do); 'dataset' standardizes with the training set's pixel mean "
                                 "and std (saved with the model)", choices=("half", "dataset"))
     # model
-    hidden_size: int = _field(256, "width of the MLP's hidden layer (units)")
+    hidden_size: int = _field(256, f"width of the MLP's hidden layer (units, at most {MAX_HIDDEN:,})")
     # optimisation
     epochs: int = _field(10, "passes over the training set (epochs)")
     batch_size: int = _field(128, "training samples per process per optimizer step; the global batch is this "
@@ -73,7 +75,7 @@ class TrainConfig:
                            choices=SCHEDULE_CHOICES)
     warmup_fraction: float = _field(0.15, "onecycle: fraction of all steps spent rising to the peak --lr (0..1)")
     label_smoothing: float = _field(0.0, "cross-entropy label smoothing for training (0: none; test loss never uses it)")
-    seed: int = _field(0, "seed for weight init and the per-epoch shuffle (same on every process)")
+    seed: int = _field(0, "seed for weight init and the per-epoch shuffle (same on every process; 0 to 2**32 - 1)")
     max_steps: int | None = _field(None, "stop after this many optimizer steps in total, then evaluate "
                                    "(debugging); default: all epochs")
     # hardware
@@ -81,9 +83,14 @@ class TrainConfig:
                                          "configured with, else 'no'", choices=MIXED_PRECISION_CHOICES)
     cpu: bool = _field(False, "train on the CPU even if a GPU is present (also makes `accelerate launch` use gloo)")
     # output
-    output_dir: str = _field("outputs/mnist", "directory for results.json, model.safetensors and config.json")
+    output_dir: str | None = _field(None, "the run's directory (results.json, the model, checkpoints); one run per "
+                                    "directory. Default: a new outputs/run-YYYYMMDD-HHMMSS, with outputs/latest "
+                                    "pointing at it; with --resume auto, outputs/latest")
+    overwrite: bool = _field(False, "start over in an --output-dir that holds another run: its files are removed first")
     log_every: int = _field(50, "optimizer steps between loss reads (log, progress bar) and the processes' check "
                             "for a stop signal or a non-finite step: the only host syncs in training (steps)")
+    timeout: int = _field(300, "seconds a process waits for the others at any collective (a stalled or lost "
+                          "peer) before the run stops with an error")
     # tracking
     report_to: str = _field("wandb", "experiment tracker: W&B, TensorBoard, both, or none (metrics.jsonl is "
                             "written regardless)", choices=("wandb", "tensorboard", "all", "none"))
@@ -116,7 +123,13 @@ class TrainConfig:
             ("warmup_fraction", 0 < self.warmup_fraction < 1, "must be between 0 and 1 (exclusive)"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
             ("resume", self.resume is None or bool(self.resume), "give 'auto' or a checkpoint directory"),
-            ("output_dir", bool(self.output_dir), "must not be empty"),
+            ("output_dir", self.output_dir is None or bool(self.output_dir), "must not be empty"),
+            ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2**32, "must be an integer from 0 to 2**32 - 1"),
+            ("hidden_size", self.hidden_size <= MAX_HIDDEN, f"must be at most {MAX_HIDDEN:,}"),
+            ("batch_size", self.batch_size <= MAX_BATCH, f"must be at most {MAX_BATCH:,}"),
+            ("eval_batch_size", self.eval_batch_size <= MAX_BATCH, f"must be at most {MAX_BATCH:,}"),
+            ("timeout", isinstance(self.timeout, int) and self.timeout >= 1, "must be an integer >= 1 (seconds)"),
+            ("overwrite", not (self.overwrite and self.resume), "cannot be combined with --resume"),
         ]:
             if not ok:
                 self._refuse(name, why)

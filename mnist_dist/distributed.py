@@ -6,20 +6,17 @@ averaged by the DDP that `accelerator.prepare` wraps the model in: gloo on CPUs,
 from __future__ import annotations
 
 import os
-import signal
+import socket
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs,
-                              ProjectConfiguration)
+                              InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, gather_object)
 
 from . import tracking
 from .config import ConfigError, TrainConfig
-
-# exit status of a run that stopped on SIGTERM/SIGUSR1 after saving a checkpoint: "try again"
-# (EX_TEMPFAIL); a scheduler or wrapper requeues the job and `--resume auto` continues it
-EXIT_PREEMPTED = 75
 
 
 class LaunchError(RuntimeError):
@@ -31,9 +28,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     accelerator = Accelerator(
         cpu=cfg.cpu,
         log_with=tracking.log_with(cfg) or None,  # trackers run on the main process only
-        project_config=ProjectConfiguration(
-            project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "tensorboard")
-        ),
+        # the run's directory is known once the main process has claimed one (`use_output_dir`)
+        project_config=ProjectConfiguration(logging_dir="tensorboard"),
         mixed_precision=cfg.mixed_precision,  # None: what `accelerate launch` was configured with
         # no cache of cast weights: CUDA graphs need it off (torch's CUDA-graph notes), and each weight
         # is cast once per forward pass anyway
@@ -41,6 +37,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
             AutocastKwargs(cache_enabled=False),
             # DDP all-reduces the gradients in place, in its buckets: no copy in before, none out after
             DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+            # a collective that waits longer for a stalled or lost peer raises (gloo; NCCL's watchdog aborts)
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout)),
         ],
         # every process draws the same permutation, seeded by seed + epoch, then takes its shard
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
@@ -48,6 +46,52 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     check_coupled(accelerator)
     check_precision(accelerator, from_flag=cfg.mixed_precision is not None)
     return accelerator
+
+
+def use_output_dir(accelerator: Accelerator, output_dir: str) -> None:
+    """Point Accelerate's project (TensorBoard's logs) at the run's directory."""
+    accelerator.project_configuration.set_directories(output_dir)
+    accelerator.project_configuration.logging_dir = str(Path(output_dir) / "tensorboard")
+
+
+def decided_by_main(accelerator: Accelerator, decide, *args):
+    """`decide(*args)` run on the main process, its result given to every process; an exception it
+    raises there is raised on every process (results and exceptions must pickle)."""
+    outcome = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome = [(True, decide(*args))]
+        except Exception as err:  # raised everywhere below, so that no process waits for the others
+            outcome = [(False, err)]
+    broadcast_object_list(outcome)
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` is true on any process (a collective: every process must call it)."""
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="max").item())
+
+
+def process_hosts(accelerator: Accelerator) -> list[str]:
+    """Every process's host name, by rank (a collective), for messages that name a peer."""
+    return gather_object([socket.gethostname()])
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether `err` is a collective that timed out or lost its connection (gloo's are plain RuntimeErrors)."""
+    return isinstance(err, torch.distributed.DistError) or "gloo/transport" in str(err)
+
+
+def peers_message(accelerator: Accelerator, hosts: list[str], timeout: int, step: int, err: BaseException) -> str:
+    """What a process tells when a collective failed (`lost_peer`): where, and whom it waited for."""
+    rank = accelerator.process_index
+    others = ", ".join(f"rank {r} on {host}" for r, host in enumerate(hosts) if r != rank)
+    what = f"waited more than --timeout {timeout} s for" if "Timed out" in str(err) else "lost its connection to"
+    return (f"process {rank} {what} the other processes ({others}) after step {step}: one of them is stalled or "
+            "gone. The checkpoints hold the last saved state; resume with --resume auto once every node is healthy")
 
 
 def compiled_with(accelerator: Accelerator) -> str:
@@ -96,29 +140,6 @@ def local_real(batch_index: int, batch_len: int, dataset_len: int, batch_size: i
     world, rank = accelerator.num_processes, accelerator.process_index
     real = global_real(batch_index, dataset_len, batch_size, world)
     return min(max(real - rank * batch_size, 0), batch_len)
-
-
-class StopSignals:
-    """Turn SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) into a flag that
-    the loop reads between steps: a signal never interrupts a step or a checkpoint."""
-
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self) -> "StopSignals":
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = self.received or signum
 
 
 def agree_to_stop(accelerator: Accelerator, stop_requested: bool, bad_steps: torch.Tensor, step: int,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import uuid
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -61,10 +60,11 @@ def run_metadata() -> dict:
     return meta
 
 
-def start(accelerator: Accelerator, cfg: TrainConfig, config: dict, run_id: str | None) -> str | None:
-    """Start the trackers (main process); return the W&B run id, to be saved with checkpoints."""
+def start(accelerator: Accelerator, cfg: TrainConfig, config: dict, run_id: str) -> None:
+    """Start the trackers (main process); W&B's run takes the id of the run (`run_id`), so that a resumed
+    run continues the same W&B run."""
     if not accelerator.log_with:
-        return None
+        return
     init_kwargs = {}
     if "wandb" in [str(t) for t in accelerator.log_with]:
         import wandb
@@ -72,10 +72,8 @@ def start(accelerator: Accelerator, cfg: TrainConfig, config: dict, run_id: str 
         mode, note = wandb_mode(cfg)
         if note and accelerator.is_main_process:
             print(f"mnist_dist: {note}")
-        run_id = run_id or uuid.uuid4().hex[:16]  # chosen here so that checkpoints can carry it
-        wandb_dir = Path(cfg.output_dir)
         init_kwargs["wandb"] = {
-            "entity": cfg.wandb_entity, "name": cfg.run_name, "mode": mode, "dir": str(wandb_dir),
+            "entity": cfg.wandb_entity, "name": cfg.run_name, "mode": mode, "dir": str(cfg.output_dir),
             "id": run_id, "resume": "allow",
             # no network: give up on the server after 30 s ($WANDB_INIT_TIMEOUT) instead of the default 90
             "settings": wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 30)), quiet=True),
@@ -91,9 +89,8 @@ def start(accelerator: Accelerator, cfg: TrainConfig, config: dict, run_id: str 
             wandb.teardown()  # forget the half-started online run, so its id can be used offline
             init_kwargs["wandb"]["mode"] = "offline"
             accelerator.init_trackers(cfg.wandb_project, config=config, init_kwargs=init_kwargs)
-        return run_id
+        return
     accelerator.init_trackers(cfg.wandb_project, config=config, init_kwargs=init_kwargs)
-    return None
 
 
 def finish(accelerator: Accelerator, summary: dict) -> None:

@@ -14,14 +14,17 @@ from __future__ import annotations
 import sys
 
 from .config import ConfigError, TrainConfig, parse_args
+from .stopping import EXIT_PREEMPTED, StopSignals
 
-if __name__ == "__main__":  # --help and bad flags are answered before torch and matplotlib load (seconds)
+if __name__ == "__main__":  # --help and bad flags are answered before torch loads (seconds)
     CLI_CONFIG = parse_args()
+    SIGNALS = StopSignals().__enter__()  # from here on a stop signal ends the run cleanly, exit 75
 
 import gc  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+import uuid  # noqa: E402
+from dataclasses import asdict, dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -30,13 +33,13 @@ import torch.nn.functional as F  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from . import checkpoint, data, tracking  # noqa: E402
-from .checkpoint import CheckpointError  # noqa: E402
+from . import checkpoint, data, runs, tracking  # noqa: E402
+from .checkpoint import CheckpointError, DiskError  # noqa: E402
 from .clock import since_process_start  # noqa: E402
 from .data import DataError, DeviceBatches, make_loaders, normalize  # noqa: E402
 from .distributed import (  # noqa: E402
-    EXIT_PREEMPTED, LaunchError, StopSignals, agree_to_stop, build_accelerator, compiled_with, global_real,
-    local_real,
+    LaunchError, agree_to_stop, any_process, build_accelerator, compiled_with, decided_by_main, global_real,
+    local_real, lost_peer, peers_message, process_hosts, use_output_dir,
 )
 from .evaluation import evaluate, evaluate_shard  # noqa: E402
 from .graphs import EpochGraph, graph_unsupported  # noqa: E402
@@ -44,13 +47,13 @@ from .model import CONFIG_NAME, MLP, model_config  # noqa: E402
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message names the step."""
+    """Training cannot go on (a non-finite loss, a stalled peer); the message names the step."""
 
 
 class Preempted(Exception):
-    """Stopped by SIGTERM/SIGUSR1 after saving the checkpoint at `path`."""
+    """Stopped by SIGTERM/SIGUSR1 or a lost launcher; `path`: where the run can go on from."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         super().__init__(str(path))
         self.path = path
 
@@ -90,6 +93,13 @@ class TrainState:
                 self.window_loss_sum, self.window_samples = 0.0, 0
         return windows, first_bad
 
+    def evaluated(self) -> bool:
+        """Whether the position reached has been evaluated: an epoch's start, or where --max-steps ended one.
+        A checkpoint saved on a stop signal at an epoch's or the run's end has not."""
+        last = self.history[-1] if self.history else None
+        return self.batch_in_epoch == 0 or (last is not None and last["epoch"] == self.epoch + 1
+                                            and last["samples"] == self.epoch_samples)
+
     def saved(self, accelerator) -> dict:
         """This state as training_state.json holds it, with every process's loss sums (a collective)."""
         mine = torch.tensor([[self.epoch_loss_sum, self.window_loss_sum]], device=accelerator.device)
@@ -108,16 +118,34 @@ class TrainState:
                    window_loss_sum=saved["window_loss_sums"][rank])
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train as `cfg` says; write results.json and the model (main process); return the results.
-    Raises `Preempted` after saving a checkpoint when SIGTERM or SIGUSR1 arrives."""
+def train(cfg: TrainConfig, signals: StopSignals | None = None) -> dict:
+    """Train as `cfg` says into a run directory of its own; write results.json and the model (main
+    process); return the results. Raises `Preempted` when SIGTERM or SIGUSR1 arrives (or the launcher
+    dies), after saving a checkpoint if training had begun. `signals`: handlers the CLI installed early."""
     cfg.validate()
-    accelerator = build_accelerator(cfg)
+    with signals or StopSignals() as signals:
+        accelerator = build_accelerator(cfg)
+        try:
+            plan = decided_by_main(accelerator, runs.claim, cfg)  # the run's directory, locked, and what it holds
+        except BaseException:
+            _shutdown(accelerator)
+            raise
+        try:
+            if plan.finished:  # --resume auto on a run that has taken every step asked for
+                return say_finished(accelerator, plan)
+            use_output_dir(accelerator, plan.output_dir)
+            return run(replace(cfg, output_dir=plan.output_dir), accelerator, plan, signals)
+        finally:
+            plan.lock.release()
+
+
+def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) -> dict:
+    """The run in `plan.output_dir`, from its checkpoint `plan.resume_from` or from step 0."""
     timings = {"startup": since_process_start()}  # seconds: interpreter, imports, process group
     world, rank = accelerator.num_processes, accelerator.process_index
     config = {**cfg.to_dict(), "mixed_precision": accelerator.mixed_precision,  # resolved
               "torch_compile": compiled_with(accelerator)}
-    resume_from = checkpoint.resolve(cfg.resume, cfg.output_dir)  # a bad --resume PATH stops here
+    resume_from = Path(plan.resume_from) if plan.resume_from else None
     saved = checkpoint.read_state(resume_from) if resume_from else None
     if saved:
         checkpoint.check_compatible(saved, config, world, resume_from)
@@ -126,6 +154,9 @@ def train(cfg: TrainConfig) -> dict:
     with accelerator.local_main_process_first():  # one process per node decodes and caches, the others read
         splits = data.load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
     train_set, test_set = splits["train"], splits["test"]
+    fingerprint = data.fingerprint(splits)
+    if saved:
+        checkpoint.check_data(saved, fingerprint, config, resume_from)
     # (mean, std) on the 0..1 pixel scale; saved with the model so that evaluate and predict scale alike
     stats = data.pixel_stats(train_set.images) if cfg.normalization == "dataset" else (data.MEAN, data.STD)
     timings["data_load"] = time.perf_counter() - began
@@ -144,31 +175,22 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = make_scheduler(cfg, accelerator, optimizer, total_steps)
     state = restore(accelerator, resume_from, saved, optimizer) if saved else TrainState()
     guard = NonFiniteGuard(accelerator, optimizer)
-    if data_path == "graph":
-        runner = EpochGraph(model, optimizer, guard, normalize(train_set.images.to(accelerator.device), *stats),
-                            train_set.labels.to(accelerator.device), cfg.batch_size, cfg.seed, cfg.label_smoothing)
-    else:
-        batches = train_loader if data_path == "dataloader" else DeviceBatches(
-            train_set, cfg.batch_size, cfg.seed, rank, world, accelerator.device)
-        runner = EagerSteps(accelerator, model, optimizer, scheduler, guard, batches, cfg, len(train_set), stats)
+    runner = make_runner(cfg, data_path, accelerator, model, optimizer, scheduler, guard, train_set, train_loader, stats)
     test_shard = data.test_shard(test_set, cfg.eval_batch_size, rank, world, accelerator.device) \
         if data_path != "dataloader" else None
 
-    if accelerator.is_main_process:  # only now: bad data, flags and checkpoints have all been refused
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process and plan.new:  # only now: bad data, flags and checkpoints have all been refused
+        runs.point_latest_at(Path(cfg.output_dir))
+    hosts = process_hosts(accelerator)  # to name a peer that stalls
+    run_id = saved["run_id"] if saved else uuid.uuid4().hex[:16]  # also the W&B run's id
     tracker_config = {**config, "world_size": world, "global_batch_size": cfg.batch_size * world,
                       "train_samples": len(train_set), "device_type": accelerator.device.type,
                       **tracking.run_metadata()}
-    run_id = tracking.start(accelerator, cfg, tracker_config, saved["tracker_run_id"] if saved else None)
+    tracking.start(accelerator, cfg, tracker_config, run_id)
     report = Reporter(accelerator, cfg.output_dir, total_steps, state.global_step if saved else None)
     epochs = math.ceil(total_steps / steps_per_epoch)
-    report.say(
-        f"mnist_dist: {len(train_set)} train / {len(test_set)} test samples, {world} process(es) on "
-        f"{accelerator.device.type}, global batch {cfg.batch_size * world}, precision {accelerator.mixed_precision}, "
-        + (f"torch.compile {config['torch_compile']}, " if config["torch_compile"] != "no" else "")
-        + f"data path {data_path}" + (f"; resuming from {resume_from} (step {state.global_step})" if saved else "")
-    )
-    checkpoint_extra = {"world_size": world, "config": config, "tracker_run_id": run_id}
+    report.say(banner(cfg, accelerator, config, len(train_set), len(test_set), data_path, resume_from, state))
+    checkpoint_extra = {"world_size": world, "config": config, "run_id": run_id, "data": fingerprint}
     # real samples in the global batch at each step of an epoch: the last one may be short
     real_samples = [global_real(i, len(train_set), cfg.batch_size, world) for i in range(steps_per_epoch)]
 
@@ -177,42 +199,50 @@ def train(cfg: TrainConfig) -> dict:
     gc.freeze()
     timings["setup"] = time.perf_counter() - began  # model, optimizer, prepare, device copies, trackers
     metrics = None
-    with StopSignals() as signals:
-        try:
-            while state.global_step < total_steps:
-                timed_since = time.perf_counter()  # training time runs from here to the next checkpoint
-                runner.begin_epoch(state.epoch, state.batch_in_epoch)
-                model.train()
-                while state.batch_in_epoch < steps_per_epoch and state.global_step < total_steps:
-                    start = state.batch_in_epoch
-                    stop = start + steps_to_next_check(state, cfg, runner.logs_live, steps_per_epoch, total_steps)
-                    runner.run(start, stop)  # steps [start, stop) of this epoch, no host sync between them
-                    windows, first_bad_loss = state.add_steps(
-                        runner.losses[start:stop].tolist(), real_samples[start:stop], cfg.log_every)
-                    if state.seconds_to_first_step is None:  # a fresh run's first stretch
-                        state.seconds_to_first_step = runner.seconds_to_first_step
-                    report.advance(stop - start)
-                    # the processes compare notes (one host sync) only here, never every step
-                    stop, first_bad = agree_to_stop(accelerator, signals.received is not None, guard.bad_steps,
-                                                    state.global_step, first_bad_loss)
-                    if first_bad is not None:
-                        raise TrainingError(non_finite_message(first_bad, state.epoch, cfg.output_dir))
-                    report.log_windows(windows, state, optimizer, steps_per_epoch, time.perf_counter() - timed_since)
-                    if stop or checkpoint_due(state, cfg, steps_per_epoch, total_steps):
-                        state.train_seconds += time.perf_counter() - timed_since
-                        path = save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg)
-                        timed_since = time.perf_counter()
-                        if stop:
-                            report.say(f"mnist_dist: stopped by signal after step {state.global_step}; checkpoint {path}")
-                            raise Preempted(path)
-                state.train_seconds += time.perf_counter() - timed_since
-                metrics = end_epoch(accelerator, state, model, test_loader, test_shard, stats, report, epochs,
-                                    steps_per_epoch)
-                save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg)
-        except (Preempted, TrainingError):  # every process raises these at the same step
-            report.close()
-            _shutdown(accelerator)
+    try:
+        if any_process(accelerator, signals.reason() is not None):  # stopped during start-up: nothing to save yet
+            report.say(f"mnist_dist: stopped by {stop_reason(signals)} during start-up; nothing new to save")
+            raise Preempted(resume_from)
+        while state.global_step < total_steps or not state.evaluated():
+            timed_since = time.perf_counter()  # training time runs from here to the next checkpoint
+            runner.begin_epoch(state.epoch, state.batch_in_epoch)
+            model.train()
+            while state.batch_in_epoch < steps_per_epoch and state.global_step < total_steps:
+                start = state.batch_in_epoch
+                stop = start + steps_to_next_check(state, cfg, runner.logs_live, steps_per_epoch, total_steps)
+                runner.run(start, stop)  # steps [start, stop) of this epoch, no host sync between them
+                windows, first_bad_loss = state.add_steps(
+                    runner.losses[start:stop].tolist(), real_samples[start:stop], cfg.log_every)
+                if state.seconds_to_first_step is None:  # a fresh run's first stretch
+                    state.seconds_to_first_step = runner.seconds_to_first_step
+                report.advance(stop - start)
+                # the processes compare notes (one host sync) only here, never every step
+                stop, first_bad = agree_to_stop(accelerator, signals.reason() is not None, guard.bad_steps,
+                                                state.global_step, first_bad_loss)
+                if first_bad is not None:
+                    raise TrainingError(non_finite_message(first_bad, state.epoch, cfg.output_dir))
+                report.log_windows(windows, state, optimizer, steps_per_epoch, time.perf_counter() - timed_since)
+                if stop or checkpoint_due(state, cfg, steps_per_epoch, total_steps):
+                    state.train_seconds += time.perf_counter() - timed_since
+                    path = save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg)
+                    timed_since = time.perf_counter()
+                    if stop:
+                        report.say(f"mnist_dist: stopped by {stop_reason(signals)} after step {state.global_step}; "
+                                   f"checkpoint {path}")
+                        raise Preempted(path)
+            state.train_seconds += time.perf_counter() - timed_since
+            metrics = end_epoch(accelerator, state, model, test_loader, test_shard, stats, report, epochs,
+                                steps_per_epoch)
+            save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg)
+    except (Preempted, TrainingError, DiskError):  # every process raises these at the same step
+        report.close()
+        _shutdown(accelerator)
+        raise
+    except RuntimeError as err:
+        if not lost_peer(err):
             raise
+        report.close()  # a collective timed out (a peer stalled) or its connection broke (a peer died)
+        raise TrainingError(peers_message(accelerator, hosts, cfg.timeout, state.global_step, err)) from err
     report.close()
 
     if metrics is None:  # resumed from a checkpoint of a run that had already finished its steps
@@ -223,8 +253,50 @@ def train(cfg: TrainConfig) -> dict:
     write_outputs(accelerator, model, cfg.output_dir, results, test_set, stats, model_cfg, report)
     tracking.finish(accelerator, {"best_test_accuracy": results["best_test_accuracy"],
                                   "final_test_accuracy": results["test_accuracy"]})
+    stopped = any_process(accelerator, signals.reason() is not None)  # a signal while the outputs were written
+    _shutdown(accelerator)
+    if stopped:
+        report.say(f"mnist_dist: stopped by {stop_reason(signals)} after writing the outputs; the run is complete")
+        raise Preempted(Path(cfg.output_dir))
+    return results
+
+
+def stop_reason(signals: StopSignals) -> str:
+    return signals.reason() or "another process's stop request"
+
+
+def banner(cfg: TrainConfig, accelerator, config: dict, train_len: int, test_len: int, data_path: str,
+           resume_from: Path | None, state: TrainState) -> str:
+    """The line that says what this run is, just before it trains."""
+    world = accelerator.num_processes
+    return (f"mnist_dist: {train_len} train / {test_len} test samples, {world} process(es) on "
+            f"{accelerator.device.type}, global batch {cfg.batch_size * world}, precision {accelerator.mixed_precision}, "
+            + (f"torch.compile {config['torch_compile']}, " if config["torch_compile"] != "no" else "")
+            + f"data path {data_path}; {cfg.output_dir}"
+            + (f", resuming from {resume_from} (step {state.global_step})" if resume_from else ""))
+
+
+def say_finished(accelerator, plan: runs.Plan) -> dict:
+    """--resume auto on a finished run: say so and change nothing."""
+    results = plan.finished
+    if accelerator.is_main_process:
+        print(f"mnist_dist: {plan.output_dir} holds a finished run ({results['steps']} steps, test accuracy "
+              f"{results['test_accuracy']:.4f}); nothing to resume. To train further, raise --epochs or --max-steps "
+              "with --resume auto; to start over, use --overwrite.")
     _shutdown(accelerator)
     return results
+
+
+def make_runner(cfg: TrainConfig, data_path: str, accelerator, model, optimizer, scheduler, guard, train_set,
+                train_loader, stats):
+    """What runs the steps of an epoch on `data_path`: the captured epoch, or the reference step."""
+    device = accelerator.device
+    if data_path == "graph":
+        return EpochGraph(model, optimizer, guard, normalize(train_set.images.to(device), *stats),
+                          train_set.labels.to(device), cfg.batch_size, cfg.seed, cfg.label_smoothing)
+    batches = train_loader if data_path == "dataloader" else DeviceBatches(
+        train_set, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes, device)
+    return EagerSteps(accelerator, model, optimizer, scheduler, guard, batches, cfg, len(train_set), stats)
 
 
 def saved_model_config(model: MLP, cfg: TrainConfig, stats: tuple[float, float]) -> dict:
@@ -505,8 +577,16 @@ def write_outputs(accelerator, model, output_dir: str, results: dict, test_set, 
                   report: Reporter) -> None:
     """The model, config.json, the pictures (also to the trackers) and, last, results.json, whose
     presence marks a finished run. All processes call this; the main process writes."""
+    try:
+        write_model_and_pictures(accelerator, model, Path(output_dir), results, test_set, stats, model_cfg, report)
+    except (OSError, RuntimeError) as err:  # torch and safetensors report a full disk as a RuntimeError
+        raise DiskError(checkpoint.write_failure(Path(output_dir), err)) from None
+
+
+def write_model_and_pictures(accelerator, model, output_dir: Path, results: dict, test_set, stats, model_cfg: dict,
+                             report: Reporter) -> None:
+    """`write_outputs` without the translation of a full disk into an error."""
     began = time.perf_counter()
-    output_dir = Path(output_dir)
     accelerator.wait_for_everyone()
     # the plain module, never its torch.compile wrapper: that one's weights are saved as "_orig_mod.fc1.weight"
     # (pytorch/pytorch#101107), and unwrapping it while keeping the wrapper puts the bare module inside it
@@ -534,13 +614,19 @@ def _shutdown(accelerator) -> None:
     accelerator.free_memory()  # drops the accelerator's references to the model and loaders
 
 
-def main(cfg: TrainConfig) -> int:
+def main(cfg: TrainConfig, signals: StopSignals | None = None) -> int:
     """Train as `cfg` says (from `parse_args`); return the exit status."""
     try:
-        train(cfg)
-    except (ConfigError, DataError, LaunchError, CheckpointError, TrainingError) as err:
+        train(cfg, signals)
+    except (ConfigError, DataError, LaunchError, CheckpointError, runs.RunDirError, TrainingError, DiskError) as err:
         print(f"mnist_dist.train: error: {err}", file=sys.stderr)
-        return 1 if isinstance(err, TrainingError) else 2  # 2: fix the command; 1: the training failed
+        return 1 if isinstance(err, (TrainingError, DiskError)) else 2  # 2: fix the command; 1: the training failed
+    except RuntimeError as err:
+        if not lost_peer(err):
+            raise
+        print(f"mnist_dist.train: error: the processes lost each other while starting or ending ({err}); "
+              "see --timeout", file=sys.stderr)
+        return 1
     except Preempted:
         return EXIT_PREEMPTED
     finally:
@@ -552,4 +638,4 @@ def main(cfg: TrainConfig) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(CLI_CONFIG))
+    sys.exit(main(CLI_CONFIG, SIGNALS))

@@ -4,17 +4,19 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
 from mnist_dist import checkpoint
-from mnist_dist.distributed import EXIT_PREEMPTED
+from mnist_dist.stopping import EXIT_PREEMPTED
 
 from .helpers import REPO, _free_port, check, launch, results, run, train_cli, train_here
 
@@ -51,6 +53,16 @@ def wait_for_checkpoint(out, min_step: int, proc: subprocess.Popen, timeout: flo
         assert proc.poll() is None, f"training ended early:\n{proc.communicate()[0][-3000:]}"
         time.sleep(0.002)
     raise AssertionError(f"no checkpoint at step >= {min_step} within {timeout} s")
+
+
+def kill_launch(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every training process: torchrun starts each worker in a session of its
+    own, out of the launcher's process group."""
+    everyone = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for process in everyone:
+        process.kill()
+    psutil.wait_procs(everyone, timeout=30)
+    proc.wait()
 
 
 def same_weights(a, b) -> None:
@@ -120,8 +132,7 @@ def test_kill_9_at_a_random_step_then_resume_auto_ends_bit_identical(reference, 
     out = tmp_path / "out"
     proc = start(world, *RUN, "--output-dir", str(out))
     wait_for_checkpoint(out, kill_after, proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole launch, no chance to clean up
-    proc.wait()
+    kill_launch(proc)  # the whole launch, no chance to clean up
     assert not (out / "results.json").exists()
     resume_matches(world, out, ref)
 
@@ -132,7 +143,7 @@ def test_sigusr1_saves_a_checkpoint_and_exits_with_the_preempted_code(reference,
     out = tmp_path / "out"
     proc = signal_mid_run(1, out, signal.SIGUSR1, times=2)  # a second signal changes nothing
     assert proc.returncode == EXIT_PREEMPTED, proc.output[-2000:]
-    stopped_at = int(proc.output.split("stopped by signal after step ")[1].split(";")[0])
+    stopped_at = int(re.search(r"stopped by signal SIGUSR1 after step (\d+);", proc.output)[1])
     assert checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])["global_step"] == stopped_at
     assert not (out / "results.json").exists()
     resume_matches(1, out, ref)
@@ -144,7 +155,7 @@ def test_sigterm_to_the_launcher_checkpoints_every_process_at_the_same_step(refe
     out = tmp_path / "out"
     proc = signal_mid_run(2, out, signal.SIGTERM)  # to the launcher; torchrun forwards it to every worker
     assert proc.returncode != 0
-    assert proc.output.count("stopped by signal after step") == 1  # the main process reports
+    assert len(re.findall(r"stopped by signal SIGTERM after step \d+;", proc.output)) == 1  # the main process reports
     state = checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])
     assert state["world_size"] == 2
     resume_matches(2, out, ref)
@@ -167,7 +178,7 @@ def test_truncated_checkpoint_is_refused_and_nothing_is_written(finished, tmp_pa
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     out = tmp_path / "out"
     proc = check(train_here(*RUN, "--cpu", "--output-dir", str(out), "--resume", str(damaged)), rc=2)
-    assert f"error: {damaged}: damaged checkpoint" in proc.stderr
+    assert f"error: {damaged / 'model.safetensors'}: damaged checkpoint file" in proc.stderr
     assert not out.exists()
 
 
@@ -292,3 +303,97 @@ def test_run_stopped_at_an_epoch_end_resumes_to_identical_weights(tmp_path):
     check(run(train_cmd(1, *flags, "--output-dir", str(out), "--resume", "auto")))
     same_weights(out, tmp_path / "reference")
     same_results(out, tmp_path / "reference")
+
+
+# ---------------------------------------------------------------- damaged, re-saved, other data, full disk
+
+
+def copy_run(finished, out):
+    """The finished run's directory without its results.json: a run that still has its last steps to take."""
+    shutil.copytree(finished, out)
+    (out / "results.json").unlink()
+    return out
+
+
+def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint(finished, tmp_path):
+    out = copy_run(finished, tmp_path / "out")
+    older, newer = checkpoint.complete_checkpoints(out)
+    weights = newer / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    proc = check(train_cli(*RUN, "--cpu", "--output-dir", str(out), "--resume", "auto"))  # as `finished` ran
+    assert f"warning: skipping {newer}: {weights}: damaged checkpoint file" in proc.stdout
+    assert f"resuming from {older}" in proc.stdout
+    same_weights(out, finished)  # the steps after the older checkpoint, taken again
+
+
+def test_damaged_random_states_are_an_error_naming_the_file(finished, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoint.complete_checkpoints(finished)[-1], damaged)
+    rng = damaged / "random_states_0.pkl"
+    rng.write_bytes(rng.read_bytes()[:50])  # Accelerate's load_state would skip it without a word
+    proc = check(train_here(*RUN, "--cpu", "--output-dir", str(tmp_path / "o"), "--resume", str(damaged)), rc=2)
+    assert f"error: {rng}: damaged checkpoint file" in proc.stderr
+
+
+def test_resume_auto_when_no_checkpoint_loads_is_an_error_not_a_fresh_start(finished, tmp_path):
+    out = copy_run(finished, tmp_path / "out")
+    for path in checkpoint.complete_checkpoints(out):
+        (path / "optimizer.bin").write_bytes(b"garbage")
+    proc = check(train_here(*RUN, "--cpu", "--output-dir", str(out), "--resume", "auto"), rc=2)
+    assert "--resume auto: no checkpoint in" in proc.stderr and "--overwrite" in proc.stderr
+
+
+def test_resume_on_other_data_is_refused_naming_both(finished, tmp_path):
+    ckpt = checkpoint.complete_checkpoints(finished)[-1]
+    proc = check(train_here(*RUN, "--cpu", "--data-dir", "/usr/share/datasets/fashion-mnist", "--output-dir",
+                            str(tmp_path / "o"), "--resume", str(ckpt)), rc=2)
+    assert f"{ckpt} was trained on other data" in proc.stderr
+    assert "gave 5000 train images" in proc.stderr and "gives 60000 train images" in proc.stderr
+
+
+def test_a_resave_killed_between_its_two_renames_keeps_the_step_and_resumes_bit_identical(tmp_path):
+    # stopped at an epoch end, the run saves step 40 before its evaluation; the resumed run evaluates,
+    # then saves step 40 again: killed half-way through that re-save, the old copy must still count
+    flags = ["--dataset", "mnist-5k", "--epochs", "3", "--log-every", "1000", "--seed", "2", "--keep-checkpoints", "1"]
+    check(run(train_cmd(1, *flags, "--output-dir", str(tmp_path / "reference"))))
+    out = tmp_path / "out"
+    proc = start(1, *flags, "--output-dir", str(out))
+    while not proc.stdout.readline().startswith("epoch 1/3:"):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGUSR1)  # the stop comes at the end of epoch 2, the next check
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    (stopped,) = checkpoint.complete_checkpoints(out)
+    assert checkpoint.read_state(stopped)["global_step"] in (40, 80)
+    killed = run([sys.executable, str(REPO / "tests" / "workers" / "kill_in_resave.py"), "--cpu", *flags,
+                  "--output-dir", str(out), "--resume", "auto"])
+    assert killed.returncode == -signal.SIGKILL and "kill_in_resave: killed after renaming" in killed.stdout
+    assert not stopped.exists() and checkpoint.complete_checkpoints(out) == [stopped.with_name(stopped.name + ".old")]
+    check(run(train_cmd(1, *flags, "--output-dir", str(out), "--resume", "auto")))
+    same_weights(out, tmp_path / "reference")
+    same_results(out, tmp_path / "reference")
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000120"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs: room for one checkpoint of the MLP (2.4 MB), not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_is_an_error_naming_the_path_and_the_earlier_checkpoint_stays(small_disk):
+    out = small_disk / "out"
+    proc = check(train_here("--dataset", "mnist-5k", "--cpu", "--checkpoint-every", "5", "--max-steps", "20",
+                            "--report-to", "none", "--output-dir", str(out)), rc=1)
+    assert f"error: could not write {out}/checkpoints/step_00000010.tmp: the disk is full" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    (kept,) = checkpoint.complete_checkpoints(out)
+    assert checkpoint.read_state(kept)["global_step"] == 5
+    checkpoint.check_loads(kept)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000005"]

@@ -1,15 +1,24 @@
 """Real multi-process runs over gloo on the CPU: sharding, exact evaluation, DDP equivalence, launch guard."""
 
+import contextlib
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from mnist_dist import checkpoint
 from mnist_dist.evaluation import evaluate
 from mnist_dist.model import MLP, load_model
 
-from .helpers import REPO, check, launch, launch_script, results, train_cli
+from .helpers import REPO, _free_port, check, launch, launch_script, results, train_cli
 from .workers.shards import EPOCHS, indexed
 
 N_TRAIN, N_TEST, BATCH = 1001, 1001, 64
@@ -174,3 +183,63 @@ def test_device_path_trains_to_the_weights_of_the_dataloader_path(world, tmp_pat
     ra, rb = results(tmp_path / "dataloader"), results(tmp_path / "device")
     assert ra["steps"] == rb["steps"] and ra["test_samples"] == rb["test_samples"] == 1001
     assert rb["test_accuracy"] == pytest.approx(ra["test_accuracy"], abs=2 / 1001)
+
+
+# ---------------------------------------------------------------- a stalled peer, a lost launcher
+
+
+def start_launch(out, *flags: str) -> subprocess.Popen:
+    """`accelerate launch` of 2 CPU processes in the background, as a user starts one."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "accelerate_configs" / "cpu.yaml"), "--num_processes", "2", "--main_process_port",
+           str(_free_port()), "-m", "mnist_dist.train", "--cpu", "--dataset", "mnist-5k", "--report-to", "none",
+           "--output-dir", str(out), *flags]
+    return subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def training_workers(proc: subprocess.Popen, out, timeout: float = 120) -> list[psutil.Process]:
+    """The launch's two training processes, once they log their first steps (metrics.jsonl)."""
+    deadline = time.monotonic() + timeout
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "mnist_dist.train" in " ".join(p.cmdline())]
+    assert len(workers) == 2, workers
+    return sorted(workers, key=lambda p: int(p.environ()["RANK"]))
+
+
+def test_a_stalled_peer_ends_the_run_after_timeout_naming_the_step_and_the_peer(tmp_path):
+    out = tmp_path / "out"
+    proc = start_launch(out, "--epochs", "1000", "--log-every", "5", "--timeout", "10")
+    rank0, rank1 = training_workers(proc, out)
+    rank1.suspend()  # SIGSTOP: a frozen node
+    stalled = time.monotonic()
+    try:
+        output, _ = proc.communicate(timeout=240)
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):  # the launcher has killed it, normally
+            rank1.kill()
+    print(f"the launch ended {time.monotonic() - stalled:.0f} s after the peer stalled (--timeout 10)")
+    assert proc.returncode != 0
+    assert re.search(r"error: process 0 waited more than --timeout 10 s for the other processes \(rank 1 on [^)]+\) "
+                     r"after step \d+", output), output[-3000:]
+    assert not (out / "results.json").exists()
+
+
+def test_workers_whose_launcher_died_stop_with_a_checkpoint_instead_of_training_on(tmp_path):
+    out = tmp_path / "out"
+    proc = start_launch(out, "--epochs", "1000", "--log-every", "5")
+    workers = training_workers(proc, out)
+    proc.send_signal(signal.SIGUSR1)  # its default action kills the launcher, and only the launcher
+    proc.wait(timeout=60)
+    gone, alive = psutil.wait_procs(workers, timeout=120)
+    for p in alive:
+        p.kill()
+    assert not alive, "training processes went on without their launcher"
+    output = proc.stdout.read()
+    assert re.search(r"stopped by the loss of its launcher \(process \d+\) after step \d+; checkpoint", output), output[-3000:]
+    (saved,) = checkpoint.complete_checkpoints(out)[-1:]
+    state = checkpoint.read_state(saved)
+    assert state["world_size"] == 2 and state["global_step"] < 1000 * 20
+    assert not (out / "results.json").exists() and not (out / ".lock.json").exists()

@@ -117,7 +117,7 @@ def test_resumed_run_continues_the_same_wandb_run_and_metrics_have_no_gaps_or_du
     assert [without_timing(r) for r in metrics(out)] == [without_timing(r) for r in metrics(reference)]
     # two offline logs of one W&B run: the killed one (whatever reached the disk) and the resumed one
     killed, resumed = offline_runs(out)
-    run_id = resumed_from["tracker_run_id"]
+    run_id = resumed_from["run_id"]
     assert killed.name.endswith(run_id) and read_wandb_run(resumed)["id"] == run_id
     # the resumed log holds every step once, with the values of the uninterrupted run
     strip = lambda h: {k: v for k, v in without_timing(h).items() if k not in ("_timestamp", "_runtime")}

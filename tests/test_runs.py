@@ -1,0 +1,157 @@
+"""One run per output directory: refusals, --overwrite, fresh default directories, the lock, a finished
+run left alone, and stop signals at any moment. Real training runs (mnist-5k, a few steps)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mnist_dist import checkpoint, config, evaluate, runs
+
+from .helpers import REPO, check, in_process, results, train_cli, train_here
+
+SHORT = ["--dataset", "mnist-5k", "--cpu", "--max-steps", "3", "--report-to", "none"]
+
+
+def snapshot(directory) -> dict:
+    """Every file under `directory` with its size and modification time."""
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_new_run_into_the_directory_of_another_is_refused_and_changes_nothing(tmp_path):
+    out = tmp_path / "out"
+    check(train_here(*SHORT, "--output-dir", str(out)))
+    before = snapshot(out)
+    proc = check(train_here(*SHORT, "--seed", "1", "--output-dir", str(out)), rc=2)
+    message = proc.stderr
+    assert f"--output-dir {out} holds another run (results.json" in message and "checkpoints/" in message
+    assert "--resume auto" in message and "--overwrite" in message and "another --output-dir" in message
+    assert snapshot(out) == before
+
+
+def test_overwrite_removes_the_earlier_runs_files_and_only_those(tmp_path):
+    out = tmp_path / "out"
+    check(train_here(*SHORT, "--checkpoint-every", "1", "--output-dir", str(out)))
+    (out / "notes.txt").write_text("mine")
+    proc = check(train_here("--dataset", "mnist-5k", "--cpu", "--max-steps", "2", "--report-to", "none", "--seed", "1",
+                            "--checkpoint-every", "1", "--output-dir", str(out), "--overwrite"))
+    assert "--overwrite: removing results.json" in proc.stdout
+    assert results(out)["steps"] == 2 and results(out)["config"]["seed"] == 1
+    assert [checkpoint.read_state(p)["global_step"] for p in checkpoint.complete_checkpoints(out)] == [1, 2]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2]
+
+
+def test_runs_without_an_output_dir_get_fresh_directories_and_latest_points_at_the_newest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    check(train_here(*SHORT))
+    check(train_here(*SHORT, "--seed", "1"))
+    first, second = sorted((tmp_path / "outputs").glob("run-*"))
+    assert results(first)["config"]["seed"] == 0 and results(second)["config"]["seed"] == 1
+    assert results(second)["config"]["output_dir"] == str(runs.RUNS_ROOT / second.name)
+    assert os.readlink(tmp_path / "outputs" / "latest") == second.name
+    # the README's evaluate example points at something real
+    proc = in_process(evaluate.main, "--model", "outputs/latest", "--cpu")
+    assert proc.returncode == 0 and f"test_accuracy {results(second)['test_accuracy']:.4f}" in proc.stdout
+    # --resume auto without --output-dir continues outputs/latest: finished, so nothing to do
+    proc = check(train_here(*SHORT, "--seed", "1", "--resume", "auto"))
+    assert f"{runs.RUNS_ROOT / second.name} holds a finished run (3 steps" in proc.stdout
+
+
+def test_resume_auto_on_a_finished_run_says_so_and_rewrites_nothing(tmp_path):
+    out = tmp_path / "out"
+    env = {"WANDB_MODE": "offline"}
+    flags = [*SHORT[:-2], "--report-to", "wandb", "--output-dir", str(out)]
+    check(train_cli(*flags, env=env))
+    before = snapshot(out)
+    proc = check(train_cli(*flags, "--resume", "auto", env=env))
+    assert f"{out} holds a finished run (3 steps, test accuracy {results(out)['test_accuracy']:.4f})" in proc.stdout
+    assert snapshot(out) == before  # no file rewritten, no second W&B run started
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_a_second_launch_into_a_directory_in_use_is_refused_naming_the_holder(tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-m", "mnist_dist.train", "--dataset", "mnist-5k", "--cpu", "--epochs", "3",
+                              "--report-to", "none", "--output-dir", str(out)], cwd=REPO, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    holder = out / runs.HOLDER_NAME
+    deadline = time.monotonic() + 120
+    while not holder.exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
+        time.sleep(0.01)
+    second = train_here(*SHORT, "--output-dir", str(out))
+    running = first.poll() is None
+    output, _ = first.communicate(timeout=120)
+    assert second.returncode == 2
+    assert f"--output-dir {out}: another run is using it (process {first.pid} on " in second.stderr
+    assert running, "the refusal came only after the first run had finished"
+    assert first.returncode == 0, output[-3000:]
+    assert results(out)["steps"] == 120 and not holder.exists()
+
+
+def test_a_run_that_fails_before_training_leaves_no_directory_behind(tmp_path):
+    out = tmp_path / "new" / "out"
+    proc = check(train_here(*SHORT, "--data-dir", str(tmp_path / "missing"), "--output-dir", str(out)), rc=2)
+    assert "--data-dir" in proc.stderr and "no such directory" in proc.stderr
+    assert not out.exists()
+
+
+def test_output_dir_that_is_a_file_or_unwritable_is_refused_before_the_data_is_read(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    missing_data = ["--data-dir", str(tmp_path / "missing")]  # would be an error too, later
+    proc = check(train_here(*SHORT, *missing_data, "--output-dir", str(afile)), rc=2)
+    assert f"--output-dir {afile}: is a file, not a directory" in proc.stderr
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):
+        pytest.skip("running as a user whom permissions do not stop (root)")
+    proc = check(train_here(*SHORT, *missing_data, "--output-dir", str(locked / "out")), rc=2)
+    assert "permission denied" in proc.stderr
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--seed", "-1", "--seed=-1: must be an integer from 0 to 2**32 - 1"),
+    ("--seed", str(2**32), f"--seed={2**32}: must be an integer from 0 to 2**32 - 1"),
+    ("--hidden-size", "1000000000", "--hidden-size=1000000000: must be at most 65,536"),
+    ("--batch-size", "100000000", "--batch-size=100000000: must be at most 1,048,576"),
+    ("--timeout", "0", "--timeout=0: must be an integer >= 1"),
+])
+def test_out_of_range_flags_are_refused_naming_the_flag(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        config.parse_args([flag, value])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_stop_signal_during_start_up_exits_75(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_dist.train", *SHORT, "--output-dir", str(out)], cwd=REPO,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    time.sleep(0.5)  # importing torch
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, output[-3000:]
+    assert "stopped by signal SIGTERM during start-up; nothing new to save" in output
+    assert not (out / "results.json").exists()
+
+
+def test_a_stop_signal_while_the_outputs_are_written_exits_75_with_the_outputs_complete(tmp_path, monkeypatch):
+    write_json = checkpoint.write_json
+
+    def signalled_write(path, obj):
+        if path.name == "results.json":
+            signal.raise_signal(signal.SIGTERM)
+        write_json(path, obj)
+
+    monkeypatch.setattr(checkpoint, "write_json", signalled_write)
+    out = tmp_path / "out"
+    proc = train_here(*SHORT, "--output-dir", str(out))
+    assert proc.returncode == 75, proc.stderr
+    assert "stopped by signal SIGTERM after writing the outputs; the run is complete" in proc.stdout
+    assert results(out)["steps"] == 3
