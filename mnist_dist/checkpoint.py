@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 
@@ -50,42 +49,54 @@ def save(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: in
          model_config: dict | None = None) -> Path:
     """Save a complete checkpoint for `state['global_step']` (all processes call this); with
     `model_config` it also holds config.json and loads as a model directory (`load_model`). Raises
-    CheckpointError on every process when any could not write its part; earlier checkpoints stay."""
-    root = checkpoints_root(output_dir)
-    final = root / f"step_{state['global_step']:08d}"
-    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    DiskError on every process when any could not write its part; earlier checkpoints stay."""
+    final = checkpoints_root(output_dir) / f"step_{state['global_step']:08d}"
+    tmp = final.with_name(final.name + ".tmp")
     failure = None
-    try:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))  # model, optimizer, sampler, every process's RNG state
-    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-        failure = write_failure(tmp, err)
+    if accelerator.is_main_process:
+        failure = _written(tmp, lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
+    if not any_process(accelerator, failure is not None):  # every process waits here, whoever failed
+        failure = _written(tmp, lambda: accelerator.save_state(str(tmp)))  # model, optimizer, RNG states, ...
+    if not any_process(accelerator, failure is not None) and accelerator.is_main_process:
+        failure = _written(tmp, lambda: _complete(tmp, final, state, model_config, output_dir, keep))
     if any_process(accelerator, failure is not None):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         raise DiskError(failure or f"another process could not write its part of {final}")
-    if accelerator.is_main_process:
-        try:
-            if model_config is not None:
-                write_json(tmp / "config.json", model_config)
-            write_json(tmp / STATE_NAME, {"format": STATE_FORMAT, **state})
-        except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DiskError(write_failure(tmp, err)) from None
-        if final.exists():  # a re-save: keep the old copy complete under another name until the new one is in
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)  # the directory appears complete, or not at all
-        shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(root)
-        if keep:
-            for stale in complete_checkpoints(output_dir, state["run_id"])[:-keep]:
-                shutil.rmtree(stale)
-    accelerator.wait_for_everyone()
     return final
+
+
+def _written(path: Path, write) -> str | None:
+    """Run `write`; None when it worked, else what to tell the user."""
+    try:
+        write()
+        return None
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch and safetensors report a full disk so too
+        return write_failure(path, err)
+
+
+def _complete(tmp: Path, final: Path, state: dict, model_config: dict | None, output_dir, keep: int | None) -> None:
+    """The main process's part of a save: the JSON files, the rename, the rotation."""
+    if model_config is not None:
+        write_json(tmp / "config.json", model_config)
+    write_json(tmp / STATE_NAME, {"format": STATE_FORMAT, **state})
+    old = final.with_name(final.name + ".old")
+    if final.exists():  # a re-save: keep the old copy complete under another name until the new one is in
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)  # the directory appears complete, or not at all
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(final.parent)
+    if keep:
+        for stale in complete_checkpoints(output_dir, state["run_id"])[:-keep]:
+            remove_checkpoint(stale)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint; renamed first, so that a kill half-way never leaves a part that looks complete."""
+    doomed = path.with_name(path.name + ".deleting.tmp")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
 
 
 def write_failure(path: Path, err: Exception) -> str:
@@ -146,7 +157,7 @@ def check_loads(path: Path) -> None:
                 load_file(file)
             elif file.suffix in (".bin", ".pkl"):
                 torch.load(file, map_location="cpu", weights_only=False)  # Accelerate's own files
-        except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        except Exception as err:  # unpickling a damaged file can raise almost anything
             raise CheckpointError(f"{file}: damaged checkpoint file ({type(err).__name__}: {err})") from None
 
 

@@ -103,8 +103,9 @@ class TrainConfig:
     checkpoint_every: int | None = _field(None, "optimizer steps between checkpoints, besides the one at each "
                                           "epoch end (steps); default: epoch ends only")
     keep_checkpoints: int = _field(2, "complete checkpoints to keep in OUTPUT_DIR/checkpoints (newest first)")
-    resume: str | None = _field(None, "'auto' (newest complete checkpoint in --output-dir, else a fresh start) "
-                                "or a checkpoint directory")
+    resume: str | None = _field(None, "'auto': the newest checkpoint of the run in --output-dir (default "
+                                "outputs/latest) that loads; a finished run is left alone, a run without "
+                                "checkpoints starts again. Or a checkpoint directory")
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the flag for any value that cannot work."""

@@ -1,9 +1,9 @@
 """Evaluate a trained model on a test set: accuracy, loss, per-class accuracy, confusion matrix.
 
-    python -m mnist_dist.evaluate --model outputs/mnist                     # the dataset it was trained on
-    python -m mnist_dist.evaluate --model outputs/mnist/checkpoints/step_00003910 --dataset mnist-5k
-    python -m mnist_dist.evaluate --model outputs/mnist/model.safetensors --data-dir /data/fashion-mnist
-    accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m mnist_dist.evaluate --model outputs/mnist
+    python -m mnist_dist.evaluate --model outputs/latest                     # the dataset it was trained on
+    python -m mnist_dist.evaluate --model outputs/latest/checkpoints/step_00000400 --dataset mnist-5k
+    python -m mnist_dist.evaluate --model outputs/latest/model.safetensors --data-dir /data/fashion-mnist
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m mnist_dist.evaluate --model outputs/latest
 
 Under `accelerate launch` each process evaluates its own share of the test set and the totals
 are added up, so every test image counts exactly once. Writes evaluation.json,

@@ -1,8 +1,8 @@
 """Predict the digit (or Fashion-MNIST class) in image files with a trained model.
 
-    python -m mnist_dist.predict my_digit.png --model outputs/mnist
-    python -m mnist_dist.predict scans/*.jpg --model outputs/mnist/model.safetensors --json
-    python -m mnist_dist.predict photo.jpg --model outputs/mnist --background light   # dark ink on paper
+    python -m mnist_dist.predict my_digit.png --model outputs/latest
+    python -m mnist_dist.predict scans/*.jpg --model outputs/latest/model.safetensors --json
+    python -m mnist_dist.predict photo.jpg --model outputs/latest --background light   # dark ink on paper
 
 Each image is converted the way MNIST's digits were made (grayscale, white on black, cropped,
 scaled to 20 px, centred by mass in 28x28; see mnist_dist.digits) and scaled with the model's

@@ -2,8 +2,8 @@
 
 Without `--output-dir` each run gets a fresh `outputs/run-YYYYMMDD-HHMMSS`, and `outputs/latest`
 points at the newest. A run holds its directory's lock (`filelock`: an flock the OS drops when the
-process dies, so a killed run never blocks its own `--resume auto`) for its whole life. Plain Python:
-the training loop has the main process call `claim` and tells the others what it found.
+process dies, so a killed run never blocks its own `--resume auto`) for its whole life. No torch
+and no processes here: the training loop has the main process call `claim` and tells the others.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -28,6 +28,8 @@ LOCK_NAME, HOLDER_NAME = ".lock", ".lock.json"
 # what a run writes into its directory: what --overwrite removes, and nothing else
 RUN_FILES = ("results.json", "model.safetensors", "config.json", "metrics.jsonl", "training_curves.png",
              "confusion_matrix.png", "misclassified.png", "checkpoints", "evaluation", "wandb", "tensorboard")
+# what a start that never reached its first checkpoint leaves: `--resume auto` removes it and starts again
+RESTARTABLE = ("metrics.jsonl", "checkpoints/", "wandb/", "tensorboard/")
 
 
 class RunDirError(ValueError):
@@ -41,25 +43,29 @@ class Plan:
     output_dir: str
     lock: "RunLock"  # held by the main process only
     resume_from: str | None = None  # a checkpoint that loads, or None: a fresh start
+    continues: bool = False  # resume_from is this directory's own run: keep its run id (and W&B run)
     finished: dict | None = None  # results.json of a run that has nothing left to do
+    remove: list[str] = field(default_factory=list)  # what an earlier run left that must go, once training starts
+    why: str = ""  # why it must go
     new: bool = False  # a new outputs/run-* directory, for outputs/latest to point at
 
 
 def claim(cfg: TrainConfig) -> Plan:
     """Choose the run's directory, lock it, and decide what happens to what is there (main process).
     Refuses, before anything is loaded or written, a directory that holds another run unless told
-    what to do with it (--resume auto, --overwrite)."""
+    what to do with it (--resume auto, --overwrite). Deletes nothing: `clear` does, later."""
     resume_path = checkpoint.resolve(cfg.resume, ".") if cfg.resume not in (None, "auto") else None
     output_dir = chosen_dir(cfg, resume_path)
     if output_dir is None:
+        check_writable(RUNS_ROOT)
         output_dir = new_run_dir()
-        return Plan(str(output_dir), RunLock(output_dir, created=True).acquire(), new=True)
+        return Plan(str(output_dir), RunLock(output_dir, [output_dir]).acquire(), new=True)
     check_writable(output_dir)
-    created = not output_dir.exists()
+    made = [p for p in [output_dir, *output_dir.absolute().parents] if not p.exists()]
     output_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(output_dir, created).acquire()
+    lock = RunLock(output_dir, made).acquire()
     try:
-        return Plan(str(output_dir), lock, *what_to_do(cfg, output_dir, resume_path))
+        return Plan(str(output_dir), lock, **what_to_do(cfg, output_dir, resume_path))
     except BaseException:
         lock.release()
         raise
@@ -76,26 +82,46 @@ def chosen_dir(cfg: TrainConfig, resume_path: Path | None) -> Path | None:
     return None
 
 
-def what_to_do(cfg: TrainConfig, output_dir: Path, resume_path: Path | None) -> tuple[str | None, dict | None]:
-    """(the checkpoint to resume from, results.json of a finished run) for a locked `output_dir`."""
+def what_to_do(cfg: TrainConfig, output_dir: Path, resume_path: Path | None) -> dict:
+    """The rest of the Plan for a locked `output_dir`, from what is there and what the flags ask."""
     there = left_behind(output_dir)
     if cfg.resume == "auto":
-        found = checkpoint.resolve("auto", output_dir)
-        if found is not None:
-            return str(found), finished_results(output_dir, cfg)
-        if there:  # an earlier start of this run stopped before its first checkpoint: start it again
-            print(f"mnist_dist: no checkpoint in {output_dir}; starting from step 0 (removing {', '.join(there)})")
-            remove_run_files(output_dir)
-        return None, None
-    own = resume_path is not None and resume_path.parent.parent.resolve() == output_dir.resolve()
-    if there and cfg.overwrite:
-        print(f"mnist_dist: --overwrite: removing {', '.join(there)} from {output_dir}")
-        remove_run_files(output_dir)
-    elif there and not own:
+        found = checkpoint.resolve("auto", output_dir)  # an error where checkpoints are there but none loads
+        finished = finished_results(output_dir, cfg)
+        if found or finished:
+            return {"resume_from": found and str(found), "continues": True, "finished": finished}
+        kept = [name for name in there if name not in RESTARTABLE]
+        if kept:
+            raise RunDirError(f"--resume auto: {output_dir} holds no checkpoint to resume, but a run's {', '.join(kept)}; "
+                              "start over with --overwrite, or choose another --output-dir")
+        return {"remove": there, "why": "no checkpoint to resume, starting from step 0"}
+    if resume_path is not None and resume_path.parent.parent.resolve() == output_dir.resolve():
+        step = checkpoint.read_state(resume_path)["global_step"]
+        later = [f"checkpoints/{p.name}" for p in checkpoint.complete_checkpoints(output_dir)
+                 if checkpoint.read_state(p)["global_step"] > step]
+        return {"resume_from": str(resume_path), "continues": True, "why": f"resuming from step {step}",
+                "remove": later + [name for name in ("results.json",) if name in there]}
+    if there and not cfg.overwrite:
         raise RunDirError(
             f"--output-dir {output_dir} holds another run ({', '.join(there)}). Continue it with --resume auto, "
             "start over with --overwrite (removes those files), or choose another --output-dir")
-    return (str(resume_path) if resume_path else None), None
+    return {"resume_from": resume_path and str(resume_path), "remove": there, "why": "--overwrite"}
+
+
+def clear(plan: Plan) -> None:
+    """Remove what `plan` says must go and point outputs/latest at a new run (main process, once the
+    data, flags and checkpoint have all been checked)."""
+    output_dir = Path(plan.output_dir)
+    if plan.remove:
+        print(f"mnist_dist: {plan.why}: removing {', '.join(plan.remove)} from {output_dir}")
+    for name in plan.remove:
+        path = output_dir / name.rstrip("/")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    if plan.new:
+        point_latest_at(output_dir)
 
 
 def finished_results(output_dir: Path, cfg: TrainConfig) -> dict | None:
@@ -129,6 +155,7 @@ def point_latest_at(run_dir: Path) -> None:
         os.symlink(run_dir.name, tmp)
         os.replace(tmp, LATEST)
     except OSError as err:
+        tmp.unlink(missing_ok=True)
         print(f"mnist_dist: warning: could not point {LATEST} at {run_dir} ({err})")
 
 
@@ -144,16 +171,6 @@ def left_behind(output_dir: Path) -> list[str]:
     return found
 
 
-def remove_run_files(output_dir: Path) -> None:
-    """Delete what an earlier run wrote into `output_dir` (RUN_FILES only: a user's own files stay)."""
-    for name in RUN_FILES:
-        path = output_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-
-
 def check_writable(output_dir: Path) -> None:
     """Refuse, before anything is read or written, a directory that cannot be made or written."""
     flag = f"--output-dir {output_dir}"
@@ -167,13 +184,14 @@ def check_writable(output_dir: Path) -> None:
 class RunLock:
     """The run's hold on its directory: an OS file lock plus a note of who holds it (host, pid)."""
 
-    def __init__(self, output_dir: Path, created: bool = False):
-        self.output_dir, self.created = output_dir, created  # created: by this run, removed if it stays empty
-        self.lock = FileLock(output_dir / LOCK_NAME, timeout=0)
+    def __init__(self, output_dir: Path, made: list[Path] | None = None):
+        self.output_dir, self.made = output_dir, made or []  # made: by this run, removed if it stays empty
+        # no soft-lock fallback where flock is missing: a killed run's marker file would block its resume
+        self.lock = FileLock(output_dir / LOCK_NAME, timeout=0, fallback_to_soft=False)
         self.holder = output_dir / HOLDER_NAME
 
     def __getstate__(self) -> dict:  # another process gets the directory, never the held lock
-        return {"output_dir": self.output_dir, "created": self.created}
+        return {"output_dir": self.output_dir, "made": self.made}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
@@ -181,22 +199,29 @@ class RunLock:
     def acquire(self) -> "RunLock":
         try:
             self.lock.acquire()
+            self.holder.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                               "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
         except Timeout:
             raise RunDirError(f"--output-dir {self.output_dir}: another run is using it ({self._holder()}); wait for "
                               "it to end, or choose another --output-dir") from None
-        self.holder.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                           "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        except OSError as err:  # the file system refuses the lock or the note
+            self.release()
+            raise RunDirError(f"--output-dir {self.output_dir}: cannot lock it ({err})") from None
         return self
 
     def release(self) -> None:
-        """Let go of the directory; one this run made and left empty (it failed early) is removed."""
+        """Let go of the directory; those this run made and left empty (it failed early) are removed."""
         if not self.lock.is_locked:
             return
         self.holder.unlink(missing_ok=True)
-        if self.created and not any(p.name != LOCK_NAME for p in self.output_dir.iterdir()):
+        if self.made and not any(p.name != LOCK_NAME for p in self.output_dir.iterdir()):
             (self.output_dir / LOCK_NAME).unlink(missing_ok=True)
             self.lock.release()
-            self.output_dir.rmdir()
+            for path in self.made:  # innermost first
+                try:
+                    path.rmdir()
+                except OSError:
+                    break
             return
         self.lock.release()
 

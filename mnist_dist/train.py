@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from . import checkpoint, data, runs, tracking  # noqa: E402
@@ -179,10 +180,11 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     test_shard = data.test_shard(test_set, cfg.eval_batch_size, rank, world, accelerator.device) \
         if data_path != "dataloader" else None
 
-    if accelerator.is_main_process and plan.new:  # only now: bad data, flags and checkpoints have all been refused
-        runs.point_latest_at(Path(cfg.output_dir))
+    if accelerator.is_main_process:  # only now: bad data, flags and checkpoints have all been refused
+        runs.clear(plan)
     hosts = process_hosts(accelerator)  # to name a peer that stalls
-    run_id = saved["run_id"] if saved else uuid.uuid4().hex[:16]  # also the W&B run's id
+    # also the W&B run's id: a checkpoint resumed into another directory starts a run of its own
+    run_id = saved["run_id"] if saved and plan.continues else uuid.uuid4().hex[:16]
     tracker_config = {**config, "world_size": world, "global_batch_size": cfg.batch_size * world,
                       "train_samples": len(train_set), "device_type": accelerator.device.type,
                       **tracking.run_metadata()}
@@ -282,7 +284,8 @@ def say_finished(accelerator, plan: runs.Plan) -> dict:
     if accelerator.is_main_process:
         print(f"mnist_dist: {plan.output_dir} holds a finished run ({results['steps']} steps, test accuracy "
               f"{results['test_accuracy']:.4f}); nothing to resume. To train further, raise --epochs or --max-steps "
-              "with --resume auto; to start over, use --overwrite.")
+              "with --resume auto (--schedule constant only: a schedule is laid over all the steps); to start "
+              "over, use --overwrite.")
     _shutdown(accelerator)
     return results
 
@@ -577,10 +580,13 @@ def write_outputs(accelerator, model, output_dir: str, results: dict, test_set, 
                   report: Reporter) -> None:
     """The model, config.json, the pictures (also to the trackers) and, last, results.json, whose
     presence marks a finished run. All processes call this; the main process writes."""
+    failure = None
     try:
         write_model_and_pictures(accelerator, model, Path(output_dir), results, test_set, stats, model_cfg, report)
-    except (OSError, RuntimeError) as err:  # torch and safetensors report a full disk as a RuntimeError
-        raise DiskError(checkpoint.write_failure(Path(output_dir), err)) from None
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch and safetensors report a full disk so too
+        failure = checkpoint.write_failure(Path(output_dir), err)
+    if any_process(accelerator, failure is not None):  # the main process writes; every process stops alike
+        raise DiskError(failure or f"the main process could not write the outputs to {output_dir}")
 
 
 def write_model_and_pictures(accelerator, model, output_dir: Path, results: dict, test_set, stats, model_cfg: dict,

@@ -241,5 +241,5 @@ def test_workers_whose_launcher_died_stop_with_a_checkpoint_instead_of_training_
     assert re.search(r"stopped by the loss of its launcher \(process \d+\) after step \d+; checkpoint", output), output[-3000:]
     (saved,) = checkpoint.complete_checkpoints(out)[-1:]
     state = checkpoint.read_state(saved)
-    assert state["world_size"] == 2 and state["global_step"] < 1000 * 20
+    assert state["world_size"] == 2 and state["global_step"] % 5 == 0  # at a check point (--log-every 5)
     assert not (out / "results.json").exists() and not (out / ".lock.json").exists()

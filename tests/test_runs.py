@@ -3,6 +3,7 @@ run left alone, and stop signals at any moment. Real training runs (mnist-5k, a 
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +46,37 @@ def test_overwrite_removes_the_earlier_runs_files_and_only_those(tmp_path):
     assert [checkpoint.read_state(p)["global_step"] for p in checkpoint.complete_checkpoints(out)] == [1, 2]
     assert (out / "notes.txt").read_text() == "mine"
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2]
+
+
+def test_nothing_is_removed_until_the_new_run_has_passed_its_checks(tmp_path):
+    out = tmp_path / "out"
+    check(train_here(*SHORT, "--output-dir", str(out)))
+    before = snapshot(out)
+    proc = check(train_here(*SHORT, "--data-dir", str(tmp_path / "missing"), "--output-dir", str(out), "--overwrite"), rc=2)
+    assert "no such directory" in proc.stderr and snapshot(out) == before
+
+
+def test_resume_auto_never_removes_a_run_it_cannot_resume(tmp_path):
+    out = tmp_path / "out"
+    check(train_here(*SHORT, "--output-dir", str(out)))
+    shutil.rmtree(out / "checkpoints")
+    before = snapshot(out)
+    proc = check(train_here(*SHORT[:-4], "--max-steps", "5", "--report-to", "none", "--cpu", "--output-dir", str(out),
+                            "--resume", "auto"), rc=2)
+    assert f"--resume auto: {out} holds no checkpoint to resume, but a run's results.json" in proc.stderr
+    assert snapshot(out) == before
+
+
+def test_resuming_an_earlier_checkpoint_of_a_run_drops_its_later_ones(tmp_path):
+    out = tmp_path / "out"
+    flags = [*SHORT, "--checkpoint-every", "1", "--keep-checkpoints", "3", "--output-dir", str(out)]
+    check(train_here(*flags))
+    first = checkpoint.complete_checkpoints(out)[0]
+    proc = check(train_here(*flags, "--resume", str(first)))
+    assert ("resuming from step 1: removing checkpoints/step_00000002, checkpoints/step_00000003, results.json"
+            in proc.stdout)
+    assert [checkpoint.read_state(p)["global_step"] for p in checkpoint.complete_checkpoints(out)] == [1, 2, 3]
+    assert results(out)["steps"] == 3
 
 
 def test_runs_without_an_output_dir_get_fresh_directories_and_latest_points_at_the_newest(tmp_path, monkeypatch):
@@ -99,7 +131,7 @@ def test_a_run_that_fails_before_training_leaves_no_directory_behind(tmp_path):
     out = tmp_path / "new" / "out"
     proc = check(train_here(*SHORT, "--data-dir", str(tmp_path / "missing"), "--output-dir", str(out)), rc=2)
     assert "--data-dir" in proc.stderr and "no such directory" in proc.stderr
-    assert not out.exists()
+    assert not (tmp_path / "new").exists()
 
 
 def test_output_dir_that_is_a_file_or_unwritable_is_refused_before_the_data_is_read(tmp_path):
@@ -133,12 +165,14 @@ def test_a_stop_signal_during_start_up_exits_75(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "mnist_dist.train", *SHORT, "--output-dir", str(out)], cwd=REPO,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    time.sleep(0.5)  # importing torch
+    while not (out / runs.HOLDER_NAME).exists():  # it has claimed its directory: data and model are next
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, output[-3000:]
     assert "stopped by signal SIGTERM during start-up; nothing new to save" in output
-    assert not (out / "results.json").exists()
+    assert not (out / "results.json").exists() and not (out / runs.HOLDER_NAME).exists()
 
 
 def test_a_stop_signal_while_the_outputs_are_written_exits_75_with_the_outputs_complete(tmp_path, monkeypatch):
