@@ -94,11 +94,13 @@ class TrainConfig:
     # tracking
     report_to: str = _field("wandb", "experiment tracker: W&B, TensorBoard, both, or none (metrics.jsonl is "
                             "written regardless)", choices=("wandb", "tensorboard", "all", "none"))
-    wandb_project: str = _field("mnist_dist", "W&B project (also the TensorBoard run name)")
-    wandb_entity: str | None = _field(None, "W&B entity (user or team); default: your W&B default")
-    run_name: str | None = _field(None, "W&B run name; default: W&B picks one")
+    wandb_project: str | None = _field(None, "W&B project (also the TensorBoard run name); default: "
+                                       "$WANDB_PROJECT, else mnist_dist")
+    wandb_entity: str | None = _field(None, "W&B entity (user or team); default: $WANDB_ENTITY, else your W&B default")
+    run_name: str | None = _field(None, "W&B run name; default: $WANDB_NAME, else W&B picks one")
     wandb_mode: str | None = _field(None, "W&B mode; default: $WANDB_MODE, else online when logged in, else "
                                     "offline", choices=("online", "offline", "disabled"))
+    log_model: bool = _field(False, "log the final model.safetensors and config.json to W&B as a model artifact")
     # checkpoints
     checkpoint_every: int | None = _field(None, "optimizer steps between checkpoints, besides the one at each "
                                           "epoch end (steps); default: epoch ends only")

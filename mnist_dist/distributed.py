@@ -20,7 +20,12 @@ from .config import ConfigError, TrainConfig
 
 
 class LaunchError(RuntimeError):
-    """The processes were started in a way that cannot train correctly."""
+    """The processes were started in a way that cannot work. Every process raises it; `first` is true on
+    the launch's first process only (RANK 0), the one that says it."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.first = os.environ.get("RANK", "0") == "0"
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -43,7 +48,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         # every process draws the same permutation, seeded by seed + epoch, then takes its shard
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
-    check_coupled(accelerator)
+    check_coupled(accelerator, "mnist_dist.train")
     check_precision(accelerator, from_flag=cfg.mixed_precision is not None)
     return accelerator
 
@@ -100,18 +105,18 @@ def compiled_with(accelerator: Accelerator) -> str:
     return accelerator.state.dynamo_plugin.backend.value.lower()
 
 
-def check_coupled(accelerator: Accelerator) -> None:
-    """Refuse to run when the launcher started N processes that are not connected (a MULTI_GPU launch
-    without GPUs): each would train alone on the full data and overwrite the others' output."""
+def check_coupled(accelerator: Accelerator, program: str) -> None:
+    """Refuse to run `program` (mnist_dist.train, mnist_dist.evaluate) when the launcher started N processes
+    that are not connected (a MULTI_GPU launch without GPUs): each would work alone on all the data and
+    overwrite the others' output."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise LaunchError(
             f"the launcher started {launched} processes (WORLD_SIZE={launched}) but Accelerate connected "
-            f"{accelerator.num_processes} (device: {accelerator.device.type}): each would train alone and "
-            f"overwrite the others' output. No GPU is visible here. To train with {launched} CPU processes, "
-            f"add --cpu to the training flags (accelerate launch --config_file accelerate_configs/cpu.yaml "
-            f"-m mnist_dist.train --cpu) or set ACCELERATE_USE_CPU=1; for one process use "
-            f"`python -m mnist_dist.train --cpu`."
+            f"{accelerator.num_processes} (device: {accelerator.device.type}): each would run {program} alone and "
+            f"overwrite the others' output. No GPU is visible here. To run it on {launched} CPU processes, add "
+            f"--cpu to its flags (accelerate launch --config_file accelerate_configs/cpu.yaml -m {program} ... "
+            f"--cpu) or set ACCELERATE_USE_CPU=1; for one process use `python -m {program} ... --cpu`."
         )
 
 

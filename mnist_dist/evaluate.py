@@ -52,7 +52,7 @@ def evaluate_model(args: argparse.Namespace) -> dict:
         raise ValueError(f"--batch-size={args.batch_size}: must be an integer >= 1")
     accelerator = Accelerator(cpu=args.cpu)
     try:
-        check_coupled(accelerator)
+        check_coupled(accelerator, "mnist_dist.evaluate")
         model, config = load_model(args.model)
         model_path = Path(args.model)
         model_dir = model_path.parent if model_path.suffix == ".safetensors" else model_path
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = evaluate_model(args)
     except (FileNotFoundError, ValueError, LaunchError) as err:  # DataError is a ValueError
-        print(f"mnist_dist.evaluate: error: {err}", file=sys.stderr)
+        if getattr(err, "first", True):  # a bad launch: every process raises it, the first one says it
+            print(f"mnist_dist.evaluate: error: {err}", file=sys.stderr)
         return 2
     finally:
         gc.collect()  # free gloo's hold on the process group while Python is fully alive (see train.py)

@@ -32,8 +32,14 @@ def _save(fig, path: Path) -> Path:
 
 def training_curves(history: list[dict], path: Path, title: str = "", label_smoothing: float = 0.0) -> Path:
     """Train and test loss, and test accuracy, per epoch, from results.json's `history`."""
+    return _save(curves_figure(history, title, label_smoothing), path)
+
+
+def curves_figure(history: list[dict], title: str = "", label_smoothing: float = 0.0):
+    """The figure `training_curves` saves."""
     epochs = [h["epoch"] for h in history]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    # constrained layout keeps axis labels clear of their tick labels, however wide those are
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     # a smoothed training loss has a floor above zero: say so, or it reads as underfitting
     train_label = f"train (label smoothing {label_smoothing:g})" if label_smoothing else "train"
     loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label=train_label)
@@ -44,17 +50,21 @@ def training_curves(history: list[dict], path: Path, title: str = "", label_smoo
     acc_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        if len(epochs) <= 20:  # one tick per epoch, never a fraction of one
+            ax.set_xticks(epochs)
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        else:
+            ax.xaxis.get_major_locator().set_params(integer=True)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return fig
 
 
 def confusion_matrix(matrix: list[list[int]], class_names: list[str], path: Path, title: str = "") -> Path:
     """Counts of (true class, predicted class), with each class's accuracy beside its row."""
     counts = torch.tensor(matrix, dtype=torch.float64)
     n = len(class_names)
-    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    fig, ax = plt.subplots(figsize=(7.5, 6.5), layout="constrained")
     # colour by the fraction of the true class, so rare and common classes read alike
     fractions = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
     image = ax.imshow(fractions.numpy(), cmap="Blues", vmin=0, vmax=1)

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         probs = predict(model, torch.stack(digits), (norm["mean"], norm["std"]))
         for path, p in zip(files, probs):
             k = int(p.argmax())
-            records.append({"file": path, "prediction": k, "label": names[k], "probability": round(float(p[k]), 6),
+            records.append({"file": path, "class_index": k, "class_name": names[k], "probability": round(float(p[k]), 6),
                             "probabilities": {name: round(float(q), 6) for name, q in zip(names, p)}})
     if args.json:
         print(json.dumps(records, indent=2))
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in records:
             ranked = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])[: args.top]
             others = ", ".join(f"{name} {100 * q:.1f}%" for name, q in ranked)
-            print(f"{r['file']}: {r['label']}  ({others})")
+            print(f"{r['file']}: {r['class_name']}  ({others})")
     return 2 if failed else 0
 
 

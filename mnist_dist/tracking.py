@@ -39,9 +39,14 @@ def wandb_mode(cfg: TrainConfig) -> tuple[str, str | None]:
         return mode, None
     import wandb
 
-    if wandb.api.api_key:
+    if wandb.login(prompt=False, verify=False):  # a key in WANDB_API_KEY, W&B's settings or .netrc
         return "online", None
     return "offline", "W&B: no API key (wandb login / WANDB_API_KEY), logging offline"
+
+
+def project(cfg: TrainConfig) -> str:
+    """--wandb-project, else $WANDB_PROJECT, else mnist_dist: a flag beats the environment, as in W&B."""
+    return cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "mnist_dist"
 
 
 def run_metadata() -> dict:
@@ -72,14 +77,16 @@ def start(accelerator: Accelerator, cfg: TrainConfig, config: dict, run_id: str)
         mode, note = wandb_mode(cfg)
         if note and accelerator.is_main_process:
             print(f"mnist_dist: {note}")
+        # None leaves W&B to read $WANDB_ENTITY, $WANDB_NAME, $WANDB_RUN_GROUP and $WANDB_TAGS itself
         init_kwargs["wandb"] = {
-            "entity": cfg.wandb_entity, "name": cfg.run_name, "mode": mode, "dir": str(cfg.output_dir),
-            "id": run_id, "resume": "allow",
+            "entity": cfg.wandb_entity, "name": cfg.run_name, "mode": mode,
+            "dir": os.environ.get("WANDB_DIR") or str(cfg.output_dir),
+            "id": os.environ.get("WANDB_RUN_ID") or run_id, "resume": "allow",
             # no network: give up on the server after 30 s ($WANDB_INIT_TIMEOUT) instead of the default 90
             "settings": wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 30)), quiet=True),
         }
         try:
-            accelerator.init_trackers(cfg.wandb_project, config=config, init_kwargs=init_kwargs)
+            accelerator.init_trackers(project(cfg), config=config, init_kwargs=init_kwargs)
         except Exception as err:  # the server is unreachable: keep the run, log it offline
             if mode != "online":
                 raise
@@ -88,9 +95,9 @@ def start(accelerator: Accelerator, cfg: TrainConfig, config: dict, run_id: str)
             accelerator.trackers = []
             wandb.teardown()  # forget the half-started online run, so its id can be used offline
             init_kwargs["wandb"]["mode"] = "offline"
-            accelerator.init_trackers(cfg.wandb_project, config=config, init_kwargs=init_kwargs)
+            accelerator.init_trackers(project(cfg), config=config, init_kwargs=init_kwargs)
         return
-    accelerator.init_trackers(cfg.wandb_project, config=config, init_kwargs=init_kwargs)
+    accelerator.init_trackers(project(cfg), config=config, init_kwargs=init_kwargs)
 
 
 def finish(accelerator: Accelerator, summary: dict) -> None:
@@ -103,6 +110,21 @@ def finish(accelerator: Accelerator, summary: dict) -> None:
             run.summary.update(summary)
             if run.settings.mode == "offline":
                 print(f"mnist_dist: W&B run logged offline; upload it with: wandb sync {run.dir.rsplit('/files', 1)[0]}")
+
+
+def log_model(accelerator: Accelerator, output_dir: Path) -> None:
+    """--log-model: the final model.safetensors and config.json as a W&B artifact of type "model" (main process)."""
+    if not accelerator.is_main_process:
+        return
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            import wandb
+
+            artifact = wandb.Artifact(f"model-{tracker.tracker.id}", type="model", metadata=json.loads(
+                (output_dir / "config.json").read_text()))
+            for name in ("model.safetensors", "config.json"):
+                artifact.add_file(str(output_dir / name))
+            tracker.tracker.log_artifact(artifact)
 
 
 def log_images(accelerator: Accelerator, pictures: dict[str, Path], step: int) -> None:

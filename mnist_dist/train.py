@@ -253,6 +253,8 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
                 "eval": sum(h["eval_seconds"] for h in state.history)}
     results = results_of(cfg, accelerator, state, metrics, timings, data_path, len(train_set), stats, model_cfg)
     write_outputs(accelerator, model, cfg.output_dir, results, test_set, stats, model_cfg, report)
+    if cfg.log_model:
+        tracking.log_model(accelerator, Path(cfg.output_dir))
     tracking.finish(accelerator, {"best_test_accuracy": results["best_test_accuracy"],
                                   "final_test_accuracy": results["test_accuracy"]})
     stopped = any_process(accelerator, signals.reason() is not None)  # a signal while the outputs were written
@@ -603,7 +605,8 @@ def write_model_and_pictures(accelerator, model, output_dir: Path, results: dict
     checkpoint.write_json(output_dir / CONFIG_NAME, model_cfg)
     from . import plots  # matplotlib and torchvision: about 1 s of start-up that only the main process needs, at the end
 
-    title = f"{results['dataset']}, {results['epochs']} epochs, recipe {results['config']['recipe']}"
+    epochs = results["epochs"]
+    title = f"{results['dataset']}, {epochs} epoch{'s' if epochs != 1 else ''}, recipe {results['config']['recipe']}"
     pictures = {"training_curves": plots.training_curves(results["history"], output_dir / "training_curves.png",
                                                          title, results["config"]["label_smoothing"]),
                 **plots.test_pictures(output_dir, results["confusion_matrix"], model_cfg["class_names"], plain_model,
@@ -625,7 +628,8 @@ def main(cfg: TrainConfig, signals: StopSignals | None = None) -> int:
     try:
         train(cfg, signals)
     except (ConfigError, DataError, LaunchError, CheckpointError, runs.RunDirError, TrainingError, DiskError) as err:
-        print(f"mnist_dist.train: error: {err}", file=sys.stderr)
+        if getattr(err, "first", True):  # a bad launch: every process raises it, the first one says it
+            print(f"mnist_dist.train: error: {err}", file=sys.stderr)
         return 1 if isinstance(err, (TrainingError, DiskError)) else 2  # 2: fix the command; 1: the training failed
     except RuntimeError as err:
         if not lost_peer(err):

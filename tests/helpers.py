@@ -132,7 +132,8 @@ def read_wandb_run(run_dir: Path) -> dict:
 
     The file is a LevelDB-style log: a 7-byte header (':W&B', magic, version), then 32 KiB
     blocks of chunks, each a 7-byte header (crc32, length, type) and a piece of a Record.
-    Returns {"id", "config", "history": [{key: value}], "summary": {key: value}}.
+    Returns {"id", "project", "group", "name", "tags", "config", "history": [{key: value}],
+    "summary": {key: value}, "artifacts": [(name, type)]}.
     """
     from wandb.proto import wandb_internal_pb2
 
@@ -154,16 +155,20 @@ def read_wandb_run(run_dir: Path) -> dict:
             record.ParseFromString(pending)
             records.append(record)
             pending = b""
-    run = {"id": None, "config": {}, "history": [], "summary": {}}
+    run = {"id": None, "config": {}, "history": [], "summary": {}, "artifacts": []}
     for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run["id"] = record.run.run_id
+            run |= {"project": record.run.project, "group": record.run.run_group, "name": record.run.display_name,
+                    "tags": list(record.run.tags)}
             run["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
         elif kind == "config":
             run["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
         elif kind == "history":
             run["history"].append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item})
+        elif kind == "artifact":
+            run["artifacts"].append((record.artifact.name, record.artifact.type))
         elif kind == "summary":
             run["summary"].update({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.summary.update})
     return run

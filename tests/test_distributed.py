@@ -149,9 +149,13 @@ def test_unconnected_multi_process_launch_is_stopped_before_writing_anything(tmp
     out = tmp_path / "out"
     proc = launch(2, "--dataset", "mnist-5k", "--output-dir", str(out), cpu_flag=False, env={"ACCELERATE_USE_CPU": None})
     assert proc.returncode != 0
-    assert "the launcher started 2 processes (WORLD_SIZE=2) but Accelerate connected 1" in proc.stderr
-    assert "--cpu" in proc.stderr
+    assert proc.stderr.count("the launcher started 2 processes (WORLD_SIZE=2) but Accelerate connected 1") == 1
+    assert "each would run mnist_dist.train alone" in proc.stderr and "--cpu" in proc.stderr
     assert not out.exists()
+    proc = launch(2, "--model", str(tmp_path / "model"), module="mnist_dist.evaluate", cpu_flag=False,
+                  env={"ACCELERATE_USE_CPU": None})
+    assert proc.returncode != 0 and proc.stderr.count("mnist_dist.evaluate: error: the launcher started 2") == 1
+    assert "-m mnist_dist.evaluate ... --cpu" in proc.stderr and "mnist_dist.train" not in proc.stderr
 
 
 @pytest.mark.slow

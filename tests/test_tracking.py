@@ -60,10 +60,30 @@ def test_offline_wandb_makes_exactly_one_run_holding_the_logged_history(world, t
 def test_without_an_api_key_it_logs_offline_and_says_how_to_sync(tmp_path):
     no_key = {"WANDB_MODE": None, "WANDB_API_KEY": None, "NETRC": str(tmp_path / "no-netrc"),
               "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")}
-    proc = check(train_cli(*RUN, "--cpu", "--max-steps", "5", "--output-dir", str(tmp_path / "o"), env=no_key))
+    proc = check(train_cli(*RUN, "--cpu", "--max-steps", "5", "--output-dir", str(tmp_path / "o"),
+                           env={**no_key, "WANDB_SILENT": None}))
     assert "no API key" in proc.stdout
+    assert "deprecated" not in proc.stdout + proc.stderr  # nothing of the package's own calls
     (run_dir,) = offline_runs(tmp_path / "o")
     assert f"wandb sync {run_dir}" in proc.stdout
+
+
+def test_wandb_settings_come_from_its_environment_variables_and_flags_beat_them(tmp_path):
+    env = {**OFFLINE, "WANDB_PROJECT": "from-env", "WANDB_RUN_GROUP": "sweep-3", "WANDB_NAME": "env-name",
+           "WANDB_TAGS": "fast,cpu", "WANDB_DIR": str(tmp_path / "wandb-here"), "WANDB_RUN_ID": "envrunid123"}
+    check(train_cli(*RUN, "--cpu", "--max-steps", "5", "--log-model", "--output-dir", str(tmp_path / "a"), env=env))
+    (run_dir,) = (tmp_path / "wandb-here" / "wandb").glob("offline-run-*")
+    by_env = read_wandb_run(run_dir)
+    assert (by_env["id"], by_env["project"], by_env["group"], by_env["name"], by_env["tags"]) == (
+        "envrunid123", "from-env", "sweep-3", "env-name", ["fast", "cpu"])
+    assert by_env["artifacts"] == [("model-envrunid123", "model")]  # --log-model: model.safetensors + config.json
+    check(train_cli(*RUN, "--cpu", "--max-steps", "5", "--wandb-project", "from-flag", "--run-name", "flag-name",
+                    "--output-dir", str(tmp_path / "b"), env={**env, "WANDB_DIR": None, "WANDB_RUN_ID": None}))
+    (run_dir,) = offline_runs(tmp_path / "b")
+    by_flag = read_wandb_run(run_dir)
+    assert (by_flag["project"], by_flag["name"], by_flag["group"]) == ("from-flag", "flag-name", "sweep-3")
+    assert by_flag["id"] == checkpoint.read_state(checkpoint.complete_checkpoints(tmp_path / "b")[-1])["run_id"]
+    assert by_flag["artifacts"] == []  # no --log-model
 
 
 def test_unreachable_wandb_server_falls_back_to_offline_without_hanging(tmp_path):
