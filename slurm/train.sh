@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
 # Train mnist_dist on a SLURM cluster: one `accelerate launch` per node, through srun.
 #
-#   sbatch slurm/train.sh [mnist_dist.train flags...]             # 1 node, all its GPUs
-#   sbatch --nodes=4 slurm/train.sh --epochs 20                   # 4 nodes
-#   MNIST_DIST_CPU=1 sbatch --nodes=2 slurm/train.sh              # CPU-only nodes (gloo)
+#   sbatch --gpus-per-node=8 slurm/train.sh [mnist_dist.train flags...]   # 1 node, 8 GPUs
+#   sbatch --nodes=4 --gpus-per-node=8 slurm/train.sh --epochs 20         # 4 nodes
+#   MNIST_DIST_CPU=1 sbatch --nodes=2 slurm/train.sh                      # CPU-only nodes (gloo)
+#   sbatch --array=0-4 --output=%x-%A_%a.out slurm/train.sh               # 5 runs: --seed 0..4
+#
+# Requests: one task per node runs that node's launcher and every training process on it, so
+# give it the node's GPUs (--gpus-per-node, or --gres=gpu:N) and CPUs (--cpus-per-task, or
+# --exclusive as below). Processes per node follow what SLURM granted: SLURM_GPUS_ON_NODE, else
+# CUDA_VISIBLE_DEVICES, else nvidia-smi.
 #
 # Site settings (environment variables; sbatch passes your environment to the job):
 #   MNIST_DIST_ACTIVATE        shell code run first on every node, e.g.
 #                              "source ~/venvs/mnist/bin/activate" or "module load cuda/12.4"
 #   MNIST_DIST_DATA_DIR        IDX files to train on (passed as --data-dir); default: --dataset
-#   MNIST_DIST_OUTPUT_DIR      default: outputs/slurm-$SLURM_JOB_ID (the same after a requeue)
+#   MNIST_DIST_OUTPUT_DIR      default: outputs/slurm-$SLURM_JOB_ID (the same after a requeue); an
+#                              array task i uses outputs/slurm-<array job>_i (or MNIST_DIST_OUTPUT_DIR/i)
+#   MNIST_DIST_ACCELERATE_CONFIG  an accelerate config file (precision, torch.compile, ...), e.g.
+#                              accelerate_configs/multi_gpu.yaml; the rendezvous still comes from SLURM
 #   WANDB_MODE                 online | offline | disabled (default: online if logged in, else offline)
 #   MNIST_DIST_CPU=1           CPU processes connected over gloo, for clusters without GPUs and tests
 #   MNIST_DIST_PROCS_PER_NODE  processes per node; default: the GPUs visible on the node (1 on CPU)
@@ -46,8 +55,14 @@ main_ip=$(getent ahostsv4 "$main_addr" 2>/dev/null | awk 'NR==1 {print $1}')
 main_ip=${main_ip:-$main_addr}
 port=${MNIST_DIST_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 output_dir=${MNIST_DIST_OUTPUT_DIR:-outputs/slurm-$SLURM_JOB_ID}
+seed_flags=()
+if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then  # each task of an array: a run of its own, seeded by its index
+    output_dir=${MNIST_DIST_OUTPUT_DIR:+$MNIST_DIST_OUTPUT_DIR/$SLURM_ARRAY_TASK_ID}
+    output_dir=${output_dir:-outputs/slurm-${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID}
+    seed_flags=(--seed "$SLURM_ARRAY_TASK_ID")  # before the user's flags: a --seed given wins
+fi
 
-train_flags=(--output-dir "$output_dir" --resume auto)
+train_flags=(--output-dir "$output_dir" --resume auto "${seed_flags[@]}")
 [ -n "${MNIST_DIST_DATA_DIR:-}" ] && train_flags+=(--data-dir "$MNIST_DIST_DATA_DIR")
 [ "${MNIST_DIST_CPU:-0}" = 1 ] && train_flags+=(--cpu)
 
@@ -70,17 +85,34 @@ srun --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
     if [ "${MNIST_DIST_CPU:-0}" = 1 ]; then
         per_node=${MNIST_DIST_PROCS_PER_NODE:-1}
         export ACCELERATE_USE_CPU=1
-    else
-        per_node=${MNIST_DIST_PROCS_PER_NODE:-$(nvidia-smi -L | wc -l)}
+    else  # the GPUs SLURM granted this node, before asking the driver
+        per_node=${MNIST_DIST_PROCS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
+        if [ -z "$per_node" ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+            per_node=$(echo "$CUDA_VISIBLE_DEVICES" | tr , "\n" | grep -c .)
+        fi
+        if [ -z "$per_node" ] && command -v nvidia-smi >/dev/null; then
+            per_node=$(nvidia-smi -L | wc -l)
+        fi
+        if [ "${per_node:-0}" -eq 0 ]; then
+            echo "mnist_dist: no GPU on $(hostname): ask SLURM for them (sbatch --gpus-per-node=N)," \
+                 "or set MNIST_DIST_CPU=1 to train on CPU-only nodes" >&2
+            exit 2
+        fi
     fi
-    if [ $(( $0 * per_node )) -eq 1 ]; then  # a single process needs no launcher
-        exec python -m mnist_dist.train "${@:3}"
+    launch_flags=(--mixed_precision no --dynamo_backend no)
+    if [ -n "${MNIST_DIST_ACCELERATE_CONFIG:-}" ]; then  # its settings; the command line still wins
+        launch_flags=(--config_file "$MNIST_DIST_ACCELERATE_CONFIG")
     fi
-    exec python -m accelerate.commands.launch \
+    if [ $(( $0 * per_node )) -eq 1 ]; then  # a single process: no rendezvous
+        if [ -z "${MNIST_DIST_ACCELERATE_CONFIG:-}" ]; then
+            exec python -m mnist_dist.train "${@:3}"
+        fi
+        exec python -m accelerate.commands.launch "${launch_flags[@]}" --num_processes 1 -m mnist_dist.train "${@:3}"
+    fi
+    exec python -m accelerate.commands.launch "${launch_flags[@]}" \
         --multi_gpu --num_machines "$0" --num_processes $(( $0 * per_node )) \
         --machine_rank "$SLURM_NODEID" --main_process_ip "$1" --main_process_port "$2" \
-        --rdzv_backend static --same_network --mixed_precision no --dynamo_backend no \
-        -m mnist_dist.train "${@:3}"
+        --rdzv_backend static --same_network -m mnist_dist.train "${@:3}"
 ' "$nodes" "$main_ip" "$port" "${train_flags[@]}" "$@" &
 srun_pid=$!
 

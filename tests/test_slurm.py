@@ -104,3 +104,34 @@ def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(cluste
     assert "USR1 received" in log and "requeueing job" in log and "resuming from" in log
     same_weights(out, reference)
     same_results(out, reference)
+
+
+def test_an_array_job_gives_each_task_its_own_directory_seed_and_log(cluster, tmp_path):
+    proc, job_id = submit(cluster, tmp_path, "--nodes=1", "--array=0-1", "--output=%x-%A_%a.out",
+                          flags=[*FLAGS, "--max-steps", "5"], wait=False)
+    for task in (0, 1):
+        state, _ = wait_for_job(cluster, f"{job_id}_{task}")
+        log = (tmp_path / f"mnist_dist-{job_id}_{task}.out").read_text()
+        assert state == "COMPLETED", log[-3000:]
+        r = results(tmp_path / "outputs" / f"slurm-{job_id}_{task}")
+        assert (r["config"]["seed"], r["steps"]) == (task, 5)
+
+
+def test_an_accelerate_config_file_is_passed_through_with_the_rendezvous_from_slurm(cluster, tmp_path):
+    config = tmp_path / "bf16.yaml"
+    config.write_text((REPO / "accelerate_configs" / "cpu.yaml").read_text().replace("mixed_precision: 'no'",
+                                                                                    "mixed_precision: bf16"))
+    proc, job_id = submit(cluster, tmp_path, "--nodes=2", flags=[*FLAGS, "--max-steps", "5"],
+                          env=job_env(MNIST_DIST_ACCELERATE_CONFIG=str(config)))
+    log = job_log(tmp_path, job_id)
+    assert proc.returncode == 0, log[-3000:]
+    r = results(tmp_path / "outputs" / f"slurm-{job_id}")
+    assert (r["world_size"], r["mixed_precision"]) == (2, "bf16")
+
+
+def test_a_gpu_job_that_finds_no_gpu_says_what_to_do(cluster, tmp_path):
+    env = {k: v for k, v in job_env().items() if k != "MNIST_DIST_CPU"}
+    proc, job_id = submit(cluster, tmp_path, "--nodes=1", env={**env, "MNIST_DIST_CPU": "0"})
+    log = job_log(tmp_path, job_id)
+    assert proc.returncode != 0
+    assert "mnist_dist: no GPU on" in log and "MNIST_DIST_CPU=1" in log and "command not found" not in log
