@@ -82,6 +82,8 @@ class TrainConfig:
     mixed_precision: str | None = _field(None, "autocast precision; default: what `accelerate launch` was "
                                          "configured with, else 'no'", choices=MIXED_PRECISION_CHOICES)
     cpu: bool = _field(False, "train on the CPU even if a GPU is present (also makes `accelerate launch` use gloo)")
+    cpu_threads: int | None = _field(None, "torch threads of each CPU process; default: $OMP_NUM_THREADS, else 1 "
+                                     "(measured in benchmarks/README.md: more collapse when a core is busy)")
     # output
     output_dir: str | None = _field(None, "the run's directory (results.json, the model, checkpoints); one run per "
                                     "directory. Default: a new outputs/run-YYYYMMDD-HHMMSS, with outputs/latest "
@@ -132,6 +134,7 @@ class TrainConfig:
             ("batch_size", self.batch_size <= MAX_BATCH, f"must be at most {MAX_BATCH:,}"),
             ("eval_batch_size", self.eval_batch_size <= MAX_BATCH, f"must be at most {MAX_BATCH:,}"),
             ("timeout", isinstance(self.timeout, int) and self.timeout >= 1, "must be an integer >= 1 (seconds)"),
+            ("cpu_threads", self.cpu_threads is None or self.cpu_threads >= 1, "must be an integer >= 1"),
             ("overwrite", not (self.overwrite and self.resume), "cannot be combined with --resume"),
         ]:
             if not ok:

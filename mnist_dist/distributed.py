@@ -50,7 +50,15 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     )
     check_coupled(accelerator, "mnist_dist.train")
     check_precision(accelerator, from_flag=cfg.mixed_precision is not None)
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg))
     return accelerator
+
+
+def cpu_threads(cfg: TrainConfig) -> int:
+    """--cpu-threads, else $OMP_NUM_THREADS, else 1: one thread a process, as torchrun gives each of N."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0]  # OpenMP allows "4,2": nested levels
+    return cfg.cpu_threads or (int(value) if value.isdigit() and int(value) > 0 else 1)
 
 
 def use_output_dir(accelerator: Accelerator, output_dir: str) -> None:

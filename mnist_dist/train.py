@@ -568,6 +568,7 @@ def results_of(cfg: TrainConfig, accelerator, state: TrainState, metrics: dict, 
         "torch_compile": compiled_with(accelerator),  # Accelerate's dynamo_backend, lower case; "no" when off
         "data_path": data_path,  # resolved: --data-path auto picks one
         "device_type": accelerator.device.type, "train_seconds": state.train_seconds,
+        "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
         "samples_per_second": samples_seen / state.train_seconds,
         "seconds_to_first_step": state.seconds_to_first_step,
         "timings": timings,  # this process's wall time by phase, seconds (train and eval: across resumes)

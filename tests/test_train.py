@@ -3,6 +3,7 @@
 import sys
 
 import pytest
+import torch
 from accelerate.commands.config.config_args import load_config_from_file
 
 from mnist_dist.config import ConfigError, TrainConfig, build_parser, parse_args
@@ -10,7 +11,7 @@ from mnist_dist.data import find_idx_files, load_idx
 from mnist_dist.evaluation import evaluate
 from mnist_dist.model import load_model
 
-from .helpers import MNIST_5K, REPO, check, results, run, train_cli
+from .helpers import MNIST_5K, REPO, check, results, run, train_cli, train_here
 
 RESULT_KEYS = {
     "test_accuracy", "test_loss", "test_samples", "train_samples", "epochs", "world_size",
@@ -160,3 +161,21 @@ def test_accelerate_config_loads_with_accelerates_own_loader(name):
     if name == "multi_node":
         assert config.num_machines > 1 and config.main_process_ip
     # the CPU config is run for real by the multi-process tests in test_distributed.py
+
+
+@pytest.mark.parametrize("flags, env, threads", [
+    ([], {}, 1),
+    ([], {"OMP_NUM_THREADS": "2"}, 2),
+    (["--cpu-threads", "2"], {"OMP_NUM_THREADS": "1"}, 2),
+], ids=["default", "OMP_NUM_THREADS", "flag"])
+def test_a_cpu_process_takes_one_torch_thread_unless_told_otherwise(flags, env, threads, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    before = torch.get_num_threads()
+    try:
+        check(train_here("--dataset", "mnist-5k", "--cpu", "--max-steps", "2", "--report-to", "none", *flags,
+                         "--output-dir", str(tmp_path)))
+    finally:
+        torch.set_num_threads(before)
+    assert results(tmp_path)["cpu_threads"] == threads
