@@ -110,6 +110,8 @@ def main() -> None:
             runs_done += 1
             flags = ["--data-dir", str(args.data_dir), "--epochs", str(args.epochs), "--data-path", path,
                      "--report-to", "none", "--output-dir", str(out_dir), "--cache-dir", str(tmp / "cache"), *extra]
+            if not gpus and processes == 1:  # torch's own default, one thread per core, unless the row says
+                flags += ["--cpu-threads", env.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))]
             if runs_done == 1:
                 timed(train_cmd(1, flags))  # warm the dataset cache, as any later run would find it
             wall, _ = timed(train_cmd(processes, flags), env)
