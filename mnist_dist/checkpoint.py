@@ -54,11 +54,11 @@ def save(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: in
     tmp = final.with_name(final.name + ".tmp")
     failure = None
     if accelerator.is_main_process:
-        failure = _written(tmp, lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
+        failure = _written(tmp, _make_empty, tmp)
     if not any_process(accelerator, failure is not None):  # every process waits here, whoever failed
-        failure = _written(tmp, lambda: accelerator.save_state(str(tmp)))  # model, optimizer, RNG states, ...
+        failure = _written(tmp, accelerator.save_state, str(tmp))  # model, optimizer, RNG states, ...
     if not any_process(accelerator, failure is not None) and accelerator.is_main_process:
-        failure = _written(tmp, lambda: _complete(tmp, final, state, model_config, output_dir, keep))
+        failure = _written(tmp, _complete, tmp, final, state, model_config, output_dir, keep)
     if any_process(accelerator, failure is not None):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -66,13 +66,18 @@ def save(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: in
     return final
 
 
-def _written(path: Path, write) -> str | None:
-    """Run `write`; None when it worked, else what to tell the user."""
+def _written(path: Path, write, *args) -> str | None:
+    """`write(*args)`, which writes under `path`; None when it worked, else what to tell the user."""
     try:
-        write()
+        write(*args)
         return None
     except (OSError, RuntimeError, SafetensorError) as err:  # torch and safetensors report a full disk so too
         return write_failure(path, err)
+
+
+def _make_empty(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)  # left by a run killed mid-save
+    path.mkdir(parents=True)
 
 
 def _complete(tmp: Path, final: Path, state: dict, model_config: dict | None, output_dir, keep: int | None) -> None:

@@ -100,10 +100,13 @@ def start(accelerator: Accelerator, cfg: TrainConfig, config: dict, run_id: str)
     accelerator.init_trackers(project(cfg), config=config, init_kwargs=init_kwargs)
 
 
-def finish(accelerator: Accelerator, summary: dict) -> None:
-    """Write the run summary (best and final accuracy) and say how to sync an offline W&B run."""
+def finish(accelerator: Accelerator, cfg: TrainConfig, summary: dict) -> None:
+    """Write the run summary (best and final accuracy), log the model with --log-model, and say how to
+    sync an offline W&B run."""
     if not accelerator.is_main_process:
         return
+    if cfg.log_model:
+        log_model(accelerator, Path(cfg.output_dir))
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
             run = tracker.tracker

@@ -196,9 +196,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     # real samples in the global batch at each step of an epoch: the last one may be short
     real_samples = [global_real(i, len(train_set), cfg.batch_size, world) for i in range(steps_per_epoch)]
 
-    # Python's full garbage collections walk every object the imports made (torch, sympy, ...); frozen,
-    # they are never walked again, and no process stalls the others at a gradient all-reduce for it
-    gc.freeze()
+    gc.freeze()  # full collections no longer walk the imports' objects: no process stalls the all-reduce for one
     timings["setup"] = time.perf_counter() - began  # model, optimizer, prepare, device copies, trackers
     metrics = None
     try:
@@ -253,10 +251,8 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
                 "eval": sum(h["eval_seconds"] for h in state.history)}
     results = results_of(cfg, accelerator, state, metrics, timings, data_path, len(train_set), stats, model_cfg)
     write_outputs(accelerator, model, cfg.output_dir, results, test_set, stats, model_cfg, report)
-    if cfg.log_model:
-        tracking.log_model(accelerator, Path(cfg.output_dir))
-    tracking.finish(accelerator, {"best_test_accuracy": results["best_test_accuracy"],
-                                  "final_test_accuracy": results["test_accuracy"]})
+    tracking.finish(accelerator, cfg, {"best_test_accuracy": results["best_test_accuracy"],
+                                       "final_test_accuracy": results["test_accuracy"]})
     stopped = any_process(accelerator, signals.reason() is not None)  # a signal while the outputs were written
     _shutdown(accelerator)
     if stopped:
