@@ -258,9 +258,9 @@ def load_splits(dataset: str, data_dir: str | None = None, cache_dir: str | Path
     cache_file = Path(cache_dir or default_cache_dir()) / f"{dataset}-{key}.safetensors"
     splits = _read_cache(cache_file)
     if splits is None:
-        print(f"mnist_dist: decoding {dataset if data_dir is None else data_dir} into {cache_file}", flush=True)
-        splits = build()
+        splits = build()  # said once it worked: an unreachable Hub says so itself, nothing was decoded
         _write_cache(cache_file, splits)
+        print(f"mnist_dist: decoded {dataset if data_dir is None else data_dir} into {cache_file}", flush=True)
     return splits
 
 

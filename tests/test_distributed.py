@@ -98,7 +98,7 @@ def test_two_process_run_trains_on_all_processes_and_tests_on_all_10000_digits(t
     proc = check(launch(2, "--dataset", "mnist-5k", "--epochs", "3", "--output-dir", str(out), "--cache-dir", str(cache)))
     r = results(out)
     # one process decoded the data and wrote the cache; the other waited and read it
-    assert proc.stdout.count("mnist_dist: decoding mnist-5k") == 1
+    assert proc.stdout.count("mnist_dist: decoded mnist-5k") == 1
     assert len(list(cache.glob("*.safetensors"))) == 1
     assert r["world_size"] == 2 and r["global_batch_size"] == 256 and r["per_process_batch_size"] == 128
     assert r["test_samples"] == 10000 and r["train_samples"] == 5000
