@@ -224,6 +224,7 @@ def write_gzip_bomb(path: Path, images: int, extra_gib: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_gzip_that_inflates_past_its_header_is_refused_in_bounded_memory(tmp_path):
     bomb = write_gzip_bomb(tmp_path / "train-images-idx3-ubyte.gz", 60000, 3)
     assert bomb.stat().st_size < 20 * 2**20

@@ -152,6 +152,10 @@ def test_unconnected_multi_process_launch_is_stopped_before_writing_anything(tmp
     assert proc.stderr.count("the launcher started 2 processes (WORLD_SIZE=2) but Accelerate connected 1") == 1
     assert "each would run mnist_dist.train alone" in proc.stderr and "--cpu" in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_unconnected_launch_of_evaluate_speaks_of_evaluate_once(tmp_path):
     proc = launch(2, "--model", str(tmp_path / "model"), module="mnist_dist.evaluate", cpu_flag=False,
                   env={"ACCELERATE_USE_CPU": None})
     assert proc.returncode != 0 and proc.stderr.count("mnist_dist.evaluate: error: the launcher started 2") == 1
@@ -213,6 +217,7 @@ def training_workers(proc: subprocess.Popen, out, timeout: float = 120) -> list[
     return sorted(workers, key=lambda p: int(p.environ()["RANK"]))
 
 
+@pytest.mark.slow
 def test_a_stalled_peer_ends_the_run_after_timeout_naming_the_step_and_the_peer(tmp_path):
     out = tmp_path / "out"
     proc = start_launch(out, "--epochs", "1000", "--log-every", "5", "--timeout", "10")
@@ -232,6 +237,7 @@ def test_a_stalled_peer_ends_the_run_after_timeout_naming_the_step_and_the_peer(
     assert not (out / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_workers_whose_launcher_died_stop_with_a_checkpoint_instead_of_training_on(tmp_path):
     out = tmp_path / "out"
     proc = start_launch(out, "--epochs", "1000", "--log-every", "5")

@@ -35,6 +35,7 @@ def test_a_new_run_into_the_directory_of_another_is_refused_and_changes_nothing(
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_overwrite_removes_the_earlier_runs_files_and_only_those(tmp_path):
     out = tmp_path / "out"
     check(train_here(*SHORT, "--checkpoint-every", "1", "--output-dir", str(out)))
@@ -67,6 +68,7 @@ def test_resume_auto_never_removes_a_run_it_cannot_resume(tmp_path):
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_resuming_an_earlier_checkpoint_of_a_run_drops_its_later_ones(tmp_path):
     out = tmp_path / "out"
     flags = [*SHORT, "--checkpoint-every", "1", "--keep-checkpoints", "3", "--output-dir", str(out)]
@@ -95,6 +97,7 @@ def test_runs_without_an_output_dir_get_fresh_directories_and_latest_points_at_t
     assert f"{runs.RUNS_ROOT / second.name} holds a finished run (3 steps" in proc.stdout
 
 
+@pytest.mark.slow
 def test_resume_auto_on_a_finished_run_says_so_and_rewrites_nothing(tmp_path):
     out = tmp_path / "out"
     env = {"WANDB_MODE": "offline"}
@@ -107,6 +110,7 @@ def test_resume_auto_on_a_finished_run_says_so_and_rewrites_nothing(tmp_path):
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1
 
 
+@pytest.mark.slow
 def test_a_second_launch_into_a_directory_in_use_is_refused_naming_the_holder(tmp_path):
     out = tmp_path / "out"
     first = subprocess.Popen([sys.executable, "-m", "mnist_dist.train", "--dataset", "mnist-5k", "--cpu", "--epochs", "3",
@@ -161,6 +165,7 @@ def test_out_of_range_flags_are_refused_naming_the_flag(flag, value, message, ca
     assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_stop_signal_during_start_up_exits_75(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "mnist_dist.train", *SHORT, "--output-dir", str(out)], cwd=REPO,

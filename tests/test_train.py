@@ -165,8 +165,8 @@ def test_accelerate_config_loads_with_accelerates_own_loader(name):
 
 @pytest.mark.parametrize("flags, env, threads", [
     ([], {}, 1),
-    ([], {"OMP_NUM_THREADS": "2"}, 2),
-    (["--cpu-threads", "2"], {"OMP_NUM_THREADS": "1"}, 2),
+    pytest.param([], {"OMP_NUM_THREADS": "2"}, 2, marks=pytest.mark.slow),
+    pytest.param(["--cpu-threads", "2"], {"OMP_NUM_THREADS": "1"}, 2, marks=pytest.mark.slow),
 ], ids=["default", "OMP_NUM_THREADS", "flag"])
 def test_a_cpu_process_takes_one_torch_thread_unless_told_otherwise(flags, env, threads, tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

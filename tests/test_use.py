@@ -242,6 +242,7 @@ def png_header_only(path, width: int, height: int):
     return path
 
 
+@pytest.mark.slow
 def test_an_image_over_the_pixel_budget_is_refused_before_it_is_decoded(recipe_run, tmp_path):
     out, _, _ = recipe_run
     huge = png_header_only(tmp_path / "huge.png", 12000, 12000)
