@@ -2,8 +2,8 @@
 
 Without `--output-dir` each run gets a fresh `outputs/run-YYYYMMDD-HHMMSS`, and `outputs/latest`
 points at the newest. A run holds its directory's lock (`filelock`: an flock the OS drops when the
-process dies, so a killed run never blocks its own `--resume auto`) for its whole life. No torch
-and no processes here: the training loop has the main process call `claim` and tells the others.
+process dies, so a killed run never blocks its own `--resume auto`) for its whole life. Nothing
+here knows of processes: the training loop has the main process call `claim` and tells the others.
 """
 
 from __future__ import annotations
