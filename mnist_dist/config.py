@@ -24,7 +24,6 @@ RECIPES = {
     "tuned": {"schedule": "onecycle", "lr": 3e-3, "warmup_fraction": 0.15, "label_smoothing": 0.1,
               "normalization": "dataset"},
 }
-DATASET_CHOICES = ("mnist", "fashion_mnist", "mnist-5k")
 DATA_PATH_CHOICES = ("auto", "dataloader", "device", "graph")
 OPTIONAL_COUNTS = ("max_steps", "checkpoint_every")  # None: no limit, no step checkpoints
 MAX_HIDDEN = 65_536  # units: 51M weights, 0.8 GB with Adam's moments and the gradients in fp32
@@ -42,9 +41,12 @@ def _field(default, help: str, **metadata):
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = _field("mnist", "dataset: 'mnist' (Hub ylecun/mnist), 'fashion_mnist' (Hub zalando-datasets/"
-                          "fashion_mnist) or 'mnist-5k' (5,000 real MNIST training digits + the real 10k test set, "
-                          "bundled, offline)", choices=DATASET_CHOICES)
+    dataset: str = _field("mnist", "'mnist' (Hub ylecun/mnist), 'fashion_mnist' (Hub zalando-datasets/fashion_mnist), "
+                          "'mnist-5k' (5,000 real MNIST training digits + the real 10k test set, bundled, offline), "
+                          "or any dataset of 28x28 grayscale images with train and test splits: a Hub id such as "
+                          "(owner/name), or a directory `datasets` reads (an `hf download` copy, save_to_disk)")
+    image_column: str | None = _field(None, "--dataset's image column (default: its only Image column)")
+    label_column: str | None = _field(None, "--dataset's label column (default: its only ClassLabel column)")
     data_dir: str | None = _field(None, "read the four MNIST-format IDX files (gzip or not) from this directory "
                                   "instead of the Hub; also accepts the torchvision layout DIR/MNIST/raw")
     cache_dir: str | None = _field(None, "where decoded datasets are cached as uint8 tensors (default: "
@@ -127,6 +129,7 @@ class TrainConfig:
             ("lr", math.isfinite(self.lr) and self.lr > 0, "must be a finite number > 0"),
             ("warmup_fraction", 0 < self.warmup_fraction < 1, "must be between 0 and 1 (exclusive)"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
+            ("dataset", bool(self.dataset), "must not be empty"),
             ("resume", self.resume is None or bool(self.resume), "give 'auto' or a checkpoint directory"),
             ("output_dir", self.output_dir is None or bool(self.output_dir), "must not be empty"),
             ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2**32, "must be an integer from 0 to 2**32 - 1"),

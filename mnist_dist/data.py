@@ -1,4 +1,5 @@
-"""MNIST-format data as uint8 tensors, from IDX files, the Hugging Face Hub or the bundled mnist-5k.
+"""MNIST-like data as uint8 tensors: IDX files, the bundled mnist-5k, or any 28x28 grayscale
+dataset that Hugging Face `datasets` reads (a Hub id, a Hub-layout directory, a save_to_disk directory).
 
 Every source is decoded once into `images` uint8 [N, 784] and `labels` int64 [N], checked, and
 cached on disk as safetensors. Plain PyTorch: the training loop decides which process builds the
@@ -7,20 +8,25 @@ cache, and passes a process's rank and the world size where a shard is cut.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import io
 import json
 import math
 import os
+import re
 import socket
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 HUB_IDS = {"mnist": "ylecun/mnist", "fashion_mnist": "zalando-datasets/fashion_mnist"}
@@ -30,12 +36,13 @@ CLASS_NAMES = {"fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", 
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 IMAGE_SIDE = 28  # pixels
-NUM_CLASSES = 10
+DIGITS = tuple(str(i) for i in range(10))
 # pixels go uint8 [0, 255] -> [0, 1] -> (x - MEAN) / STD, i.e. [-1, 1]
 MEAN, STD = 0.5, 0.5
-CACHE_FORMAT = 1  # bump when the cached layout changes
-# the largest IDX payload read (EMNIST's biggest split is 0.5 GiB); a header promising more is refused
+CACHE_FORMAT = 2  # bump when the cached layout changes
+# the largest split read (EMNIST's biggest is 0.5 GiB of pixels); a header or dataset promising more is refused
 MAX_IDX_BYTES = 2 * 2**30
+HUB_PROBE_SECONDS = 3  # how long to wait for the Hub's address to answer before working offline
 
 
 class DataError(ValueError):
@@ -45,14 +52,11 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Split:
     images: torch.Tensor  # uint8 [N, 784]
-    labels: torch.Tensor  # int64 [N]
+    labels: torch.Tensor  # int64 [N], each in 0..len(class_names) - 1
+    class_names: tuple[str, ...] = DIGITS  # the dataset's classes, label value i is class_names[i]
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def class_names(dataset: str) -> list[str]:
-    return CLASS_NAMES.get(dataset, [str(i) for i in range(NUM_CLASSES)])
 
 
 def normalize(images: torch.Tensor, mean: float = MEAN, std: float = STD) -> torch.Tensor:
@@ -146,8 +150,8 @@ def find_idx_files(data_dir: str | Path) -> dict[str, tuple[Path, Path]]:
     return found
 
 
-def check_split(images: torch.Tensor, labels: torch.Tensor, source: str) -> Split:
-    """Validate decoded images [N, 28, 28] and labels [N]; return them flattened as a Split."""
+def check_split(images: torch.Tensor, labels: torch.Tensor, source: str, class_names=DIGITS) -> Split:
+    """Validate decoded images [N, 28, 28] and labels [N] in 0..len(class_names) - 1; return them flattened."""
     if images.ndim != 3 or tuple(images.shape[1:]) != (IMAGE_SIDE, IMAGE_SIDE):
         raise DataError(f"{source}: images have shape {tuple(images.shape)}, expected [N, 28, 28]")
     if len(images) != len(labels):
@@ -155,47 +159,170 @@ def check_split(images: torch.Tensor, labels: torch.Tensor, source: str) -> Spli
     if len(labels) == 0:
         raise DataError(f"{source}: no samples")
     labels = labels.to(torch.int64)
-    bad = (labels < 0) | (labels >= NUM_CLASSES)
+    bad = (labels < 0) | (labels >= len(class_names))
     if bad.any():
         i = int(bad.nonzero()[0])
-        raise DataError(f"{source}: label {int(labels[i])} at index {i} is outside 0-{NUM_CLASSES - 1}")
-    return Split(images.reshape(len(images), -1).to(torch.uint8).contiguous(), labels.contiguous())
+        raise DataError(f"{source}: label {int(labels[i])} at index {i} is outside 0-{len(class_names) - 1}")
+    return Split(images.reshape(len(images), -1).to(torch.uint8).contiguous(), labels.contiguous(),
+                 tuple(class_names))
 
 
-def load_idx(files: dict[str, tuple[Path, Path]]) -> dict[str, Split]:
+def load_idx(files: dict[str, tuple[Path, Path]], class_names=DIGITS) -> dict[str, Split]:
     splits = {}
     for split, (images_path, labels_path) in files.items():
         images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
-        splits[split] = check_split(images, labels, f"{images_path} + {labels_path}")
+        splits[split] = check_split(images, labels, f"{images_path} + {labels_path}", class_names)
     return splits
 
 
-# ---------------------------------------------------------------- Hugging Face Hub
+# ---------------------------------------------------------------- Hugging Face datasets
 
 
-def load_hub(path: str) -> dict[str, Split]:
-    """Load a dataset with `image` and `label` columns through `datasets.load_dataset`."""
+def open_hf(source: str, local: bool):
+    """The DatasetDict at `source`: a save_to_disk directory, another local directory `datasets` reads (a
+    Hub download holding parquet files, say), or a Hub id, read offline from a local copy when the Hub
+    cannot be reached."""
     import datasets  # slow to import; only this path needs it
 
     try:
-        dataset = datasets.load_dataset(path)
-    except ConnectionError as err:  # also what offline mode (HF_HUB_OFFLINE=1) raises
-        raise DataError(
-            f"cannot reach the Hugging Face Hub for {path!r} ({err}). To train offline, pass "
-            f"--data-dir DIR with the four MNIST-format IDX files, or --dataset mnist-5k (bundled)."
-        ) from err
+        saved = (datasets.config.DATASETDICT_JSON_FILENAME, datasets.config.DATASET_STATE_JSON_FILENAME)
+        if local and any((Path(source) / name).is_file() for name in saved):  # save_to_disk's output
+            return datasets.load_from_disk(source)
+        offline = None if local else hub_unreachable()
+        if offline is None:
+            return datasets.load_dataset(source)
+        snapshot = hub_snapshot(source)
+        if snapshot is not None:
+            print(f"mnist_dist: {offline}; reading {source!r} from its download in {snapshot}", flush=True)
+            return datasets.load_dataset(snapshot)
+        if datasets.config.HF_HUB_OFFLINE:  # offline mode: what datasets itself has cached, if anything
+            with contextlib.suppress(ConnectionError, FileNotFoundError):
+                return datasets.load_dataset(source)
     except Exception as err:
-        raise DataError(f"could not load dataset {path!r}: {type(err).__name__}: {err}") from err
-    splits = {}
-    for split in IDX_FILES:
-        if split not in dataset:
-            raise DataError(f"dataset {path!r} has no {split!r} split (it has: {', '.join(dataset)})")
-        columns = dataset[split].with_format("numpy")[:]
-        if "image" not in columns or "label" not in columns:
-            raise DataError(f"dataset {path!r}[{split}] needs 'image' and 'label' columns, has {list(columns)}")
-        images, labels = torch.from_numpy(columns["image"]), torch.from_numpy(columns["label"])
-        splits[split] = check_split(images, labels, f"{path}[{split}]")
-    return splits
+        raise DataError(f"--dataset {source}: could not load it ({type(err).__name__}: {err}); the names built in are "
+                        f"{', '.join([*HUB_IDS, *BUNDLED_DIRS])}") from err
+    raise DataError(
+        f"cannot reach the Hugging Face Hub for {source!r} ({offline}) and there is no copy of it on this machine. "
+        f"To train offline: on a machine with a network run `hf download {source} --repo-type dataset --local-dir "
+        "DIR` and pass --dataset DIR; "
+        + ("" if datasets.config.HF_HUB_OFFLINE else "or set HF_HUB_OFFLINE=1 to use what `datasets` has cached; ")
+        + "or pass --data-dir DIR with the four MNIST-format IDX files; or --dataset mnist-5k (bundled).")
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached ('HF_HUB_OFFLINE is set', a connection error), or None if it answers.
+    One connection attempt: without it, huggingface_hub retries for ~25 s before giving up."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as err:
+        return f"{url.hostname} does not answer ({err.strerror or err})"
+    return None
+
+
+def hub_snapshot(repo_id: str) -> str | None:
+    """The directory of `repo_id`'s dataset files in the Hub cache (what `hf download` fills), or None."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
+    except (LocalEntryNotFoundError, ValueError):  # ValueError: not a valid repo id
+        return None
+
+
+def find_columns(features, image_column: str | None, label_column: str | None, source: str) -> tuple[str, str]:
+    """The image and label columns: the ones named, else the only `Image` and the only `ClassLabel` column."""
+    import datasets
+
+    chosen = []
+    for named, kind, flag in ((image_column, datasets.Image, "--image-column"),
+                              (label_column, datasets.ClassLabel, "--label-column")):
+        found = [named] if named else [k for k, f in features.items() if isinstance(f, kind)]
+        if len(found) != 1 or found[0] not in features:
+            what = f"no column {named!r}" if named else f"{len(found)} {kind.__name__} columns"
+            columns = ", ".join(f"{k} ({type(f).__name__})" for k, f in features.items())
+            raise DataError(f"--dataset {source}: {what}; its columns are {columns}; name the one to use with {flag}")
+        chosen.append(found[0])
+    return chosen[0], chosen[1]
+
+
+def hf_class_names(splits, label_column: str) -> tuple[str, ...]:
+    """Class names from the label column's ClassLabel, else '0'..'K-1' for integer labels up to K - 1."""
+    feature = splits["train"].features[label_column]
+    if hasattr(feature, "names"):
+        return tuple(feature.names)
+    labels = [column_values(s, label_column) for s in splits.values()]
+    top = max(int(x.max()) if len(x) and x.dtype.kind in "iu" else -1 for x in labels)
+    return tuple(str(i) for i in range(top + 1))
+
+
+def decode_images(split, column: str, source: str) -> torch.Tensor:
+    """The 28x28 grayscale images of `column` as uint8 [N, 28, 28]. Each image's size and mode are read
+    from its header before it is decoded: a huge image is refused without decoding it."""
+    import datasets
+    from PIL import Image
+
+    if len(split) * IMAGE_SIDE**2 > MAX_IDX_BYTES:
+        raise DataError(f"{source}: {len(split)} images, more than an MNIST-like split can hold in memory")
+    out = torch.empty(len(split), IMAGE_SIDE, IMAGE_SIDE, dtype=torch.uint8)
+    if not isinstance(split.features[column], datasets.Image):  # arrays, say from save_to_disk
+        for lo in range(0, len(split), 10_000):
+            batch = torch.as_tensor(column_values(split.select(range(lo, min(lo + 10_000, len(split)))), column))
+            out[lo : lo + len(batch)] = check_array(batch, column, source)
+        return out
+    encoded = split.cast_column(column, datasets.Image(decode=False))
+    for i, item in enumerate(encoded[column]):
+        try:
+            with Image.open(io.BytesIO(item["bytes"]) if item["bytes"] else item["path"]) as image:
+                if image.size != (IMAGE_SIDE, IMAGE_SIDE) or image.mode != "L":
+                    raise DataError(f"{source}: column {column!r} image {i} is {image.size[0]}x{image.size[1]} "
+                                    f"{image.mode}; expected 28x28 grayscale (mode L)")
+                out[i] = torch.from_numpy(np.array(image))
+        except (OSError, Image.DecompressionBombError) as err:
+            raise DataError(f"{source}: column {column!r} image {i} cannot be decoded ({err})") from err
+    return out
+
+
+def check_array(batch: torch.Tensor, column: str, source: str) -> torch.Tensor:
+    if batch.ndim != 3 or tuple(batch.shape[1:]) != (IMAGE_SIDE, IMAGE_SIDE) or batch.dtype.is_floating_point:
+        raise DataError(f"{source}: column {column!r} holds {batch.dtype} arrays of shape {tuple(batch.shape[1:])}; "
+                        "expected 28x28 integer pixels 0..255")
+    if batch.min() < 0 or batch.max() > 255:
+        raise DataError(f"{source}: column {column!r} has pixel values outside 0..255")
+    return batch.to(torch.uint8)
+
+
+def load_hf(source: str, local: bool, image_column: str | None = None, label_column: str | None = None
+            ) -> dict[str, Split]:
+    """The train and test splits of the `datasets` dataset at `source` (see `open_hf`)."""
+    dataset = open_hf(source, local)
+    if not hasattr(dataset, "keys"):  # one Dataset, saved without its splits
+        raise DataError(f"--dataset {source}: one split of {len(dataset)} rows; a DatasetDict with train and test is needed")
+    missing = [s for s in IDX_FILES if s not in dataset]
+    if missing:
+        raise DataError(f"--dataset {source}: no {' or '.join(missing)} split (it has: {', '.join(dataset)})")
+    dataset = {s: dataset[s] for s in IDX_FILES}
+    image_column, label_column = find_columns(dataset["train"].features, image_column, label_column, source)
+    names = hf_class_names(dataset, label_column)
+    return {s: check_split(decode_images(split, image_column, f"{source}[{s}]"),
+                           decode_labels(split, label_column, f"{source}[{s}]"), f"{source}[{s}]", names)
+            for s, split in dataset.items()}
+
+
+def column_values(split, column: str) -> np.ndarray:
+    return split.select_columns([column]).with_format("numpy")[:][column]
+
+
+def decode_labels(split, column: str, source: str) -> torch.Tensor:
+    labels = column_values(split, column)
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{source}: label column {column!r} holds {labels.dtype} values; expected integer class indices")
+    return torch.from_numpy(labels.astype(np.int64))
 
 
 # ---------------------------------------------------------------- cache
@@ -213,15 +340,23 @@ def _files_identity(files: dict[str, tuple[Path, Path]]) -> list:
     return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for pair in files.values() for p in pair]
 
 
+def _tree_identity(root: Path) -> list:
+    """Path, size and mtime of every file under `root` (a local dataset), in a stable order."""
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
 def _read_cache(path: Path) -> dict[str, Split] | None:
     try:
-        tensors = load_file(path)
+        with safe_open(path, "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            names = json.loads(f.metadata()["class_names"])
         # checked like freshly decoded data: a cache that was tampered with is never trained on
         return {s: check_split(tensors[f"{s}_images"].view(-1, IMAGE_SIDE, IMAGE_SIDE), tensors[f"{s}_labels"],
-                               f"{path} [{s}]") for s in IDX_FILES}
+                               f"{path} [{s}]", names) for s in IDX_FILES}
     except FileNotFoundError:
         return None
-    except (SafetensorError, KeyError, OSError, RuntimeError, DataError) as err:
+    except (SafetensorError, KeyError, TypeError, ValueError, OSError, RuntimeError) as err:
         print(f"mnist_dist: ignoring unreadable cache file {path} ({err}); rebuilding it")
         return None
 
@@ -236,26 +371,34 @@ def _write_cache(path: Path, splits: dict[str, Split]) -> None:
         # host and pid in the name: nodes sharing a file system may build the same entry at once
         tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
         try:
-            save_file(tensors, tmp)
+            save_file(tensors, tmp, metadata={"class_names": json.dumps(splits["train"].class_names)})
             os.replace(tmp, path)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            tmp.unlink(missing_ok=True)
     except OSError as err:
         print(f"mnist_dist: warning: could not write the dataset cache {path} ({err}); the next run decodes again")
 
 
-def load_splits(dataset: str, data_dir: str | None = None, cache_dir: str | Path | None = None) -> dict[str, Split]:
-    """The train and test splits of `dataset` (or of the IDX files in `data_dir`), cached on disk."""
+def load_splits(dataset: str, data_dir: str | None = None, cache_dir: str | Path | None = None,
+                image_column: str | None = None, label_column: str | None = None) -> dict[str, Split]:
+    """The train and test splits of `dataset` (or of the IDX files in `data_dir`), cached on disk.
+    `dataset`: mnist, fashion_mnist, mnist-5k, a local directory or a Hub id (see `open_hf`)."""
     if data_dir is not None or dataset in BUNDLED_DIRS:
         files = find_idx_files(data_dir if data_dir is not None else BUNDLED_DIRS[dataset])
-        identity, build = _files_identity(files), lambda: load_idx(files)
-    elif dataset in HUB_IDS:
-        identity, build = f"hub:{HUB_IDS[dataset]}", lambda: load_hub(HUB_IDS[dataset])
+        names = CLASS_NAMES.get(dataset, DIGITS)
+        identity, build = [_files_identity(files), names], lambda: load_idx(files, names)
     else:
-        raise DataError(f"--dataset {dataset!r}: unknown; choose one of {', '.join([*HUB_IDS, *BUNDLED_DIRS])}")
+        source = HUB_IDS.get(dataset, dataset)
+        local = Path(source).expanduser().exists()
+        if not local and (source.startswith(("/", ".", "~")) or source.count("/") > 1):  # not a Hub id either
+            raise DataError(f"--dataset {dataset}: no such directory")
+        if local:
+            source = str(Path(source).expanduser().resolve())
+        identity = [_tree_identity(Path(source)) if local else f"hub:{source}", image_column, label_column]
+        build = lambda: load_hf(source, local, image_column, label_column)  # noqa: E731
     key = hashlib.sha256(json.dumps([CACHE_FORMAT, identity]).encode()).hexdigest()[:16]
-    cache_file = Path(cache_dir or default_cache_dir()) / f"{dataset}-{key}.safetensors"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset).strip("_")[-48:]  # a readable name for a path or Hub id
+    cache_file = Path(cache_dir or default_cache_dir()) / f"{slug}-{key}.safetensors"
     splits = _read_cache(cache_file)
     if splits is None:
         splits = build()  # said once it worked: an unreachable Hub says so itself, nothing was decoded

@@ -18,8 +18,6 @@ import gc
 import sys
 from pathlib import Path
 
-from .config import DATASET_CHOICES
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mnist_dist.evaluate", description=__doc__.split("\n\n")[0],
@@ -27,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True,
                         help="a trained model: its directory (config.json + model.safetensors), the "
                              "model.safetensors file, or a checkpoint directory")
-    parser.add_argument("--dataset", choices=DATASET_CHOICES,
-                        help="test set to use; default: the one the model was trained on (its --dataset and --data-dir)")
+    parser.add_argument("--dataset", help="test set to use, as in training (mnist, fashion_mnist, mnist-5k, a Hub id "
+                                          "or a directory); default: the one the model was trained on")
     parser.add_argument("--data-dir", help="read the IDX files from this directory (as in training)")
     parser.add_argument("--cache-dir", help="decoded-dataset cache (as in training)")
     parser.add_argument("--batch-size", type=int, default=1024, help="test images per process per batch")
@@ -60,17 +58,20 @@ def evaluate_model(args: argparse.Namespace) -> dict:
         data_dir = args.data_dir
         if args.dataset is None and data_dir is None:  # nothing said: the files the model was trained on
             data_dir = config.get("data_dir")
+        columns = (config.get("image_column"), config.get("label_column")) if args.dataset is None else (None, None)
         with accelerator.local_main_process_first():
-            test = data.load_splits(dataset, data_dir, args.cache_dir)["test"]
+            test = data.load_splits(dataset, data_dir, args.cache_dir, *columns)["test"]
         if test.images.shape[1] != config["input_size"]:
             raise DataError(f"the test images have {test.images.shape[1]} pixels, {args.model} expects {config['input_size']}")
+        if len(test.class_names) > config["num_classes"]:
+            raise DataError(f"{dataset}: {len(test.class_names)} classes, {args.model} knows {config['num_classes']}")
         norm = config.get("normalization", {"mean": data.MEAN, "std": data.STD})
         stats = (norm["mean"], norm["std"])
         model.to(accelerator.device)
         shard = data.test_shard(test, args.batch_size, accelerator.process_index, accelerator.num_processes,
                                 accelerator.device)
         metrics = evaluate_shard(model, shard, stats, lambda t: accelerator.reduce(t, reduction="sum"))
-        names = config.get("class_names") or data.class_names(dataset)
+        names = config.get("class_names") or list(test.class_names)
         report = {
             "model": str(model_path), "dataset": dataset, "data_dir": data_dir, "world_size": accelerator.num_processes,
             "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"], "test_samples": metrics["samples"],

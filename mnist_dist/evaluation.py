@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .data import MEAN, NUM_CLASSES, STD, normalize
+from .data import MEAN, STD, normalize
 
 
 def _identity(x):
@@ -22,14 +22,14 @@ def _identity(x):
 
 @torch.no_grad()
 def evaluate_sums(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                  gather: Callable = _identity, normalization: tuple[float, float] = (MEAN, STD),
-                  num_classes: int = NUM_CLASSES) -> dict:
+                  gather: Callable = _identity, normalization: tuple[float, float] = (MEAN, STD)) -> dict:
     """Correct predictions, summed cross-entropy, sample count and the confusion matrix
     (`confusion[true][predicted]`, counts) over `batches` of uint8 images, normalized with
     `normalization` = (mean, std) as in training."""
     was_training = model.training
     model.eval()
     loss_sum, samples = 0.0, 0
+    num_classes = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features  # the logits'
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
     for images, labels in batches:
         logits = model(normalize(images, *normalization)).float()

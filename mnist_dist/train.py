@@ -153,7 +153,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
 
     began = time.perf_counter()
     with accelerator.local_main_process_first():  # one process per node decodes and caches, the others read
-        splits = data.load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
+        splits = data.load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.image_column, cfg.label_column)
     train_set, test_set = splits["train"], splits["test"]
     fingerprint = data.fingerprint(splits)
     if saved:
@@ -164,8 +164,8 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
 
     began = time.perf_counter()
     set_seed(cfg.seed)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
-    model = MLP(train_set.images.shape[1], cfg.hidden_size, data.NUM_CLASSES)
-    model_cfg = saved_model_config(model, cfg, stats)
+    model = MLP(train_set.images.shape[1], cfg.hidden_size, len(train_set.class_names))
+    model_cfg = saved_model_config(model, cfg, stats, train_set.class_names)
     data_path = resolve_data_path(cfg, accelerator)
     optimizer = make_optimizer(model.parameters(), cfg.lr, accelerator.device)
     train_loader, test_loader = make_loaders(train_set, test_set, cfg.batch_size, cfg.eval_batch_size,
@@ -300,12 +300,14 @@ def make_runner(cfg: TrainConfig, data_path: str, accelerator, model, optimizer,
     return EagerSteps(accelerator, model, optimizer, scheduler, guard, batches, cfg, len(train_set), stats)
 
 
-def saved_model_config(model: MLP, cfg: TrainConfig, stats: tuple[float, float]) -> dict:
-    """config.json, saved beside every model: what rebuilds it and how its inputs are scaled."""
+def saved_model_config(model: MLP, cfg: TrainConfig, stats: tuple[float, float], class_names) -> dict:
+    """config.json, saved beside every model: what rebuilds it, how its inputs are scaled, and its test set."""
+    local = Path(cfg.dataset).expanduser()  # a dataset directory: evaluate finds it from anywhere
     return model_config(
-        model, normalization={"mean": stats[0], "std": stats[1], "pixel_scale": 255}, dataset=cfg.dataset,
-        data_dir=str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,  # evaluate's default test set
-        class_names=data.class_names(cfg.dataset),
+        model, normalization={"mean": stats[0], "std": stats[1], "pixel_scale": 255},
+        dataset=str(local.resolve()) if local.exists() else cfg.dataset,
+        data_dir=str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
+        image_column=cfg.image_column, label_column=cfg.label_column, class_names=list(class_names),
     )
 
 

@@ -1,18 +1,21 @@
 import gzip
+import json
 import os
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from mnist_dist import data
 from mnist_dist.data import DataError, find_idx_files, load_splits, read_idx
 
-from .helpers import check, mnist5k, run, train_cli, write_dataset, write_idx
+from .helpers import check, mnist5k, results, run, train_cli, write_dataset, write_idx
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -171,40 +174,156 @@ def test_unreadable_cache_file_is_rebuilt(tmp_path, capsys):
 
 # ---------------------------------------------------------------- Hugging Face datasets
 
+# online mode (the tests run offline), and nothing listens on the discard port: a connection is refused at once
+UNREACHABLE_HUB = {"HF_HUB_OFFLINE": None, "HF_ENDPOINT": "http://127.0.0.1:9"}
 
-def _hub_style_parquet(directory: Path, splits: dict) -> Path:
-    """The layout of ylecun/mnist on the Hub: parquet files with an Image and a ClassLabel column."""
+
+def subset(n_train=300, n_test=200) -> dict:
+    source = mnist5k()
+    return {"train": data.Split(source["train"].images[:n_train], source["train"].labels[:n_train]),
+            "test": data.Split(source["test"].images[:n_test], source["test"].labels[:n_test])}
+
+
+def as_datasets(splits: dict, columns: dict, labels=None):
+    """`splits` as a DatasetDict with `columns` {name: feature}: each Image column gets the digits, the
+    other column the labels (`labels(split)` if given)."""
     import datasets
     from PIL import Image
 
-    features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
-    )
-    (directory / "data").mkdir(parents=True)
+    rows = {}
     for name, split in splits.items():
-        images = split.images.reshape(-1, 28, 28).numpy()
-        ds = datasets.Dataset.from_dict(
-            {"image": [Image.fromarray(a) for a in images], "label": split.labels.tolist()}, features=features
-        )
-        ds.to_parquet(directory / "data" / f"{name}-00000-of-00001.parquet")
+        images = [Image.fromarray(a) for a in split.images.reshape(-1, 28, 28).numpy()]
+        values = (labels(split) if labels else split.labels).tolist()
+        rows[name] = {c: images if isinstance(f, datasets.Image) else values for c, f in columns.items()}
+    return datasets.DatasetDict({n: datasets.Dataset.from_dict(r, features=datasets.Features(columns))
+                                 for n, r in rows.items()})
+
+
+def hub_layout(directory: Path, splits: dict) -> Path:
+    """What `hf download ylecun/mnist --repo-type dataset --local-dir DIR` leaves: parquet files named by
+    split, with an Image and a ClassLabel column."""
+    import datasets
+
+    dataset = as_datasets(splits, {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(data.DIGITS))})
+    (directory / "mnist").mkdir(parents=True)
+    for name, split in dataset.items():
+        split.to_parquet(directory / "mnist" / f"{name}-00000-of-00001.parquet")
     return directory
 
 
-def test_hub_format_decodes_to_the_same_pixels_and_labels(tmp_path):
-    source = mnist5k()
-    subset = {s: data.Split(source[s].images[:300], source[s].labels[:300]) for s in source}
-    splits = data.load_hub(str(_hub_style_parquet(tmp_path / "hub", subset)))
-    for s in ("train", "test"):
-        assert torch.equal(splits[s].images, subset[s].images)
-        assert torch.equal(splits[s].labels, subset[s].labels)
+def same_data(loaded: dict, expected: dict) -> bool:
+    return all(torch.equal(loaded[s].images, expected[s].images) and torch.equal(loaded[s].labels, expected[s].labels)
+               for s in ("train", "test"))
+
+
+def test_a_hub_download_directory_decodes_to_the_same_pixels_and_labels(tmp_path, capsys):
+    expected = subset()
+    directory = hub_layout(tmp_path / "hub", expected)
+    assert same_data(load_splits(str(directory), cache_dir=tmp_path / "cache"), expected)
+    assert f"decoded {directory} into" in capsys.readouterr().out
+    assert same_data(load_splits(str(directory), cache_dir=tmp_path / "cache"), expected)
+    assert "decoded" not in capsys.readouterr().out  # the second time from the cache
+
+
+def test_a_save_to_disk_dataset_with_20_classes_finds_its_columns_by_type(tmp_path):
+    import datasets
+
+    expected = subset()
+    names = [f"class {i}" for i in range(20)]
+    more_classes = lambda split: split.labels + 10 * (torch.arange(len(split)) % 2)  # noqa: E731
+    columns = {"note": datasets.Value("int32"), "picture": datasets.Image(), "kind": datasets.ClassLabel(names=names)}
+    as_datasets(expected, columns, more_classes).save_to_disk(tmp_path / "disk")
+    for cache in ("a", "a"):  # decoded, then read back from the cache with its class names
+        loaded = load_splits(str(tmp_path / "disk"), cache_dir=tmp_path / cache)
+        assert loaded["train"].class_names == tuple(names) and loaded["test"].class_names == tuple(names)
+        assert torch.equal(loaded["train"].labels, more_classes(expected["train"]))
+        assert torch.equal(loaded["test"].images, expected["test"].images)
+
+
+def test_columns_that_types_cannot_decide_are_named_with_flags(tmp_path):
+    import datasets
+
+    expected = subset(50, 50)
+    columns = {"a": datasets.Image(), "b": datasets.Image(), "digit": datasets.Value("int64")}
+    as_datasets(expected, columns).save_to_disk(tmp_path / "disk")
+    with pytest.raises(DataError, match=r"2 Image columns; its columns are a \(Image\), b \(Image\), digit "
+                                        r"\(Value\); name the one to use with --image-column"):
+        load_splits(str(tmp_path / "disk"), cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError, match="0 ClassLabel columns.*--label-column"):
+        load_splits(str(tmp_path / "disk"), cache_dir=tmp_path / "cache", image_column="b")
+    loaded = load_splits(str(tmp_path / "disk"), cache_dir=tmp_path / "cache", image_column="b", label_column="digit")
+    assert same_data(loaded, expected)
+    assert loaded["train"].class_names == data.DIGITS  # integer labels 0..9: ten classes named by number
+
+
+def test_images_that_are_not_28x28_grayscale_are_refused_naming_the_column_and_size(tmp_path):
+    import datasets
+    from PIL import Image
+
+    for name, image in [("big", Image.new("L", (32, 30))), ("rgb", Image.new("RGB", (28, 28)))]:
+        split = datasets.Dataset.from_dict({"image": [image], "label": [0]},
+                                           features=datasets.Features({"image": datasets.Image(),
+                                                                       "label": datasets.ClassLabel(num_classes=10)}))
+        datasets.DatasetDict({"train": split, "test": split}).save_to_disk(tmp_path / name)
+    with pytest.raises(DataError, match=r"big\[train\]: column 'image' image 0 is 32x30 L; expected 28x28 grayscale"):
+        load_splits(str(tmp_path / "big"), cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError, match=r"rgb\[train\]: column 'image' image 0 is 28x28 RGB; expected 28x28 grayscale"):
+        load_splits(str(tmp_path / "rgb"), cache_dir=tmp_path / "cache")
+
+
+def test_images_stored_as_arrays_are_read_as_well(tmp_path):
+    import datasets
+
+    expected = subset(50, 50)
+    features = datasets.Features({"pixels": datasets.Array2D((28, 28), "uint8"), "label": datasets.ClassLabel(num_classes=10)})
+    datasets.DatasetDict({s: datasets.Dataset.from_dict({"pixels": split.images.reshape(-1, 28, 28).numpy(),
+                                                         "label": split.labels.numpy()}, features=features)
+                          for s, split in expected.items()}).save_to_disk(tmp_path / "arrays")
+    assert same_data(load_splits(str(tmp_path / "arrays"), cache_dir=tmp_path / "cache", image_column="pixels"), expected)
+    datasets.Dataset.from_dict({"label": [1]}).save_to_disk(tmp_path / "one")
+    with pytest.raises(DataError, match="one split of 1 rows; a DatasetDict with train and test is needed"):
+        load_splits(str(tmp_path / "one"), cache_dir=tmp_path / "cache")
+
+
+def load_in_subprocess(dataset: str, env: dict) -> subprocess.CompletedProcess:
+    """load_splits in a fresh interpreter, so that the Hub settings in `env` are the ones huggingface_hub reads."""
+    probe = ("import sys, time\nfrom mnist_dist.data import DataError, load_splits\nbegan = time.perf_counter()\n"
+             "try:\n    print('samples', len(load_splits(sys.argv[1])['train']))\n"
+             "except DataError as err:\n    print(err)\nprint('seconds', time.perf_counter() - began)\n")
+    return check(run([sys.executable, "-c", probe, dataset], env=env))
 
 
 @pytest.mark.slow
-def test_unreachable_hub_names_the_offline_options(tmp_path):
-    # offline mode with an empty Hub cache fails the way an unreachable Hub does, without the wait
+def test_an_unreachable_hub_fails_within_seconds_naming_every_offline_option(tmp_path):
+    env = {**UNREACHABLE_HUB, "HF_HOME": str(tmp_path / "hf"), "MNIST_DIST_CACHE": str(tmp_path / "cache")}
+    out = load_in_subprocess("mnist", env).stdout
+    assert "cannot reach the Hugging Face Hub for 'ylecun/mnist'" in out and "Retrying" not in out
+    for option in ("HF_HUB_OFFLINE=1", "hf download ylecun/mnist --repo-type dataset --local-dir DIR",
+                   "--dataset DIR", "--data-dir DIR", "--dataset mnist-5k"):
+        assert option in out
+    assert float(out.split("seconds")[1]) < 10  # no retry ladder (it took ~25 s)
+    assert "decod" not in out
+
+
+@pytest.mark.slow
+def test_an_unreachable_hub_reads_the_copy_that_hf_download_left_in_the_hub_cache(tmp_path):
+    # the Hub cache's layout: datasets--OWNER--NAME/{refs/main, snapshots/REVISION/...}
+    repo = tmp_path / "hub" / "datasets--ylecun--mnist"
+    hub_layout(repo / "snapshots" / "0123abcd", subset())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    env = {**UNREACHABLE_HUB, "HF_HUB_CACHE": str(tmp_path / "hub"), "MNIST_DIST_CACHE": str(tmp_path / "cache")}
+    out = load_in_subprocess("mnist", env).stdout
+    assert f"reading 'ylecun/mnist' from its download in {repo / 'snapshots' / '0123abcd'}" in out
+    assert "samples 300" in out
+
+
+@pytest.mark.slow
+def test_offline_mode_without_a_copy_names_the_offline_options(tmp_path):
     offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     proc = check(train_cli("--dataset", "mnist", "--output-dir", str(tmp_path / "out"), "--cpu", env=offline), rc=2)
-    assert "cannot reach the Hugging Face Hub for 'ylecun/mnist'" in proc.stderr
+    assert "cannot reach the Hugging Face Hub for 'ylecun/mnist' (HF_HUB_OFFLINE is set)" in proc.stderr
+    assert "or set HF_HUB_OFFLINE=1" not in proc.stderr  # it is set
     assert "--data-dir" in proc.stderr and "--dataset mnist-5k" in proc.stderr
     assert not (tmp_path / "out").exists()
 
@@ -253,9 +372,10 @@ def test_a_cache_whose_contents_are_wrong_is_rebuilt(tmp_path, capsys):
     cache = tmp_path / "cache"
     load_splits("mnist-5k", cache_dir=cache)
     (cache_file,) = cache.glob("*.safetensors")
-    tensors = load_file(cache_file)
+    with safe_open(cache_file, "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     tensors["train_labels"][7] = 42
-    save_file(tensors, cache_file)
+    save_file(tensors, cache_file, metadata)
     splits = load_splits("mnist-5k", cache_dir=cache)
     assert "label 42 at index 7 is outside 0-9" in capsys.readouterr().out
     assert splits["train"].labels.max() == 9 and splits["train"].labels.equal(mnist5k()["train"].labels)
@@ -268,3 +388,27 @@ def test_a_test_split_without_images_is_refused_naming_the_file(tmp_path):
     proc = check(train_cli("--cpu", "--data-dir", str(directory), "--output-dir", str(tmp_path / "o")), rc=2)
     assert "t10k-images-idx3-ubyte.gz" in proc.stderr and "no samples" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_20_class_dataset_trains_an_mlp_with_20_outputs_that_evaluate_and_predict_use(tmp_path):
+    import datasets
+
+    names = [f"class {i}" for i in range(20)]
+    more_classes = lambda split: split.labels + 10 * (torch.arange(len(split)) % 2)  # noqa: E731
+    as_datasets(subset(600, 300), {"image": datasets.Image(), "label": datasets.ClassLabel(names=names)},
+                more_classes).save_to_disk(tmp_path / "disk")
+    out = tmp_path / "out"
+    check(train_cli("--dataset", str(tmp_path / "disk"), "--cpu", "--epochs", "1", "--output-dir", str(out)))
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_classes"], config["class_names"], config["dataset"]) == (20, names, str(tmp_path / "disk"))
+    assert list(results(out)["per_class_accuracy"]) == names
+    evaluation = check(run([sys.executable, "-m", "mnist_dist.evaluate", "--model", str(out), "--cpu"]))
+    report = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    assert report["test_samples"] == 300 and len(report["confusion_matrix"]) == 20, evaluation.stdout
+    assert report["test_accuracy"] == results(out)["test_accuracy"]
+
+
+def test_a_dataset_path_that_does_not_exist_is_refused_as_one(tmp_path):
+    with pytest.raises(DataError, match=f"--dataset {tmp_path / 'nope'}: no such directory"):
+        load_splits(str(tmp_path / "nope"), cache_dir=tmp_path / "cache")
