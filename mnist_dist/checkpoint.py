@@ -23,11 +23,12 @@ from safetensors.torch import load_file
 from .distributed import any_process
 
 STATE_NAME = "training_state.json"
-STATE_FORMAT = 2
+STATE_FORMAT = 3
 # what every training_state.json holds besides TrainState's fields
-STATE_KEYS = ("format", "global_step", "world_size", "config", "run_id", "data")
+STATE_KEYS = ("format", "global_step", "world_size", "global_batch_size", "config", "run_id", "data")
 # config fields that shape the trajectory: a resumed run must use the same values
-MUST_MATCH = ("dataset", "hidden_size", "batch_size", "lr", "seed", "mixed_precision", "schedule", "warmup_fraction",
+# (the batch: the global batch must match, see `batch_for_world`)
+MUST_MATCH = ("dataset", "hidden_size", "lr", "seed", "mixed_precision", "schedule", "warmup_fraction",
               "label_smoothing", "normalization")
 # a schedule is laid out over all steps: the run's length must not change under it
 MUST_MATCH_SCHEDULED = ("epochs", "max_steps")
@@ -192,14 +193,8 @@ def resolve(resume: str | None, output_dir: str | Path) -> Path | None:
     return None
 
 
-def check_compatible(state: dict, config: dict, world_size: int, path: Path) -> None:
-    """Refuse to resume where the continuation could not be the same run."""
-    if state["world_size"] != world_size:
-        raise CheckpointError(
-            f"{path} was written by {state['world_size']} processes, this run has {world_size}. The global "
-            f"batch and each process's shard depend on the world size, so resume with "
-            f"{state['world_size']} processes (--num_processes {state['world_size']})."
-        )
+def check_compatible(state: dict, config: dict, path: Path) -> None:
+    """Refuse to resume where the continuation could not be the same run (the batch: `batch_for_world`)."""
     scheduled = config.get("schedule", "constant") != "constant"
     for name in MUST_MATCH + (MUST_MATCH_SCHEDULED if scheduled else ()):
         if state["config"].get(name) != config.get(name):
@@ -208,6 +203,24 @@ def check_compatible(state: dict, config: dict, world_size: int, path: Path) -> 
                 f"{flag}={config.get(name)!r}, but {path} was trained with {state['config'].get(name)!r}; "
                 f"resume with the same value"
             )
+
+
+def batch_for_world(state: dict, batch_size: int, world: int, path: Path) -> int:
+    """The per-process batch that keeps the checkpoint's global batch on `world` processes: the same
+    batches, in the same order, whatever the world size. Refuses a world size that does not divide it."""
+    was_world, was_batch, global_batch = state["world_size"], state["config"]["batch_size"], state["global_batch_size"]
+    if world == was_world:
+        if batch_size != was_batch:
+            raise CheckpointError(f"--batch-size={batch_size}, but {path} was trained with {was_batch}; resume "
+                                  "with the same value")
+        return batch_size
+    if global_batch % world:
+        fits = [n for n in range(1, global_batch + 1) if global_batch % n == 0]
+        raise CheckpointError(
+            f"{path} was trained with a global batch of {global_batch} ({was_world} processes x {was_batch}); "
+            f"{world} processes cannot split it evenly. Resume on a number of processes that divides it: "
+            f"{', '.join(map(str, fits[:12]))}{', ...' if len(fits) > 12 else ''}")
+    return global_batch // world
 
 
 def check_data(state: dict, data: dict, config: dict, path: Path) -> None:

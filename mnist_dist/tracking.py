@@ -102,32 +102,26 @@ def start(accelerator: Accelerator, cfg: TrainConfig, config: dict, run_id: str)
 
 def finish(accelerator: Accelerator, cfg: TrainConfig, summary: dict) -> None:
     """Write the run summary (best and final accuracy), log the model with --log-model, and say how to
-    sync an offline W&B run."""
-    if not accelerator.is_main_process:
-        return
-    if cfg.log_model:
-        log_model(accelerator, Path(cfg.output_dir))
+    sync an offline W&B run. Trackers only exist on the main process."""
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
             run = tracker.tracker
             run.summary.update(summary)
+            if cfg.log_model:
+                log_model(run, Path(cfg.output_dir))
             if run.settings.mode == "offline":
                 print(f"mnist_dist: W&B run logged offline; upload it with: wandb sync {run.dir.rsplit('/files', 1)[0]}")
 
 
-def log_model(accelerator: Accelerator, output_dir: Path) -> None:
-    """--log-model: the final model.safetensors and config.json as a W&B artifact of type "model" (main process)."""
-    if not accelerator.is_main_process:
-        return
-    for tracker in accelerator.trackers:
-        if tracker.name == "wandb":
-            import wandb
+def log_model(run, output_dir: Path) -> None:
+    """--log-model: the final model.safetensors and config.json as a W&B artifact of type "model"."""
+    import wandb
 
-            artifact = wandb.Artifact(f"model-{tracker.tracker.id}", type="model", metadata=json.loads(
-                (output_dir / "config.json").read_text()))
-            for name in ("model.safetensors", "config.json"):
-                artifact.add_file(str(output_dir / name))
-            tracker.tracker.log_artifact(artifact)
+    artifact = wandb.Artifact(f"model-{run.id}", type="model",
+                              metadata=json.loads((output_dir / "config.json").read_text()))
+    for name in ("model.safetensors", "config.json"):
+        artifact.add_file(str(output_dir / name))
+    run.log_artifact(artifact)
 
 
 def log_images(accelerator: Accelerator, pictures: dict[str, Path], step: int) -> None:

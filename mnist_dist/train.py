@@ -109,14 +109,19 @@ class TrainState:
         return {**state, "epoch_loss_sums": [s[0] for s in sums], "window_loss_sums": [s[1] for s in sums]}
 
     @classmethod
-    def restored(cls, saved: dict, rank: int) -> "TrainState":
-        """The state in a checkpoint's training_state.json (`saved`), as process `rank` continues it."""
+    def restored(cls, saved: dict, rank: int, world: int) -> "TrainState":
+        """The state in a checkpoint's training_state.json (`saved`), as process `rank` of `world` continues
+        it. On another world size than the checkpoint's, process 0 carries the loss sums' totals."""
         names = [k for k in cls.__dataclass_fields__ if k not in ("epoch_loss_sum", "window_loss_sum")]
         missing = [k for k in names + ["epoch_loss_sums", "window_loss_sums"] if k not in saved]
         if missing:
             raise CheckpointError(f"training_state.json of this checkpoint lacks {', '.join(missing)}")
-        return cls(**{k: saved[k] for k in names}, epoch_loss_sum=saved["epoch_loss_sums"][rank],
-                   window_loss_sum=saved["window_loss_sums"][rank])
+        sums = [saved["epoch_loss_sums"], saved["window_loss_sums"]]
+        if len(sums[0]) == world:
+            mine = [s[rank] for s in sums]
+        else:  # added in float32, as the processes' sums are when an epoch ends
+            mine = [float(np.sum(s, dtype=np.float32)) if rank == 0 else 0.0 for s in sums]
+        return cls(**{k: saved[k] for k in names}, epoch_loss_sum=mine[0], window_loss_sum=mine[1])
 
 
 def train(cfg: TrainConfig, signals: StopSignals | None = None) -> dict:
@@ -144,12 +149,14 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     """The run in `plan.output_dir`, from its checkpoint `plan.resume_from` or from step 0."""
     timings = {"startup": since_process_start()}  # seconds: interpreter, imports, process group
     world, rank = accelerator.num_processes, accelerator.process_index
-    config = {**cfg.to_dict(), "mixed_precision": accelerator.mixed_precision,  # resolved
-              "torch_compile": compiled_with(accelerator)}
     resume_from = Path(plan.resume_from) if plan.resume_from else None
     saved = checkpoint.read_state(resume_from) if resume_from else None
+    if saved:  # on another world size, the same global batch cut into other per-process batches
+        cfg = replace(cfg, batch_size=checkpoint.batch_for_world(saved, cfg.batch_size, world, resume_from))
+    config = {**cfg.to_dict(), "mixed_precision": accelerator.mixed_precision,  # resolved
+              "torch_compile": compiled_with(accelerator)}
     if saved:
-        checkpoint.check_compatible(saved, config, world, resume_from)
+        checkpoint.check_compatible(saved, config, resume_from)
 
     began = time.perf_counter()
     with accelerator.local_main_process_first():  # one process per node decodes and caches, the others read
@@ -174,7 +181,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     steps_per_epoch = len(train_loader)  # per process; the same on every process
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     scheduler = make_scheduler(cfg, accelerator, optimizer, total_steps)
-    state = restore(accelerator, resume_from, saved, optimizer) if saved else TrainState()
+    state = restore(accelerator, resume_from, saved, optimizer, cfg.seed) if saved else TrainState()
     guard = NonFiniteGuard(accelerator, optimizer)
     runner = make_runner(cfg, data_path, accelerator, model, optimizer, scheduler, guard, train_set, train_loader, stats)
     test_shard = data.test_shard(test_set, cfg.eval_batch_size, rank, world, accelerator.device) \
@@ -192,7 +199,10 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     report = Reporter(accelerator, cfg.output_dir, total_steps, state.global_step if saved else None)
     epochs = math.ceil(total_steps / steps_per_epoch)
     report.say(banner(cfg, accelerator, config, len(train_set), len(test_set), data_path, resume_from, state))
-    checkpoint_extra = {"world_size": world, "config": config, "run_id": run_id, "data": fingerprint}
+    if saved and saved["world_size"] != world:
+        report.say(resized_message(saved["world_size"], world, cfg.batch_size))
+    checkpoint_extra = {"world_size": world, "global_batch_size": cfg.batch_size * world, "config": config,
+                        "run_id": run_id, "data": fingerprint}
     # real samples in the global batch at each step of an epoch: the last one may be short
     real_samples = [global_real(i, len(train_set), cfg.batch_size, world) for i in range(steps_per_epoch)]
 
@@ -276,6 +286,12 @@ def banner(cfg: TrainConfig, accelerator, config: dict, train_len: int, test_len
             + (f", resuming from {resume_from} (step {state.global_step})" if resume_from else ""))
 
 
+def resized_message(was: int, world: int, batch_size: int) -> str:
+    return (f"mnist_dist: the world size changed from {was} to {world}: each process now takes {batch_size} samples "
+            f"per step (was {batch_size * world // was}), so the global batch ({batch_size * world}), the data order "
+            "and the trajectory stay the same, up to the order in which floating-point sums are added")
+
+
 def say_finished(accelerator, plan: runs.Plan) -> dict:
     """--resume auto on a finished run: say so and change nothing."""
     results = plan.finished
@@ -351,16 +367,18 @@ def make_scheduler(cfg: TrainConfig, accelerator, optimizer, total_steps: int):
     return scheduler
 
 
-def restore(accelerator, path: Path, saved: dict, optimizer) -> TrainState:
+def restore(accelerator, path: Path, saved: dict, optimizer, seed: int) -> TrainState:
     """Load the checkpoint at `path` into the prepared objects (all processes); return its TrainState."""
     try:
         accelerator.load_state(str(path))  # model, optimizer, schedule, sampler, every process's RNG state
     except Exception as err:  # truncated or damaged files: refuse, naming the checkpoint
         raise CheckpointError(f"{path}: damaged checkpoint ({type(err).__name__}: {err})") from err
+    if accelerator.process_index >= saved["world_size"]:  # a process the checkpoint has no RNG state for
+        set_seed(seed, device_specific=True)  # seed + rank: deterministic, and not another process's stream
     for group in optimizer.param_groups:  # loading restores the saving run's flags; keep this device's
         group["capturable"], group["fused"] = (optimizer.optimizer.defaults[k] for k in ("capturable", "fused"))
     try:
-        return TrainState.restored(saved, accelerator.process_index)
+        return TrainState.restored(saved, accelerator.process_index, accelerator.num_processes)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
 

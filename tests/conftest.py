@@ -13,7 +13,7 @@ import torch
 from .helpers import check, mnist5k, results, train_cli, write_dataset
 
 
-SHARED_FIXTURES = ("recipe_run", "reference", "finished", "shard_report", "runs", "cluster")
+SHARED_FIXTURES = ("recipe_run", "reference", "finished", "shard_report", "runs", "cluster", "cut_on_2")
 
 
 def pytest_itemcollected(item):

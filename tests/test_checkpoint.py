@@ -231,9 +231,12 @@ def test_a_run_cut_short_by_max_steps_resumes_with_more_steps_as_if_never_cut(tm
     assert all(a[name].equal(b[name]) for name in a)
 
 
-def test_resume_with_another_world_size_is_refused(finished, tmp_path):
-    proc = check(launch(2, *RUN, "--output-dir", str(tmp_path / "o"), "--resume", str(checkpoint.complete_checkpoints(finished)[-1])), rc=1)
-    assert "was written by 1 processes, this run has 2" in proc.stderr
+def test_resume_on_a_world_size_that_does_not_divide_the_global_batch_is_refused(finished, tmp_path):
+    saved = checkpoint.complete_checkpoints(finished)[-1]
+    proc = check(launch(3, *RUN, "--output-dir", str(tmp_path / "o"), "--resume", str(saved)), rc=1)  # the launcher's status
+    assert (f"{saved} was trained with a global batch of 128 (1 processes x 128); 3 processes cannot split it evenly. "
+            "Resume on a number of processes that divides it: 1, 2, 4, 8, 16, 32, 64, 128") in proc.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_resume_with_another_batch_size_is_refused(finished, tmp_path):
@@ -401,3 +404,54 @@ def test_a_full_disk_is_an_error_naming_the_path_and_the_earlier_checkpoint_stay
     assert checkpoint.read_state(kept)["global_step"] == 5
     checkpoint.check_loads(kept)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000005"]
+
+
+# ---------------------------------------------------------------- another world size
+
+RESIZE = ["--dataset", "mnist-5k", "--epochs", "2", "--batch-size", "48", "--seed", "3"]  # global batch 96: 53 steps an epoch
+
+
+@pytest.fixture(scope="module")
+def cut_on_2(tmp_path_factory):
+    """(an uninterrupted 2-process run, a 2-process run cut short inside its first epoch, at step 30)"""
+    whole, cut = tmp_path_factory.mktemp("whole2"), tmp_path_factory.mktemp("cut2")
+    check(run(train_cmd(2, *RESIZE, "--output-dir", str(whole))))
+    check(run(train_cmd(2, *RESIZE, "--max-steps", "30", "--output-dir", str(cut))))
+    return whole, cut
+
+
+def close_weights(a, b, atol: float) -> float:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    worst = max((wa[name] - wb[name]).abs().max().item() for name in wa)
+    assert worst <= atol, f"weights differ by up to {worst}"
+    return worst
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_a_2_process_run_resumes_on_another_world_size_to_the_same_trajectory(cut_on_2, world, tmp_path):
+    whole, cut = cut_on_2
+    out = tmp_path / "out"
+    shutil.copytree(cut, out)
+    proc = check(run(train_cmd(world, *RESIZE, "--output-dir", str(out), "--resume", "auto")))
+    assert (f"the world size changed from 2 to {world}: each process now takes {96 // world} samples per step "
+            "(was 48), so the global batch (96)") in proc.stdout
+    resumed, ref = results(out), results(whole)
+    assert resumed["world_size"] == world and resumed["global_batch_size"] == 96
+    print(f"2 -> {world} processes: weights within {close_weights(out, whole, 1e-5):.1e} of the uninterrupted run")
+    # each sample once: the rest of the interrupted epoch, then the next, as on 2 processes
+    assert (resumed["steps"], resumed["samples_seen"]) == (ref["steps"], ref["samples_seen"]) == (106, 10000)
+    assert [h["samples"] for h in resumed["history"]] == [h["samples"] for h in ref["history"]] == [5000, 5000]
+    assert abs(resumed["test_accuracy"] - ref["test_accuracy"]) <= 0.002
+
+
+def test_a_1_process_run_resumes_on_2_processes_to_the_same_trajectory(tmp_path):
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    check(run(train_cmd(1, *RESIZE, "--batch-size", "96", "--output-dir", str(whole))))
+    check(run(train_cmd(1, *RESIZE, "--batch-size", "96", "--max-steps", "70", "--output-dir", str(out))))
+    proc = check(run(train_cmd(2, *RESIZE, "--batch-size", "96", "--output-dir", str(out), "--resume", "auto")))
+    assert "the world size changed from 1 to 2: each process now takes 48 samples per step (was 96)" in proc.stdout
+    resumed, ref = results(out), results(whole)
+    assert resumed["world_size"] == 2 and resumed["per_process_batch_size"] == 48
+    print(f"1 -> 2 processes: weights within {close_weights(out, whole, 1e-5):.1e} of the uninterrupted run")
+    assert [h["samples"] for h in resumed["history"]] == [h["samples"] for h in ref["history"]] == [5000, 5000]
+    assert abs(resumed["test_accuracy"] - ref["test_accuracy"]) <= 0.002
