@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import (AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs,
                               InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, gather_object)
@@ -30,6 +31,7 @@ class LaunchError(RuntimeError):
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
     """An Accelerator for `cfg`, after checking that the launch and the precision can work."""
+    join_restarted_group(cfg)
     accelerator = Accelerator(
         cpu=cfg.cpu,
         log_with=tracking.log_with(cfg) or None,  # trackers run on the main process only
@@ -53,6 +55,22 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg))
     return accelerator
+
+
+def join_restarted_group(cfg: TrainConfig) -> None:
+    """Workers that torchrun's elastic agent restarted on one node join the process group through keys of
+    their own attempt. The agent keeps its store across restarts, and a group reading the addresses its
+    predecessor left there fails to connect (pytorch/pytorch#135712); Accelerate then uses this group."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    shared_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    # across nodes the agents count restarts apart, so only one node's attempt number is the same everywhere
+    if attempt == "0" or not shared_store or os.environ.get("GROUP_WORLD_SIZE") != "1" or dist.is_initialized():
+        return
+    timeout = timedelta(seconds=cfg.timeout)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    backend = "gloo" if cfg.cpu or not torch.cuda.is_available() else "nccl"
+    dist.init_process_group(backend, store=dist.PrefixStore(f"mnist_dist/attempt_{attempt}", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
 
 
 def cpu_threads(cfg: TrainConfig) -> int:

@@ -161,6 +161,29 @@ def test_sigterm_to_the_launcher_checkpoints_every_process_at_the_same_step(refe
     resume_matches(2, out, ref)
 
 
+@pytest.mark.parametrize("reference", [2], indirect=True, ids=["2procs"])
+def test_torchrun_restarts_the_group_after_a_kill_9_and_the_run_resumes_by_itself(reference, tmp_path):
+    _, ref = reference
+    out = tmp_path / "out"
+    # one restart allowed: the first one must succeed
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+                "--master-port", str(_free_port()), "-m", "mnist_dist.train", "--cpu", *RUN, "--resume", "auto",
+                "--output-dir", str(out)]
+    proc = subprocess.Popen(torchrun, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"},
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_checkpoint(out, 14, proc)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "mnist_dist.train" in p.cmdline() and "torch.distributed.run" not in p.cmdline()]
+    assert len(workers) == 2
+    workers[1].kill()
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output[-3000:]
+    assert len(re.findall(r"resuming from \S+step_000000\d\d \(step (\d+)\)", output)) == 1
+    assert results(out)["world_size"] == 2
+    same_weights(out, ref)
+    same_results(out, ref)
+
+
 # ---------------------------------------------------------------- refusals
 
 
