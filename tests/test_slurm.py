@@ -11,7 +11,7 @@ import pytest
 
 from .helpers import REPO, check, results, train_cli
 from .slurm_cluster import Cluster
-from .test_checkpoint import same_results, same_weights
+from .test_checkpoint import close_weights, same_results, same_weights
 
 pytestmark = pytest.mark.slow  # the quick loop (-m "not slow") leaves these out
 SCRIPT = REPO / "slurm" / "train.sh"
@@ -104,6 +104,39 @@ def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(cluste
     assert "USR1 received" in log and "requeueing job" in log and "resuming from" in log
     same_weights(out, reference)
     same_results(out, reference)
+
+
+def test_a_job_preempted_on_2_nodes_resumes_on_the_1_node_left_to_the_same_trajectory(cluster, tmp_path):
+    flags = [*FLAGS, "--epochs", "8", "--checkpoint-every", "5", "--seed", "4"]  # 160 steps: preempted well before the end
+    reference = tmp_path / "reference"  # 2 nodes x 1 process x 128 = one process x 256
+    check(train_cli(*flags, "--batch-size", "256", "--cpu", "--output-dir", str(reference)))
+
+    proc, job_id = submit(cluster, tmp_path, "--nodes=2", flags=flags, wait=False)
+    out = tmp_path / "outputs" / f"slurm-{job_id}"
+    deadline = time.monotonic() + 120
+    while not list((out / "checkpoints").glob("step_*[0-9]")):
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    assert "on 2 node(s)" in job_log(tmp_path, job_id)
+    try:  # node2 is lost while the job is preempted; it is requeued, and given the node that is left
+        cluster.run("scontrol", "update", "NodeName=node2", "State=DRAIN", "Reason=test")
+        assert cluster.run("scancel", "--signal=USR1", "--batch", job_id).returncode == 0
+        while "JobState=PENDING" not in cluster.run("scontrol", "show", "job", job_id).stdout:
+            assert time.monotonic() < deadline + 120, "the job was not requeued"
+            time.sleep(0.1)
+        shrunk = cluster.run("scontrol", "update", f"JobId={job_id}", "NumNodes=1", "NumTasks=1")
+        assert shrunk.returncode == 0, shrunk.stderr
+        state, info = wait_for_job(cluster, job_id)
+    finally:
+        cluster.run("scontrol", "update", "NodeName=node2", "State=RESUME")
+    log = job_log(tmp_path, job_id)
+    assert state == "COMPLETED" and "Restarts=1" in info, log[-3000:]
+    assert "on 1 node(s): node1" in log and "resuming from" in log and "the world size changed from 2 to 1" in log
+    resumed, ref = results(out), results(reference)
+    assert resumed["world_size"] == 1 and resumed["per_process_batch_size"] == 256
+    print(f"2 nodes -> 1: weights within {close_weights(out, reference, 1e-5):.1e} of an uninterrupted run")
+    assert (resumed["steps"], resumed["samples_seen"]) == (ref["steps"], ref["samples_seen"])
+    assert abs(resumed["test_accuracy"] - ref["test_accuracy"]) <= 0.002
 
 
 def test_an_array_job_gives_each_task_its_own_directory_seed_and_log(cluster, tmp_path):
