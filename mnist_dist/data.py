@@ -87,15 +87,6 @@ def _open(path: Path):
     return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
-def _read_exactly(stream, out: memoryview, path: Path) -> None:
-    filled = 0
-    while filled < len(out):
-        n = stream.readinto(out[filled:])
-        if not n:
-            raise DataError(f"{path}: truncated or corrupt: its header promises {len(out)} bytes of data, it holds {filled}")
-        filled += n
-
-
 def read_idx(path: str | Path, ndim: int) -> torch.Tensor:
     """Read an IDX file of unsigned bytes with `ndim` dimensions (3 for images, 1 for labels). Not
     torchvision's reader: every failure names the file and the problem, and memory stays bounded by
@@ -120,7 +111,9 @@ def read_idx(path: str | Path, ndim: int) -> torch.Tensor:
                 raise DataError(f"{path}: its header promises {size / 2**30:.1f} GiB of data (shape {tuple(dims)}), "
                                 f"more than the {MAX_IDX_BYTES / 2**30:.0f} GiB an MNIST-like split can need")
             out = torch.empty(size, dtype=torch.uint8)
-            _read_exactly(stream, memoryview(out.numpy()), path)
+            filled = stream.readinto(memoryview(out.numpy()))  # buffered: reads until full or the end
+            if filled < size:
+                raise DataError(f"{path}: truncated or corrupt: its header promises {size} bytes of data, it holds {filled}")
             if stream.read(1):
                 raise DataError(f"{path}: holds more data than its header {tuple(dims)} promises ({size} bytes); "
                                 "refused without reading the rest")
@@ -430,10 +423,16 @@ def make_loaders(train: Split, test: Split, batch_size: int, eval_batch_size: in
     return train_loader, test_loader
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffle of `epoch`: Accelerate's seedable sampler's permutation, torch.randperm from seed + epoch
+    on the CPU, the same on every process and for every world size."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+
+
 class DeviceBatches:
     """The DataLoader path's batches for process `rank` of `world`, cut from tensors on the device (no
-    collation, no copy per step): Accelerate's seedable sampler's permutation (torch.randperm from seed +
-    epoch, on the CPU), and at step s process r takes positions [(s * world + r) * batch, +batch) of it."""
+    collation, no copy per step): at step s process r takes positions [(s * world + r) * batch, +batch) of
+    `epoch_order`."""
 
     def __init__(self, split: Split, batch_size: int, seed: int, rank: int, world: int, device: torch.device):
         self.images, self.labels = split.images.to(device), split.labels.to(device)
@@ -444,8 +443,7 @@ class DeviceBatches:
 
     def epoch(self, epoch: int, start: int = 0):
         """Yield (images, labels) of this process's steps `start`, `start + 1`, ... of `epoch`."""
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-        order = order.to(self.images.device)
+        order = epoch_order(self.n, self.seed, epoch).to(self.images.device)
         for step in range(start, len(self)):
             lo = min((step * self.world + self.rank) * self.batch_size, self.n)
             index = order[lo : min(lo + self.batch_size, self.n)]

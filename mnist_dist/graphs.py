@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .clock import since_process_start
+from .data import epoch_order
 
 if TYPE_CHECKING:
     from .train import NonFiniteGuard
@@ -154,8 +155,7 @@ class EpochGraph:
 
     def begin_epoch(self, epoch: int, start: int = 0) -> None:
         """Shuffle into the static buffers: the permutation torch.randperm draws from seed + epoch on the CPU."""
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-        order = order.to(self.inputs.device)
+        order = epoch_order(self.n, self.seed, epoch).to(self.inputs.device)
         torch.index_select(self.inputs, 0, order, out=self.shuffled_inputs)
         torch.index_select(self.labels, 0, order, out=self.shuffled_labels)
 
