@@ -149,10 +149,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     """The run in `plan.output_dir`, from its checkpoint `plan.resume_from` or from step 0."""
     timings = {"startup": since_process_start()}  # seconds: interpreter, imports, process group
     world, rank = accelerator.num_processes, accelerator.process_index
-    resume_from = Path(plan.resume_from) if plan.resume_from else None
-    saved = checkpoint.read_state(resume_from) if resume_from else None
-    if saved:  # on another world size, the same global batch cut into other per-process batches
-        cfg = replace(cfg, batch_size=checkpoint.batch_for_world(saved, cfg.batch_size, world, resume_from))
+    cfg, resume_from, saved = resume_point(cfg, plan, world)
     config = {**cfg.to_dict(), "mixed_precision": accelerator.mixed_precision,  # resolved
               "torch_compile": compiled_with(accelerator)}
     if saved:
@@ -198,9 +195,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     tracking.start(accelerator, cfg, tracker_config, run_id)
     report = Reporter(accelerator, cfg.output_dir, total_steps, state.global_step if saved else None)
     epochs = math.ceil(total_steps / steps_per_epoch)
-    report.say(banner(cfg, accelerator, config, len(train_set), len(test_set), data_path, resume_from, state))
-    if saved and saved["world_size"] != world:
-        report.say(resized_message(saved["world_size"], world, cfg.batch_size))
+    report.say(banner(cfg, accelerator, config, len(train_set), len(test_set), data_path, resume_from, saved, state))
     checkpoint_extra = {"world_size": world, "global_batch_size": cfg.batch_size * world, "config": config,
                         "run_id": run_id, "data": fingerprint}
     # real samples in the global batch at each step of an epoch: the last one may be short
@@ -271,25 +266,35 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     return results
 
 
+def resume_point(cfg: TrainConfig, plan: runs.Plan, world: int) -> tuple[TrainConfig, Path | None, dict | None]:
+    """(`cfg`, the checkpoint to resume from, its training state), or (`cfg`, None, None) for a fresh run.
+    On another world size the checkpoint's global batch is cut into `world` per-process batches."""
+    if not plan.resume_from:
+        return cfg, None, None
+    path = Path(plan.resume_from)
+    saved = checkpoint.read_state(path)
+    return replace(cfg, batch_size=checkpoint.batch_for_world(saved, cfg.batch_size, world, path)), path, saved
+
+
 def stop_reason(signals: StopSignals) -> str:
     return signals.reason() or "another process's stop request"
 
 
 def banner(cfg: TrainConfig, accelerator, config: dict, train_len: int, test_len: int, data_path: str,
-           resume_from: Path | None, state: TrainState) -> str:
-    """The line that says what this run is, just before it trains."""
+           resume_from: Path | None, saved: dict | None, state: TrainState) -> str:
+    """What this run is, said just before it trains; a resumed run on another world size says so too."""
     world = accelerator.num_processes
-    return (f"mnist_dist: {train_len} train / {test_len} test samples, {world} process(es) on "
+    text = (f"mnist_dist: {train_len} train / {test_len} test samples, {world} process(es) on "
             f"{accelerator.device.type}, global batch {cfg.batch_size * world}, precision {accelerator.mixed_precision}, "
             + (f"torch.compile {config['torch_compile']}, " if config["torch_compile"] != "no" else "")
             + f"data path {data_path}; {cfg.output_dir}"
             + (f", resuming from {resume_from} (step {state.global_step})" if resume_from else ""))
-
-
-def resized_message(was: int, world: int, batch_size: int) -> str:
-    return (f"mnist_dist: the world size changed from {was} to {world}: each process now takes {batch_size} samples "
-            f"per step (was {batch_size * world // was}), so the global batch ({batch_size * world}), the data order "
-            "and the trajectory stay the same, up to the order in which floating-point sums are added")
+    if saved and saved["world_size"] != world:
+        text += (f"\nmnist_dist: the world size changed from {saved['world_size']} to {world}: each process now takes "
+                 f"{cfg.batch_size} samples per step (was {saved['global_batch_size'] // saved['world_size']}), so the "
+                 f"global batch ({cfg.batch_size * world}), the data order and the trajectory stay the same, up to the "
+                 "order in which floating-point sums are added")
+    return text
 
 
 def say_finished(accelerator, plan: runs.Plan) -> dict:
