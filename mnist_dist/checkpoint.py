@@ -25,7 +25,7 @@ from .distributed import any_process
 STATE_NAME = "training_state.json"
 STATE_FORMAT = 3
 # what every training_state.json holds besides TrainState's fields
-STATE_KEYS = ("format", "global_step", "world_size", "global_batch_size", "config", "run_id", "data")
+STATE_KEYS = ("format", "global_step", "world_size", "global_batch_size", "batch_size_flag", "config", "run_id", "data")
 # config fields that shape the trajectory: a resumed run must use the same values
 # (the batch: the global batch must match, see `batch_for_world`)
 MUST_MATCH = ("dataset", "hidden_size", "lr", "seed", "mixed_precision", "schedule", "warmup_fraction",
@@ -142,8 +142,11 @@ def read_state(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: incomplete checkpoint (no {STATE_NAME})") from None
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{state_file}: unreadable ({err})") from err
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{state_file}: not a mnist_dist training state (format {STATE_FORMAT})")
+    if not isinstance(state, dict) or "format" not in state:
+        raise CheckpointError(f"{state_file}: not a mnist_dist training state")
+    if state["format"] != STATE_FORMAT:
+        raise CheckpointError(f"{state_file}: written by another version of mnist_dist (format {state['format']}; "
+                              f"this one reads format {STATE_FORMAT}); resume it with that version")
     missing = [key for key in STATE_KEYS if key not in state]
     if missing:
         raise CheckpointError(f"{state_file}: damaged, it lacks {', '.join(missing)}")
@@ -207,13 +210,13 @@ def check_compatible(state: dict, config: dict, path: Path) -> None:
 
 def batch_for_world(state: dict, batch_size: int, world: int, path: Path) -> int:
     """The per-process batch that keeps the checkpoint's global batch on `world` processes: the same
-    batches, in the same order, whatever the world size. Refuses a world size that does not divide it."""
+    batches, in the same order, whatever the world size. `batch_size`: --batch-size, which must be what
+    the run began with (or global / world); a world size that does not divide the global batch is refused."""
     was_world, was_batch, global_batch = state["world_size"], state["config"]["batch_size"], state["global_batch_size"]
-    if world == was_world:
-        if batch_size != was_batch:
-            raise CheckpointError(f"--batch-size={batch_size}, but {path} was trained with {was_batch}; resume "
-                                  "with the same value")
-        return batch_size
+    began_with = state["batch_size_flag"]
+    if batch_size != began_with and batch_size * world != global_batch:
+        raise CheckpointError(f"--batch-size={batch_size}, but {path} was trained with {began_with} (a global batch "
+                              f"of {global_batch}); resume with the same value")
     if global_batch % world:
         fits = [n for n in range(1, global_batch + 1) if global_batch % n == 0]
         raise CheckpointError(

@@ -43,8 +43,8 @@ class TrainConfig:
     # data
     dataset: str = _field("mnist", "'mnist' (Hub ylecun/mnist), 'fashion_mnist' (Hub zalando-datasets/fashion_mnist), "
                           "'mnist-5k' (5,000 real MNIST training digits + the real 10k test set, bundled, offline), "
-                          "or any dataset of 28x28 grayscale images with train and test splits: a Hub id such as "
-                          "(owner/name), or a directory `datasets` reads (an `hf download` copy, save_to_disk)")
+                          "or any dataset of 28x28 grayscale images with train and test splits: a Hub id (owner/name) "
+                          "or a directory `datasets` reads (an `hf download` copy, save_to_disk)")
     image_column: str | None = _field(None, "--dataset's image column (default: its only Image column)")
     label_column: str | None = _field(None, "--dataset's label column (default: its only ClassLabel column)")
     data_dir: str | None = _field(None, "read the four MNIST-format IDX files (gzip or not) from this directory "

@@ -21,6 +21,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+import urllib.request
 from urllib.parse import urlparse
 
 import numpy as np
@@ -155,6 +156,8 @@ def check_split(images: torch.Tensor, labels: torch.Tensor, source: str, class_n
     bad = (labels < 0) | (labels >= len(class_names))
     if bad.any():
         i = int(bad.nonzero()[0])
+        if labels[i] == -1:  # ClassLabel's "no label"
+            raise DataError(f"{source}: sample {i} has no label (-1); training and testing need every sample labelled")
         raise DataError(f"{source}: label {int(labels[i])} at index {i} is outside 0-{len(class_names) - 1}")
     return Split(images.reshape(len(images), -1).to(torch.uint8).contiguous(), labels.contiguous(),
                  tuple(class_names))
@@ -177,12 +180,12 @@ def open_hf(source: str, local: bool):
     cannot be reached."""
     import datasets  # slow to import; only this path needs it
 
+    offline = None if local else hub_unreachable()
     try:
-        saved = (datasets.config.DATASETDICT_JSON_FILENAME, datasets.config.DATASET_STATE_JSON_FILENAME)
-        if local and any((Path(source) / name).is_file() for name in saved):  # save_to_disk's output
-            return datasets.load_from_disk(source)
-        offline = None if local else hub_unreachable()
         if offline is None:
+            saved = (datasets.config.DATASETDICT_JSON_FILENAME, datasets.config.DATASET_STATE_JSON_FILENAME)
+            if local and any((Path(source) / name).is_file() for name in saved):  # save_to_disk's output
+                return datasets.load_from_disk(source)
             return datasets.load_dataset(source)
         snapshot = hub_snapshot(source)
         if snapshot is not None:
@@ -195,9 +198,9 @@ def open_hf(source: str, local: bool):
         raise DataError(f"--dataset {source}: could not load it ({type(err).__name__}: {err}); the names built in are "
                         f"{', '.join([*HUB_IDS, *BUNDLED_DIRS])}") from err
     raise DataError(
-        f"cannot reach the Hugging Face Hub for {source!r} ({offline}) and there is no copy of it on this machine. "
-        f"To train offline: on a machine with a network run `hf download {source} --repo-type dataset --local-dir "
-        "DIR` and pass --dataset DIR; "
+        f"cannot reach the Hugging Face Hub for {source!r} ({offline}) and there is no copy of it on this machine "
+        f"(nor a directory of that name). To train offline: on a machine with a network run `hf download {source} "
+        "--repo-type dataset --local-dir DIR` and pass --dataset DIR; "
         + ("" if datasets.config.HF_HUB_OFFLINE else "or set HF_HUB_OFFLINE=1 to use what `datasets` has cached; ")
         + "or pass --data-dir DIR with the four MNIST-format IDX files; or --dataset mnist-5k (bundled).")
 
@@ -210,8 +213,11 @@ def hub_unreachable() -> str | None:
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
     url = urlparse(constants.ENDPOINT)
+    if urllib.request.getproxies().get(url.scheme) and not urllib.request.proxy_bypass(url.hostname):
+        return None  # only the proxy knows: leave it to huggingface_hub
     try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_PROBE_SECONDS).close()
+        socket.create_connection((url.hostname, url.port or {"http": 80}.get(url.scheme, 443)),
+                                 timeout=HUB_PROBE_SECONDS).close()
     except OSError as err:
         return f"{url.hostname} does not answer ({err.strerror or err})"
     return None
@@ -244,11 +250,14 @@ def find_columns(features, image_column: str | None, label_column: str | None, s
     return chosen[0], chosen[1]
 
 
-def hf_class_names(splits, label_column: str) -> tuple[str, ...]:
+def hf_class_names(splits, label_column: str, source: str) -> tuple[str, ...]:
     """Class names from the label column's ClassLabel, else '0'..'K-1' for integer labels up to K - 1."""
-    feature = splits["train"].features[label_column]
-    if hasattr(feature, "names"):
-        return tuple(feature.names)
+    named = [tuple(getattr(s.features[label_column], "names", ())) for s in splits.values()]
+    if named[0] != named[1]:
+        raise DataError(f"--dataset {source}: the splits' {label_column!r} classes differ ({len(named[0])} and "
+                        f"{len(named[1])} names)")
+    if named[0]:
+        return named[0]
     labels = [column_values(s, label_column) for s in splits.values()]
     top = max(int(x.max()) if len(x) and x.dtype.kind in "iu" else -1 for x in labels)
     return tuple(str(i) for i in range(top + 1))
@@ -265,7 +274,10 @@ def decode_images(split, column: str, source: str) -> torch.Tensor:
     out = torch.empty(len(split), IMAGE_SIDE, IMAGE_SIDE, dtype=torch.uint8)
     if not isinstance(split.features[column], datasets.Image):  # arrays, say from save_to_disk
         for lo in range(0, len(split), 10_000):
-            batch = torch.as_tensor(column_values(split.select(range(lo, min(lo + 10_000, len(split)))), column))
+            try:
+                batch = torch.as_tensor(column_values(split.select(range(lo, min(lo + 10_000, len(split)))), column))
+            except (TypeError, ValueError) as err:  # ragged lists, strings
+                raise DataError(f"{source}: column {column!r} holds no 28x28 pixel arrays ({err})") from err
             out[lo : lo + len(batch)] = check_array(batch, column, source)
         return out
     encoded = split.cast_column(column, datasets.Image(decode=False))
@@ -300,8 +312,12 @@ def load_hf(source: str, local: bool, image_column: str | None = None, label_col
     if missing:
         raise DataError(f"--dataset {source}: no {' or '.join(missing)} split (it has: {', '.join(dataset)})")
     dataset = {s: dataset[s] for s in IDX_FILES}
-    image_column, label_column = find_columns(dataset["train"].features, image_column, label_column, source)
-    names = hf_class_names(dataset, label_column)
+    found = {s: find_columns(split.features, image_column, label_column, f"{source}[{s}]") for s, split in dataset.items()}
+    if found["train"] != found["test"]:
+        raise DataError(f"--dataset {source}: its splits' columns differ (train {found['train']}, test {found['test']}); "
+                        "name them with --image-column and --label-column")
+    image_column, label_column = found["train"]
+    names = hf_class_names(dataset, label_column, source)
     return {s: check_split(decode_images(split, image_column, f"{source}[{s}]"),
                            decode_labels(split, label_column, f"{source}[{s}]"), f"{source}[{s}]", names)
             for s, split in dataset.items()}
@@ -372,6 +388,21 @@ def _write_cache(path: Path, splits: dict[str, Split]) -> None:
         print(f"mnist_dist: warning: could not write the dataset cache {path} ({err}); the next run decodes again")
 
 
+def dataset_source(dataset: str) -> tuple[str, bool]:
+    """(what `datasets` loads for --dataset, whether it is a local directory): a built-in name's Hub id, an
+    existing directory made absolute, or a Hub id."""
+    if dataset in HUB_IDS:
+        return HUB_IDS[dataset], False
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        raise DataError(f"--dataset {dataset}: a file; pass the directory that holds the dataset's files")
+    if path.is_dir():
+        return str(path.resolve()), True
+    if dataset.startswith(("/", ".", "~")) or dataset.count("/") > 1:  # not a Hub id either
+        raise DataError(f"--dataset {dataset}: no such directory")
+    return dataset, False
+
+
 def load_splits(dataset: str, data_dir: str | None = None, cache_dir: str | Path | None = None,
                 image_column: str | None = None, label_column: str | None = None) -> dict[str, Split]:
     """The train and test splits of `dataset` (or of the IDX files in `data_dir`), cached on disk.
@@ -381,12 +412,7 @@ def load_splits(dataset: str, data_dir: str | None = None, cache_dir: str | Path
         names = CLASS_NAMES.get(dataset, DIGITS)
         identity, build = [_files_identity(files), names], lambda: load_idx(files, names)
     else:
-        source = HUB_IDS.get(dataset, dataset)
-        local = Path(source).expanduser().exists()
-        if not local and (source.startswith(("/", ".", "~")) or source.count("/") > 1):  # not a Hub id either
-            raise DataError(f"--dataset {dataset}: no such directory")
-        if local:
-            source = str(Path(source).expanduser().resolve())
+        source, local = dataset_source(dataset)
         identity = [_tree_identity(Path(source)) if local else f"hub:{source}", image_column, label_column]
         build = lambda: load_hf(source, local, image_column, label_column)  # noqa: E731
     key = hashlib.sha256(json.dumps([CACHE_FORMAT, identity]).encode()).hexdigest()[:16]
@@ -406,7 +432,7 @@ def fingerprint(splits: dict[str, Split]) -> dict:
     for name, split in splits.items():
         digest = hashlib.sha256(memoryview(split.images.numpy()))
         digest.update(memoryview(split.labels.numpy()))
-        prints[name] = {"samples": len(split), "sha256": digest.hexdigest()}
+        prints[name] = {"samples": len(split), "classes": len(split.class_names), "sha256": digest.hexdigest()}
     return prints
 
 

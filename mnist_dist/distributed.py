@@ -68,7 +68,8 @@ def join_restarted_group(cfg: TrainConfig) -> None:
         return
     timeout = timedelta(seconds=cfg.timeout)
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
-    backend = "gloo" if cfg.cpu or not torch.cuda.is_available() else "nccl"
+    on_cpu = cfg.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    backend = "gloo" if on_cpu or not torch.cuda.is_available() else "nccl"
     dist.init_process_group(backend, store=dist.PrefixStore(f"mnist_dist/attempt_{attempt}", store),
                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
 

@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "model.safetensors file, or a checkpoint directory")
     parser.add_argument("--dataset", help="test set to use, as in training (mnist, fashion_mnist, mnist-5k, a Hub id "
                                           "or a directory); default: the one the model was trained on")
+    parser.add_argument("--image-column", help="--dataset's image column (as in training)")
+    parser.add_argument("--label-column", help="--dataset's label column (as in training)")
     parser.add_argument("--data-dir", help="read the IDX files from this directory (as in training)")
     parser.add_argument("--cache-dir", help="decoded-dataset cache (as in training)")
     parser.add_argument("--batch-size", type=int, default=1024, help="test images per process per batch")
@@ -58,7 +60,9 @@ def evaluate_model(args: argparse.Namespace) -> dict:
         data_dir = args.data_dir
         if args.dataset is None and data_dir is None:  # nothing said: the files the model was trained on
             data_dir = config.get("data_dir")
-        columns = (config.get("image_column"), config.get("label_column")) if args.dataset is None else (None, None)
+        trained_on = args.dataset is None  # nothing said: the columns it was trained on
+        columns = [args.image_column or (config.get("image_column") if trained_on else None),
+                   args.label_column or (config.get("label_column") if trained_on else None)]
         with accelerator.local_main_process_first():
             test = data.load_splits(dataset, data_dir, args.cache_dir, *columns)["test"]
         if test.images.shape[1] != config["input_size"]:

@@ -197,6 +197,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     epochs = math.ceil(total_steps / steps_per_epoch)
     report.say(banner(cfg, accelerator, config, len(train_set), len(test_set), data_path, resume_from, saved, state))
     checkpoint_extra = {"world_size": world, "global_batch_size": cfg.batch_size * world, "config": config,
+                        "batch_size_flag": saved["batch_size_flag"] if saved else cfg.batch_size,  # as the run began
                         "run_id": run_id, "data": fingerprint}
     # real samples in the global batch at each step of an epoch: the last one may be short
     real_samples = [global_real(i, len(train_set), cfg.batch_size, world) for i in range(steps_per_epoch)]
@@ -323,10 +324,10 @@ def make_runner(cfg: TrainConfig, data_path: str, accelerator, model, optimizer,
 
 def saved_model_config(model: MLP, cfg: TrainConfig, stats: tuple[float, float], class_names) -> dict:
     """config.json, saved beside every model: what rebuilds it, how its inputs are scaled, and its test set."""
-    local = Path(cfg.dataset).expanduser()  # a dataset directory: evaluate finds it from anywhere
+    source, local = data.dataset_source(cfg.dataset)  # a directory made absolute: evaluate finds it from anywhere
     return model_config(
         model, normalization={"mean": stats[0], "std": stats[1], "pixel_scale": 255},
-        dataset=str(local.resolve()) if local.exists() else cfg.dataset,
+        dataset=source if local else cfg.dataset,
         data_dir=str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
         image_column=cfg.image_column, label_column=cfg.label_column, class_names=list(class_names),
     )

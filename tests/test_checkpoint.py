@@ -450,6 +450,22 @@ def close_weights(a, b, atol: float) -> float:
     return worst
 
 
+def same_losses(resumed: dict, ref: dict) -> None:
+    """Each epoch's training loss (the loss sums carried through the checkpoint) as the uninterrupted run's."""
+    for a, b in zip(resumed["history"], ref["history"], strict=True):
+        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-6, (a["train_loss"], b["train_loss"])
+
+
+def test_the_batch_flag_a_run_began_with_keeps_working_after_it_resumed_on_another_world_size(tmp_path):
+    # began on 2 processes x 128, resumed on 1 x 256: requeued again on 1, the same command must still resume
+    state = {"world_size": 1, "global_batch_size": 256, "batch_size_flag": 128, "config": {"batch_size": 256}}
+    assert checkpoint.batch_for_world(state, 128, 1, tmp_path) == 256
+    assert checkpoint.batch_for_world(state, 128, 4, tmp_path) == 64
+    assert checkpoint.batch_for_world(state, 64, 4, tmp_path) == 64  # global / world, said explicitly
+    with pytest.raises(checkpoint.CheckpointError, match="--batch-size=64, but .* was trained with 128"):
+        checkpoint.batch_for_world(state, 64, 1, tmp_path)
+
+
 @pytest.mark.parametrize("world", [1, 3])
 def test_a_2_process_run_resumes_on_another_world_size_to_the_same_trajectory(cut_on_2, world, tmp_path):
     whole, cut = cut_on_2
@@ -465,6 +481,7 @@ def test_a_2_process_run_resumes_on_another_world_size_to_the_same_trajectory(cu
     assert (resumed["steps"], resumed["samples_seen"]) == (ref["steps"], ref["samples_seen"]) == (106, 10000)
     assert [h["samples"] for h in resumed["history"]] == [h["samples"] for h in ref["history"]] == [5000, 5000]
     assert abs(resumed["test_accuracy"] - ref["test_accuracy"]) <= 0.002
+    same_losses(resumed, ref)
 
 
 def test_a_1_process_run_resumes_on_2_processes_to_the_same_trajectory(tmp_path):
@@ -479,3 +496,4 @@ def test_a_1_process_run_resumes_on_2_processes_to_the_same_trajectory(tmp_path)
     print(f"1 -> 2 processes: weights within {close_weights(out, whole, 1e-5):.1e} of the uninterrupted run")
     assert [h["samples"] for h in resumed["history"]] == [h["samples"] for h in ref["history"]] == [5000]
     assert abs(resumed["test_accuracy"] - ref["test_accuracy"]) <= 0.002
+    same_losses(resumed, ref)

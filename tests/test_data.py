@@ -225,7 +225,7 @@ def test_a_hub_download_directory_decodes_to_the_same_pixels_and_labels(tmp_path
     assert "decoded" not in capsys.readouterr().out  # the second time from the cache
 
 
-def test_a_save_to_disk_dataset_with_20_classes_finds_its_columns_by_type(tmp_path):
+def test_a_save_to_disk_dataset_with_20_classes_finds_its_columns_by_type(tmp_path, capsys):
     import datasets
 
     expected = subset()
@@ -233,8 +233,9 @@ def test_a_save_to_disk_dataset_with_20_classes_finds_its_columns_by_type(tmp_pa
     more_classes = lambda split: split.labels + 10 * (torch.arange(len(split)) % 2)  # noqa: E731
     columns = {"note": datasets.Value("int32"), "picture": datasets.Image(), "kind": datasets.ClassLabel(names=names)}
     as_datasets(expected, columns, more_classes).save_to_disk(tmp_path / "disk")
-    for cache in ("a", "a"):  # decoded, then read back from the cache with its class names
-        loaded = load_splits(str(tmp_path / "disk"), cache_dir=tmp_path / cache)
+    for decoded in (True, False):  # decoded, then read back from the cache with its class names
+        loaded = load_splits(str(tmp_path / "disk"), cache_dir=tmp_path / "cache")
+        assert ("decoded" in capsys.readouterr().out) == decoded
         assert loaded["train"].class_names == tuple(names) and loaded["test"].class_names == tuple(names)
         assert torch.equal(loaded["train"].labels, more_classes(expected["train"]))
         assert torch.equal(loaded["test"].images, expected["test"].images)
@@ -245,7 +246,10 @@ def test_columns_that_types_cannot_decide_are_named_with_flags(tmp_path):
 
     expected = subset(50, 50)
     columns = {"a": datasets.Image(), "b": datasets.Image(), "digit": datasets.Value("int64")}
-    as_datasets(expected, columns).save_to_disk(tmp_path / "disk")
+    dataset = as_datasets(expected, columns)
+    for name, split in dataset.items():  # column a holds other images than b
+        dataset[name] = split.map(lambda row: {"a": row["a"].transpose(0)})
+    dataset.save_to_disk(tmp_path / "disk")
     with pytest.raises(DataError, match=r"2 Image columns; its columns are a \(Image\), b \(Image\), digit "
                                         r"\(Value\); name the one to use with --image-column"):
         load_splits(str(tmp_path / "disk"), cache_dir=tmp_path / "cache")
@@ -409,6 +413,19 @@ def test_a_20_class_dataset_trains_an_mlp_with_20_outputs_that_evaluate_and_pred
     assert report["test_accuracy"] == results(out)["test_accuracy"]
 
 
-def test_a_dataset_path_that_does_not_exist_is_refused_as_one(tmp_path):
+def test_a_dataset_path_that_does_not_exist_or_is_a_file_is_refused_as_such(tmp_path):
     with pytest.raises(DataError, match=f"--dataset {tmp_path / 'nope'}: no such directory"):
         load_splits(str(tmp_path / "nope"), cache_dir=tmp_path / "cache")
+    (tmp_path / "train.parquet").write_bytes(b"")
+    with pytest.raises(DataError, match="train.parquet: a file; pass the directory that holds the dataset's files"):
+        load_splits(str(tmp_path / "train.parquet"), cache_dir=tmp_path / "cache")
+
+
+def test_unlabelled_samples_are_refused_naming_the_sample(tmp_path):
+    import datasets
+
+    labels = lambda split: torch.where(torch.arange(len(split)) == 3, -1, split.labels)  # noqa: E731
+    as_datasets(subset(20, 20), {"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)},
+                labels).save_to_disk(tmp_path / "disk")
+    with pytest.raises(DataError, match=r"disk\[train\]: sample 3 has no label \(-1\)"):
+        load_splits(str(tmp_path / "disk"), cache_dir=tmp_path / "cache")

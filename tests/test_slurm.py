@@ -107,7 +107,7 @@ def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(cluste
 
 
 def test_a_job_preempted_on_2_nodes_resumes_on_the_1_node_left_to_the_same_trajectory(cluster, tmp_path):
-    flags = [*FLAGS, "--epochs", "8", "--checkpoint-every", "5", "--seed", "4"]  # 160 steps: preempted well before the end
+    flags = [*FLAGS, "--epochs", "20", "--checkpoint-every", "5", "--seed", "4"]  # 400 steps: preempted twice before the end
     reference = tmp_path / "reference"  # 2 nodes x 1 process x 128 = one process x 256
     check(train_cli(*flags, "--batch-size", "256", "--cpu", "--output-dir", str(reference)))
 
@@ -126,12 +126,18 @@ def test_a_job_preempted_on_2_nodes_resumes_on_the_1_node_left_to_the_same_traje
             time.sleep(0.1)
         shrunk = cluster.run("scontrol", "update", f"JobId={job_id}", "NumNodes=1", "NumTasks=1")
         assert shrunk.returncode == 0, shrunk.stderr
+        while "the world size changed from 2 to 1" not in job_log(tmp_path, job_id):
+            assert time.monotonic() < deadline + 240, "the job did not resume on one node"
+            time.sleep(0.05)
+        # preempted again on the same node: the same command resumes it, at the same world size
+        assert cluster.run("scancel", "--signal=USR1", "--batch", job_id).returncode == 0
         state, info = wait_for_job(cluster, job_id)
     finally:
         cluster.run("scontrol", "update", "NodeName=node2", "State=RESUME")
     log = job_log(tmp_path, job_id)
-    assert state == "COMPLETED" and "Restarts=1" in info, log[-3000:]
-    assert "on 1 node(s): node1" in log and "resuming from" in log and "the world size changed from 2 to 1" in log
+    assert state == "COMPLETED" and "Restarts=2" in info, log[-3000:]
+    assert "on 1 node(s): node1" in log and log.count("resuming from") == 2
+    assert log.count("the world size changed") == 1
     resumed, ref = results(out), results(reference)
     assert resumed["world_size"] == 1 and resumed["per_process_batch_size"] == 256
     print(f"2 nodes -> 1: weights within {close_weights(out, reference, 1e-5):.1e} of an uninterrupted run")
