@@ -391,8 +391,8 @@ def _write_cache(path: Path, splits: dict[str, Split]) -> None:
 def dataset_source(dataset: str) -> tuple[str, bool]:
     """(what `datasets` loads for --dataset, whether it is a local directory): a built-in name's Hub id, an
     existing directory made absolute, or a Hub id."""
-    if dataset in HUB_IDS:
-        return HUB_IDS[dataset], False
+    if dataset in HUB_IDS or dataset in BUNDLED_DIRS:  # the names built in win over directories so named
+        return HUB_IDS.get(dataset, dataset), False
     path = Path(dataset).expanduser()
     if path.is_file():
         raise DataError(f"--dataset {dataset}: a file; pass the directory that holds the dataset's files")

@@ -129,6 +129,9 @@ def train(cfg: TrainConfig, signals: StopSignals | None = None) -> dict:
     process); return the results. Raises `Preempted` when SIGTERM or SIGUSR1 arrives (or the launcher
     dies), after saving a checkpoint if training had begun. `signals`: handlers the CLI installed early."""
     cfg.validate()
+    source, local = data.dataset_source(cfg.dataset)
+    if local:  # a dataset directory, made absolute: the same run (and resume) from any working directory
+        cfg = replace(cfg, dataset=source)
     with signals or StopSignals() as signals:
         accelerator = build_accelerator(cfg)
         try:
@@ -324,10 +327,8 @@ def make_runner(cfg: TrainConfig, data_path: str, accelerator, model, optimizer,
 
 def saved_model_config(model: MLP, cfg: TrainConfig, stats: tuple[float, float], class_names) -> dict:
     """config.json, saved beside every model: what rebuilds it, how its inputs are scaled, and its test set."""
-    source, local = data.dataset_source(cfg.dataset)  # a directory made absolute: evaluate finds it from anywhere
     return model_config(
-        model, normalization={"mean": stats[0], "std": stats[1], "pixel_scale": 255},
-        dataset=source if local else cfg.dataset,
+        model, normalization={"mean": stats[0], "std": stats[1], "pixel_scale": 255}, dataset=cfg.dataset,
         data_dir=str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
         image_column=cfg.image_column, label_column=cfg.label_column, class_names=list(class_names),
     )

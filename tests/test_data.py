@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from mnist_dist import data
 from mnist_dist.data import DataError, find_idx_files, load_splits, read_idx
 
-from .helpers import check, mnist5k, results, run, train_cli, write_dataset, write_idx
+from .helpers import REPO, check, mnist5k, results, run, train_cli, write_dataset, write_idx
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -403,7 +403,8 @@ def test_a_20_class_dataset_trains_an_mlp_with_20_outputs_that_evaluate_and_pred
     as_datasets(subset(600, 300), {"image": datasets.Image(), "label": datasets.ClassLabel(names=names)},
                 more_classes).save_to_disk(tmp_path / "disk")
     out = tmp_path / "out"
-    check(train_cli("--dataset", str(tmp_path / "disk"), "--cpu", "--epochs", "1", "--output-dir", str(out)))
+    relative = os.path.relpath(tmp_path / "disk", REPO)  # the CLIs run in REPO; config.json holds the absolute path
+    check(train_cli("--dataset", relative, "--cpu", "--epochs", "1", "--output-dir", str(out)))
     config = json.loads((out / "config.json").read_text())
     assert (config["num_classes"], config["class_names"], config["dataset"]) == (20, names, str(tmp_path / "disk"))
     assert list(results(out)["per_class_accuracy"]) == names
