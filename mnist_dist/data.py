@@ -250,17 +250,14 @@ def find_columns(features, image_column: str | None, label_column: str | None, s
     return chosen[0], chosen[1]
 
 
-def hf_class_names(splits, label_column: str, source: str) -> tuple[str, ...]:
-    """Class names from the label column's ClassLabel, else '0'..'K-1' for integer labels up to K - 1."""
+def hf_class_names(splits, label_column: str, labels: dict[str, torch.Tensor], source: str) -> tuple[str, ...]:
+    """Class names from the label column's ClassLabel, else '0'..'K-1' for integer `labels` up to K - 1."""
     named = [tuple(getattr(s.features[label_column], "names", ())) for s in splits.values()]
     if named[0] != named[1]:
         raise DataError(f"--dataset {source}: the splits' {label_column!r} classes differ ({len(named[0])} and "
                         f"{len(named[1])} names)")
-    if named[0]:
-        return named[0]
-    labels = [column_values(s, label_column) for s in splits.values()]
-    top = max(int(x.max()) if len(x) and x.dtype.kind in "iu" else -1 for x in labels)
-    return tuple(str(i) for i in range(top + 1))
+    top = max((int(x.max()) for x in labels.values() if len(x)), default=-1)
+    return named[0] or tuple(str(i) for i in range(top + 1))
 
 
 def decode_images(split, column: str, source: str) -> torch.Tensor:
@@ -317,9 +314,10 @@ def load_hf(source: str, local: bool, image_column: str | None = None, label_col
         raise DataError(f"--dataset {source}: its splits' columns differ (train {found['train']}, test {found['test']}); "
                         "name them with --image-column and --label-column")
     image_column, label_column = found["train"]
-    names = hf_class_names(dataset, label_column, source)
-    return {s: check_split(decode_images(split, image_column, f"{source}[{s}]"),
-                           decode_labels(split, label_column, f"{source}[{s}]"), f"{source}[{s}]", names)
+    # labels first: they are cheap, and a wrong label column is refused before any image is decoded
+    labels = {s: decode_labels(split, label_column, f"{source}[{s}]") for s, split in dataset.items()}
+    names = hf_class_names(dataset, label_column, labels, source)
+    return {s: check_split(decode_images(split, image_column, f"{source}[{s}]"), labels[s], f"{source}[{s}]", names)
             for s, split in dataset.items()}
 
 
