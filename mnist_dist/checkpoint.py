@@ -11,6 +11,7 @@ never from a name, and loads every file before it trusts a checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -20,12 +21,17 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .config import ConfigError, TrainConfig, flags
 from .distributed import any_process
 
 STATE_NAME = "training_state.json"
 STATE_FORMAT = 3
 # what every training_state.json holds besides TrainState's fields
 STATE_KEYS = ("format", "global_step", "world_size", "global_batch_size", "batch_size_flag", "config", "run_id", "data")
+# TrainState's fields, checked before any is used (`check_state`)
+STATE_FIELDS = ("epoch", "batch_in_epoch", "samples_seen", "epoch_samples", "window_samples", "train_seconds",
+                "seconds_to_first_step", "best_test_accuracy", "history", "epoch_loss_sums", "window_loss_sums")
+HISTORY_NUMBERS = ("train_loss", "test_accuracy", "test_loss", "seconds", "eval_seconds")
 # config fields that shape the trajectory: a resumed run must use the same values
 # (the batch: the global batch must match, see `batch_for_world`)
 MUST_MATCH = ("dataset", "hidden_size", "lr", "seed", "mixed_precision", "schedule", "warmup_fraction",
@@ -112,9 +118,10 @@ def write_failure(path: Path, err: Exception) -> str:
     return f"could not write {path}: {why}; the earlier checkpoints are intact"
 
 
-def complete_checkpoints(output_dir: str | Path, run_id: str | None = None) -> list[Path]:
+def complete_checkpoints(output_dir: str | Path, run_id: str | None = None,
+                         damaged: list | None = None) -> list[Path]:
     """Complete checkpoints under OUTPUT_DIR/checkpoints, oldest first (by the step they record);
-    with `run_id`, only that run's."""
+    with `run_id`, only that run's. The incomplete or damaged ones are added to `damaged` as (path, error)."""
     found = []
     root = checkpoints_root(output_dir)
     if root.is_dir():
@@ -122,8 +129,10 @@ def complete_checkpoints(output_dir: str | Path, run_id: str | None = None) -> l
             if path.is_dir() and not path.name.endswith(".tmp"):
                 try:
                     state = read_state(path)
-                except CheckpointError:
-                    continue  # incomplete or damaged: never resumed from automatically
+                except CheckpointError as err:  # never resumed from automatically
+                    if damaged is not None:
+                        damaged.append((path, err))
+                    continue
                 if run_id is None or state["run_id"] == run_id:
                     # of a step's two copies (a re-save killed half-way) the one without .old is newer
                     found.append((state["global_step"], not path.name.endswith(".old"), path))
@@ -150,11 +159,92 @@ def read_state(path: str | Path) -> dict:
     missing = [key for key in STATE_KEYS if key not in state]
     if missing:
         raise CheckpointError(f"{state_file}: damaged, it lacks {', '.join(missing)}")
+    check_state(state, state_file)
     needed = ["model.safetensors", "optimizer.bin"] + [f"random_states_{r}.pkl" for r in range(state["world_size"])]
     missing = [name for name in needed if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
     return state
+
+
+def check_state(state: dict, file: Path) -> None:
+    """Refuse a training state with a field of the wrong type, out of range or at odds with the others,
+    naming the file and the field: nothing in it is used before it has passed."""
+    missing = [key for key in STATE_FIELDS if key not in state]
+    if missing:
+        raise CheckpointError(f"{file.parent}: {STATE_NAME} of this checkpoint lacks {', '.join(missing)}")
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise CheckpointError(f"{file}: damaged, field {key!r} ({str(state.get(key))[:80]}) {what}")
+
+    for key in ("global_step", "world_size", "global_batch_size", "batch_size_flag"):
+        need(_count(state[key], 1), key, "must be an integer >= 1")
+    for key in ("epoch", "batch_in_epoch", "samples_seen", "epoch_samples", "window_samples"):
+        need(_count(state[key], 0), key, "must be an integer >= 0")
+    for key in ("train_seconds", "seconds_to_first_step", "best_test_accuracy"):
+        need(_number(state[key], 0) or (state[key] is None and key != "train_seconds"), key, "must be a finite number >= 0")
+    for key in ("epoch_loss_sums", "window_loss_sums"):  # one per process that saved the checkpoint
+        sums = state[key]
+        need(isinstance(sums, list) and len(sums) == state["world_size"] and all(_number(x) for x in sums), key,
+             f"must be {state['world_size']} finite numbers, one per process")
+    need(isinstance(state["run_id"], str) and bool(state["run_id"]), "run_id", "must be a non-empty string")
+    need(isinstance(state["data"], dict) and all(isinstance(state["data"].get(s), dict) and _count(
+        state["data"][s].get("samples"), 1) for s in ("train", "test")), "data", "must give each split's samples")
+    need(isinstance(state["config"], dict), "config", "must be an object")
+    try:
+        config = TrainConfig(**{f.name: state["config"][f.name] for f in flags() if f.name in state["config"]})
+        config.validate()
+    except ConfigError as err:
+        raise CheckpointError(f"{file}: damaged, field 'config': {err}") from None
+    _check_position(state, config, need)
+    _check_history(state, need)
+
+
+def _check_position(state: dict, config: TrainConfig, need) -> None:
+    """The step, the position in the epoch and the sample counts agree with each other and with the config."""
+    per_epoch, train_samples = steps_per_epoch(state), state["data"]["train"]["samples"]
+    step, epoch, position = state["global_step"], state["epoch"], state["batch_in_epoch"]
+    need(state["global_batch_size"] == state["world_size"] * config.batch_size, "global_batch_size",
+         f"must be world_size x config.batch_size ({state['world_size']} x {config.batch_size})")
+    # == per_epoch: stopped at an epoch's end before its evaluation
+    need(position <= per_epoch, "batch_in_epoch", f"must be at most the {per_epoch} steps of an epoch")
+    need(step == epoch * per_epoch + position, "global_step",
+         f"must be epoch x steps per epoch + batch_in_epoch ({epoch} x {per_epoch} + {position})")
+    need(step <= min(config.epochs * per_epoch, config.max_steps or math.inf), "global_step",
+         f"must be at most the steps its config asks for (--epochs {config.epochs}, --max-steps {config.max_steps})")
+    need(state["samples_seen"] == epoch * train_samples, "samples_seen", f"must be epoch x {train_samples} samples")
+    need(state["epoch_samples"] == min(position * state["global_batch_size"], train_samples), "epoch_samples",
+         "must be the samples of the epoch's steps taken")
+    need(state["window_samples"] <= step * state["global_batch_size"], "window_samples", "must be at most the samples seen")
+
+
+def _check_history(state: dict, need) -> None:
+    """One entry per evaluated epoch, numbered from 1, finite; the best accuracy is the best of them."""
+    history, epoch = state["history"], state["epoch"]
+    need(isinstance(history, list) and len(history) in (epoch, epoch + 1), "history",
+         f"must hold one entry per evaluated epoch ({epoch}, or {epoch + 1} after --max-steps)")
+    for number, entry in enumerate(history, 1):
+        need(isinstance(entry, dict) and entry.get("epoch") == number and _count(entry.get("samples"), 0)
+             and all(_number(entry.get(k), 0) for k in HISTORY_NUMBERS) and entry["test_accuracy"] <= 1,
+             "history", f"entry {number} must be epoch {number} with finite losses, accuracy and times")
+    best, kept = max((h["test_accuracy"] for h in history), default=None), state["best_test_accuracy"]
+    # at least the history's best: a first part of an epoch cut by --max-steps is re-evaluated when it ends
+    need(kept is None if best is None else kept is not None and best <= kept <= 1, "best_test_accuracy",
+         f"must be the best test accuracy so far (the history's best is {best})")
+
+
+def _count(value, least: int) -> bool:
+    return type(value) is int and value >= least
+
+
+def _number(value, least: float = -math.inf) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and value >= least
+
+
+def steps_per_epoch(state: dict) -> int:
+    """Optimizer steps in an epoch of the checkpoint's run: its training samples over its global batch."""
+    return math.ceil(state["data"]["train"]["samples"] / state["global_batch_size"])
 
 
 def check_loads(path: Path) -> None:
@@ -179,18 +269,20 @@ def resolve(resume: str | None, output_dir: str | Path) -> Path | None:
         read_state(resume)  # refuse a partial or damaged checkpoint before anything else happens
         check_loads(Path(resume))
         return Path(resume)
-    root, skipped = checkpoints_root(output_dir), []
-    for path in reversed(complete_checkpoints(output_dir)):
+    root, damaged = checkpoints_root(output_dir), []
+    complete = complete_checkpoints(output_dir, damaged=damaged)
+    for path, err in damaged:  # a step_N directory that is not complete was damaged after it was written
+        print(f"mnist_dist: warning: skipping {path}: {err}")
+    for path in reversed(complete):
         try:
             check_loads(path)
         except CheckpointError as err:
             print(f"mnist_dist: warning: skipping {path}: {err}")
-            skipped.append(path)
+            damaged.append((path, err))
             continue
         return path
-    # a step_N directory that is not complete was damaged after it was written (a .tmp one: killed mid-save)
-    damaged = skipped or [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")]
     if damaged:
+        damaged = [path for path, _ in damaged]
         raise CheckpointError(f"--resume auto: no checkpoint in {root} loads ({', '.join(p.name for p in damaged)} are "
                               "incomplete or damaged); resume one with --resume PATH, or start over with --overwrite")
     return None
@@ -241,11 +333,12 @@ def _describe(data: dict) -> str:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    """Write `obj` to `path` on disk for good: readers see the old file or the new one, never half of one."""
+    """Write `obj` to `path` on disk for good: readers see the old file or the new one, never half of one.
+    Strict JSON: a NaN or infinity raises ValueError before anything is written."""
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -100,7 +100,8 @@ class TrainConfig:
                             "written regardless)", choices=("wandb", "tensorboard", "all", "none"))
     wandb_project: str | None = _field(None, "W&B project (also the TensorBoard run name); default: "
                                        "$WANDB_PROJECT, else mnist_dist")
-    wandb_entity: str | None = _field(None, "W&B entity (user or team); default: $WANDB_ENTITY, else your W&B default")
+    wandb_entity: str | None = _field(None, "W&B entity (user or team); default: $WANDB_ENTITY, else the one "
+                                      "your W&B account sets")
     run_name: str | None = _field(None, "W&B run name; default: $WANDB_NAME, else W&B picks one")
     wandb_mode: str | None = _field(None, "W&B mode; default: $WANDB_MODE, else online when logged in, else "
                                     "offline", choices=("online", "offline", "disabled"))
@@ -111,12 +112,20 @@ class TrainConfig:
     keep_checkpoints: int = _field(2, "complete checkpoints to keep in OUTPUT_DIR/checkpoints (newest first)")
     resume: str | None = _field(None, "'auto': the newest checkpoint of the run in --output-dir (default "
                                 "outputs/latest) that loads; a finished run is left alone, a run without "
-                                "checkpoints starts again. Or a checkpoint directory")
+                                "checkpoints starts again. Or a checkpoint directory. Every flag not given is "
+                                "taken from the checkpoint: the run continues as it was launched")
+    # not a flag: the fields given on the command line (`parse_args`), which a resume keeps while it takes
+    # the others from the checkpoint; None (a config built in Python): the fields that differ from the defaults
+    given: frozenset | None = field(default=None, repr=False, compare=False, metadata={"flag": False})
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the flag for any value that cannot work."""
-        for f in dataclasses.fields(self):
+        hints = typing.get_type_hints(TrainConfig)
+        for f in flags():
             value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if not _has_type(value, _flag_type(hints[f.name]), f.default is None):  # a config read back from JSON
+                kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[_flag_type(hints[f.name])]
+                self._refuse(f.name, f"must be {kind}{' or null' if f.default is None else ''}")
             if choices and value not in choices and not (value is None and f.default is None):
                 self._refuse(f.name, f"unknown {f.name.replace('_', ' ')}; choose one of {', '.join(choices)}")
         for name in ("epochs", "batch_size", "eval_batch_size", "hidden_size", "log_every", "keep_checkpoints",
@@ -138,7 +147,8 @@ class TrainConfig:
             ("eval_batch_size", self.eval_batch_size <= MAX_BATCH, f"must be at most {MAX_BATCH:,}"),
             ("timeout", isinstance(self.timeout, int) and self.timeout >= 1, "must be an integer >= 1 (seconds)"),
             ("cpu_threads", self.cpu_threads is None or self.cpu_threads >= 1, "must be an integer >= 1"),
-            ("overwrite", not (self.overwrite and self.resume), "cannot be combined with --resume"),
+            ("overwrite", not (self.overwrite and self.resume == "auto"), "cannot be combined with --resume auto "
+             "(with --resume CHECKPOINT it drops what the run saved after that checkpoint)"),
         ]:
             if not ok:
                 self._refuse(name, why)
@@ -148,7 +158,41 @@ class TrainConfig:
         raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: {why}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The flags' values (what config.json, results.json, checkpoints and W&B record)."""
+        return {f.name: getattr(self, f.name) for f in flags()}
+
+    def given_fields(self) -> frozenset:
+        """The fields this config was given: on the command line, else those that differ from the defaults."""
+        if self.given is not None:
+            return self.given
+        return frozenset(f.name for f in flags() if getattr(self, f.name) != f.default)
+
+    def continued(self, saved: dict) -> tuple["TrainConfig", dict]:
+        """This config resuming a run whose checkpoint holds the config `saved`: every field not given is
+        taken from `saved`, so that the run continues as it was launched. Returns it and what was taken."""
+        given = self.given_fields()
+        taken = {f.name: saved[f.name] for f in flags()
+                 if f.name not in given and f.name not in NOT_INHERITED and f.name in saved
+                 and saved[f.name] != getattr(self, f.name)}
+        return dataclasses.replace(self, **taken), taken
+
+
+# where the run is and what to do with it: never taken from the checkpoint being resumed
+NOT_INHERITED = ("resume", "overwrite", "output_dir")
+
+
+def flags() -> list[dataclasses.Field]:
+    """TrainConfig's fields that are command-line flags."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("flag", True)]
+
+
+def _has_type(value, kind: type, optional: bool) -> bool:
+    """Whether `value` is of the flag type `kind` (an int passes as a float, a bool never as an int)."""
+    if value is None:
+        return optional
+    if kind is float:
+        return type(value) in (int, float)
+    return type(value) is kind
 
 
 def _flag_type(hint):
@@ -158,32 +202,41 @@ def _flag_type(hint):
     return hint
 
 
-def build_parser(prog: str = "python -m mnist_dist.train") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m mnist_dist.train", defaults: bool = True) -> argparse.ArgumentParser:
+    """The flags of TrainConfig; with `defaults=False` a parse returns only the flags given."""
     parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Train the MNIST MLP (784-256-10) with Hugging Face Accelerate on CPU, one GPU or many.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, description="Train the MNIST MLP (784-256-10) with Hugging Face Accelerate on CPU, one GPU or many.",
     )
     hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _flag_type(hints[f.name])
+    for f in flags():
+        flag, kind, help = "--" + f.name.replace("_", "-"), _flag_type(hints[f.name]), f.metadata["help"]
         if kind is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"),
-                                help=f.metadata["help"])
+            # --no-cpu turns off, on a resume, a flag that the checkpoint's run was launched with
+            action = "store_true" if f.name in NOT_INHERITED else argparse.BooleanOptionalAction
+            parser.add_argument(flag, action=action, default=None if defaults else argparse.SUPPRESS,
+                                help=f"{help} (default: off)")
+            continue
+        if "default" not in help.lower():  # one default per flag: some help texts say where theirs comes from
+            help += f" (default: {f.default})"
+        parser.add_argument(flag, type=kind, default=f.default if defaults else argparse.SUPPRESS,
+                            choices=f.metadata.get("choices"), help=help.replace("%", "%%"))
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Flags -> a validated TrainConfig; a bad value exits with status 2 and a message naming the flag."""
+    """Flags -> a validated TrainConfig that knows which flags were given; a bad value exits with status 2
+    and a message naming the flag."""
     parser = build_parser()
     # a recipe sets the defaults of the flags it names; anything given explicitly still wins
     known, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**RECIPES.get(known.recipe, {}))
-    args = parser.parse_args(argv)
+    recipe = RECIPES.get(known.recipe, {})
+    parser.set_defaults(**recipe)
+    values = vars(parser.parse_args(argv))
+    values |= {name: False for name, value in values.items() if value is None and TrainConfig.__dataclass_fields__[name].default is False}
+    given = set(vars(build_parser(defaults=False).parse_args(argv)))
+    if "recipe" in given:  # the flags a recipe named count as given: a resume keeps them too
+        given |= set(recipe)
     try:
-        return TrainConfig(**vars(args)).validate()
+        return TrainConfig(**values, given=frozenset(given)).validate()
     except ConfigError as err:
         parser.error(str(err))

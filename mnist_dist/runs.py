@@ -71,6 +71,29 @@ def claim(cfg: TrainConfig) -> Plan:
         raise
 
 
+def continued(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
+    """`cfg` as a resume runs it: every flag not given taken from the checkpoint it resumes
+    (`TrainConfig.continued`), and what was taken. Every process calls this before the accelerator is
+    built, which needs some of them (--cpu, --mixed-precision, --timeout); it only reads."""
+    path = checkpoint_to_continue(cfg)
+    if path is None:
+        return cfg, {}
+    state = checkpoint.read_state(path)
+    # the per-process batch the run began with: `checkpoint.batch_for_world` cuts the global batch from it
+    cfg, taken = cfg.continued({**state["config"], "batch_size": state["batch_size_flag"]})
+    return cfg.validate(), taken
+
+
+def checkpoint_to_continue(cfg: TrainConfig) -> Path | None:
+    """The checkpoint whose settings a resume takes: --resume CHECKPOINT, or for 'auto' the newest complete
+    one of the run (`claim` may fall back to an older one that loads: the same run, the same settings)."""
+    if cfg.resume in (None, "auto"):
+        output_dir = chosen_dir(cfg, None) if cfg.resume else None
+        found = checkpoint.complete_checkpoints(output_dir) if output_dir is not None else []
+        return found[-1] if found else None
+    return Path(cfg.resume)
+
+
 def chosen_dir(cfg: TrainConfig, resume_path: Path | None) -> Path | None:
     """--output-dir; else the run a --resume names (outputs/latest for 'auto'); None: a new run directory."""
     if cfg.output_dir:
@@ -88,24 +111,67 @@ def what_to_do(cfg: TrainConfig, output_dir: Path, resume_path: Path | None) -> 
     if cfg.resume == "auto":
         found = checkpoint.resolve("auto", output_dir)  # an error where checkpoints are there but none loads
         finished = finished_results(output_dir, cfg)
-        if found or finished:
+        if finished:
             return {"resume_from": found and str(found), "continues": True, "finished": finished}
+        if found:
+            check_steps_left(cfg, found)
+            return {"resume_from": str(found), "continues": True}
         kept = [name for name in there if name not in RESTARTABLE]
         if kept:
             raise RunDirError(f"--resume auto: {output_dir} holds no checkpoint to resume, but a run's {', '.join(kept)}; "
                               "start over with --overwrite, or choose another --output-dir")
         return {"remove": there, "why": "no checkpoint to resume, starting from step 0"}
     if resume_path is not None and resume_path.parent.parent.resolve() == output_dir.resolve():
-        step = checkpoint.read_state(resume_path)["global_step"]
-        later = [f"checkpoints/{p.name}" for p in checkpoint.complete_checkpoints(output_dir)
-                 if checkpoint.read_state(p)["global_step"] > step]
-        return {"resume_from": str(resume_path), "continues": True, "why": f"resuming from step {step}",
-                "remove": later + [name for name in ("results.json",) if name in there]}
+        return resume_in_place(cfg, output_dir, resume_path, there)
     if there and not cfg.overwrite:
         raise RunDirError(
             f"--output-dir {output_dir} holds another run ({', '.join(there)}). Continue it with --resume auto, "
             "start over with --overwrite (removes those files), or choose another --output-dir")
+    if resume_path is not None:
+        check_steps_left(cfg, resume_path)
     return {"resume_from": resume_path and str(resume_path), "remove": there, "why": "--overwrite"}
+
+
+def resume_in_place(cfg: TrainConfig, output_dir: Path, resume_path: Path, there: list[str]) -> dict:
+    """--resume CHECKPOINT of the run in `output_dir` itself. What the run saved after that checkpoint
+    (later checkpoints, a finished run's results.json) is never replaced without --overwrite."""
+    step = checkpoint.read_state(resume_path)["global_step"]
+    later = [p for p in checkpoint.complete_checkpoints(output_dir) if checkpoint.read_state(p)["global_step"] > step]
+    finished = finished_results(output_dir, cfg)
+    if not later and finished and finished["steps"] == step:  # the newest checkpoint of a finished run
+        return {"resume_from": str(resume_path), "continues": True, "finished": finished}
+    check_steps_left(cfg, resume_path)
+    done = max([checkpoint.read_state(p)["global_step"] for p in later] + [saved_steps(output_dir)])
+    if done > step and not cfg.overwrite:
+        raise RunDirError(
+            f"--resume {resume_path}: that checkpoint is at step {step}, but the run in {output_dir} went on to step "
+            f"{done}; resuming it would replace what came after. Continue from step {done} with --resume auto, "
+            f"resume step {step} into a new --output-dir, or drop what came after with --overwrite")
+    names = [f"checkpoints/{p.name}" for p in later] + [n for n in ("results.json",) if n in there and done > step]
+    return {"resume_from": str(resume_path), "continues": True, "remove": names, "why": f"resuming from step {step}"}
+
+
+def check_steps_left(cfg: TrainConfig, path: Path) -> None:
+    """Refuse a resume that asks for fewer steps in all than the checkpoint at `path` has taken."""
+    state = checkpoint.read_state(path)
+    step, per_epoch = state["global_step"], checkpoint.steps_per_epoch(state)
+    wanted = min(cfg.epochs * per_epoch, cfg.max_steps or math.inf)
+    if wanted < step:
+        asks = f"--epochs {cfg.epochs}" + (f" --max-steps {cfg.max_steps}" if cfg.max_steps else "")
+        raise RunDirError(
+            f"{asks} asks for {wanted} steps in all, but {path} has already taken {step} ({per_epoch} steps an "
+            f"epoch); ask for at least as many (--epochs {math.ceil(step / per_epoch)}"
+            + (f", --max-steps {step}" if cfg.max_steps else "") + "), or start a new run without --resume (--overwrite, or a "
+            "new --output-dir)")
+
+
+def saved_steps(output_dir: Path) -> int:
+    """The steps results.json in `output_dir` says the run took (0: none there, or unreadable)."""
+    try:
+        steps = json.loads((output_dir / "results.json").read_text())["steps"]
+        return steps if type(steps) is int else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def clear(plan: Plan) -> None:
@@ -174,6 +240,11 @@ def left_behind(output_dir: Path) -> list[str]:
 def check_writable(output_dir: Path) -> None:
     """Refuse, before anything is read or written, a directory that cannot be made or written."""
     flag = f"--output-dir {output_dir}"
+    if output_dir.absolute() == Path(output_dir.absolute().anchor):  # --overwrite would clear the whole disk's files
+        raise RunDirError(f"{flag}: the root of the file system; choose a directory of its own")
+    if output_dir.is_symlink() and not output_dir.exists():
+        raise RunDirError(f"{flag}: a symbolic link to {os.readlink(output_dir)}, which does not exist; "
+                          "create its target or choose another --output-dir")
     if output_dir.exists() and not output_dir.is_dir():
         raise RunDirError(f"{flag}: is a file, not a directory; choose another --output-dir")
     existing = next(p for p in [output_dir, *output_dir.absolute().parents] if p.exists())

@@ -113,9 +113,6 @@ class TrainState:
         """The state in a checkpoint's training_state.json (`saved`), as process `rank` of `world` continues
         it. On another world size than the checkpoint's, process 0 carries the loss sums' totals."""
         names = [k for k in cls.__dataclass_fields__ if k not in ("epoch_loss_sum", "window_loss_sum")]
-        missing = [k for k in names + ["epoch_loss_sums", "window_loss_sums"] if k not in saved]
-        if missing:
-            raise CheckpointError(f"training_state.json of this checkpoint lacks {', '.join(missing)}")
         sums = [saved["epoch_loss_sums"], saved["window_loss_sums"]]
         if len(sums[0]) == world:
             mine = [s[rank] for s in sums]
@@ -128,7 +125,7 @@ def train(cfg: TrainConfig, signals: StopSignals | None = None) -> dict:
     """Train as `cfg` says into a run directory of its own; write results.json and the model (main
     process); return the results. Raises `Preempted` when SIGTERM or SIGUSR1 arrives (or the launcher
     dies), after saving a checkpoint if training had begun. `signals`: handlers the CLI installed early."""
-    cfg.validate()
+    cfg, taken = runs.continued(cfg.validate())  # a resume takes the checkpoint's value of every flag not given
     source, local = data.dataset_source(cfg.dataset)
     if local:  # a dataset directory, made absolute: the same run (and resume) from any working directory
         cfg = replace(cfg, dataset=source)
@@ -142,6 +139,8 @@ def train(cfg: TrainConfig, signals: StopSignals | None = None) -> dict:
         try:
             if plan.finished:  # --resume auto on a run that has taken every step asked for
                 return say_finished(accelerator, plan)
+            if taken and plan.resume_from and accelerator.is_main_process:
+                print(f"mnist_dist: continuing with the checkpoint's settings for the flags not given: {as_flags(taken)}")
             use_output_dir(accelerator, plan.output_dir)
             return run(replace(cfg, output_dir=plan.output_dir), accelerator, plan, signals)
         finally:
@@ -153,10 +152,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     timings = {"startup": since_process_start()}  # seconds: interpreter, imports, process group
     world, rank = accelerator.num_processes, accelerator.process_index
     cfg, resume_from, saved = resume_point(cfg, plan, world)
-    config = {**cfg.to_dict(), "mixed_precision": accelerator.mixed_precision,  # resolved
-              "torch_compile": compiled_with(accelerator)}
-    if saved:
-        checkpoint.check_compatible(saved, config, resume_from)
+    config = run_config(cfg, accelerator, saved, resume_from)
 
     began = time.perf_counter()
     with accelerator.local_main_process_first():  # one process per node decodes and caches, the others read
@@ -199,9 +195,8 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     report = Reporter(accelerator, cfg.output_dir, total_steps, state.global_step if saved else None)
     epochs = math.ceil(total_steps / steps_per_epoch)
     report.say(banner(cfg, accelerator, config, len(train_set), len(test_set), data_path, resume_from, saved, state))
-    checkpoint_extra = {"world_size": world, "global_batch_size": cfg.batch_size * world, "config": config,
-                        "batch_size_flag": saved["batch_size_flag"] if saved else cfg.batch_size,  # as the run began
-                        "run_id": run_id, "data": fingerprint}
+    checkpoint_extra = {"world_size": world, "global_batch_size": cfg.batch_size * world, "config": config, "run_id": run_id,
+                        "batch_size_flag": saved["batch_size_flag"] if saved else cfg.batch_size, "data": fingerprint}
     # real samples in the global batch at each step of an epoch: the last one may be short
     real_samples = [global_real(i, len(train_set), cfg.batch_size, world) for i in range(steps_per_epoch)]
 
@@ -212,7 +207,9 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
         if any_process(accelerator, signals.reason() is not None):  # stopped during start-up: nothing to save yet
             report.say(f"mnist_dist: stopped by {stop_reason(signals)} during start-up; nothing new to save")
             raise Preempted(resume_from)
-        while state.global_step < total_steps or not state.evaluated():
+        for _ in range(state.epoch, epochs):  # bounded: whatever a checkpoint said, no epoch is evaluated twice
+            if state.global_step >= total_steps and state.evaluated():
+                break
             timed_since = time.perf_counter()  # training time runs from here to the next checkpoint
             runner.begin_epoch(state.epoch, state.batch_in_epoch)
             model.train()
@@ -243,6 +240,8 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
             metrics = end_epoch(accelerator, state, model, test_loader, test_shard, stats, report, epochs,
                                 steps_per_epoch)
             save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg)
+            if state.batch_in_epoch:  # --max-steps ended the run inside this epoch, now evaluated
+                break
     except (Preempted, TrainingError, DiskError):  # every process raises these at the same step
         report.close()
         _shutdown(accelerator)
@@ -278,6 +277,22 @@ def resume_point(cfg: TrainConfig, plan: runs.Plan, world: int) -> tuple[TrainCo
     path = Path(plan.resume_from)
     saved = checkpoint.read_state(path)
     return replace(cfg, batch_size=checkpoint.batch_for_world(saved, cfg.batch_size, world, path)), path, saved
+
+
+def as_flags(values: dict) -> str:
+    """{"dataset": "mnist-5k", "cpu": True} -> "--dataset mnist-5k --cpu", as on a command line."""
+    flags = [f"--{'' if value else 'no-'}{name}" if isinstance(value, bool) else f"--{name} {value}"
+             for name, value in ((name.replace("_", "-"), value) for name, value in values.items())]
+    return " ".join(flags)
+
+
+def run_config(cfg: TrainConfig, accelerator, saved: dict | None, resume_from: Path | None) -> dict:
+    """The config that checkpoints, results and trackers record, precision and compiler resolved; on a
+    resume, checked against the checkpoint's."""
+    config = {**cfg.to_dict(), "mixed_precision": accelerator.mixed_precision, "torch_compile": compiled_with(accelerator)}
+    if saved:
+        checkpoint.check_compatible(saved, config, resume_from)
+    return config
 
 
 def stop_reason(signals: StopSignals) -> str:
@@ -384,10 +399,7 @@ def restore(accelerator, path: Path, saved: dict, optimizer, seed: int) -> Train
         set_seed(seed, device_specific=True)  # seed + rank: deterministic, and not another process's stream
     for group in optimizer.param_groups:  # loading restores the saving run's flags; keep this device's
         group["capturable"], group["fused"] = (optimizer.optimizer.defaults[k] for k in ("capturable", "fused"))
-    try:
-        return TrainState.restored(saved, accelerator.process_index, accelerator.num_processes)
-    except CheckpointError as err:
-        raise CheckpointError(f"{path}: {err}") from None
+    return TrainState.restored(saved, accelerator.process_index, accelerator.num_processes)  # checked by read_state
 
 
 class NonFiniteGuard:
@@ -609,7 +621,8 @@ def write_outputs(accelerator, model, output_dir: str, results: dict, test_set, 
     failure = None
     try:
         write_model_and_pictures(accelerator, model, Path(output_dir), results, test_set, stats, model_cfg, report)
-    except (OSError, RuntimeError, SafetensorError) as err:  # torch and safetensors report a full disk so too
+    # torch and safetensors report a full disk as RuntimeError too; ValueError: a non-finite number for JSON
+    except (OSError, RuntimeError, SafetensorError, ValueError) as err:
         failure = checkpoint.write_failure(Path(output_dir), err)
     if any_process(accelerator, failure is not None):  # the main process writes; every process stops alike
         raise DiskError(failure or f"the main process could not write the outputs to {output_dir}")

@@ -69,12 +69,16 @@ def test_resume_auto_never_removes_a_run_it_cannot_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_resuming_an_earlier_checkpoint_of_a_run_drops_its_later_ones(tmp_path):
+def test_resuming_an_earlier_checkpoint_of_a_run_drops_its_later_ones_only_with_overwrite(tmp_path):
     out = tmp_path / "out"
     flags = [*SHORT, "--checkpoint-every", "1", "--keep-checkpoints", "3", "--output-dir", str(out)]
     check(train_here(*flags))
     first = checkpoint.complete_checkpoints(out)[0]
-    proc = check(train_here(*flags, "--resume", str(first)))
+    before = snapshot(out)
+    proc = check(train_here(*flags, "--resume", str(first)), rc=2)
+    assert "that checkpoint is at step 1, but the run in" in proc.stderr and "went on to step 3" in proc.stderr
+    assert snapshot(out) == before
+    proc = check(train_here(*flags, "--resume", str(first), "--overwrite"))
     assert ("resuming from step 1: removing checkpoints/step_00000002, checkpoints/step_00000003, results.json"
             in proc.stdout)
     assert [checkpoint.read_state(p)["global_step"] for p in checkpoint.complete_checkpoints(out)] == [1, 2, 3]
@@ -194,3 +198,12 @@ def test_a_stop_signal_while_the_outputs_are_written_exits_75_with_the_outputs_c
     assert proc.returncode == 75, proc.stderr
     assert "stopped by signal SIGTERM after writing the outputs; the run is complete" in proc.stdout
     assert results(out)["steps"] == 3
+
+
+def test_the_root_directory_and_a_dangling_link_are_refused_as_output_dirs(tmp_path):
+    proc = check(train_here(*SHORT, "--output-dir", "/"), rc=2)
+    assert "--output-dir /: the root of the file system" in proc.stderr
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    proc = check(train_here(*SHORT, "--output-dir", str(link)), rc=2)
+    assert f"--output-dir {link}: a symbolic link to {tmp_path / 'gone'}, which does not exist" in proc.stderr
