@@ -28,6 +28,9 @@ DATA_PATH_CHOICES = ("auto", "dataloader", "device", "graph")
 OPTIONAL_COUNTS = ("max_steps", "checkpoint_every")  # None: no limit, no step checkpoints
 MAX_HIDDEN = 65_536  # units: 51M weights, 0.8 GB with Adam's moments and the gradients in fp32
 MAX_BATCH = 1_048_576  # samples: past any dataset this package reads
+# classes of a dataset: the confusion matrix in results.json is classes^2 counts (4M at this bound, ~10 MB of
+# JSON, 32 MiB as int64), and 2,048 is past any 28x28 dataset we know (EMNIST 62, Omniglot 1,623)
+MAX_CLASSES = 2_048
 
 
 class ConfigError(ValueError):

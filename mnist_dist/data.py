@@ -30,6 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
+from .config import MAX_CLASSES
+
 HUB_IDS = {"mnist": "ylecun/mnist", "fashion_mnist": "zalando-datasets/fashion_mnist"}
 BUNDLED_DIRS = {"mnist-5k": Path(__file__).parent / "datasets" / "mnist-5k"}
 CLASS_NAMES = {"fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -152,6 +154,8 @@ def check_split(images: torch.Tensor, labels: torch.Tensor, source: str, class_n
         raise DataError(f"{source}: {len(images)} images but {len(labels)} labels")
     if len(labels) == 0:
         raise DataError(f"{source}: no samples")
+    if len(class_names) > MAX_CLASSES:  # before training: the evaluation's confusion matrix is classes^2
+        raise DataError(f"{source}: {len(class_names):,} classes; mnist_dist trains on at most {MAX_CLASSES:,}")
     labels = labels.to(torch.int64)
     bad = (labels < 0) | (labels >= len(class_names))
     if bad.any():
@@ -185,6 +189,7 @@ def open_hf(source: str, local: bool):
         if offline is None:
             saved = (datasets.config.DATASETDICT_JSON_FILENAME, datasets.config.DATASET_STATE_JSON_FILENAME)
             if local and any((Path(source) / name).is_file() for name in saved):  # save_to_disk's output
+                check_saved_splits(source, datasets.config.DATASET_STATE_JSON_FILENAME)
                 return datasets.load_from_disk(source)
             return datasets.load_dataset(source)
         snapshot = hub_snapshot(source)
@@ -194,6 +199,8 @@ def open_hf(source: str, local: bool):
         if datasets.config.HF_HUB_OFFLINE:  # offline mode: what datasets itself has cached, if anything
             with contextlib.suppress(ConnectionError, FileNotFoundError):
                 return datasets.load_dataset(source)
+    except DataError:
+        raise
     except Exception as err:
         raise DataError(f"--dataset {source}: could not load it ({type(err).__name__}: {err}); the names built in are "
                         f"{', '.join([*HUB_IDS, *BUNDLED_DIRS])}") from err
@@ -203,6 +210,18 @@ def open_hf(source: str, local: bool):
         "--repo-type dataset --local-dir DIR` and pass --dataset DIR; "
         + ("" if datasets.config.HF_HUB_OFFLINE else "or set HF_HUB_OFFLINE=1 to use what `datasets` has cached; ")
         + "or pass --data-dir DIR with the four MNIST-format IDX files; or --dataset mnist-5k (bundled).")
+
+
+def check_saved_splits(source: str, state_name: str) -> None:
+    """Refuse a save_to_disk directory with an empty split by name (`datasets` fails on it with an IndexError)."""
+    empty = []
+    for state in sorted(Path(source).glob(f"*/{state_name}")):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # unreadable: `datasets` says why
+            if not json.loads(state.read_text()).get("_data_files"):
+                empty.append(state.parent.name)
+    if empty:
+        raise DataError(f"--dataset {source}: its {' and '.join(map(repr, empty))} split holds no samples; training "
+                        "and testing need both splits")
 
 
 def hub_unreachable() -> str | None:
@@ -382,7 +401,7 @@ def _write_cache(path: Path, splits: dict[str, Split]) -> None:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a read-only directory as its own error
         print(f"mnist_dist: warning: could not write the dataset cache {path} ({err}); the next run decodes again")
 
 

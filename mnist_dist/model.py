@@ -7,6 +7,7 @@ plus the input normalization) in one directory, which `load_model(dir)` reads.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -14,7 +15,10 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+from .config import MAX_CLASSES, MAX_HIDDEN
+
 WEIGHTS_NAME = "model.safetensors"
+INPUT_SIZE = 28 * 28  # pixels: every dataset here is 28x28 grayscale
 CONFIG_NAME = "config.json"
 
 
@@ -39,6 +43,27 @@ def build_model(config: dict) -> MLP:
     return MLP(config["input_size"], config["hidden_size"], config["num_classes"])
 
 
+def check_config(config, path: Path) -> None:
+    """Refuse a config.json whose fields could not rebuild the model or scale its inputs, naming the field."""
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            shown = str(config.get(key))[:80] if isinstance(config, dict) else ""
+            raise ValueError(f"{path}: not a mnist_dist model config: {key!r} ({shown}) {what}")
+
+    need(isinstance(config, dict), "architecture", "the file must hold a JSON object")
+    need(config.get("architecture") == "mlp", "architecture", "must be 'mlp'")
+    need(config.get("input_size") == INPUT_SIZE, "input_size", f"must be {INPUT_SIZE} (28x28 pixels)")
+    for key, most in (("hidden_size", MAX_HIDDEN), ("num_classes", MAX_CLASSES)):
+        need(type(config.get(key)) is int and 1 <= config[key] <= most, key, f"must be an integer from 1 to {most:,}")
+    names = config.get("class_names")
+    need(names is None or isinstance(names, list) and len(names) == config["num_classes"]
+         and all(isinstance(n, str) for n in names), "class_names", f"must be {config['num_classes']} strings")
+    norm = config.get("normalization", {"mean": 0.5, "std": 0.5})
+    numbers = isinstance(norm, dict) and all(type(norm.get(k)) in (int, float) and math.isfinite(norm[k])
+                                             for k in ("mean", "std"))
+    need(numbers and norm["std"] > 0, "normalization", "must give a finite mean and a std > 0")
+
+
 def load_model(path: str | Path) -> tuple[MLP, dict]:
     """(model in eval mode, config) from a model directory (a run's output dir or a checkpoint), or from
     its model.safetensors with config.json beside it. Raises FileNotFoundError or ValueError naming the file."""
@@ -55,9 +80,10 @@ def load_model(path: str | Path) -> tuple[MLP, dict]:
             )
     try:
         config = json.loads(config_path.read_text())
-        model = build_model(config)
-    except (ValueError, KeyError, TypeError) as err:  # not JSON, or not a model config
+    except ValueError as err:
         raise ValueError(f"{config_path}: not a mnist_dist model config ({type(err).__name__}: {err})") from err
+    check_config(config, config_path)
+    model = build_model(config)
     try:
         weights = load_file(weights_path)
     except Exception as err:  # safetensors raises its own error types for damaged files

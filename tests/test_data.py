@@ -430,3 +430,33 @@ def test_unlabelled_samples_are_refused_naming_the_sample(tmp_path):
                 labels).save_to_disk(tmp_path / "disk")
     with pytest.raises(DataError, match=r"disk\[train\]: sample 3 has no label \(-1\)"):
         load_splits(str(tmp_path / "disk"), cache_dir=tmp_path / "cache")
+
+
+def test_an_empty_test_split_is_refused_by_name(tmp_path):
+    import datasets
+
+    columns = {"image": datasets.Image(), "label": datasets.ClassLabel(names=list("0123456789"))}
+    splits = {"train": subset(20, 1)["train"], "test": data.Split(torch.zeros(0, 784, dtype=torch.uint8),
+                                                                   torch.zeros(0, dtype=torch.int64))}
+    as_datasets(splits, columns).save_to_disk(tmp_path / "disk")
+    with pytest.raises(DataError, match="its 'test' split holds no samples"):
+        load_splits(str(tmp_path / "disk"), cache_dir=tmp_path / "cache")
+
+
+def test_a_dataset_of_more_classes_than_the_bound_is_refused_before_training(tmp_path):
+    many = data.MAX_CLASSES + 1
+    with pytest.raises(DataError, match=f"{many:,} classes; mnist_dist trains on at most {data.MAX_CLASSES:,}"):
+        data.check_split(torch.zeros(2, 28, 28, dtype=torch.uint8), torch.tensor([0, many - 1]), "source",
+                         tuple(map(str, range(many))))
+
+
+def test_a_cache_directory_that_cannot_be_written_is_a_warning_and_the_data_still_loads(tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    def refuse(*args, **kwargs):  # what safetensors raises in a read-only directory, even for root
+        raise SafetensorError("Error while serializing: I/O error: Read-only file system (os error 30)")
+
+    monkeypatch.setattr(data, "save_file", refuse)
+    splits = load_splits("mnist-5k", cache_dir=tmp_path / "cache")
+    assert len(splits["train"]) == 5000
+    assert "warning: could not write the dataset cache" in capsys.readouterr().out

@@ -217,6 +217,27 @@ def test_damaged_config_is_named(recipe_run, tmp_path):
     assert f"{tmp_path / 'config.json'}: not a mnist_dist model config" in proc.stderr
 
 
+CONFIG_EDITS = [("hidden_size", -1, "must be an integer from 1 to 65,536"),
+                ("hidden_size", 10**7, "must be an integer from 1 to 65,536"),
+                ("normalization", "half", "must give a finite mean and a std > 0"),
+                ("normalization", {"mean": 0.5, "std": 0}, "must give a finite mean and a std > 0"),
+                ("class_names", ["0", "1"], "must be 10 strings"),
+                ("num_classes", 100_000, "must be an integer from 1 to 2,048")]
+
+
+@pytest.mark.parametrize("key, value, message", CONFIG_EDITS, ids=[f"{k}={v}" for k, v, _ in CONFIG_EDITS])
+def test_every_field_of_config_json_is_checked_before_the_model_is_built(tmp_path, key, value, message):
+    model = MLP()
+    config = model_config(model, normalization={"mean": 0.5, "std": 0.5}, class_names=list("0123456789"))
+    (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    for cli in (evaluate_here, predict_here):
+        args = ["--model", str(tmp_path)] + (["x.png"] if cli is predict_here else [])
+        proc = check(cli(*args), rc=2)
+        assert f"{tmp_path / 'config.json'}: not a mnist_dist model config: {key!r}" in proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_unreadable_images_are_named_and_the_rest_still_predicted(recipe_run, tmp_path):
     out, _, _ = recipe_run
     good = list(save_digits(tmp_path / "digits"))[0]
