@@ -21,12 +21,7 @@ from .config import ConfigError, TrainConfig
 
 
 class LaunchError(RuntimeError):
-    """The processes were started in a way that cannot work. Every process raises it; `first` is true on
-    the launch's first process only (RANK 0), the one that says it."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.first = os.environ.get("RANK", "0") == "0"
+    """The processes were started in a way that cannot work; every process raises it."""
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:

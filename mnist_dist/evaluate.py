@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = evaluate_model(args)
     except (FileNotFoundError, ValueError, LaunchError) as err:  # DataError is a ValueError
-        if getattr(err, "first", True):  # a bad launch: every process raises it, the first one says it
+        if os.environ.get("RANK", "0") == "0":  # a bad command fails alike on every process: said once
             print(f"mnist_dist.evaluate: error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -22,6 +22,7 @@ if __name__ == "__main__":  # --help and bad flags are answered before torch loa
 
 import gc  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from dataclasses import asdict, dataclass, field, replace  # noqa: E402
@@ -665,9 +666,10 @@ def main(cfg: TrainConfig, signals: StopSignals | None = None) -> int:
     try:
         train(cfg, signals)
     except (ConfigError, DataError, LaunchError, CheckpointError, runs.RunDirError, TrainingError, DiskError) as err:
-        if getattr(err, "first", True):  # a bad launch: every process raises it, the first one says it
+        failed = isinstance(err, (TrainingError, DiskError))  # 1: the training failed; 2: fix the command
+        if failed or os.environ.get("RANK", "0") == "0":  # a bad command fails alike everywhere: said once
             print(f"mnist_dist.train: error: {err}", file=sys.stderr)
-        return 1 if isinstance(err, (TrainingError, DiskError)) else 2  # 2: fix the command; 1: the training failed
+        return 1 if failed else 2
     except RuntimeError as err:
         if not lost_peer(err):
             raise

@@ -18,7 +18,7 @@ from mnist_dist import checkpoint
 from mnist_dist.evaluation import evaluate
 from mnist_dist.model import MLP, load_model
 
-from .helpers import REPO, _free_port, check, launch, launch_script, results, train_cli
+from .helpers import REPO, _free_port, check, launch, launch_script, results, train_cli, train_here
 from .workers.shards import EPOCHS, indexed
 
 N_TRAIN, N_TEST, BATCH = 1001, 1001, 64
@@ -254,3 +254,14 @@ def test_workers_whose_launcher_died_stop_with_a_checkpoint_instead_of_training_
     state = checkpoint.read_state(saved)
     assert state["world_size"] == 2 and state["global_step"] % 5 == 0  # at a check point (--log-every 5)
     assert not (out / "results.json").exists() and not (out / ".lock.json").exists()
+
+
+def test_a_bad_command_on_two_processes_says_its_error_once(tmp_path, monkeypatch):
+    message = f"error: --resume {tmp_path / 'nowhere'}: no such checkpoint directory"
+    proc = launch(2, "--dataset", "mnist-5k", "--resume", str(tmp_path / "nowhere"), timeout=120)
+    assert proc.returncode != 0 and "rank      : 1 (local_rank: 1)" in proc.stderr  # two processes were started
+    assert proc.stderr.count(message) == 1
+    # the second process, whether or not the launcher stopped it first, says nothing of it
+    monkeypatch.setenv("RANK", "1")
+    proc = check(train_here("--dataset", "mnist-5k", "--resume", str(tmp_path / "nowhere")), rc=2)
+    assert proc.stderr == ""
