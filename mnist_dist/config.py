@@ -82,7 +82,7 @@ class TrainConfig:
     label_smoothing: float = _field(0.0, "cross-entropy label smoothing for training (0: none; test loss never uses it)")
     seed: int = _field(0, "seed for weight init and the per-epoch shuffle (same on every process; 0 to 2**32 - 1)")
     max_steps: int | None = _field(None, "stop after this many optimizer steps in total, then evaluate "
-                                   "(debugging); default: all epochs")
+                                   "(debugging); default: all epochs ('none' says so on a resume)")
     # hardware
     mixed_precision: str | None = _field(None, "autocast precision; default: what `accelerate launch` was "
                                          "configured with, else 'no'", choices=MIXED_PRECISION_CHOICES)
@@ -111,7 +111,7 @@ class TrainConfig:
     log_model: bool = _field(False, "log the final model.safetensors and config.json to W&B as a model artifact")
     # checkpoints
     checkpoint_every: int | None = _field(None, "optimizer steps between checkpoints, besides the one at each "
-                                          "epoch end (steps); default: epoch ends only")
+                                          "epoch end (steps); default: epoch ends only ('none' says so on a resume)")
     keep_checkpoints: int = _field(2, "complete checkpoints to keep in OUTPUT_DIR/checkpoints (newest first)")
     resume: str | None = _field(None, "'auto': the newest checkpoint of the run in --output-dir (default "
                                 "outputs/latest) that loads; a finished run is left alone, a run without "
@@ -198,6 +198,16 @@ def _has_type(value, kind: type, optional: bool) -> bool:
     return type(value) is kind
 
 
+def _count_or_none(text: str) -> int | None:
+    """An optional count's flag value: an integer, or 'none'."""
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer or 'none'") from None
+
+
 def _flag_type(hint):
     """The scalar type of a field's type hint such as `int | None`."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
@@ -221,6 +231,8 @@ def build_parser(prog: str = "python -m mnist_dist.train", defaults: bool = True
             continue
         if "default" not in help.lower():  # one default per flag: some help texts say where theirs comes from
             help += f" (default: {f.default})"
+        if f.name in OPTIONAL_COUNTS:  # "none" lifts, on a resume, a limit the checkpoint's run was launched with
+            kind = _count_or_none
         parser.add_argument(flag, type=kind, default=f.default if defaults else argparse.SUPPRESS,
                             choices=f.metadata.get("choices"), help=help.replace("%", "%%"))
     return parser

@@ -471,7 +471,8 @@ def test_a_2_process_run_resumes_on_another_world_size_to_the_same_trajectory(cu
     whole, cut = cut_on_2
     out = tmp_path / "out"
     shutil.copytree(cut, out)
-    proc = check(run(train_cmd(world, *RESIZE, "--output-dir", str(out), "--resume", "auto")))
+    # the cut run's --max-steps 30 is lifted: a resume keeps every limit it is not told otherwise
+    proc = check(run(train_cmd(world, *RESIZE, "--output-dir", str(out), "--resume", "auto", "--max-steps", "none")))
     assert (f"the world size changed from 2 to {world}: each process now takes {96 // world} samples per step "
             "(was 48), so the global batch (96)") in proc.stdout
     resumed, ref = results(out), results(whole)
@@ -489,7 +490,7 @@ def test_a_1_process_run_resumes_on_2_processes_to_the_same_trajectory(tmp_path)
     flags = [*RESIZE, "--batch-size", "96", "--epochs", "1"]
     check(run(train_cmd(1, *flags, "--output-dir", str(whole))))
     check(run(train_cmd(1, *flags, "--max-steps", "30", "--output-dir", str(out))))
-    proc = check(run(train_cmd(2, *flags, "--output-dir", str(out), "--resume", "auto")))
+    proc = check(run(train_cmd(2, *flags, "--output-dir", str(out), "--resume", "auto", "--max-steps", "none")))
     assert "the world size changed from 1 to 2: each process now takes 48 samples per step (was 96)" in proc.stdout
     resumed, ref = results(out), results(whole)
     assert resumed["world_size"] == 2 and resumed["per_process_batch_size"] == 48

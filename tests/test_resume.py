@@ -185,3 +185,12 @@ def test_the_flags_given_are_known_and_a_recipe_counts_as_giving_its_flags():
     # a config built in Python: the fields that differ from the defaults count as given
     assert TrainConfig(epochs=3).continued({"epochs": 5, "seed": 7})[0].epochs == 3
     assert parse_args(["--no-cpu"]).cpu is False and parse_args([]).cpu is False
+
+
+def test_a_limit_the_run_was_launched_with_is_kept_unless_lifted_with_none(whole, tmp_path):
+    out = tmp_path / "cut"
+    check(train_here(*FLAGS, "--max-steps", "30", "--output-dir", str(out)))
+    assert "holds a finished run (30 steps" in check(train_here("--resume", "auto", "--output-dir", str(out))).stdout
+    check(train_here("--resume", "auto", "--output-dir", str(out), "--max-steps", "none"))
+    assert results(out)["steps"] == 80 and results(out)["config"]["max_steps"] is None
+    same_weights(out, whole)
