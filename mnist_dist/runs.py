@@ -136,12 +136,13 @@ def resume_in_place(cfg: TrainConfig, output_dir: Path, resume_path: Path, there
     """--resume CHECKPOINT of the run in `output_dir` itself. What the run saved after that checkpoint
     (later checkpoints, a finished run's results.json) is never replaced without --overwrite."""
     step = checkpoint.read_state(resume_path)["global_step"]
-    later = [p for p in checkpoint.complete_checkpoints(output_dir) if checkpoint.read_state(p)["global_step"] > step]
+    steps = {p: checkpoint.read_state(p)["global_step"] for p in checkpoint.complete_checkpoints(output_dir)}
+    later = [p for p, at in steps.items() if at > step]
     finished = finished_results(output_dir, cfg)
     if not later and finished and finished["steps"] == step:  # the newest checkpoint of a finished run
         return {"resume_from": str(resume_path), "continues": True, "finished": finished}
     check_steps_left(cfg, resume_path)
-    done = max([checkpoint.read_state(p)["global_step"] for p in later] + [saved_steps(output_dir)])
+    done = max([steps[p] for p in later] + [saved_steps(output_dir)])
     if done > step and not cfg.overwrite:
         raise RunDirError(
             f"--resume {resume_path}: that checkpoint is at step {step}, but the run in {output_dir} went on to step "
