@@ -108,7 +108,8 @@ def main() -> None:
             nonlocal runs_done
             out_dir = tmp / f"run{runs_done}"
             runs_done += 1
-            flags = ["--data-dir", str(args.data_dir), "--epochs", str(args.epochs), "--data-path", path,
+            flags = ["--data-dir", str(args.data_dir), "--dataset", "fashion_mnist" if args.fashion else "mnist",
+                     "--epochs", str(args.epochs), "--data-path", path,
                      "--report-to", "none", "--output-dir", str(out_dir), "--cache-dir", str(tmp / "cache"), *extra]
             if not gpus and processes == 1:  # torch's own default, one thread per core, unless the row says
                 flags += ["--cpu-threads", env.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))]

@@ -1,6 +1,6 @@
 """Where a captured epoch's time goes on a GPU: variants of the graph path's step side by side, in one process.
 
-    python benchmarks/step_profile.py --data-dir /usr/share/datasets/fashion-mnist [--profile] [--compile]
+    python benchmarks/step_profile.py --data-dir /usr/share/datasets/fashion-mnist --dataset fashion_mnist [--profile] [--compile]
 
 Each variant builds the recipe of record's model and fused Adam and, as training does, warms up,
 captures epoch 1 in a CUDA graph (`mnist_dist.graphs.EpochGraph`, the `--data-path graph` runner)
@@ -90,13 +90,14 @@ def _sync(cuda: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="the four IDX files (gzip or not)")
+    parser.add_argument("--dataset", default="mnist", help="what the files are: mnist or fashion_mnist")
     parser.add_argument("--epochs", type=int, default=6, help="per variant; the median is over epochs 2 on")
     parser.add_argument("--profile", action="store_true", help="print a kernel table per variant (GPU)")
     parser.add_argument("--compile", action="store_true", help="also a variant with the forward through Inductor")
     args = parser.parse_args()
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    train = data.load_splits("mnist", args.data_dir)["train"]
+    train = data.load_splits(args.dataset, args.data_dir)["train"]
     inputs, labels = data.normalize(train.images.to(accelerator.device)), train.labels.to(accelerator.device)
     common = (args, accelerator, inputs, labels)
     variant(*common, "finite check and fused Adam on whole tensors", views=False, profile=args.profile)

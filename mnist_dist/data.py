@@ -36,6 +36,11 @@ HUB_IDS = {"mnist": "ylecun/mnist", "fashion_mnist": "zalando-datasets/fashion_m
 BUNDLED_DIRS = {"mnist-5k": Path(__file__).parent / "datasets" / "mnist-5k"}
 CLASS_NAMES = {"fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                                   "Sneaker", "Bag", "Ankle boot"]}
+# sha256 of each published test set's 10,000 labels (int64, file order): which dataset a --data-dir holds
+KNOWN_TEST_LABELS = {
+    "2fd8de6bdb8d11780b4b96dc57847bcfe6953f7c32aa48bfcd8237c3b7847243": "mnist",  # mnist-5k's test set too
+    "d51d859896c55775b9e9e219b77ff03bcec1b6ac322f313544dc3f9e7bc94fae": "fashion_mnist",
+}
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 IMAGE_SIDE = 28  # pixels
@@ -440,7 +445,17 @@ def load_splits(dataset: str, data_dir: str | None = None, cache_dir: str | Path
         splits = build()  # said once it worked: an unreachable Hub says so itself, nothing was decoded
         _write_cache(cache_file, splits)
         print(f"mnist_dist: decoded {dataset if data_dir is None else data_dir} into {cache_file}", flush=True)
+    if data_dir is not None:
+        check_named(splits, dataset, data_dir)
     return splits
+
+
+def check_named(splits: dict[str, Split], dataset: str, data_dir: str) -> None:
+    """Refuse IDX files that are a known dataset other than --dataset: their class names would be wrong."""
+    known = KNOWN_TEST_LABELS.get(hashlib.sha256(splits["test"].labels.numpy().tobytes()).hexdigest())
+    if known and dataset in HUB_IDS and known != dataset:
+        raise DataError(f"--data-dir {data_dir} holds {known}'s test set (known by its labels), not {dataset}'s: "
+                        f"pass --dataset {known}")
 
 
 def fingerprint(splits: dict[str, Split]) -> dict:

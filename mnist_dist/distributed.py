@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     )
     check_coupled(accelerator, "mnist_dist.train")
     check_precision(accelerator, from_flag=cfg.mixed_precision is not None)
+    warn_if_no_gpu(accelerator, cfg)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg))
     return accelerator
@@ -150,6 +152,16 @@ def check_precision(accelerator: Accelerator, from_flag: bool) -> None:
         raise ConfigError(f"{source}=fp16 needs a GPU, but this run is on the CPU; use bf16 (CPU autocast) or 'no'")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"{source}=bf16: {torch.cuda.get_device_name(device)} has no bf16 support; use fp16 or 'no'")
+
+
+def warn_if_no_gpu(accelerator: Accelerator, cfg: TrainConfig) -> None:
+    """A launch whose accelerate config asks for GPUs (use_cpu: false) on a machine with none trains
+    on the CPU: say so, rather than run single_gpu.yaml's bf16 on the CPU without a word."""
+    asked_for_gpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() == "false"  # what accelerate launch sets
+    if asked_for_gpu and not cfg.cpu and accelerator.device.type == "cpu" and accelerator.is_main_process:
+        print(f"mnist_dist: warning: the accelerate config asks for a GPU (use_cpu: false) but torch sees none: "
+              f"training on the CPU, precision {accelerator.mixed_precision}; for the CPU use "
+              "accelerate_configs/cpu.yaml or --cpu", file=sys.stderr, flush=True)
 
 
 def global_real(batch_index: int, dataset_len: int, batch_size: int, world: int) -> int:

@@ -234,15 +234,15 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
                     path = save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg)
                     timed_since = time.perf_counter()
                     if stop:
-                        report.say(f"mnist_dist: stopped by {stop_reason(signals)} after step {state.global_step}; "
-                                   f"checkpoint {path}")
-                        raise Preempted(path)
+                        preempt(signals, report, state.global_step, path)
             state.train_seconds += time.perf_counter() - timed_since
             metrics = end_epoch(accelerator, state, model, test_loader, test_shard, stats, report, epochs,
                                 steps_per_epoch)
-            save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg)
+            path = save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg)
             if state.batch_in_epoch:  # --max-steps ended the run inside this epoch, now evaluated
                 break
+            if state.epoch < epochs and any_process(accelerator, signals.reason() is not None):  # during evaluation
+                preempt(signals, report, state.global_step, path)
     except (Preempted, TrainingError, DiskError):  # every process raises these at the same step
         report.close()
         _shutdown(accelerator)
@@ -654,6 +654,12 @@ def write_model_and_pictures(accelerator, model, output_dir: Path, results: dict
     checkpoint.write_json(output_dir / "results.json", results)
     report.say(f"mnist_dist: test_accuracy {results['test_accuracy']:.4f}; wrote {output_dir}/results.json and "
                f"{', '.join(p.name for p in pictures.values())}")
+
+
+def preempt(signals: StopSignals, report, step: int, path: Path):
+    """Stop the run at a check after a stop signal: its checkpoint at `path` is saved."""
+    report.say(f"mnist_dist: stopped by {stop_reason(signals)} after step {step}; checkpoint {path}")
+    raise Preempted(path)
 
 
 def _shutdown(accelerator) -> None:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train mnist_dist on a SLURM cluster: one `accelerate launch` per node, through srun.
+# Train mnist_dist on a SLURM cluster: one `accelerate launch` per node (as mnist_dist.launch,
+# whose exit status is the training processes'), through srun.
 #
 #   sbatch --gpus-per-node=8 slurm/train.sh [mnist_dist.train flags...]   # 1 node, 8 GPUs
 #   sbatch --nodes=4 --gpus-per-node=8 slurm/train.sh --epochs 20         # 4 nodes
@@ -107,9 +108,9 @@ srun --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
         if [ -z "${MNIST_DIST_ACCELERATE_CONFIG:-}" ]; then
             exec python -m mnist_dist.train "${@:3}"
         fi
-        exec python -m accelerate.commands.launch "${launch_flags[@]}" --num_processes 1 -m mnist_dist.train "${@:3}"
+        exec python -m mnist_dist.launch "${launch_flags[@]}" --num_processes 1 -m mnist_dist.train "${@:3}"
     fi
-    exec python -m accelerate.commands.launch "${launch_flags[@]}" \
+    exec python -m mnist_dist.launch "${launch_flags[@]}" \
         --multi_gpu --num_machines "$0" --num_processes $(( $0 * per_node )) \
         --machine_rank "$SLURM_NODEID" --main_process_ip "$1" --main_process_port "$2" \
         --rdzv_backend static --same_network -m mnist_dist.train "${@:3}"

@@ -73,10 +73,11 @@ def train_cli(*flags: str, **kw) -> subprocess.CompletedProcess:
 
 
 def launch(num_processes: int, *flags: str, cpu_flag: bool = True, module: str = "mnist_dist.train",
-           **kw) -> subprocess.CompletedProcess:
-    """`accelerate launch` with accelerate_configs/cpu.yaml: N real processes connected over gloo."""
+           launcher: str = "accelerate.commands.launch", **kw) -> subprocess.CompletedProcess:
+    """`accelerate launch` (or mnist_dist.launch, which takes its flags) with accelerate_configs/cpu.yaml:
+    N real processes connected over gloo."""
     args = [
-        sys.executable, "-m", "accelerate.commands.launch",
+        sys.executable, "-m", launcher,
         "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"),
         "--num_processes", str(num_processes),
         "--main_process_port", str(_free_port()),

@@ -25,21 +25,22 @@ RUN = ["--dataset", "mnist-5k", "--epochs", "2", "--checkpoint-every", "7", "--s
 COMPARED = ("test_accuracy", "test_loss", "test_samples", "steps", "samples_seen", "best_test_accuracy", "epochs")
 
 
-def train_cmd(world: int, *flags: str) -> list[str]:
+def train_cmd(world: int, *flags: str, launcher: str = "accelerate.commands.launch") -> list[str]:
     if world == 1:
         return [sys.executable, "-m", "mnist_dist.train", "--cpu", *flags]
-    return [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"),
-        "--num_processes", str(world), "--main_process_port", str(_free_port()),
-        "-m", "mnist_dist.train", "--cpu", *flags,
-    ]
+    if launcher == "torch.distributed.run":
+        launch_flags = ["--nproc_per_node", str(world), "--master_port", str(_free_port())]
+    else:  # accelerate launch, and mnist_dist.launch, which takes its flags
+        launch_flags = ["--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"),
+                        "--num_processes", str(world), "--main_process_port", str(_free_port())]
+    return [sys.executable, "-m", launcher, *launch_flags, "-m", "mnist_dist.train", "--cpu", *flags]
 
 
-def start(world: int, *flags: str, env: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+def start(world: int, *flags: str, env: dict | None = None, launcher: str = "accelerate.commands.launch"
+          ) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1", **(env or {})}
     return subprocess.Popen(
-        train_cmd(world, *flags), cwd=REPO, env=env, start_new_session=True,
+        train_cmd(world, *flags, launcher=launcher), cwd=REPO, env=env, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -91,9 +92,10 @@ def resume_matches(world: int, out, ref) -> subprocess.CompletedProcess:
     return proc
 
 
-def signal_mid_run(world: int, out, sig: int, times: int = 1) -> subprocess.Popen:
+def signal_mid_run(world: int, out, sig: int, times: int = 1, launcher: str = "accelerate.commands.launch"
+                   ) -> subprocess.Popen:
     """Start a run, signal it once a checkpoint exists, wait for it to end."""
-    proc = start(world, *RUN, "--output-dir", str(out))
+    proc = start(world, *RUN, "--output-dir", str(out), launcher=launcher)
     wait_for_checkpoint(out, 7, proc)
     for _ in range(times):
         proc.send_signal(sig)
@@ -149,13 +151,28 @@ def test_sigusr1_saves_a_checkpoint_and_exits_with_the_preempted_code(reference,
     resume_matches(1, out, ref)
 
 
+# each launcher the README lists, the signal, the launcher's exit status (the README's table)
+LAUNCHER_STATUS = [
+    ("mnist_dist.launch", signal.SIGTERM, EXIT_PREEMPTED),
+    ("mnist_dist.launch", signal.SIGUSR1, EXIT_PREEMPTED),
+    ("accelerate.commands.launch", signal.SIGTERM, 128 + signal.SIGTERM),
+    ("torch.distributed.run", signal.SIGTERM, 1),
+]
+
+
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["2procs"])
-def test_sigterm_to_the_launcher_checkpoints_every_process_at_the_same_step(reference, tmp_path):
+@pytest.mark.parametrize("launcher, sig, status", LAUNCHER_STATUS,
+                         ids=[f"{l.split('.')[0]}-{s.name}" for l, s, _ in LAUNCHER_STATUS])
+def test_a_signal_to_the_launcher_checkpoints_every_process_at_the_same_step(reference, tmp_path, launcher, sig,
+                                                                             status):
     _, ref = reference
     out = tmp_path / "out"
-    proc = signal_mid_run(2, out, signal.SIGTERM)  # to the launcher; torchrun forwards it to every worker
-    assert proc.returncode != 0
-    assert len(re.findall(r"stopped by signal SIGTERM after step \d+;", proc.output)) == 1  # the main process reports
+    proc = signal_mid_run(2, out, sig, launcher=launcher)  # to the launcher, which forwards it to every worker
+    assert proc.returncode == status, proc.output[-3000:]
+    if launcher == "mnist_dist.launch":
+        assert "Traceback" not in proc.output
+    # the main process reports
+    assert len(re.findall(rf"stopped by signal {sig.name} after step \d+;", proc.output)) == 1, proc.output[-3000:]
     state = checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])
     assert state["world_size"] == 2
     resume_matches(2, out, ref)

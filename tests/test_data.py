@@ -60,6 +60,20 @@ def test_fashion_mnist_from_the_debian_package_loads():
     assert torch.bincount(splits["test"].labels).tolist() == [1000] * 10
 
 
+def test_idx_files_of_a_known_dataset_under_another_name_are_refused(tmp_path):
+    if not FASHION_DIR.is_dir():
+        pytest.skip("apt-get install dataset-fashion-mnist to run this test")
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match=rf"--data-dir {FASHION_DIR} holds fashion_mnist's test set .*"
+                                        r"not mnist's: pass --dataset fashion_mnist"):
+        load_splits("mnist", data_dir=str(FASHION_DIR), cache_dir=cache)  # it would be labelled with digits
+    assert load_splits("fashion_mnist", data_dir=str(FASHION_DIR), cache_dir=cache)["test"].class_names[0] == "T-shirt/top"
+    mnist_dir = str(data.BUNDLED_DIRS["mnist-5k"])  # its test set is MNIST's own
+    with pytest.raises(DataError, match="holds mnist's test set"):
+        load_splits("fashion_mnist", data_dir=mnist_dir, cache_dir=cache)
+    assert len(load_splits("mnist", data_dir=mnist_dir, cache_dir=cache)["train"]) == 5000
+
+
 # ---------------------------------------------------------------- bad input, each named
 
 

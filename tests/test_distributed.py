@@ -261,7 +261,33 @@ def test_a_bad_command_on_two_processes_says_its_error_once(tmp_path, monkeypatc
     proc = launch(2, "--dataset", "mnist-5k", "--resume", str(tmp_path / "nowhere"), timeout=120)
     assert proc.returncode != 0 and "rank      : 1 (local_rank: 1)" in proc.stderr  # two processes were started
     assert proc.stderr.count(message) == 1
+    # mnist_dist.launch ends the launch with the processes' own 2, without the launcher's ChildFailedError page
+    proc = launch(2, "--dataset", "mnist-5k", "--resume", str(tmp_path / "nowhere"), launcher="mnist_dist.launch",
+                  timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count(message) == 1, proc.stderr[-2000:]
+    assert "ChildFailedError" not in proc.stderr and "Traceback" not in proc.stderr
     # the second process, whether or not the launcher stopped it first, says nothing of it
     monkeypatch.setenv("RANK", "1")
     proc = check(train_here("--dataset", "mnist-5k", "--resume", str(tmp_path / "nowhere")), rc=2)
     assert proc.stderr == ""
+
+
+@pytest.mark.slow
+def test_a_node_waiting_for_the_others_says_where_and_a_signal_ends_its_wait(tmp_path):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mnist_dist.launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+           "--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+           "--rdzv_backend", "static", "--same_network", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "mnist_dist.train", "--cpu", "--dataset", "mnist-5k", "--output-dir", str(tmp_path / "o")]
+    proc = subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"})
+    waiting = f"mnist_dist.launch: node 0 of 2 has waited 10 s for the others at 127.0.0.1:{port} (the rendezvous)"
+    lines = []
+    for line in proc.stdout:  # the second node never comes
+        lines.append(line)
+        if waiting in line:
+            break
+    assert waiting in "".join(lines), "".join(lines)[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM  # nothing had started, nothing was saved
+    assert not (tmp_path / "o" / "checkpoints").exists()

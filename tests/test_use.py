@@ -14,7 +14,7 @@ from PIL import Image
 from mnist_dist import checkpoint, evaluate, predict
 from mnist_dist.model import MLP, model_config
 
-from .helpers import check, in_process, launch, mnist5k, run
+from .helpers import REPO, check, in_process, launch, mnist5k, run
 
 SAMPLE = range(10)  # the fixed sample: the first ten real test digits
 
@@ -290,3 +290,14 @@ def test_the_curves_of_a_one_epoch_run_have_one_whole_epoch_tick_and_labels_clea
             if tick.get_text():
                 assert not label.overlaps(tick.get_window_extent(renderer)), (ax.get_ylabel(), tick.get_text())
     plots.plt.close(fig)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for machines without a GPU")
+def test_a_gpu_accelerate_config_on_a_machine_without_one_says_it_trains_on_the_cpu(tmp_path):
+    proc = check(run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                      str(REPO / "accelerate_configs" / "single_gpu.yaml"), "-m", "mnist_dist.train",
+                      "--dataset", "mnist-5k", "--epochs", "1", "--max-steps", "2", "--report-to", "none",
+                      "--output-dir", str(tmp_path / "o")]))
+    assert proc.stderr.count("warning: the accelerate config asks for a GPU (use_cpu: false) but torch sees none: "
+                             "training on the CPU, precision bf16") == 1, proc.stderr[-2000:]
+    assert "1 process(es) on cpu" in proc.stdout
