@@ -328,25 +328,41 @@ def test_resume_that_would_stretch_a_schedule_is_refused(tmp_path):
     assert f"--max-steps=9, but {ckpt} was trained with 5" in proc.stderr
 
 
+def stopped_in(where: str, *flags: str) -> subprocess.CompletedProcess:
+    """A one-process run that gets SIGUSR1 as its nth stretch of steps (between two checks) or its nth
+    evaluation begins: `where` is "stretch:n" or "evaluation:n"."""
+    return run([sys.executable, str(REPO / "tests" / "workers" / "stop_in.py"), "--cpu", *flags],
+               env={"STOP_IN": where})
+
+
 def test_run_stopped_at_an_epoch_end_resumes_to_identical_weights(tmp_path):
     # with --log-every above the epoch length the processes only check for signals at epoch ends, so
     # the stop lands there: the checkpoint holds a finished epoch whose evaluation has not run yet
     flags = ["--dataset", "mnist-5k", "--epochs", "12", "--log-every", "1000", "--seed", "1"]
     check(run(train_cmd(1, *flags, "--output-dir", str(tmp_path / "reference"))))
     out = tmp_path / "out"
-    proc = start(1, *flags, "--output-dir", str(out))
-    assert proc.stdout.readline().startswith("mnist_dist: 5000 train")  # printed just before training starts
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGUSR1)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    check(stopped_in("stretch:3", *flags, "--output-dir", str(out)), rc=EXIT_PREEMPTED)  # a stretch is an epoch here
     saved = checkpoint.complete_checkpoints(out)[-1]
     state = checkpoint.read_state(saved)
-    assert state["batch_in_epoch"] == 40 and state["global_step"] % 40 == 0 and state["global_step"] < 12 * 40
+    assert (state["batch_in_epoch"], state["global_step"]) == (40, 120)
     check(run(train_cmd(1, *flags, "--output-dir", str(out), "--resume", "auto")))
     same_weights(out, tmp_path / "reference")
     same_results(out, tmp_path / "reference")
 
+
+
+def test_a_stop_during_an_evaluation_ends_the_run_after_it_without_another_epoch(tmp_path):
+    flags = ["--dataset", "mnist-5k", "--epochs", "3", "--log-every", "1000", "--seed", "1"]
+    check(run(train_cmd(1, *flags, "--output-dir", str(tmp_path / "reference"))))
+    out = tmp_path / "out"
+    proc = check(stopped_in("evaluation:1", *flags, "--output-dir", str(out)), rc=EXIT_PREEMPTED)
+    assert "epoch 1/3:" in proc.stdout and "epoch 2/3:" not in proc.stdout
+    assert "stopped by signal SIGUSR1 after step 40" in proc.stdout
+    state = checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])
+    assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (1, 0, 40)  # evaluated
+    check(run(train_cmd(1, *flags, "--output-dir", str(out), "--resume", "auto")))
+    same_weights(out, tmp_path / "reference")
+    same_results(out, tmp_path / "reference")
 
 # ---------------------------------------------------------------- damaged, re-saved, other data, full disk
 
@@ -399,19 +415,14 @@ def test_resume_on_other_data_is_refused_naming_both(finished, tmp_path):
 
 
 def test_a_resave_killed_between_its_two_renames_keeps_the_step_and_resumes_bit_identical(tmp_path):
-    # stopped at an epoch end, the run saves step 40 before its evaluation; the resumed run evaluates,
-    # then saves step 40 again: killed half-way through that re-save, the old copy must still count
+    # stopped at an epoch end, the run saves step 80 before its evaluation; the resumed run evaluates,
+    # then saves step 80 again: killed half-way through that re-save, the old copy must still count
     flags = ["--dataset", "mnist-5k", "--epochs", "3", "--log-every", "1000", "--seed", "2", "--keep-checkpoints", "1"]
     check(run(train_cmd(1, *flags, "--output-dir", str(tmp_path / "reference"))))
     out = tmp_path / "out"
-    proc = start(1, *flags, "--output-dir", str(out))
-    while not proc.stdout.readline().startswith("epoch 1/3:"):
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-    proc.send_signal(signal.SIGUSR1)  # the stop comes at the end of epoch 2, the next check
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    check(stopped_in("stretch:2", *flags, "--output-dir", str(out)), rc=EXIT_PREEMPTED)  # at epoch 2's end
     (stopped,) = checkpoint.complete_checkpoints(out)
-    assert checkpoint.read_state(stopped)["global_step"] == 80  # the check after "epoch 1/3" is epoch 2's end
+    assert checkpoint.read_state(stopped)["global_step"] == 80
     killed = run([sys.executable, str(REPO / "tests" / "workers" / "kill_in_resave.py"), "--cpu", *flags,
                   "--output-dir", str(out), "--resume", "auto"])
     assert killed.returncode == -signal.SIGKILL and "kill_in_resave: killed after renaming" in killed.stdout
