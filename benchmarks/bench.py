@@ -93,7 +93,7 @@ def main() -> None:
             rows.append(row("tutorial (torchvision, 2 workers)", r["epoch_seconds"], r["train_samples"],
                             r["test_accuracy"], r["seconds_to_first_step"], wall, r["steps_per_epoch"]))
         gpus = torch.cuda.device_count()
-        runs = [("dataloader", 1, [], {}), ("device", 1, [], {})]
+        runs = [("auto", 1, [], {}), ("dataloader", 1, [], {}), ("device", 1, [], {})]  # auto: the defaults
         if gpus:
             runs.append(("graph", 1, [], {}))
         if gpus != 1:
@@ -101,7 +101,7 @@ def main() -> None:
         runs.append(("device", 1, ["--recipe", "tuned"], {}))
         if not gpus:  # `accelerate launch` gives each of N CPU processes cores/N threads: compare like with like
             threads = str(max(1, (os.cpu_count() or 2) // 2))
-            runs.insert(2, ("device", 1, [], {"OMP_NUM_THREADS": threads}))
+            runs.insert(3, ("device", 1, [], {"OMP_NUM_THREADS": threads}))
         runs_done = 0
 
         def run(path: str, processes: int, extra: list[str], env: dict) -> dict:
@@ -111,14 +111,16 @@ def main() -> None:
             flags = ["--data-dir", str(args.data_dir), "--dataset", "fashion_mnist" if args.fashion else "mnist",
                      "--epochs", str(args.epochs), "--data-path", path,
                      "--report-to", "none", "--output-dir", str(out_dir), "--cache-dir", str(tmp / "cache"), *extra]
-            if not gpus and processes == 1:  # torch's own default, one thread per core, unless the row says
+            if not gpus and processes == 1 and path != "auto":  # one thread per core, unless the row says
                 flags += ["--cpu-threads", env.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))]
             if runs_done == 1:
                 timed(train_cmd(1, flags))  # warm the dataset cache, as any later run would find it
             wall, _ = timed(train_cmd(processes, flags), env)
             r = json.loads((out_dir / "results.json").read_text())
-            name = (f"mnist_dist {path}" + (f" x{processes}" if processes > 1 else "")
-                    + (f" ({env['OMP_NUM_THREADS']} thread(s))" if env else "") + " ".join(["", *extra]))
+            name = ("mnist_dist defaults" if path == "auto" else f"mnist_dist {path}")
+            name += ((f" x{processes}" if processes > 1 else "")
+                     + (f" ({env['OMP_NUM_THREADS']} thread(s))" if env else "") + " ".join(["", *extra]))
+            name += f" [{r['data_path']}, {r['cpu_threads']} thr]" if r["cpu_threads"] else ""
             return row(name, [h["seconds"] for h in r["history"]], r["train_samples"], r["test_accuracy"],
                        r["seconds_to_first_step"], wall, r["steps"] // r["epochs"], timings=r["timings"],
                        processes=processes, device=r["device_type"])

@@ -87,8 +87,8 @@ class TrainConfig:
     mixed_precision: str | None = _field(None, "autocast precision; default: what `accelerate launch` was "
                                          "configured with, else 'no'", choices=MIXED_PRECISION_CHOICES)
     cpu: bool = _field(False, "train on the CPU even if a GPU is present (also makes `accelerate launch` use gloo)")
-    cpu_threads: int | None = _field(None, "torch threads of each CPU process; default: $OMP_NUM_THREADS, else 1 "
-                                     "(measured in benchmarks/README.md: more collapse when a core is busy)")
+    cpu_threads: int | None = _field(None, "torch threads of each CPU process; default: $OMP_NUM_THREADS, else "
+                                     "its share of the allowed cores idle at start (benchmarks/README.md)")
     # output
     output_dir: str | None = _field(None, "the run's directory (results.json, the model, checkpoints); one run per "
                                     "directory. Default: a new outputs/run-YYYYMMDD-HHMMSS, with outputs/latest "

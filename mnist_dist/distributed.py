@@ -11,6 +11,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
@@ -50,7 +51,10 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     check_precision(accelerator, from_flag=cfg.mixed_precision is not None)
     warn_if_no_gpu(accelerator, cfg)
     if accelerator.device.type == "cpu":
-        torch.set_num_threads(cpu_threads(cfg))
+        threads, why = cpu_threads(cfg)
+        torch.set_num_threads(threads)
+        if accelerator.is_main_process:
+            print(f"mnist_dist: {threads} torch thread(s) per process ({why})", flush=True)
     return accelerator
 
 
@@ -71,10 +75,38 @@ def join_restarted_group(cfg: TrainConfig) -> None:
                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
 
 
-def cpu_threads(cfg: TrainConfig) -> int:
-    """--cpu-threads, else $OMP_NUM_THREADS, else 1: one thread a process, as torchrun gives each of N."""
-    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0]  # OpenMP allows "4,2": nested levels
-    return cfg.cpu_threads or (int(value) if value.isdigit() and int(value) > 0 else 1)
+IDLE_BELOW_PERCENT = 50  # a core busier than this (%) during the start-up probe counts as taken
+PROBE_S = 0.2  # how long the probe watches the cores (s)
+
+
+def cpu_threads(cfg: TrainConfig) -> tuple[int, str]:
+    """Torch threads for a CPU process, and why: --cpu-threads, else $OMP_NUM_THREADS, else this
+    process's share of the cores it may use that are idle now. Threads beside a busy core wait on it
+    (OpenMP): 2 threads there ran 3-6x slower than 1 (benchmarks/README.md)."""
+    if threads_from(cfg) == "--cpu-threads":
+        return cfg.cpu_threads, "--cpu-threads"
+    if threads_from(cfg) == "OMP_NUM_THREADS":
+        return int(os.environ["OMP_NUM_THREADS"].split(",")[0]), "OMP_NUM_THREADS"  # "4,2": nested levels
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    busy = psutil.cpu_percent(interval=PROBE_S, percpu=True)
+    idle = sum(1 for core in allowed if core < len(busy) and busy[core] < IDLE_BELOW_PERCENT)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's: the processes of this node
+    return threads_for(len(allowed), idle, local), (f"{idle} of {len(allowed)} allowed cores idle, "
+                                                    f"{local} process(es) on this node")
+
+
+def threads_from(cfg: TrainConfig) -> str:
+    """Where a CPU process's thread count comes from: --cpu-threads, OMP_NUM_THREADS or idle cores."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0]
+    if cfg.cpu_threads:
+        return "--cpu-threads"
+    return "OMP_NUM_THREADS" if value.isdigit() and int(value) > 0 else "idle cores"
+
+
+def threads_for(allowed: int, idle: int, local: int) -> int:
+    """One process's share of the idle cores among the `local` processes of a node, at least 1. The
+    other processes, starting at the same time, keep cores busy: each counts as one core of theirs."""
+    return max(1, min(allowed, idle + local - 1) // local)
 
 
 def use_output_dir(accelerator: Accelerator, output_dir: str) -> None:

@@ -41,7 +41,7 @@ from .clock import since_process_start  # noqa: E402
 from .data import DataError, DeviceBatches, make_loaders, normalize  # noqa: E402
 from .distributed import (  # noqa: E402
     LaunchError, agree_to_stop, any_process, build_accelerator, compiled_with, decided_by_main, global_real,
-    local_real, lost_peer, peers_message, process_hosts, use_output_dir,
+    local_real, lost_peer, peers_message, process_hosts, threads_from, use_output_dir,
 )
 from .evaluation import evaluate, evaluate_shard  # noqa: E402
 from .graphs import EpochGraph, graph_unsupported  # noqa: E402
@@ -352,8 +352,8 @@ def saved_model_config(model: MLP, cfg: TrainConfig, stats: tuple[float, float],
 
 def resolve_data_path(cfg: TrainConfig, accelerator) -> str:
     """The --data-path this run uses: 'auto' is 'graph' where it can run (one CUDA process, constant
-    schedule, precision no or bf16, no torch.compile), else 'device' on a GPU and 'dataloader' (the
-    reference) on a CPU."""
+    schedule, precision no or bf16, no torch.compile), else 'device': the same batches as the
+    DataLoader (the reference), 1.25-1.3x faster on a CPU too (benchmarks/README.md)."""
     why_not = graph_unsupported(cfg, accelerator.device, accelerator.num_processes, accelerator.mixed_precision,
                                 compiled_with(accelerator))
     if cfg.data_path == "graph" and why_not:
@@ -362,7 +362,7 @@ def resolve_data_path(cfg: TrainConfig, accelerator) -> str:
         return cfg.data_path
     if why_not is None:
         return "graph"
-    return "device" if accelerator.device.type != "cpu" else "dataloader"
+    return "device"
 
 
 def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam:
@@ -605,6 +605,7 @@ def results_of(cfg: TrainConfig, accelerator, state: TrainState, metrics: dict, 
         "data_path": data_path,  # resolved: --data-path auto picks one
         "device_type": accelerator.device.type, "train_seconds": state.train_seconds,
         "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
+        "cpu_threads_from": threads_from(cfg) if accelerator.device.type == "cpu" else None,
         "samples_per_second": samples_seen / state.train_seconds,
         "seconds_to_first_step": state.seconds_to_first_step,
         "timings": timings,  # this process's wall time by phase, seconds (train and eval: across resumes)

@@ -1,13 +1,18 @@
 """The training entry point as a user runs it: one process, flags, outputs, precision errors."""
 
+import os
+import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
 
 from mnist_dist.config import ConfigError, TrainConfig, build_parser, parse_args
 from mnist_dist.data import find_idx_files, load_idx
+from mnist_dist.distributed import cpu_threads, threads_for
 from mnist_dist.evaluation import evaluate
 from mnist_dist.model import load_model
 
@@ -33,7 +38,7 @@ def test_results_json_has_the_documented_fields(recipe_run):
     assert r["world_size"] == 1 and r["global_batch_size"] == r["per_process_batch_size"] == 128
     assert r["epochs"] == 10 and len(r["history"]) == 10
     assert r["mixed_precision"] == "no" and r["device_type"] == "cpu" and r["torch_compile"] == "no"
-    assert r["data_path"] == "dataloader"  # --data-path auto on a CPU
+    assert r["data_path"] == "device"  # --data-path auto on a CPU
     assert r["config"] == {**TrainConfig().to_dict(), "dataset": "mnist-5k", "cpu": True, "output_dir": r["config"]["output_dir"]}
     for h in r["history"]:
         assert {"epoch", "train_loss", "test_accuracy", "test_loss", "seconds"} <= h.keys()
@@ -167,12 +172,10 @@ def test_accelerate_config_loads_with_accelerates_own_loader(name):
 
 
 @pytest.mark.parametrize("flags, env, threads", [
-    ([], {}, 1),
-    pytest.param([], {"OMP_NUM_THREADS": "2"}, 2, marks=pytest.mark.slow),
+    ([], {"OMP_NUM_THREADS": "2"}, 2),
     pytest.param(["--cpu-threads", "2"], {"OMP_NUM_THREADS": "1"}, 2, marks=pytest.mark.slow),
-], ids=["default", "OMP_NUM_THREADS", "flag"])
-def test_a_cpu_process_takes_one_torch_thread_unless_told_otherwise(flags, env, threads, tmp_path, monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+], ids=["OMP_NUM_THREADS", "flag"])
+def test_cpu_threads_and_omp_num_threads_override_the_idle_cores(flags, env, threads, tmp_path, monkeypatch):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     before = torch.get_num_threads()
@@ -182,3 +185,55 @@ def test_a_cpu_process_takes_one_torch_thread_unless_told_otherwise(flags, env, 
     finally:
         torch.set_num_threads(before)
     assert results(tmp_path)["cpu_threads"] == threads
+    assert results(tmp_path)["cpu_threads_from"] == ("--cpu-threads" if flags else "OMP_NUM_THREADS")
+
+
+@pytest.mark.parametrize("allowed, idle, local, threads", [
+    (2, 2, 1, 2),  # an idle 2-core machine: both
+    (2, 1, 1, 1),  # one core busy: one thread, not two waiting on it
+    (1, 1, 1, 1),  # taskset -c 0, or SLURM's --cpus-per-task=1
+    (8, 8, 2, 4),  # two processes on a node share its cores
+    (2, 0, 2, 1),  # two processes on two cores, each seeing the other start: one each
+    (8, 0, 1, 1),  # everything busy: still one
+])
+def test_a_process_takes_its_share_of_the_idle_cores(allowed, idle, local, threads):
+    assert threads_for(allowed, idle, local) == threads
+
+
+def probe(*prefix: str, env: dict | None = None) -> tuple[int, str]:
+    """cpu_threads of a fresh process with no thread settings, as the real probe measures them."""
+    code = ("from mnist_dist.config import TrainConfig; from mnist_dist.distributed import cpu_threads; "
+            "print(*cpu_threads(TrainConfig()), sep='|')")
+    out = check(run([*prefix, sys.executable, "-c", code], env={"OMP_NUM_THREADS": None, **(env or {})})).stdout.strip().splitlines()[-1]
+    threads, why = out.split("|")
+    return int(threads), why
+
+
+def test_the_default_under_taskset_one_core_is_one_thread():
+    threads, why = probe("taskset", "-c", "0")
+    assert threads == 1 and " of 1 allowed cores idle, 1 process(es) on this node" in why
+
+
+def test_the_default_on_two_idle_allowed_cores_is_two_threads(monkeypatch):
+    # the probe's reading is given: whether this VM's cores are idle right now is not the test's to decide
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval, percpu: [3.0, 12.0, 100.0])  # core 2: not ours
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cpu_threads(TrainConfig()) == (2, "2 of 2 allowed cores idle, 1 process(es) on this node")
+
+
+def test_the_default_with_a_core_kept_busy_is_at_most_the_idle_rest():
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        threads, why = probe()
+    finally:
+        spinner.kill()
+    allowed = len(os.sched_getaffinity(0))
+    assert threads <= max(1, allowed - 1), why
+
+
+def test_processes_of_one_node_share_the_cores():
+    threads, why = probe(env={"LOCAL_WORLD_SIZE": str(64 * len(os.sched_getaffinity(0)))})
+    assert threads == 1 and why.endswith(f"{64 * len(os.sched_getaffinity(0))} process(es) on this node")
