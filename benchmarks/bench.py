@@ -114,7 +114,8 @@ def main() -> None:
             if not gpus and processes == 1 and path != "auto":  # one thread per core, unless the row says
                 flags += ["--cpu-threads", env.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))]
             if runs_done == 1:
-                timed(train_cmd(1, flags))  # warm the dataset cache, as any later run would find it
+                # warm the dataset cache, as any later run would find it (the last --output-dir, --epochs win)
+                timed(train_cmd(1, [*flags, "--output-dir", str(tmp / "warm"), "--epochs", "1"]))
             wall, _ = timed(train_cmd(processes, flags), env)
             r = json.loads((out_dir / "results.json").read_text())
             name = ("mnist_dist defaults" if path == "auto" else f"mnist_dist {path}")

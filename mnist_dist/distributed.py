@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -87,12 +88,49 @@ def cpu_threads(cfg: TrainConfig) -> tuple[int, str]:
         return cfg.cpu_threads, "--cpu-threads"
     if threads_from(cfg) == "OMP_NUM_THREADS":
         return int(os.environ["OMP_NUM_THREADS"].split(",")[0]), "OMP_NUM_THREADS"  # "4,2": nested levels
-    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    allowed = allowed_cores()
     busy = psutil.cpu_percent(interval=PROBE_S, percpu=True)
     idle = sum(1 for core in allowed if core < len(busy) and busy[core] < IDLE_BELOW_PERCENT)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's: the processes of this node
     return threads_for(len(allowed), idle, local), (f"{idle} of {len(allowed)} allowed cores idle, "
                                                     f"{local} process(es) on this node")
+
+
+def allowed_cores() -> list[int]:
+    """The cores this process may run on: taskset's and SLURM's --cpus-per-task limits count."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+RECHECK_S = 1.0  # the least time between two looks at the cores (s): shorter readings are noisy
+
+
+class CoreWatch:
+    """Re-chooses a lone CPU process's torch threads as other programs start and stop: one that
+    starts after the run keeps a core busy, and threads beside it wait on it (3x slower measured)."""
+
+    def __init__(self):
+        self.allowed, self.me, self.since = allowed_cores(), psutil.Process(), time.monotonic()
+        self.me.cpu_percent(), psutil.cpu_percent(percpu=True)  # both readings run from here
+
+    def recheck(self, say) -> None:
+        """At a log point: set the threads that the cores free of other work allow; `say` it if they change."""
+        if time.monotonic() - self.since < RECHECK_S:
+            return
+        busy = psutil.cpu_percent(percpu=True)
+        others = sum(busy[core] for core in self.allowed if core < len(busy)) - self.me.cpu_percent()  # %
+        idle = len(self.allowed) - round(max(0.0, others) / 100)
+        self.since, after = time.monotonic(), threads_for(len(self.allowed), idle, 1)
+        if after != torch.get_num_threads():
+            torch.set_num_threads(after)
+            say(f"mnist_dist: {after} torch thread(s) from now ({idle} of {len(self.allowed)} allowed cores free "
+                "of other programs' work)")
+
+
+def core_watch(cfg: TrainConfig, device: torch.device) -> CoreWatch | None:
+    """A CoreWatch where the threads came from the idle cores and the process is alone on its node (with
+    several, each one's reading counts the others' work): else None, the threads stay as they were set."""
+    alone = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == 1
+    return CoreWatch() if device.type == "cpu" and threads_from(cfg) == "idle cores" and alone else None
 
 
 def threads_from(cfg: TrainConfig) -> str:

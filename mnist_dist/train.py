@@ -40,8 +40,8 @@ from .checkpoint import CheckpointError, DiskError  # noqa: E402
 from .clock import since_process_start  # noqa: E402
 from .data import DataError, DeviceBatches, make_loaders, normalize  # noqa: E402
 from .distributed import (  # noqa: E402
-    LaunchError, agree_to_stop, any_process, build_accelerator, compiled_with, decided_by_main, global_real,
-    local_real, lost_peer, peers_message, process_hosts, threads_from, use_output_dir,
+    LaunchError, agree_to_stop, any_process, build_accelerator, compiled_with, core_watch, decided_by_main,
+    global_real, local_real, lost_peer, peers_message, process_hosts, threads_from, use_output_dir,
 )
 from .evaluation import evaluate, evaluate_shard  # noqa: E402
 from .graphs import EpochGraph, graph_unsupported  # noqa: E402
@@ -181,18 +181,14 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     state = restore(accelerator, resume_from, saved, optimizer, cfg.seed) if saved else TrainState()
     guard = NonFiniteGuard(accelerator, optimizer)
     runner = make_runner(cfg, data_path, accelerator, model, optimizer, scheduler, guard, train_set, train_loader, stats)
+    watch = core_watch(cfg, accelerator.device)  # None unless a lone CPU process took its threads from idle cores
     test_shard = data.test_shard(test_set, cfg.eval_batch_size, rank, world, accelerator.device) \
         if data_path != "dataloader" else None
 
     if accelerator.is_main_process:  # only now: bad data, flags and checkpoints have all been refused
         runs.clear(plan)
     hosts = process_hosts(accelerator)  # to name a peer that stalls
-    # also the W&B run's id: a checkpoint resumed into another directory starts a run of its own
-    run_id = saved["run_id"] if saved and plan.continues else uuid.uuid4().hex[:16]
-    tracker_config = {**config, "world_size": world, "global_batch_size": cfg.batch_size * world,
-                      "train_samples": len(train_set), "device_type": accelerator.device.type,
-                      **tracking.run_metadata()}
-    tracking.start(accelerator, cfg, tracker_config, run_id)
+    run_id = start_tracking(cfg, accelerator, config, saved, plan, len(train_set))
     report = Reporter(accelerator, cfg.output_dir, total_steps, state.global_step if saved else None)
     epochs = math.ceil(total_steps / steps_per_epoch)
     report.say(banner(cfg, accelerator, config, len(train_set), len(test_set), data_path, resume_from, saved, state))
@@ -229,6 +225,8 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
                 if first_bad is not None:
                     raise TrainingError(non_finite_message(first_bad, state.epoch, cfg.output_dir))
                 report.log_windows(windows, state, optimizer, steps_per_epoch, time.perf_counter() - timed_since)
+                if watch:  # a program that started or stopped since changes the threads worth using
+                    watch.recheck(report.say)
                 if stop or checkpoint_due(state, cfg, steps_per_epoch, total_steps):
                     state.train_seconds += time.perf_counter() - timed_since
                     path = save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg)
@@ -268,6 +266,18 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
         report.say(f"mnist_dist: stopped by {stop_reason(signals)} after writing the outputs; the run is complete")
         raise Preempted(Path(cfg.output_dir))
     return results
+
+
+def start_tracking(cfg: TrainConfig, accelerator, config: dict, saved: dict | None, plan: runs.Plan,
+                   train_len: int) -> str:
+    """Start the trackers (W&B); return the run's id, which a checkpoint resumed in place keeps."""
+    # a checkpoint resumed into another directory starts a run of its own
+    run_id = saved["run_id"] if saved and plan.continues else uuid.uuid4().hex[:16]
+    world = accelerator.num_processes
+    tracking.start(accelerator, cfg, {**config, "world_size": world, "global_batch_size": cfg.batch_size * world,
+                                      "train_samples": train_len, "device_type": accelerator.device.type,
+                                      **tracking.run_metadata()}, run_id)
+    return run_id
 
 
 def resume_point(cfg: TrainConfig, plan: runs.Plan, world: int) -> tuple[TrainConfig, Path | None, dict | None]:

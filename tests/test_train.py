@@ -12,7 +12,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 from mnist_dist.config import ConfigError, TrainConfig, build_parser, parse_args
 from mnist_dist.data import find_idx_files, load_idx
-from mnist_dist.distributed import cpu_threads, threads_for
+from mnist_dist.distributed import RECHECK_S, CoreWatch, core_watch, cpu_threads, threads_for
 from mnist_dist.evaluation import evaluate
 from mnist_dist.model import load_model
 
@@ -237,3 +237,69 @@ def test_the_default_with_a_core_kept_busy_is_at_most_the_idle_rest():
 def test_processes_of_one_node_share_the_cores():
     threads, why = probe(env={"LOCAL_WORLD_SIZE": str(64 * len(os.sched_getaffinity(0)))})
     assert threads == 1 and why.endswith(f"{64 * len(os.sched_getaffinity(0))} process(es) on this node")
+
+
+class Readings:
+    """psutil's two readings as a CoreWatch takes them: all cores' and this process's (%)."""
+
+    def __init__(self, monkeypatch, cores: list[float], ours: float):
+        monkeypatch.setattr(psutil, "cpu_percent", lambda percpu: cores)
+        monkeypatch.setattr(psutil.Process, "cpu_percent", lambda self: ours)
+
+
+@pytest.mark.parametrize("cores, ours, threads", [
+    ([100.0, 100.0], 120.0, 1),  # 2 threads of ours beside another program's: one core is not ours
+    ([100.0, 3.0], 100.0, 2),  # 1 thread of ours, the other program gone: both again
+    ([100.0, 100.0], 200.0, 2),  # all of it ours
+    ([100.0, 30.0], 100.0, 2),  # a third of a core of other work does not count as a busy core
+])
+def test_a_watch_rechooses_the_threads_from_the_cores_free_of_other_work(cores, ours, threads, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    before = torch.get_num_threads()
+    torch.set_num_threads(3 - threads)  # the other count: a change to make
+    said = []
+    try:
+        watch = CoreWatch()
+        Readings(monkeypatch, cores, ours)
+        watch.recheck(said.append)
+        assert torch.get_num_threads() == 3 - threads and said == []  # not yet: less than RECHECK_S since the start
+        watch.since -= RECHECK_S
+        watch.recheck(said.append)
+        got = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert got == threads and said == [f"mnist_dist: {threads} torch thread(s) from now ({threads} of 2 allowed cores "
+                                       "free of other programs' work)"]
+
+
+def test_a_watch_beside_a_busy_program_leaves_its_core_to_it():
+    torch_before = torch.get_num_threads()
+    allowed = len(os.sched_getaffinity(0))
+    torch.set_num_threads(allowed)
+    watch = CoreWatch()
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(RECHECK_S + 0.2)
+        watch.recheck(print)
+        got = torch.get_num_threads()
+    finally:
+        spinner.kill()
+        torch.set_num_threads(torch_before)
+    assert got <= max(1, allowed - 1)
+
+
+@pytest.mark.parametrize("flags, env, watched", [
+    ([], {"OMP_NUM_THREADS": None}, True),
+    ([], {"OMP_NUM_THREADS": "2"}, False),  # told: the threads stay
+    (["--cpu-threads", "2"], {"OMP_NUM_THREADS": None}, False),
+    ([], {"OMP_NUM_THREADS": None, "LOCAL_WORLD_SIZE": "2"}, False),  # each process's reading counts its peers'
+])
+def test_only_a_lone_process_with_threads_from_idle_cores_is_watched(flags, env, watched, monkeypatch):
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    cfg = parse_args(["--dataset", "mnist-5k", *flags])
+    assert (core_watch(cfg, torch.device("cpu")) is not None) == watched
+    assert core_watch(cfg, torch.device("cuda")) is None
