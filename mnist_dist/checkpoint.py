@@ -35,7 +35,7 @@ HISTORY_NUMBERS = ("train_loss", "test_accuracy", "test_loss", "seconds", "eval_
 # config fields that shape the trajectory: a resumed run must use the same values
 # (the batch: the global batch must match, see `batch_for_world`)
 MUST_MATCH = ("dataset", "hidden_size", "lr", "seed", "mixed_precision", "schedule", "warmup_fraction",
-              "label_smoothing", "normalization")
+              "label_smoothing", "normalization", "optimizer", "weight_decay")
 # a schedule is laid out over all steps: the run's length must not change under it
 MUST_MATCH_SCHEDULED = ("epochs", "max_steps")
 
@@ -292,10 +292,12 @@ def check_compatible(state: dict, config: dict, path: Path) -> None:
     """Refuse to resume where the continuation could not be the same run (the batch: `batch_for_world`)."""
     scheduled = config.get("schedule", "constant") != "constant"
     for name in MUST_MATCH + (MUST_MATCH_SCHEDULED if scheduled else ()):
-        if state["config"].get(name) != config.get(name):
+        # a flag newer than the checkpoint: the run was trained with its default
+        was = state["config"].get(name, getattr(TrainConfig, name, None))
+        if was != config.get(name):
             flag = "--" + name.replace("_", "-")
             raise CheckpointError(
-                f"{flag}={config.get(name)!r}, but {path} was trained with {state['config'].get(name)!r}; "
+                f"{flag}={config.get(name)!r}, but {path} was trained with {was!r}; "
                 f"resume with the same value"
             )
 

@@ -74,12 +74,16 @@ class TrainConfig:
     recipe: str = _field("record", "preset for the optimisation flags: 'record' (the defaults: constant lr 1e-3) "
                          "or 'tuned' (--schedule onecycle --lr 3e-3 --warmup-fraction 0.15 --label-smoothing 0.1 "
                          "--normalization dataset); flags given explicitly override it", choices=tuple(RECIPES))
-    lr: float = _field(1e-3, "Adam learning rate per optimizer step (the peak, with a schedule)")
+    lr: float = _field(1e-3, "learning rate per optimizer step (the peak, with a schedule)")
     schedule: str = _field("constant", "learning-rate schedule over all steps: 'constant', 'onecycle' (warm up to "
                            "--lr, then cosine down to --lr/1e4; torch OneCycleLR) or 'cosine' (from --lr down to 0)",
                            choices=SCHEDULE_CHOICES)
     warmup_fraction: float = _field(0.15, "onecycle: fraction of all steps spent rising to the peak --lr (0..1)")
     label_smoothing: float = _field(0.0, "cross-entropy label smoothing for training (0: none; test loss never uses it)")
+    optimizer: str = _field("adam", "'adam' (--weight-decay: an L2 term added to the gradient) or 'adamw' (decoupled "
+                            "weight decay, torch's AdamW); fused where torch has a fused kernel", choices=("adam", "adamw"))
+    weight_decay: float = _field(0.0, "weight decay per optimizer step (AdamW: weights shrink by lr x this each step), "
+                                 "on every parameter, biases included (0: none)")
     seed: int = _field(0, "seed for weight init and the per-epoch shuffle (same on every process; 0 to 2**32 - 1)")
     max_steps: int | None = _field(None, "stop after this many optimizer steps in total, then evaluate "
                                    "(debugging); default: all epochs ('none' says so on a resume)")
@@ -141,6 +145,7 @@ class TrainConfig:
             ("lr", math.isfinite(self.lr) and self.lr > 0, "must be a finite number > 0"),
             ("warmup_fraction", 0 < self.warmup_fraction < 1, "must be between 0 and 1 (exclusive)"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
+            ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "must be a finite number >= 0"),
             ("dataset", bool(self.dataset), "must not be empty"),
             ("resume", self.resume is None or bool(self.resume), "give 'auto' or a checkpoint directory"),
             ("output_dir", self.output_dir is None or bool(self.output_dir), "must not be empty"),

@@ -48,6 +48,9 @@ def graph_unsupported(cfg: TrainConfig, device: torch.device, world: int, precis
                     "here; --data-path device keeps the data on each GPU without per-step host syncs"),
         (cfg.schedule != "constant", f"needs --schedule constant (got {cfg.schedule!r}): a replayed epoch would "
                                      "repeat the learning rates of the epoch it was captured in"),
+        (cfg.optimizer != "adam" or cfg.weight_decay != 0, f"replays plain Adam, and this run has --optimizer "
+                                                            f"{cfg.optimizer} --weight-decay {cfg.weight_decay}: "
+                                                            "--data-path device runs it"),
         (precision == "fp16", "does not support --mixed-precision fp16, whose grad scaler checks for overflow on "
                               "the host; use bf16 or no"),
         (compiled != "no", f"does not run a model compiled by torch.compile (Accelerate's dynamo_backend is "

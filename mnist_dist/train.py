@@ -171,7 +171,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     model = MLP(train_set.images.shape[1], cfg.hidden_size, len(train_set.class_names))
     model_cfg = saved_model_config(model, cfg, stats, train_set.class_names)
     data_path = resolve_data_path(cfg, accelerator)
-    optimizer = make_optimizer(model.parameters(), cfg.lr, accelerator.device)
+    optimizer = make_optimizer(model.parameters(), cfg.lr, accelerator.device, cfg.optimizer, cfg.weight_decay)
     train_loader, test_loader = make_loaders(train_set, test_set, cfg.batch_size, cfg.eval_batch_size,
                                              cfg.num_workers, cfg.seed)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
@@ -375,13 +375,15 @@ def resolve_data_path(cfg: TrainConfig, accelerator) -> str:
     return "device"
 
 
-def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam, fused into one kernel per step where torch has one for the device; on CUDA also
-    capturable (its step count stays on the GPU), so that `--data-path graph` can record it."""
+def make_optimizer(params, lr: float, device: torch.device, name: str = "adam",
+                   weight_decay: float = 0.0) -> torch.optim.Adam | torch.optim.AdamW:
+    """Adam or AdamW (--optimizer), fused into one kernel per step where torch has one for the device;
+    on CUDA also capturable (its step count stays on the GPU), so that `--data-path graph` can record it."""
     # fused only where its skip of a non-finite step (found_inf) is tested: MPS's fused Adam ignored
     # found_inf until mid-2026 (pytorch/pytorch#186360)
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.Adam(params, lr=lr, fused=fused, capturable=device.type == "cuda")
+    kind = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    return kind(params, lr=lr, weight_decay=weight_decay, fused=fused, capturable=device.type == "cuda")
 
 
 def make_scheduler(cfg: TrainConfig, accelerator, optimizer, total_steps: int):

@@ -16,6 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from mnist_dist import checkpoint
+from mnist_dist.config import parse_args
 from mnist_dist.stopping import EXIT_PREEMPTED
 
 from .helpers import REPO, _free_port, check, launch, mnist5k, results, run, train_cli, train_here, write_dataset
@@ -482,6 +483,16 @@ def same_losses(resumed: dict, ref: dict) -> None:
     """Each epoch's training loss (the loss sums carried through the checkpoint) as the uninterrupted run's."""
     for a, b in zip(resumed["history"], ref["history"], strict=True):
         assert abs(a["train_loss"] - b["train_loss"]) <= 1e-6, (a["train_loss"], b["train_loss"])
+
+
+def test_a_resume_with_another_optimizer_or_weight_decay_is_refused_and_an_older_checkpoint_counts_as_adam(tmp_path):
+    config = {**parse_args(["--dataset", "mnist-5k"]).to_dict()}
+    older = {"config": {k: v for k, v in config.items() if k not in ("optimizer", "weight_decay")}}
+    checkpoint.check_compatible(older, config, tmp_path)  # trained before the flags existed: plain Adam
+    with pytest.raises(checkpoint.CheckpointError, match="--optimizer='adamw', but .* was trained with 'adam'"):
+        checkpoint.check_compatible(older, {**config, "optimizer": "adamw"}, tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="--weight-decay=0.1, but .* was trained with 0.0"):
+        checkpoint.check_compatible({"config": config}, {**config, "weight_decay": 0.1}, tmp_path)
 
 
 def test_the_batch_flag_a_run_began_with_keeps_working_after_it_resumed_on_another_world_size(tmp_path):

@@ -172,6 +172,8 @@ def test_graph_path_says_why_it_cannot_run():
     assert "--schedule" in graph_unsupported(parse_args(["--recipe", "tuned"]), cuda, 1, "no")
     assert "fp16" in graph_unsupported(cfg, cuda, 1, "fp16")
     assert "torch.compile" in graph_unsupported(cfg, cuda, 1, "no", compiled="inductor")
+    assert "--optimizer adamw" in graph_unsupported(parse_args(["--optimizer", "adamw"]), cuda, 1, "no")
+    assert "--weight-decay 0.1" in graph_unsupported(parse_args(["--weight-decay", "0.1"]), cuda, 1, "no")
     assert graph_unsupported(cfg, cuda, 1, "bf16") is None and graph_unsupported(cfg, cuda, 1, "no") is None
 
 

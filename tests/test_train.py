@@ -8,6 +8,7 @@ import time
 import psutil
 import pytest
 import torch
+from safetensors.torch import load_file
 from accelerate.commands.config.config_args import load_config_from_file
 
 from mnist_dist.config import ConfigError, TrainConfig, build_parser, parse_args
@@ -303,3 +304,14 @@ def test_only_a_lone_process_with_threads_from_idle_cores_is_watched(flags, env,
     cfg = parse_args(["--dataset", "mnist-5k", *flags])
     assert (core_watch(cfg, torch.device("cpu")) is not None) == watched
     assert core_watch(cfg, torch.device("cuda")) is None
+
+
+def test_adamw_decays_the_weights(tmp_path):
+    flags = ["--dataset", "mnist-5k", "--cpu", "--epochs", "2", "--report-to", "none"]
+    for name, extra in [("adam", []), ("adamw", ["--optimizer", "adamw", "--weight-decay", "5"])]:
+        check(train_here(*flags, *extra, "--output-dir", str(tmp_path / name)))
+    adam, adamw = (load_file(tmp_path / name / "model.safetensors") for name in ("adam", "adamw"))
+    assert results(tmp_path / "adamw")["config"] == {**results(tmp_path / "adam")["config"], "optimizer": "adamw",
+                                                          "weight_decay": 5.0, "output_dir": str(tmp_path / "adamw")}
+    # decoupled decay: each of the 80 steps shrinks every weight by lr x 5 = 0.5% of itself (0.67x in all)
+    assert sum(float(t.square().sum()) for t in adamw.values()) < 0.9 * sum(float(t.square().sum()) for t in adam.values())
