@@ -82,12 +82,13 @@ PROBE_S = 0.2  # how long the probe watches the cores (s)
 
 def cpu_threads(cfg: TrainConfig) -> tuple[int, str]:
     """Torch threads for a CPU process, and why: --cpu-threads, else $OMP_NUM_THREADS, else this
-    process's share of the cores it may use that are idle now. Threads beside a busy core wait on it
-    (OpenMP): 2 threads there ran 3-6x slower than 1 (benchmarks/README.md)."""
-    if threads_from(cfg) == "--cpu-threads":
-        return cfg.cpu_threads, "--cpu-threads"
-    if threads_from(cfg) == "OMP_NUM_THREADS":
-        return int(os.environ["OMP_NUM_THREADS"].split(",")[0]), "OMP_NUM_THREADS"  # "4,2": nested levels
+    process's share of the cores it may use that are idle now: OpenMP threads beside a busy core spin
+    waiting on it (benchmarks/README.md)."""
+    source = threads_from(cfg)
+    if source == "--cpu-threads":
+        return cfg.cpu_threads, source
+    if source == "OMP_NUM_THREADS":
+        return int(os.environ["OMP_NUM_THREADS"].split(",")[0]), source  # "4,2": nested levels
     allowed = allowed_cores()
     busy = psutil.cpu_percent(interval=PROBE_S, percpu=True)
     idle = sum(1 for core in allowed if core < len(busy) and busy[core] < IDLE_BELOW_PERCENT)
@@ -106,7 +107,7 @@ RECHECK_S = 1.0  # the least time between two looks at the cores (s): shorter re
 
 class CoreWatch:
     """Re-chooses a lone CPU process's torch threads as other programs start and stop: one that
-    starts after the run keeps a core busy, and threads beside it wait on it (3x slower measured)."""
+    starts after the run keeps a core busy, and threads beside it wait on it."""
 
     def __init__(self):
         self.allowed, self.me, self.since = allowed_cores(), psutil.Process(), time.monotonic()

@@ -363,7 +363,7 @@ def saved_model_config(model: MLP, cfg: TrainConfig, stats: tuple[float, float],
 def resolve_data_path(cfg: TrainConfig, accelerator) -> str:
     """The --data-path this run uses: 'auto' is 'graph' where it can run (one CUDA process, constant
     schedule, precision no or bf16, no torch.compile), else 'device': the same batches as the
-    DataLoader (the reference), 1.25-1.3x faster on a CPU too (benchmarks/README.md)."""
+    DataLoader (the reference), and faster on a CPU too (benchmarks/README.md)."""
     why_not = graph_unsupported(cfg, accelerator.device, accelerator.num_processes, accelerator.mixed_precision,
                                 compiled_with(accelerator))
     if cfg.data_path == "graph" and why_not:
