@@ -35,7 +35,7 @@ HISTORY_NUMBERS = ("train_loss", "test_accuracy", "test_loss", "seconds", "eval_
 # config fields that shape the trajectory: a resumed run must use the same values
 # (the batch: the global batch must match, see `batch_for_world`)
 MUST_MATCH = ("dataset", "hidden_size", "lr", "seed", "mixed_precision", "schedule", "warmup_fraction",
-              "label_smoothing", "normalization", "optimizer", "weight_decay")
+              "label_smoothing", "normalization", "optimizer", "weight_decay", "max_grad_norm")
 # a schedule is laid out over all steps: the run's length must not change under it
 MUST_MATCH_SCHEDULED = ("epochs", "max_steps")
 
@@ -205,8 +205,10 @@ def _check_position(state: dict, config: TrainConfig, need) -> None:
     """The step, the position in the epoch and the sample counts agree with each other and with the config."""
     per_epoch, train_samples = steps_per_epoch(state), state["data"]["train"]["samples"]
     step, epoch, position = state["global_step"], state["epoch"], state["batch_in_epoch"]
-    need(state["global_batch_size"] == state["world_size"] * config.batch_size, "global_batch_size",
-         f"must be world_size x config.batch_size ({state['world_size']} x {config.batch_size})")
+    steps = config.gradient_accumulation_steps
+    need(state["global_batch_size"] == state["world_size"] * config.batch_size * steps, "global_batch_size",
+         f"must be world_size x config.batch_size x config.gradient_accumulation_steps ({state['world_size']} x "
+         f"{config.batch_size} x {steps})")
     # == per_epoch: stopped at an epoch's end before its evaluation
     need(position <= per_epoch, "batch_in_epoch", f"must be at most the {per_epoch} steps of an epoch")
     need(step == epoch * per_epoch + position, "global_step",
@@ -302,22 +304,42 @@ def check_compatible(state: dict, config: dict, path: Path) -> None:
             )
 
 
-def batch_for_world(state: dict, batch_size: int, world: int, path: Path) -> int:
-    """The per-process batch that keeps the checkpoint's global batch on `world` processes: the same
-    batches, in the same order, whatever the world size. `batch_size`: --batch-size, which must be what
-    the run began with (or global / world); a world size that does not divide the global batch is refused."""
-    was_world, was_batch, global_batch = state["world_size"], state["config"]["batch_size"], state["global_batch_size"]
-    began_with = state["batch_size_flag"]
-    if batch_size != began_with and batch_size * world != global_batch:
-        raise CheckpointError(f"--batch-size={batch_size}, but {path} was trained with {began_with} (a global batch "
-                              f"of {global_batch}); resume with the same value")
+def batch_for_world(state: dict, cfg: TrainConfig, world: int, path: Path) -> tuple[int, int]:
+    """(per-process batch, accumulation steps) that keep the checkpoint's global batch on `world` processes:
+    the same samples in each optimizer step, in the same order, whatever the world size. Given on the command
+    line, --batch-size and --gradient-accumulation-steps must multiply with `world` to it; else the batch
+    the run began with is kept (its memory per process) and the steps follow, or failing that the steps
+    are kept and the batch follows."""
+    global_batch, began_with = state["global_batch_size"], state["batch_size_flag"]
+    was_steps = state["config"].get("gradient_accumulation_steps", 1)
+    given = cfg.given_fields()
+    b, n = cfg.batch_size, cfg.gradient_accumulation_steps
+    if "batch_size" in given and "gradient_accumulation_steps" in given:
+        tries = [(b, n)]
+    elif "batch_size" in given:
+        tries = [(b, global_batch // (world * b))]
+    elif "gradient_accumulation_steps" in given:
+        tries = [(global_batch // (world * n), n)]
+    else:
+        tries = [(began_with, global_batch // (world * began_with)), (global_batch // (world * was_steps), was_steps)]
+    for b, n in tries:
+        if b >= 1 and n >= 1 and world * b * n == global_batch:
+            return b, n
     if global_batch % world:
         fits = [n for n in range(1, global_batch + 1) if global_batch % n == 0]
         raise CheckpointError(
-            f"{path} was trained with a global batch of {global_batch} ({was_world} processes x {was_batch}); "
-            f"{world} processes cannot split it evenly. Resume on a number of processes that divides it: "
-            f"{', '.join(map(str, fits[:12]))}{', ...' if len(fits) > 12 else ''}")
-    return global_batch // world
+            f"{path} was trained with a global batch of {global_batch} ({state['world_size']} processes x "
+            f"{state['config']['batch_size']}{f' x {was_steps}' if was_steps > 1 else ''}); {world} processes cannot "
+            f"split it evenly. Resume on a number of processes that divides it: {', '.join(map(str, fits[:12]))}"
+            f"{', ...' if len(fits) > 12 else ''}")
+    per_process = global_batch // world
+    cuts = [f"--batch-size {b} --gradient-accumulation-steps {per_process // b}"
+            for b in range(per_process, 0, -1) if per_process % b == 0]
+    raise CheckpointError(
+        f"--batch-size={cfg.batch_size} --gradient-accumulation-steps={cfg.gradient_accumulation_steps} on {world} "
+        f"process(es) make a global batch of {world * cfg.batch_size * cfg.gradient_accumulation_steps}, but {path} was "
+        f"trained with {global_batch}; on {world} process(es) resume with one of: {'; '.join(cuts[:6])}"
+        f"{'; ...' if len(cuts) > 6 else ''}")
 
 
 def check_data(state: dict, data: dict, config: dict, path: Path) -> None:

@@ -68,8 +68,11 @@ class TrainConfig:
     hidden_size: int = _field(256, f"width of the MLP's hidden layer (units, at most {MAX_HIDDEN:,})")
     # optimisation
     epochs: int = _field(10, "passes over the training set (epochs)")
-    batch_size: int = _field(128, "training samples per process per optimizer step; the global batch is this "
-                             "times the world size")
+    batch_size: int = _field(128, "training samples per process per batch; the global batch of an optimizer "
+                             "step is this times the world size times --gradient-accumulation-steps")
+    gradient_accumulation_steps: int = _field(
+        1, "batches each process adds the gradients of before one optimizer step (Accelerate's accumulate: one "
+        "all-reduce per step); the global batch is processes x --batch-size x this")
     eval_batch_size: int = _field(1024, "test samples per process per evaluation batch")
     recipe: str = _field("record", "preset for the optimisation flags: 'record' (the defaults: constant lr 1e-3) "
                          "or 'tuned' (--schedule onecycle --lr 3e-3 --warmup-fraction 0.15 --label-smoothing 0.1 "
@@ -84,12 +87,18 @@ class TrainConfig:
                             "weight decay, torch's AdamW); fused where torch has a fused kernel", choices=("adam", "adamw"))
     weight_decay: float = _field(0.0, "weight decay per optimizer step (AdamW: weights shrink by lr x this each step), "
                                  "on every parameter, biases included (0: none)")
+    max_grad_norm: float | None = _field(None, "clip the gradients' total L2 norm to this before each optimizer "
+                                         "step (accelerator.clip_grad_norm_); default: no clipping. The norm "
+                                         "before clipping is logged as train/grad_norm either way")
     seed: int = _field(0, "seed for weight init and the per-epoch shuffle (same on every process; 0 to 2**32 - 1)")
     max_steps: int | None = _field(None, "stop after this many optimizer steps in total, then evaluate "
                                    "(debugging); default: all epochs ('none' says so on a resume)")
     # hardware
     mixed_precision: str | None = _field(None, "autocast precision; default: what `accelerate launch` was "
                                          "configured with, else 'no'", choices=MIXED_PRECISION_CHOICES)
+    deterministic: bool = _field(False, "deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN and "
+                                 "cuBLAS set so): two runs on one GPU end bit-identical, at some speed; a CPU "
+                                 "run is deterministic without it")
     cpu: bool = _field(False, "train on the CPU even if a GPU is present (also makes `accelerate launch` use gloo)")
     cpu_threads: int | None = _field(None, "torch threads of each CPU process; default: $OMP_NUM_THREADS, else "
                                      "its share of the allowed cores idle at start (benchmarks/README.md)")
@@ -135,8 +144,8 @@ class TrainConfig:
                 self._refuse(f.name, f"must be {kind}{' or null' if f.default is None else ''}")
             if choices and value not in choices and not (value is None and f.default is None):
                 self._refuse(f.name, f"unknown {f.name.replace('_', ' ')}; choose one of {', '.join(choices)}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "hidden_size", "log_every", "keep_checkpoints",
-                     "max_steps", "checkpoint_every"):
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_batch_size", "hidden_size",
+                     "log_every", "keep_checkpoints", "max_steps", "checkpoint_every"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1) and not (value is None and name in OPTIONAL_COUNTS):
                 self._refuse(name, "must be an integer >= 1")
@@ -145,6 +154,8 @@ class TrainConfig:
             ("lr", math.isfinite(self.lr) and self.lr > 0, "must be a finite number > 0"),
             ("warmup_fraction", 0 < self.warmup_fraction < 1, "must be between 0 and 1 (exclusive)"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
+            ("max_grad_norm", self.max_grad_norm is None or math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0,
+             "must be a finite number > 0"),
             ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "must be a finite number >= 0"),
             ("dataset", bool(self.dataset), "must not be empty"),
             ("resume", self.resume is None or bool(self.resume), "give 'auto' or a checkpoint directory"),
@@ -182,7 +193,8 @@ class TrainConfig:
         taken = {f.name: saved[f.name] for f in flags()
                  if f.name not in given and f.name not in NOT_INHERITED and f.name in saved
                  and saved[f.name] != getattr(self, f.name)}
-        return dataclasses.replace(self, **taken), taken
+        # what was given stays what was given, also for a config built in Python (`given_fields`)
+        return dataclasses.replace(self, **taken, given=given), taken
 
 
 # where the run is and what to do with it: never taken from the checkpoint being resumed

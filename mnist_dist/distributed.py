@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import (AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs,
-                              InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, gather_object)
+                              GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration,
+                              broadcast_object_list, gather_object)
 
 from . import tracking
 from .config import ConfigError, TrainConfig
@@ -30,6 +31,8 @@ class LaunchError(RuntimeError):
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
     """An Accelerator for `cfg`, after checking that the launch and the precision can work."""
     join_restarted_group(cfg)
+    if cfg.deterministic:  # cuBLAS reads it when CUDA starts (torch's reproducibility notes)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     accelerator = Accelerator(
         cpu=cfg.cpu,
         log_with=tracking.log_with(cfg) or None,  # trackers run on the main process only
@@ -47,6 +50,10 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         ],
         # every process draws the same permutation, seeded by seed + epoch, then takes its shard
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        # the loop tells Accelerate which batch ends each optimizer step (EagerSteps), also on the device
+        # path, which has no DataLoader whose end Accelerate could see
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.gradient_accumulation_steps,
+                                                                sync_with_dataloader=False),
     )
     check_coupled(accelerator, "mnist_dist.train")
     check_precision(accelerator, from_flag=cfg.mixed_precision is not None)
@@ -236,7 +243,8 @@ def warn_if_no_gpu(accelerator: Accelerator, cfg: TrainConfig) -> None:
 
 
 def global_real(batch_index: int, dataset_len: int, batch_size: int, world: int) -> int:
-    """Real samples in the global batch at step `batch_index` of an epoch (the last one may be short)."""
+    """Real samples in the global batch number `batch_index` of an epoch (the last one may be short);
+    with `batch_size` the per-process batch times the accumulation steps, in optimizer step `batch_index`."""
     return min(world * batch_size, dataset_len - batch_index * world * batch_size)
 
 

@@ -48,6 +48,9 @@ def graph_unsupported(cfg: TrainConfig, device: torch.device, world: int, precis
                     "here; --data-path device keeps the data on each GPU without per-step host syncs"),
         (cfg.schedule != "constant", f"needs --schedule constant (got {cfg.schedule!r}): a replayed epoch would "
                                      "repeat the learning rates of the epoch it was captured in"),
+        (cfg.gradient_accumulation_steps > 1 or cfg.max_grad_norm is not None,
+         f"captures one batch per optimizer step, unclipped, and this run has --gradient-accumulation-steps "
+         f"{cfg.gradient_accumulation_steps} --max-grad-norm {cfg.max_grad_norm}: --data-path device runs it"),
         (cfg.optimizer != "adam" or cfg.weight_decay != 0, f"replays plain Adam, and this run has --optimizer "
                                                             f"{cfg.optimizer} --weight-decay {cfg.weight_decay}: "
                                                             "--data-path device runs it"),
@@ -177,6 +180,14 @@ class EpochGraph:
             self.graph.replay()
         if self.seconds_to_first_step is None:
             self.seconds_to_first_step = since_process_start()
+
+    def step_losses(self, start: int, stop: int) -> list[float]:
+        """The loss sums of steps [start, stop) (a host sync)."""
+        return self.losses[start:stop].tolist()
+
+    def window_grad_norm(self) -> None:
+        """Not kept: the replayed step's finite check reads no total norm (train/grad_norm is not logged)."""
+        return None
 
     def warm_up(self) -> None:
         """Run the first steps of the current epoch eagerly with every update skipped (`found_inf` set):

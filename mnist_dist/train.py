@@ -167,7 +167,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     timings["data_load"] = time.perf_counter() - began
 
     began = time.perf_counter()
-    set_seed(cfg.seed)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
+    set_seed(cfg.seed, deterministic=cfg.deterministic)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
     model = MLP(train_set.images.shape[1], cfg.hidden_size, len(train_set.class_names))
     model_cfg = saved_model_config(model, cfg, stats, train_set.class_names)
     data_path = resolve_data_path(cfg, accelerator)
@@ -175,7 +175,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     train_loader, test_loader = make_loaders(train_set, test_set, cfg.batch_size, cfg.eval_batch_size,
                                              cfg.num_workers, cfg.seed)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    steps_per_epoch = len(train_loader)  # per process; the same on every process
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)  # the same on every process
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     scheduler = make_scheduler(cfg, accelerator, optimizer, total_steps)
     state = restore(accelerator, resume_from, saved, optimizer, cfg.seed) if saved else TrainState()
@@ -192,10 +192,10 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     report = Reporter(accelerator, cfg.output_dir, total_steps, state.global_step if saved else None)
     epochs = math.ceil(total_steps / steps_per_epoch)
     report.say(banner(cfg, accelerator, config, len(train_set), len(test_set), data_path, resume_from, saved, state))
-    checkpoint_extra = {"world_size": world, "global_batch_size": cfg.batch_size * world, "config": config, "run_id": run_id,
+    checkpoint_extra = {"world_size": world, "global_batch_size": global_batch(cfg, world), "config": config, "run_id": run_id,
                         "batch_size_flag": saved["batch_size_flag"] if saved else cfg.batch_size, "data": fingerprint}
     # real samples in the global batch at each step of an epoch: the last one may be short
-    real_samples = [global_real(i, len(train_set), cfg.batch_size, world) for i in range(steps_per_epoch)]
+    real_samples = [min(global_batch(cfg, world), len(train_set) - i * global_batch(cfg, world)) for i in range(steps_per_epoch)]
 
     gc.freeze()  # full collections no longer walk the imports' objects: no process stalls the all-reduce for one
     timings["setup"] = time.perf_counter() - began  # model, optimizer, prepare, device copies, trackers
@@ -215,7 +215,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
                 stop = start + steps_to_next_check(state, cfg, runner.logs_live, steps_per_epoch, total_steps)
                 runner.run(start, stop)  # steps [start, stop) of this epoch, no host sync between them
                 windows, first_bad_loss = state.add_steps(
-                    runner.losses[start:stop].tolist(), real_samples[start:stop], cfg.log_every)
+                    runner.step_losses(start, stop), real_samples[start:stop], cfg.log_every)
                 if state.seconds_to_first_step is None:  # a fresh run's first stretch
                     state.seconds_to_first_step = runner.seconds_to_first_step
                 report.advance(stop - start)
@@ -224,7 +224,8 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
                                                 state.global_step, first_bad_loss)
                 if first_bad is not None:
                     raise TrainingError(non_finite_message(first_bad, state.epoch, cfg.output_dir))
-                report.log_windows(windows, state, optimizer, steps_per_epoch, time.perf_counter() - timed_since)
+                report.log_windows(windows, state, optimizer, steps_per_epoch, time.perf_counter() - timed_since,
+                                   runner.window_grad_norm() if windows else None)
                 if watch:  # a program that started or stopped since changes the threads worth using
                     watch.recheck(report.say)
                 if stop or checkpoint_due(state, cfg, steps_per_epoch, total_steps):
@@ -274,7 +275,7 @@ def start_tracking(cfg: TrainConfig, accelerator, config: dict, saved: dict | No
     # a checkpoint resumed into another directory starts a run of its own
     run_id = saved["run_id"] if saved and plan.continues else uuid.uuid4().hex[:16]
     world = accelerator.num_processes
-    tracking.start(accelerator, cfg, {**config, "world_size": world, "global_batch_size": cfg.batch_size * world,
+    tracking.start(accelerator, cfg, {**config, "world_size": world, "global_batch_size": global_batch(cfg, world),
                                       "train_samples": train_len, "device_type": accelerator.device.type,
                                       **tracking.run_metadata()}, run_id)
     return run_id
@@ -282,12 +283,13 @@ def start_tracking(cfg: TrainConfig, accelerator, config: dict, saved: dict | No
 
 def resume_point(cfg: TrainConfig, plan: runs.Plan, world: int) -> tuple[TrainConfig, Path | None, dict | None]:
     """(`cfg`, the checkpoint to resume from, its training state), or (`cfg`, None, None) for a fresh run.
-    On another world size the checkpoint's global batch is cut into `world` per-process batches."""
+    The checkpoint's global batch is cut into `world` processes x batch x accumulation steps."""
     if not plan.resume_from:
         return cfg, None, None
     path = Path(plan.resume_from)
     saved = checkpoint.read_state(path)
-    return replace(cfg, batch_size=checkpoint.batch_for_world(saved, cfg.batch_size, world, path)), path, saved
+    batch_size, steps = checkpoint.batch_for_world(saved, cfg, world, path)
+    return replace(cfg, batch_size=batch_size, gradient_accumulation_steps=steps), path, saved
 
 
 def as_flags(values: dict) -> str:
@@ -313,17 +315,21 @@ def stop_reason(signals: StopSignals) -> str:
 def banner(cfg: TrainConfig, accelerator, config: dict, train_len: int, test_len: int, data_path: str,
            resume_from: Path | None, saved: dict | None, state: TrainState) -> str:
     """What this run is, said just before it trains; a resumed run on another world size says so too."""
-    world = accelerator.num_processes
+    world, n = accelerator.num_processes, cfg.gradient_accumulation_steps
     text = (f"mnist_dist: {train_len} train / {test_len} test samples, {world} process(es) on "
-            f"{accelerator.device.type}, global batch {cfg.batch_size * world}, precision {accelerator.mixed_precision}, "
+            f"{accelerator.device.type}, global batch {global_batch(cfg, world)}"
+            + (f" ({world} x {cfg.batch_size} x {n} accumulated)" if n > 1 else "")
+            + f", precision {accelerator.mixed_precision}, "
             + (f"torch.compile {config['torch_compile']}, " if config["torch_compile"] != "no" else "")
             + f"data path {data_path}; {cfg.output_dir}"
             + (f", resuming from {resume_from} (step {state.global_step})" if resume_from else ""))
+    was_n = saved["config"].get("gradient_accumulation_steps", 1) if saved else n
     if saved and saved["world_size"] != world:
+        was = f"{saved['global_batch_size'] // saved['world_size'] // was_n}" + (f" x {was_n}" if was_n > 1 else "")
         text += (f"\nmnist_dist: the world size changed from {saved['world_size']} to {world}: each process now takes "
-                 f"{cfg.batch_size} samples per step (was {saved['global_batch_size'] // saved['world_size']}), so the "
-                 f"global batch ({cfg.batch_size * world}), the data order and the trajectory stay the same, up to the "
-                 "order in which floating-point sums are added")
+                 + (f"{cfg.batch_size} samples per step" if n == 1 else f"{cfg.batch_size} samples per batch, {n} batches per step")
+                 + f" (was {was}), so the global batch ({global_batch(cfg, world)}), the data order and the "
+                 "trajectory stay the same, up to the order in which floating-point sums are added")
     return text
 
 
@@ -432,12 +438,12 @@ class NonFiniteGuard:
         if self.fused:  # fused Adam skips its update while found_inf is 1: the interface GradScaler uses
             optimizer.optimizer.found_inf = self.found_inf
 
-    def check(self, optimizer) -> None:
-        """After backward, before `optimizer.step()`: mark this step bad if a gradient is not finite."""
+    def check(self, optimizer, norm: torch.Tensor) -> None:
+        """After backward, before `optimizer.step()`: mark this step bad if the gradients' total norm
+        (`grad_norm`) is not finite."""
         if self.scaler:
             return
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = torch.nn.utils.get_total_norm(grads).isfinite()  # torch's own test (clip_grad_norm_)
+        finite = norm.isfinite()
         torch.maximum(self.found_inf, ~finite, out=self.found_inf)
         self.bad_steps += self.found_inf
         if not self.fused and self.found_inf.item():  # an optimizer without found_inf: one host sync a step
@@ -445,22 +451,40 @@ class NonFiniteGuard:
 
 
 def train_step(accelerator, model, optimizer, guard: NonFiniteGuard, images: torch.Tensor, labels: torch.Tensor,
-               scale: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """One optimizer step on a batch of normalized images; returns its loss sum (0-d, on the device).
-    `scale` is world size / real samples in the global batch: DDP averages the gradients over the
-    processes, so the update follows the global batch's mean loss, as on one process."""
-    logits = model(images)
-    loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
-    accelerator.backward(loss_sum * scale)
-    guard.check(optimizer)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum.detach()
+               scale: float, label_smoothing: float = 0.0,
+               max_grad_norm: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One batch of an optimizer step, on normalized images: forward and backward, and after the step's
+    last batch (Accelerate's sync_gradients) the update. Returns the batch's loss sum and, after the last
+    batch, the gradients' total norm before clipping (both 0-d, on the device; the norm else None).
+    `scale` is world size x accumulation steps / real samples in the step's global batch: DDP averages
+    the gradients over the processes and `accelerator.backward` divides by the accumulation steps, so the
+    update follows the mean loss of the step's global batch, as one process with one batch would."""
+    with accelerator.accumulate(model):  # DDP all-reduces in the backward of the step's last batch only
+        logits = model(images)
+        loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
+        accelerator.backward(loss_sum * scale)
+        norm = None
+        if accelerator.sync_gradients:
+            norm = grad_norm(accelerator, optimizer, max_grad_norm)
+            guard.check(optimizer, norm)
+        optimizer.step()  # Accelerate's optimizer steps and zeroes only after the step's last batch
+        optimizer.zero_grad(set_to_none=True)
+    return loss_sum.detach(), norm
+
+
+def grad_norm(accelerator, optimizer, max_norm: float | None) -> torch.Tensor:
+    """The gradients' total L2 norm (0-d, on the device); then, if `max_norm` is given, they are clipped to it."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if max_norm is not None:
+        return accelerator.clip_grad_norm_(params, max_norm)  # unscales fp16 gradients first (accelerate#641)
+    accelerator.unscale_gradients()  # fp16: the norm of the true gradients; nothing to do otherwise
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
 class EagerSteps:
-    """--data-path dataloader and device: the reference step, launched from Python batch by batch.
-    Each step's loss sum goes to `losses[step]`, on the device."""
+    """--data-path dataloader and device: the reference step, launched from Python batch by batch,
+    --gradient-accumulation-steps batches an optimizer step. Each batch's loss sum goes to
+    `losses[batch]`, on the device; each step's gradient norm to `norms` until the next log point."""
 
     logs_live = True  # the loop stops at every --log-every step to log
     capture_seconds = 0.0
@@ -471,10 +495,15 @@ class EagerSteps:
         self.accelerator, self.model, self.optimizer, self.scheduler, self.guard = accelerator, model, optimizer, scheduler, guard
         self.batches, self.cfg, self.train_len, self.stats = batches, cfg, train_len, stats
         self.losses = torch.zeros(len(batches), device=accelerator.device)
+        self.norms: list[torch.Tensor] = []
+        # a resume on another world size may have re-cut the global batch after the Accelerator was built
+        accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self.epoch_batches = iter(())
         self.seconds_to_first_step: float | None = None
 
     def begin_epoch(self, epoch: int, start: int) -> None:
+        """Batches from optimizer step `start` of `epoch` on."""
+        start *= self.cfg.gradient_accumulation_steps
         if isinstance(self.batches, DeviceBatches):
             self.epoch_batches = self.batches.epoch(epoch, start)
             return
@@ -484,18 +513,41 @@ class EagerSteps:
         self.epoch_batches = iter(loader)
 
     def run(self, start: int, stop: int) -> None:
-        world, batch_size = self.accelerator.num_processes, self.cfg.batch_size
-        for index in range(start, stop):
-            images, labels = next(self.epoch_batches)
-            real = local_real(index, len(labels), self.train_len, batch_size, self.accelerator)  # fillers last
-            scale = world / global_real(index, self.train_len, batch_size, world)
-            self.losses[index] = train_step(self.accelerator, self.model, self.optimizer, self.guard,
-                                            normalize(images[:real], *self.stats), labels[:real], scale,
-                                            self.cfg.label_smoothing)
+        """Optimizer steps [start, stop) of the epoch."""
+        world, batch_size, n = self.accelerator.num_processes, self.cfg.batch_size, self.cfg.gradient_accumulation_steps
+        for step in range(start, stop):
+            batches = range(step * n, min(step * n + n, len(self.batches)))  # an epoch's last step may have fewer
+            scale = world * n / global_real(step, self.train_len, batch_size * n, world)
+            self.accelerator.step = n - len(batches)  # Accelerate's batch count: it syncs on this step's last batch
+            for index in batches:
+                images, labels = next(self.epoch_batches)
+                real = local_real(index, len(labels), self.train_len, batch_size, self.accelerator)  # fillers last
+                self.losses[index], norm = train_step(self.accelerator, self.model, self.optimizer, self.guard,
+                                                      normalize(images[:real], *self.stats), labels[:real], scale,
+                                                      self.cfg.label_smoothing, self.cfg.max_grad_norm)
+            self.norms.append(norm)  # a reference: no copy, no kernel
             if self.scheduler is not None:
                 self.scheduler.step()
             if self.seconds_to_first_step is None:
                 self.seconds_to_first_step = since_process_start()
+
+    def step_losses(self, start: int, stop: int) -> list[float]:
+        """The loss sums of optimizer steps [start, stop), from their batches' (a host sync)."""
+        n = self.cfg.gradient_accumulation_steps
+        per_batch = self.losses[start * n : stop * n].tolist()
+        return [sum(per_batch[i : i + n]) for i in range(0, len(per_batch), n)]
+
+    def window_grad_norm(self) -> float | None:
+        """The mean gradient norm before clipping of the finite steps since the last call (fp16 overflows
+        are not), or None."""
+        norms, self.norms = torch.stack(self.norms) if self.norms else None, []
+        finite = norms[norms.isfinite()] if norms is not None else None
+        return finite.mean().item() if finite is not None and len(finite) else None
+
+
+def global_batch(cfg: TrainConfig, world: int) -> int:
+    """Training samples of one optimizer step, all processes."""
+    return world * cfg.batch_size * cfg.gradient_accumulation_steps
 
 
 def steps_to_next_check(state: TrainState, cfg: TrainConfig, logs_live: bool, steps_per_epoch: int,
@@ -586,16 +638,19 @@ class Reporter:
     def advance(self, steps: int) -> None:
         self.bar.update(steps)
 
-    def log_windows(self, windows: list, state: TrainState, optimizer, steps_per_epoch: int, seconds: float) -> None:
-        """Log the --log-every windows just closed (`TrainState.add_steps`): loss over every process."""
+    def log_windows(self, windows: list, state: TrainState, optimizer, steps_per_epoch: int, seconds: float,
+                    grad_norm: float | None = None) -> None:
+        """Log the --log-every windows just closed (`TrainState.add_steps`): loss over every process, and
+        `grad_norm`, the last window's mean gradient norm (the same on every process: gradients are all-reduced)."""
         if not windows:
             return
         mine = torch.tensor([w[1] for w in windows], dtype=torch.float32, device=self.accelerator.device)
         totals = self.accelerator.reduce(mine, reduction="sum").tolist()
         rate = (state.samples_seen + state.epoch_samples) / (state.train_seconds + seconds)
         for (step, _, samples), total in zip(windows, totals):
+            norm = {"train/grad_norm": grad_norm} if grad_norm is not None and step == windows[-1][0] else {}
             self.log({"train/loss": total / samples, "train/lr": optimizer.param_groups[0]["lr"],
-                      "train/samples_per_second": rate, "train/epoch": step / steps_per_epoch}, step)
+                      "train/samples_per_second": rate, "train/epoch": step / steps_per_epoch, **norm}, step)
         self.bar.set_postfix(loss=f"{totals[-1] / windows[-1][2]:.4f}", samples_s=f"{rate:,.0f}")
 
     def close(self) -> None:
@@ -612,13 +667,14 @@ def results_of(cfg: TrainConfig, accelerator, state: TrainState, metrics: dict, 
         "test_samples": metrics["samples"], "best_test_accuracy": state.best_test_accuracy,
         "train_samples": train_len, "epochs": len(state.history), "steps": state.global_step,
         "samples_seen": samples_seen, "world_size": world, "per_process_batch_size": cfg.batch_size,
-        "global_batch_size": cfg.batch_size * world, "mixed_precision": accelerator.mixed_precision,
+        "global_batch_size": global_batch(cfg, world), "mixed_precision": accelerator.mixed_precision,
         "torch_compile": compiled_with(accelerator),  # Accelerate's dynamo_backend, lower case; "no" when off
         "data_path": data_path,  # resolved: --data-path auto picks one
         "device_type": accelerator.device.type, "train_seconds": state.train_seconds,
         "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
         "cpu_threads_from": threads_from(cfg) if accelerator.device.type == "cpu" else None,
         "samples_per_second": samples_seen / state.train_seconds,
+        "deterministic": torch.are_deterministic_algorithms_enabled(),  # --deterministic
         "seconds_to_first_step": state.seconds_to_first_step,
         "timings": timings,  # this process's wall time by phase, seconds (train and eval: across resumes)
         "normalization": {"mean": stats[0], "std": stats[1]},

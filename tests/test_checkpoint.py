@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from mnist_dist import checkpoint
-from mnist_dist.config import parse_args
+from mnist_dist.config import TrainConfig, parse_args
 from mnist_dist.stopping import EXIT_PREEMPTED
 
 from .helpers import REPO, _free_port, check, launch, mnist5k, results, run, train_cli, train_here, write_dataset
@@ -280,10 +280,12 @@ def test_resume_on_a_world_size_that_does_not_divide_the_global_batch_is_refused
     assert not (tmp_path / "o").exists()
 
 
-def test_resume_with_another_batch_size_is_refused(finished, tmp_path):
-    ckpt = checkpoint.complete_checkpoints(finished)[-1]
-    proc = check(train_here(*RUN, "--cpu", "--batch-size", "64", "--output-dir", str(tmp_path), "--resume", str(ckpt)), rc=2)
-    assert f"--batch-size=64, but {ckpt} was trained with 128" in proc.stderr
+def test_resume_with_a_batch_size_that_cannot_make_the_global_batch_is_refused(finished, tmp_path):
+    ckpt = checkpoint.complete_checkpoints(finished)[-1]  # 1 x 128; --batch-size 64 would accumulate 2 batches
+    proc = check(train_here(*RUN, "--cpu", "--batch-size", "96", "--output-dir", str(tmp_path), "--resume", str(ckpt)), rc=2)
+    assert (f"--batch-size=96 --gradient-accumulation-steps=1 on 1 process(es) make a global batch of 96, but {ckpt} "
+            "was trained with 128; on 1 process(es) resume with one of: --batch-size 128 --gradient-accumulation-steps 1;"
+            ) in proc.stderr
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
@@ -496,13 +498,14 @@ def test_a_resume_with_another_optimizer_or_weight_decay_is_refused_and_an_older
 
 
 def test_the_batch_flag_a_run_began_with_keeps_working_after_it_resumed_on_another_world_size(tmp_path):
-    # began on 2 processes x 128, resumed on 1 x 256: requeued again on 1, the same command must still resume
+    # began on 2 processes x 128, resumed on 1 x 256 (before accumulation): requeued again, the same command resumes
     state = {"world_size": 1, "global_batch_size": 256, "batch_size_flag": 128, "config": {"batch_size": 256}}
-    assert checkpoint.batch_for_world(state, 128, 1, tmp_path) == 256
-    assert checkpoint.batch_for_world(state, 128, 4, tmp_path) == 64
-    assert checkpoint.batch_for_world(state, 64, 4, tmp_path) == 64  # global / world, said explicitly
-    with pytest.raises(checkpoint.CheckpointError, match="--batch-size=64, but .* was trained with 128"):
-        checkpoint.batch_for_world(state, 64, 1, tmp_path)
+    given = TrainConfig(batch_size=128, given=frozenset())  # the batch the run began with, not given again
+    assert checkpoint.batch_for_world(state, given, 1, tmp_path) == (128, 2)  # its batch kept, 2 steps accumulated
+    assert checkpoint.batch_for_world(state, given, 4, tmp_path) == (64, 1)  # 4 x 128 is past 256
+    flag = TrainConfig(batch_size=64, given=frozenset({"batch_size"}))
+    assert checkpoint.batch_for_world(state, flag, 4, tmp_path) == (64, 1)  # global / world, said explicitly
+    assert checkpoint.batch_for_world(state, flag, 1, tmp_path) == (64, 4)
 
 
 @pytest.mark.parametrize("world", [1, 3])
@@ -512,8 +515,10 @@ def test_a_2_process_run_resumes_on_another_world_size_to_the_same_trajectory(cu
     shutil.copytree(cut, out)
     # the cut run's --max-steps 30 is lifted: a resume keeps every limit it is not told otherwise
     proc = check(run(train_cmd(world, *RESIZE, "--output-dir", str(out), "--resume", "auto", "--max-steps", "none")))
-    assert (f"the world size changed from 2 to {world}: each process now takes {96 // world} samples per step "
-            "(was 48), so the global batch (96)") in proc.stdout
+    # on 1 process the batch of 48 is kept, 2 accumulated a step; on 3, 48 x 3 is past 96: 32 a step
+    now = "48 samples per batch, 2 batches per step" if world == 1 else "32 samples per step"
+    assert f"the world size changed from 2 to {world}: each process now takes {now} (was 48), so the global batch (96)" \
+        in proc.stdout
     resumed, ref = results(out), results(whole)
     assert resumed["world_size"] == world and resumed["global_batch_size"] == 96
     print(f"2 -> {world} processes: weights within {close_weights(out, whole, 1e-5):.1e} of the uninterrupted run")

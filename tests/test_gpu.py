@@ -110,3 +110,17 @@ def test_graph_run_resumed_from_a_mid_epoch_checkpoint_ends_where_the_whole_run_
     for name in whole:
         torch.testing.assert_close(resumed[name], whole[name], rtol=1e-4, atol=1e-5)
     assert results(tmp_path / "resumed")["test_accuracy"] == pytest.approx(results(tmp_path / "whole")["test_accuracy"], abs=0.002)
+
+
+@gpu
+@pytest.mark.parametrize("accumulate", ["1", "2"])
+def test_two_deterministic_gpu_runs_of_the_device_path_end_bit_identical(accumulate, tmp_path):
+    from .test_accumulation import same_weights
+
+    flags = ["--dataset", "mnist-5k", "--epochs", "2", "--data-path", "device", "--deterministic", "--report-to", "none",
+             "--gradient-accumulation-steps", accumulate, "--batch-size", str(128 // int(accumulate))]
+    for name in ("a", "b"):
+        check(train_cli(*flags, "--output-dir", str(tmp_path / name)))
+    r = results(tmp_path / "a")
+    assert r["device_type"] == "cuda" and r["deterministic"] is True
+    assert same_weights(tmp_path / "a", tmp_path / "b")

@@ -136,14 +136,16 @@ def test_a_job_preempted_on_2_nodes_resumes_on_the_1_node_left_to_the_same_traje
     assert "on 1 node(s): node1" in log and log.count("resuming from") == 2
     assert log.count("the world size changed") == 1
     # the reference takes the same world sizes at the same steps by hand, without SLURM: 2 processes x 128
-    # up to the first stop, then 1 x 256. (Against a run on 1 process throughout, 400 Adam steps amplify
+    # up to the first stop, then 1 x 128 x 2. (Against a run on 1 process throughout, 400 Adam steps amplify
     # the different order of the float sums to ~3e-2 on some CPUs; test_checkpoint compares short runs so.)
     first_stop = int(re.search(r"stopped by signal \w+ after step (\d+)", log).group(1))
     reference = tmp_path / "reference"
     check(run(train_cmd(2, *flags, "--max-steps", str(first_stop), "--output-dir", str(reference))))
     check(run(train_cmd(1, "--resume", "auto", "--max-steps", "none", "--output-dir", str(reference))))
     resumed, ref = results(out), results(reference)
-    assert resumed["world_size"] == 1 and resumed["per_process_batch_size"] == 256 and ref["world_size"] == 1
+    # the batch each process began with is kept, and 2 batches accumulated a step make up the global batch
+    assert (resumed["world_size"], resumed["per_process_batch_size"], resumed["config"]["gradient_accumulation_steps"],
+            ref["world_size"]) == (1, 128, 2, 1)
     print(f"2 nodes -> 1: weights within {close_weights(out, reference, 1e-5):.1e} of the same resize by hand")
     assert (resumed["steps"], resumed["samples_seen"]) == (ref["steps"], ref["samples_seen"])
     assert abs(resumed["test_accuracy"] - ref["test_accuracy"]) <= 0.002
