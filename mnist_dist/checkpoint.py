@@ -180,6 +180,7 @@ def check_state(state: dict, file: Path) -> None:
 
     for key in ("global_step", "world_size", "global_batch_size", "batch_size_flag"):
         need(_count(state[key], 1), key, "must be an integer >= 1")
+    need(_count(state.get("accumulation_flag", 1), 1), "accumulation_flag", "must be an integer >= 1")
     for key in ("epoch", "batch_in_epoch", "samples_seen", "epoch_samples", "window_samples"):
         need(_count(state[key], 0), key, "must be an integer >= 0")
     for key in ("train_seconds", "seconds_to_first_step", "best_test_accuracy"):
@@ -304,27 +305,39 @@ def check_compatible(state: dict, config: dict, path: Path) -> None:
             )
 
 
+def began_with(state: dict | None, cfg: TrainConfig) -> dict:
+    """The per-process batch and accumulation steps the run began with, which each of its checkpoints
+    keeps: a requeued job's unchanged command line gives them again, whatever the world size is now.
+    (accumulation_flag is newer than batch_size_flag: an older checkpoint's run accumulated nothing.)"""
+    if state is None:
+        return {"batch_size_flag": cfg.batch_size, "accumulation_flag": cfg.gradient_accumulation_steps}
+    return {"batch_size_flag": state["batch_size_flag"], "accumulation_flag": state.get("accumulation_flag", 1)}
+
+
 def batch_for_world(state: dict, cfg: TrainConfig, world: int, path: Path) -> tuple[int, int]:
     """(per-process batch, accumulation steps) that keep the checkpoint's global batch on `world` processes:
-    the same samples in each optimizer step, in the same order, whatever the world size. Given on the command
-    line, --batch-size and --gradient-accumulation-steps must multiply with `world` to it; else the batch
-    the run began with is kept (its memory per process) and the steps follow, or failing that the steps
-    are kept and the batch follows."""
-    global_batch, began_with = state["global_batch_size"], state["batch_size_flag"]
-    was_steps = state["config"].get("gradient_accumulation_steps", 1)
+    the same samples in each optimizer step, in the same order, whatever the world size. A --batch-size or
+    --gradient-accumulation-steps other than the run began with must make the global batch exactly; else
+    the batch the run began with is kept (its memory per process) and the steps follow, or failing that
+    the steps it began with are kept and the batch follows."""
+    global_batch, began = state["global_batch_size"], began_with(state, cfg)
+    b0, n0 = began["batch_size_flag"], began["accumulation_flag"]
     given = cfg.given_fields()
+    b_new = "batch_size" in given and cfg.batch_size != b0
+    n_new = "gradient_accumulation_steps" in given and cfg.gradient_accumulation_steps != n0
     b, n = cfg.batch_size, cfg.gradient_accumulation_steps
-    if "batch_size" in given and "gradient_accumulation_steps" in given:
+    if b_new and n_new:
         tries = [(b, n)]
-    elif "batch_size" in given:
+    elif b_new:
         tries = [(b, global_batch // (world * b))]
-    elif "gradient_accumulation_steps" in given:
+    elif n_new:
         tries = [(global_batch // (world * n), n)]
     else:
-        tries = [(began_with, global_batch // (world * began_with)), (global_batch // (world * was_steps), was_steps)]
+        tries = [(b0, global_batch // (world * b0)), (global_batch // (world * n0), n0)]
     for b, n in tries:
         if b >= 1 and n >= 1 and world * b * n == global_batch:
             return b, n
+    was_steps = state["config"].get("gradient_accumulation_steps", 1)
     if global_batch % world:
         fits = [n for n in range(1, global_batch + 1) if global_batch % n == 0]
         raise CheckpointError(

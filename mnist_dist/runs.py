@@ -79,8 +79,10 @@ def continued(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     if path is None:
         return cfg, {}
     state = checkpoint.read_state(path)
-    # the per-process batch the run began with: `checkpoint.batch_for_world` cuts the global batch from it
-    cfg, taken = cfg.continued({**state["config"], "batch_size": state["batch_size_flag"]})
+    # the per-process batch and steps the run began with: `checkpoint.batch_for_world` cuts the global batch from them
+    began = checkpoint.began_with(state, cfg)
+    cfg, taken = cfg.continued({**state["config"], "batch_size": began["batch_size_flag"],
+                                "gradient_accumulation_steps": began["accumulation_flag"]})
     return cfg.validate(), taken
 
 

@@ -193,7 +193,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     epochs = math.ceil(total_steps / steps_per_epoch)
     report.say(banner(cfg, accelerator, config, len(train_set), len(test_set), data_path, resume_from, saved, state))
     checkpoint_extra = {"world_size": world, "global_batch_size": global_batch(cfg, world), "config": config, "run_id": run_id,
-                        "batch_size_flag": saved["batch_size_flag"] if saved else cfg.batch_size, "data": fingerprint}
+                        **checkpoint.began_with(saved, cfg), "data": fingerprint}
     # real samples in the global batch at each step of an epoch: the last one may be short
     real_samples = [min(global_batch(cfg, world), len(train_set) - i * global_batch(cfg, world)) for i in range(steps_per_epoch)]
 

@@ -14,10 +14,11 @@ from mnist_dist import checkpoint
 from mnist_dist.config import TrainConfig, parse_args
 from mnist_dist.graphs import graph_unsupported
 from mnist_dist.model import MLP
+from mnist_dist.stopping import EXIT_PREEMPTED
 from mnist_dist.train import NonFiniteGuard, make_optimizer, train_step
 
 from .helpers import check, launch, results, run, train_cli, train_here
-from .test_checkpoint import close_weights, train_cmd
+from .test_checkpoint import close_weights, same_results, stopped_in, train_cmd
 
 RUN = ["--dataset", "mnist-5k", "--epochs", "2", "--report-to", "none"]  # 40 steps of 128 an epoch, the last of 8
 
@@ -103,6 +104,20 @@ def test_4_processes_resume_on_1_accumulating_4_batches_of_the_same_size(tmp_pat
     print(f"4 x 128 -> 1 x 128 x 4 at step 15: weights within {close_weights(cut, whole, 1e-5):.2e}")
 
 
+@pytest.mark.slow
+def test_a_stop_inside_an_optimizer_step_checkpoints_after_it_and_resumes_to_identical_weights(tmp_path):
+    flags = [*RUN, "--batch-size", "64", "--gradient-accumulation-steps", "2", "--log-every", "5", "--seed", "1"]
+    check(train_cli(*flags, "--cpu", "--output-dir", str(tmp_path / "reference")))
+    out = tmp_path / "out"
+    # batch 13: the first of step 7's two; the processes look at the step 10 log point
+    proc = check(stopped_in("batch:13", *flags, "--output-dir", str(out)), rc=EXIT_PREEMPTED)
+    assert "stopped by signal SIGUSR1 after step 10" in proc.stdout
+    assert checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])["global_step"] == 10
+    check(train_cli(*flags, "--cpu", "--output-dir", str(out), "--resume", "auto"))
+    assert same_weights(out, tmp_path / "reference")
+    same_results(out, tmp_path / "reference")
+
+
 def test_a_resume_whose_batches_cannot_make_the_global_batch_is_refused_listing_what_can(tmp_path):
     state = {"world_size": 4, "global_batch_size": 512, "batch_size_flag": 128,
              "config": {"batch_size": 128, "gradient_accumulation_steps": 1}}
@@ -113,12 +128,14 @@ def test_a_resume_whose_batches_cannot_make_the_global_batch_is_refused_listing_
         return checkpoint.batch_for_world(state, cfg, world, tmp_path)
 
     assert cut(1) == (128, 4)  # the batch the run began with, the steps to make up the rest
-    assert cut(2, "gradient_accumulation_steps=1") == (256, 1)
+    assert cut(2, "batch_size=128") == (128, 2)  # a requeued job's command line, unchanged: the same
+    assert cut(2, "batch_size=256") == (256, 1)
     assert cut(1, "batch_size=64") == (64, 8)
+    assert cut(1, "gradient_accumulation_steps=2") == (256, 2)
     assert cut(8) == (64, 1)  # 128 x 8 processes is past 512: the steps are kept, the batch follows
     with pytest.raises(checkpoint.CheckpointError) as err:
-        cut(1, "batch_size=128", "gradient_accumulation_steps=2")
-    assert (f"--batch-size=128 --gradient-accumulation-steps=2 on 1 process(es) make a global batch of 256, but "
+        cut(1, "batch_size=96", "gradient_accumulation_steps=2")
+    assert (f"--batch-size=96 --gradient-accumulation-steps=2 on 1 process(es) make a global batch of 192, but "
             f"{tmp_path} was trained with 512; on 1 process(es) resume with one of: --batch-size 512 "
             "--gradient-accumulation-steps 1; --batch-size 256 --gradient-accumulation-steps 2") in str(err.value)
     with pytest.raises(checkpoint.CheckpointError, match="3 processes cannot split it evenly"):

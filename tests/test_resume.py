@@ -107,6 +107,7 @@ EDITS = [
     ("global_step", 10**6, "must be epoch x steps per epoch + batch_in_epoch"),
     ("epoch", -1, "must be an integer >= 0"),
     ("world_size", 0, "must be an integer >= 1"),
+    ("accumulation_flag", 0, "must be an integer >= 1"),
     ("config", None, "must be an object"),
     ("train_seconds", math.nan, "must be a finite number >= 0"),
     ("epoch_loss_sums", [], "must be 1 finite numbers, one per process"),

@@ -1,5 +1,6 @@
 """`python -m mnist_dist.train FLAGS` that sends itself SIGUSR1, on no timer, as its Nth stretch of
-steps (between two checks) begins, STOP_IN=stretch:N, or as its Nth evaluation begins, STOP_IN=evaluation:N."""
+steps (between two checks) begins, STOP_IN=stretch:N, as its Nth batch begins (with accumulation, inside
+an optimizer step), STOP_IN=batch:N, or as its Nth evaluation begins, STOP_IN=evaluation:N."""
 
 import os
 import signal
@@ -23,6 +24,8 @@ def stop_on_nth_call(real):
 
 if WHERE == "stretch":
     train.EagerSteps.run = stop_on_nth_call(train.EagerSteps.run)
+elif WHERE == "batch":
+    train.train_step = stop_on_nth_call(train.train_step)
 else:
     train.test_metrics = stop_on_nth_call(train.test_metrics)
 sys.exit(train.main(config.parse_args(sys.argv[1:])))
