@@ -1,8 +1,8 @@
 """Epoch throughput side by side, in one invocation: the tutorial's pipeline, the Accelerate
 DataLoader path (`--data-path dataloader`), the device-resident path (`--data-path device`), on a
 GPU the captured-epoch path (`--data-path graph`), the device path on two processes (DDP: two GPUs
-over NCCL, or two CPU processes over gloo on a machine without GPUs), and the tuned recipe
-(`--recipe tuned`).
+over NCCL, or two CPU processes over gloo on a machine without GPUs), the tuned recipe
+(`--recipe tuned`) and the global batch of 128 as 4 accumulated batches of 32.
 
     python benchmarks/bench.py --data-dir /usr/share/datasets/fashion-mnist --fashion --epochs 4
     python benchmarks/bench.py --data-dir mnist_dist/datasets/mnist-5k --epochs 10 --json out.json
@@ -99,6 +99,8 @@ def main() -> None:
         if gpus != 1:
             runs.append(("device", 2, [], {}))
         runs.append(("device", 1, ["--recipe", "tuned"], {}))
+        # the global batch of 128 from 4 accumulated batches of 32: what accumulation costs against one batch
+        runs.append(("device", 1, ["--gradient-accumulation-steps", "4", "--batch-size", "32"], {}))
         if not gpus:  # `accelerate launch` gives each of N CPU processes cores/N threads: compare like with like
             threads = str(max(1, (os.cpu_count() or 2) // 2))
             runs.insert(3, ("device", 1, [], {"OMP_NUM_THREADS": threads}))

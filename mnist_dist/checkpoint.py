@@ -322,37 +322,34 @@ def batch_for_world(state: dict, cfg: TrainConfig, world: int, path: Path) -> tu
     the steps it began with are kept and the batch follows."""
     global_batch, began = state["global_batch_size"], began_with(state, cfg)
     b0, n0 = began["batch_size_flag"], began["accumulation_flag"]
-    given = cfg.given_fields()
-    b_new = "batch_size" in given and cfg.batch_size != b0
-    n_new = "gradient_accumulation_steps" in given and cfg.gradient_accumulation_steps != n0
-    b, n = cfg.batch_size, cfg.gradient_accumulation_steps
-    if b_new and n_new:
-        tries = [(b, n)]
-    elif b_new:
-        tries = [(b, global_batch // (world * b))]
-    elif n_new:
-        tries = [(global_batch // (world * n), n)]
+    b, n, given = cfg.batch_size, cfg.gradient_accumulation_steps, cfg.given_fields()
+    b_new, n_new = "batch_size" in given and b != b0, "gradient_accumulation_steps" in given and n != n0
+    if b_new or n_new:
+        tries = [(b, n if n_new else global_batch // (world * b))] if b_new else [(global_batch // (world * n), n)]
     else:
         tries = [(b0, global_batch // (world * b0)), (global_batch // (world * n0), n0)]
     for b, n in tries:
         if b >= 1 and n >= 1 and world * b * n == global_batch:
             return b, n
-    was_steps = state["config"].get("gradient_accumulation_steps", 1)
+    raise CheckpointError(_no_cut(state, cfg, world, path))
+
+
+def _no_cut(state: dict, cfg: TrainConfig, world: int, path: Path) -> str:
+    """Why `batch_for_world` found no cut, and what would work."""
+    global_batch, was_steps = state["global_batch_size"], state["config"].get("gradient_accumulation_steps", 1)
     if global_batch % world:
         fits = [n for n in range(1, global_batch + 1) if global_batch % n == 0]
-        raise CheckpointError(
-            f"{path} was trained with a global batch of {global_batch} ({state['world_size']} processes x "
-            f"{state['config']['batch_size']}{f' x {was_steps}' if was_steps > 1 else ''}); {world} processes cannot "
-            f"split it evenly. Resume on a number of processes that divides it: {', '.join(map(str, fits[:12]))}"
-            f"{', ...' if len(fits) > 12 else ''}")
+        return (f"{path} was trained with a global batch of {global_batch} ({state['world_size']} processes x "
+                f"{state['config']['batch_size']}{f' x {was_steps}' if was_steps > 1 else ''}); {world} processes "
+                f"cannot split it evenly. Resume on a number of processes that divides it: "
+                f"{', '.join(map(str, fits[:12]))}{', ...' if len(fits) > 12 else ''}")
     per_process = global_batch // world
     cuts = [f"--batch-size {b} --gradient-accumulation-steps {per_process // b}"
             for b in range(per_process, 0, -1) if per_process % b == 0]
-    raise CheckpointError(
-        f"--batch-size={cfg.batch_size} --gradient-accumulation-steps={cfg.gradient_accumulation_steps} on {world} "
-        f"process(es) make a global batch of {world * cfg.batch_size * cfg.gradient_accumulation_steps}, but {path} was "
-        f"trained with {global_batch}; on {world} process(es) resume with one of: {'; '.join(cuts[:6])}"
-        f"{'; ...' if len(cuts) > 6 else ''}")
+    return (f"--batch-size={cfg.batch_size} --gradient-accumulation-steps={cfg.gradient_accumulation_steps} on "
+            f"{world} process(es) make a global batch of {world * cfg.batch_size * cfg.gradient_accumulation_steps}, "
+            f"but {path} was trained with {global_batch}; on {world} process(es) resume with one of: "
+            f"{'; '.join(cuts[:6])}{'; ...' if len(cuts) > 6 else ''}")
 
 
 def check_data(state: dict, data: dict, config: dict, path: Path) -> None:

@@ -154,7 +154,7 @@ class TrainConfig:
             ("lr", math.isfinite(self.lr) and self.lr > 0, "must be a finite number > 0"),
             ("warmup_fraction", 0 < self.warmup_fraction < 1, "must be between 0 and 1 (exclusive)"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
-            ("max_grad_norm", self.max_grad_norm is None or math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0,
+            ("max_grad_norm", self.max_grad_norm is None or 0 < self.max_grad_norm < math.inf,
              "must be a finite number > 0"),
             ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "must be a finite number >= 0"),
             ("dataset", bool(self.dataset), "must not be empty"),

@@ -167,7 +167,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     timings["data_load"] = time.perf_counter() - began
 
     began = time.perf_counter()
-    set_seed(cfg.seed, deterministic=cfg.deterministic)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
+    set_seed(cfg.seed, deterministic=cfg.deterministic)  # the same initial weights everywhere (DDP broadcasts them too)
     model = MLP(train_set.images.shape[1], cfg.hidden_size, len(train_set.class_names))
     model_cfg = saved_model_config(model, cfg, stats, train_set.class_names)
     data_path = resolve_data_path(cfg, accelerator)
@@ -192,10 +192,10 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     report = Reporter(accelerator, cfg.output_dir, total_steps, state.global_step if saved else None)
     epochs = math.ceil(total_steps / steps_per_epoch)
     report.say(banner(cfg, accelerator, config, len(train_set), len(test_set), data_path, resume_from, saved, state))
-    checkpoint_extra = {"world_size": world, "global_batch_size": global_batch(cfg, world), "config": config, "run_id": run_id,
+    step_batch = global_batch(cfg, world)  # samples per optimizer step, all processes
+    checkpoint_extra = {"world_size": world, "global_batch_size": step_batch, "config": config, "run_id": run_id,
                         **checkpoint.began_with(saved, cfg), "data": fingerprint}
-    # real samples in the global batch at each step of an epoch: the last one may be short
-    real_samples = [min(global_batch(cfg, world), len(train_set) - i * global_batch(cfg, world)) for i in range(steps_per_epoch)]
+    real_samples = [min(step_batch, len(train_set) - i * step_batch) for i in range(steps_per_epoch)]  # last: short
 
     gc.freeze()  # full collections no longer walk the imports' objects: no process stalls the all-reduce for one
     timings["setup"] = time.perf_counter() - began  # model, optimizer, prepare, device copies, trackers
@@ -327,7 +327,7 @@ def banner(cfg: TrainConfig, accelerator, config: dict, train_len: int, test_len
     if saved and saved["world_size"] != world:
         was = f"{saved['global_batch_size'] // saved['world_size'] // was_n}" + (f" x {was_n}" if was_n > 1 else "")
         text += (f"\nmnist_dist: the world size changed from {saved['world_size']} to {world}: each process now takes "
-                 + (f"{cfg.batch_size} samples per step" if n == 1 else f"{cfg.batch_size} samples per batch, {n} batches per step")
+                 + (f"{cfg.batch_size} samples per " + ("step" if n == 1 else f"batch, {n} batches per step"))
                  + f" (was {was}), so the global batch ({global_batch(cfg, world)}), the data order and the "
                  "trajectory stay the same, up to the order in which floating-point sums are added")
     return text

@@ -282,7 +282,8 @@ def test_resume_on_a_world_size_that_does_not_divide_the_global_batch_is_refused
 
 def test_resume_with_a_batch_size_that_cannot_make_the_global_batch_is_refused(finished, tmp_path):
     ckpt = checkpoint.complete_checkpoints(finished)[-1]  # 1 x 128; --batch-size 64 would accumulate 2 batches
-    proc = check(train_here(*RUN, "--cpu", "--batch-size", "96", "--output-dir", str(tmp_path), "--resume", str(ckpt)), rc=2)
+    proc = check(train_here(*RUN, "--cpu", "--batch-size", "96", "--output-dir", str(tmp_path), "--resume", str(ckpt)),
+                 rc=2)
     assert (f"--batch-size=96 --gradient-accumulation-steps=1 on 1 process(es) make a global batch of 96, but {ckpt} "
             "was trained with 128; on 1 process(es) resume with one of: --batch-size 128 --gradient-accumulation-steps 1;"
             ) in proc.stderr
