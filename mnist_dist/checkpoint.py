@@ -181,6 +181,8 @@ def check_state(state: dict, file: Path) -> None:
     for key in ("global_step", "world_size", "global_batch_size", "batch_size_flag"):
         need(_count(state[key], 1), key, "must be an integer >= 1")
     need(_count(state.get("accumulation_flag", 1), 1), "accumulation_flag", "must be an integer >= 1")
+    need(_count(state.get("window_norm_steps", 0), 0), "window_norm_steps", "must be an integer >= 0")
+    need(_number(state.get("window_norm_sum", 0.0), 0), "window_norm_sum", "must be a finite number >= 0")
     for key in ("epoch", "batch_in_epoch", "samples_seen", "epoch_samples", "window_samples"):
         need(_count(state[key], 0), key, "must be an integer >= 0")
     for key in ("train_seconds", "seconds_to_first_step", "best_test_accuracy"):
@@ -318,38 +320,34 @@ def batch_for_world(state: dict, cfg: TrainConfig, world: int, path: Path) -> tu
     """(per-process batch, accumulation steps) that keep the checkpoint's global batch on `world` processes:
     the same samples in each optimizer step, in the same order, whatever the world size. A --batch-size or
     --gradient-accumulation-steps other than the run began with must make the global batch exactly; else
-    the batch the run began with is kept (its memory per process) and the steps follow, or failing that
-    the steps it began with are kept and the batch follows."""
+    each process takes the largest batch up to the one the run began with (its memory) that the global
+    batch allows, and accumulates the rest."""
     global_batch, began = state["global_batch_size"], began_with(state, cfg)
-    b0, n0 = began["batch_size_flag"], began["accumulation_flag"]
     b, n, given = cfg.batch_size, cfg.gradient_accumulation_steps, cfg.given_fields()
-    b_new, n_new = "batch_size" in given and b != b0, "gradient_accumulation_steps" in given and n != n0
-    if b_new or n_new:
-        tries = [(b, n if n_new else global_batch // (world * b))] if b_new else [(global_batch // (world * n), n)]
-    else:
-        tries = [(b0, global_batch // (world * b0)), (global_batch // (world * n0), n0)]
-    for b, n in tries:
-        if b >= 1 and n >= 1 and world * b * n == global_batch:
-            return b, n
-    raise CheckpointError(_no_cut(state, cfg, world, path))
-
-
-def _no_cut(state: dict, cfg: TrainConfig, world: int, path: Path) -> str:
-    """Why `batch_for_world` found no cut, and what would work."""
-    global_batch, was_steps = state["global_batch_size"], state["config"].get("gradient_accumulation_steps", 1)
+    b_new = "batch_size" in given and b != began["batch_size_flag"]
+    n_new = "gradient_accumulation_steps" in given and n != began["accumulation_flag"]
     if global_batch % world:
-        fits = [n for n in range(1, global_batch + 1) if global_batch % n == 0]
-        return (f"{path} was trained with a global batch of {global_batch} ({state['world_size']} processes x "
-                f"{state['config']['batch_size']}{f' x {was_steps}' if was_steps > 1 else ''}); {world} processes "
-                f"cannot split it evenly. Resume on a number of processes that divides it: "
-                f"{', '.join(map(str, fits[:12]))}{', ...' if len(fits) > 12 else ''}")
+        was_steps = state["config"].get("gradient_accumulation_steps", 1)
+        fits = [k for k in range(1, global_batch + 1) if global_batch % k == 0]
+        raise CheckpointError(
+            f"{path} was trained with a global batch of {global_batch} ({state['world_size']} processes x "
+            f"{state['config']['batch_size']}{f' x {was_steps}' if was_steps > 1 else ''}); {world} processes "
+            f"cannot split it evenly. Resume on a number of processes that divides it: "
+            f"{', '.join(map(str, fits[:12]))}{', ...' if len(fits) > 12 else ''}")
     per_process = global_batch // world
-    cuts = [f"--batch-size {b} --gradient-accumulation-steps {per_process // b}"
-            for b in range(per_process, 0, -1) if per_process % b == 0]
-    return (f"--batch-size={cfg.batch_size} --gradient-accumulation-steps={cfg.gradient_accumulation_steps} on "
-            f"{world} process(es) make a global batch of {world * cfg.batch_size * cfg.gradient_accumulation_steps}, "
-            f"but {path} was trained with {global_batch}; on {world} process(es) resume with one of: "
-            f"{'; '.join(cuts[:6])}{'; ...' if len(cuts) > 6 else ''}")
+    cuts = [(k, per_process // k) for k in range(per_process, 0, -1) if per_process % k == 0]  # largest batch first
+    if not (b_new or n_new):
+        return next((k, m) for k, m in cuts if k <= began["batch_size_flag"])
+    fit = [(k, m) for k, m in cuts if (k == b or not b_new) and (m == n or not n_new)]
+    if fit:
+        return fit[0]
+    named = " ".join(f"--{name.replace('_', '-')}={value}" for name, value, new in
+                     (("batch_size", b, b_new), ("gradient_accumulation_steps", n, n_new)) if new)
+    options = "; ".join(f"--batch-size {k} --gradient-accumulation-steps {m}" for k, m in cuts[:6])
+    raise CheckpointError(
+        f"{named} on {world} process(es) cannot make the global batch of {global_batch} that {path} was trained "
+        f"with; resume with one of: {options}"
+        f"{'; ...' if len(cuts) > 6 else ''}")
 
 
 def check_data(state: dict, data: dict, config: dict, path: Path) -> None:

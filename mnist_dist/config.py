@@ -88,8 +88,9 @@ class TrainConfig:
     weight_decay: float = _field(0.0, "weight decay per optimizer step (AdamW: weights shrink by lr x this each step), "
                                  "on every parameter, biases included (0: none)")
     max_grad_norm: float | None = _field(None, "clip the gradients' total L2 norm to this before each optimizer "
-                                         "step (accelerator.clip_grad_norm_); default: no clipping. The norm "
-                                         "before clipping is logged as train/grad_norm either way")
+                                         "step (accelerator.clip_grad_norm_); default: no clipping. Either way "
+                                         "the norm before clipping, averaged over each --log-every window, is "
+                                         "logged as train/grad_norm (not on the graph path)")
     seed: int = _field(0, "seed for weight init and the per-epoch shuffle (same on every process; 0 to 2**32 - 1)")
     max_steps: int | None = _field(None, "stop after this many optimizer steps in total, then evaluate "
                                    "(debugging); default: all epochs ('none' says so on a resume)")

@@ -51,7 +51,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         # every process draws the same permutation, seeded by seed + epoch, then takes its shard
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         # the loop tells Accelerate which batch ends each optimizer step (EagerSteps), also on the device
-        # path, which has no DataLoader whose end Accelerate could see
+        # path, which has no DataLoader whose end Accelerate could see; a resume that re-cuts the global
+        # batch sets the steps again there
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.gradient_accumulation_steps,
                                                                 sync_with_dataloader=False),
     )
@@ -243,8 +244,7 @@ def warn_if_no_gpu(accelerator: Accelerator, cfg: TrainConfig) -> None:
 
 
 def global_real(batch_index: int, dataset_len: int, batch_size: int, world: int) -> int:
-    """Real samples in the global batch number `batch_index` of an epoch (the last one may be short);
-    with `batch_size` the per-process batch times the accumulation steps, in optimizer step `batch_index`."""
+    """Real samples in the global batch number `batch_index` of an epoch (the last one may be short)."""
     return min(world * batch_size, dataset_len - batch_index * world * batch_size)
 
 

@@ -185,9 +185,9 @@ class EpochGraph:
         """The loss sums of steps [start, stop) (a host sync)."""
         return self.losses[start:stop].tolist()
 
-    def window_grad_norm(self) -> None:
-        """Not kept: the replayed step's finite check reads no total norm (train/grad_norm is not logged)."""
-        return None
+    def step_norms(self) -> list[float]:
+        """None kept: the replayed step's finite check computes no total norm (train/grad_norm is not logged)."""
+        return []
 
     def warm_up(self) -> None:
         """Run the first steps of the current epoch eagerly with every update skipped (`found_inf` set):

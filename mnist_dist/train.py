@@ -21,6 +21,7 @@ if __name__ == "__main__":  # --help and bad flags are answered before torch loa
     SIGNALS = StopSignals().__enter__()  # from here on a stop signal ends the run cleanly, exit 75
 
 import gc  # noqa: E402
+import itertools  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
@@ -41,7 +42,7 @@ from .clock import since_process_start  # noqa: E402
 from .data import DataError, DeviceBatches, make_loaders, normalize  # noqa: E402
 from .distributed import (  # noqa: E402
     LaunchError, agree_to_stop, any_process, build_accelerator, compiled_with, core_watch, decided_by_main,
-    global_real, local_real, lost_peer, peers_message, process_hosts, threads_from, use_output_dir,
+    local_real, lost_peer, peers_message, process_hosts, threads_from, use_output_dir,
 )
 from .evaluation import evaluate, evaluate_shard  # noqa: E402
 from .graphs import EpochGraph, graph_unsupported  # noqa: E402
@@ -73,17 +74,23 @@ class TrainState:
     epoch_loss_sum: float = 0.0  # this process's loss sum over them
     window_samples: int = 0  # real samples since the last --log-every point
     window_loss_sum: float = 0.0  # this process's loss sum over them
+    window_norm_sum: float = 0.0  # the finite gradient norms of the window's steps, added (the same everywhere)
+    window_norm_steps: int = 0  # how many
     train_seconds: float = 0.0  # training time across resumes, evaluation and checkpoints excluded (s)
     seconds_to_first_step: float | None = None  # from the OS starting the process (s)
     best_test_accuracy: float | None = None  # fraction 0..1
     history: list[dict] = field(default_factory=list)  # one entry per evaluated epoch
 
-    def add_steps(self, losses: list[float], samples: list[int], log_every: int) -> tuple[list, int | None]:
-        """Count the steps just taken from their loss sums (this process's) and real samples (the global
-        batch's); return the log windows they closed, as (step, loss sum, samples), and the first
-        step whose loss was not finite, or None."""
+    def add_steps(self, losses: list[float], samples: list[int], log_every: int,
+                  norms: list[float]) -> tuple[list, int | None]:
+        """Count the steps just taken from their loss sums (this process's), real samples (the global
+        batch's) and gradient norms (none on the graph path); return the log windows they closed, as
+        (step, loss sum, samples, mean finite gradient norm or None), and the first step whose loss was
+        not finite, or None."""
         windows, first_bad = [], None
-        for loss, n in zip(losses, samples):
+        for loss, n, norm in itertools.zip_longest(losses, samples, norms):  # norms: as many, or none
+            if norm is not None and math.isfinite(norm):  # fp16: an overflow the grad scaler skipped
+                self.window_norm_sum, self.window_norm_steps = self.window_norm_sum + norm, self.window_norm_steps + 1
             self.global_step, self.batch_in_epoch = self.global_step + 1, self.batch_in_epoch + 1
             self.epoch_loss_sum = float(np.float32(self.epoch_loss_sum) + np.float32(loss))
             self.window_loss_sum = float(np.float32(self.window_loss_sum) + np.float32(loss))
@@ -91,8 +98,9 @@ class TrainState:
             if first_bad is None and not math.isfinite(loss):
                 first_bad = self.global_step
             if self.global_step % log_every == 0:
-                windows.append((self.global_step, self.window_loss_sum, self.window_samples))
-                self.window_loss_sum, self.window_samples = 0.0, 0
+                mean_norm = self.window_norm_sum / self.window_norm_steps if self.window_norm_steps else None
+                windows.append((self.global_step, self.window_loss_sum, self.window_samples, mean_norm))
+                self.window_loss_sum, self.window_samples, self.window_norm_sum, self.window_norm_steps = 0.0, 0, 0.0, 0
         return windows, first_bad
 
     def evaluated(self) -> bool:
@@ -119,7 +127,8 @@ class TrainState:
             mine = [s[rank] for s in sums]
         else:  # added in float32, as the processes' sums are when an epoch ends
             mine = [float(np.sum(s, dtype=np.float32)) if rank == 0 else 0.0 for s in sums]
-        return cls(**{k: saved[k] for k in names}, epoch_loss_sum=mine[0], window_loss_sum=mine[1])
+        newer = {"window_norm_sum": 0.0, "window_norm_steps": 0}  # a checkpoint from before they were kept: none
+        return cls(**{k: saved.get(k, newer.get(k)) for k in names}, epoch_loss_sum=mine[0], window_loss_sum=mine[1])
 
 
 def train(cfg: TrainConfig, signals: StopSignals | None = None) -> dict:
@@ -195,7 +204,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     step_batch = global_batch(cfg, world)  # samples per optimizer step, all processes
     checkpoint_extra = {"world_size": world, "global_batch_size": step_batch, "config": config, "run_id": run_id,
                         **checkpoint.began_with(saved, cfg), "data": fingerprint}
-    real_samples = [min(step_batch, len(train_set) - i * step_batch) for i in range(steps_per_epoch)]  # last: short
+    real_samples = [step_samples(i, len(train_set), step_batch) for i in range(steps_per_epoch)]
 
     gc.freeze()  # full collections no longer walk the imports' objects: no process stalls the all-reduce for one
     timings["setup"] = time.perf_counter() - began  # model, optimizer, prepare, device copies, trackers
@@ -215,7 +224,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
                 stop = start + steps_to_next_check(state, cfg, runner.logs_live, steps_per_epoch, total_steps)
                 runner.run(start, stop)  # steps [start, stop) of this epoch, no host sync between them
                 windows, first_bad_loss = state.add_steps(
-                    runner.step_losses(start, stop), real_samples[start:stop], cfg.log_every)
+                    runner.step_losses(start, stop), real_samples[start:stop], cfg.log_every, runner.step_norms())
                 if state.seconds_to_first_step is None:  # a fresh run's first stretch
                     state.seconds_to_first_step = runner.seconds_to_first_step
                 report.advance(stop - start)
@@ -224,8 +233,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
                                                 state.global_step, first_bad_loss)
                 if first_bad is not None:
                     raise TrainingError(non_finite_message(first_bad, state.epoch, cfg.output_dir))
-                report.log_windows(windows, state, optimizer, steps_per_epoch, time.perf_counter() - timed_since,
-                                   runner.window_grad_norm() if windows else None)
+                report.log_windows(windows, state, optimizer, steps_per_epoch, time.perf_counter() - timed_since)
                 if watch:  # a program that started or stopped since changes the threads worth using
                     watch.recheck(report.say)
                 if stop or checkpoint_due(state, cfg, steps_per_epoch, total_steps):
@@ -484,7 +492,7 @@ def grad_norm(accelerator, optimizer, max_norm: float | None) -> torch.Tensor:
 class EagerSteps:
     """--data-path dataloader and device: the reference step, launched from Python batch by batch,
     --gradient-accumulation-steps batches an optimizer step. Each batch's loss sum goes to
-    `losses[batch]`, on the device; each step's gradient norm to `norms` until the next log point."""
+    `losses[batch]`, on the device; each step's gradient norm to `norms` until the loop reads them."""
 
     logs_live = True  # the loop stops at every --log-every step to log
     capture_seconds = 0.0
@@ -517,8 +525,10 @@ class EagerSteps:
         world, batch_size, n = self.accelerator.num_processes, self.cfg.batch_size, self.cfg.gradient_accumulation_steps
         for step in range(start, stop):
             batches = range(step * n, min(step * n + n, len(self.batches)))  # an epoch's last step may have fewer
-            scale = world * n / global_real(step, self.train_len, batch_size * n, world)
-            self.accelerator.step = n - len(batches)  # Accelerate's batch count: it syncs on this step's last batch
+            scale = world * n / step_samples(step, self.train_len, world * batch_size * n)
+            # accumulate() adds 1 to Accelerate's batch count and syncs where it reaches a multiple of n:
+            # from n - k it syncs on the k-th batch, this step's last, also in an epoch's short last step
+            self.accelerator.step = n - len(batches)
             for index in batches:
                 images, labels = next(self.epoch_batches)
                 real = local_real(index, len(labels), self.train_len, batch_size, self.accelerator)  # fillers last
@@ -537,17 +547,20 @@ class EagerSteps:
         per_batch = self.losses[start * n : stop * n].tolist()
         return [sum(per_batch[i : i + n]) for i in range(0, len(per_batch), n)]
 
-    def window_grad_norm(self) -> float | None:
-        """The mean gradient norm before clipping of the finite steps since the last call (fp16 overflows
-        are not), or None."""
-        norms, self.norms = torch.stack(self.norms) if self.norms else None, []
-        finite = norms[norms.isfinite()] if norms is not None else None
-        return finite.mean().item() if finite is not None and len(finite) else None
+    def step_norms(self) -> list[float]:
+        """The gradient norms (before clipping) of the steps run since the last call (a host sync)."""
+        norms, self.norms = self.norms, []
+        return torch.stack(norms).tolist() if norms else []
 
 
 def global_batch(cfg: TrainConfig, world: int) -> int:
     """Training samples of one optimizer step, all processes."""
     return world * cfg.batch_size * cfg.gradient_accumulation_steps
+
+
+def step_samples(step: int, train_len: int, step_batch: int) -> int:
+    """Real samples in optimizer step `step` of an epoch, all processes: the last step may be short."""
+    return min(step_batch, train_len - step * step_batch)
 
 
 def steps_to_next_check(state: TrainState, cfg: TrainConfig, logs_live: bool, steps_per_epoch: int,
@@ -638,17 +651,16 @@ class Reporter:
     def advance(self, steps: int) -> None:
         self.bar.update(steps)
 
-    def log_windows(self, windows: list, state: TrainState, optimizer, steps_per_epoch: int, seconds: float,
-                    grad_norm: float | None = None) -> None:
+    def log_windows(self, windows: list, state: TrainState, optimizer, steps_per_epoch: int, seconds: float) -> None:
         """Log the --log-every windows just closed (`TrainState.add_steps`): loss over every process, and
-        `grad_norm`, the last window's mean gradient norm (the same on every process: gradients are all-reduced)."""
+        the mean gradient norm (the same on every process: gradients are all-reduced before it)."""
         if not windows:
             return
         mine = torch.tensor([w[1] for w in windows], dtype=torch.float32, device=self.accelerator.device)
         totals = self.accelerator.reduce(mine, reduction="sum").tolist()
         rate = (state.samples_seen + state.epoch_samples) / (state.train_seconds + seconds)
-        for (step, _, samples), total in zip(windows, totals):
-            norm = {"train/grad_norm": grad_norm} if grad_norm is not None and step == windows[-1][0] else {}
+        for (step, _, samples, grad_norm), total in zip(windows, totals):
+            norm = {"train/grad_norm": grad_norm} if grad_norm is not None else {}
             self.log({"train/loss": total / samples, "train/lr": optimizer.param_groups[0]["lr"],
                       "train/samples_per_second": rate, "train/epoch": step / steps_per_epoch, **norm}, step)
         self.bar.set_postfix(loss=f"{totals[-1] / windows[-1][2]:.4f}", samples_s=f"{rate:,.0f}")

@@ -105,8 +105,10 @@ def test_4_processes_resume_on_1_accumulating_4_batches_of_the_same_size(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_stop_inside_an_optimizer_step_checkpoints_after_it_and_resumes_to_identical_weights(tmp_path):
-    flags = [*RUN, "--batch-size", "64", "--gradient-accumulation-steps", "2", "--log-every", "5", "--seed", "1"]
+@pytest.mark.parametrize("data_path", ["device", "dataloader"])
+def test_a_stop_inside_an_optimizer_step_checkpoints_after_it_and_resumes_to_identical_weights(data_path, tmp_path):
+    flags = [*RUN, "--batch-size", "64", "--gradient-accumulation-steps", "2", "--log-every", "5", "--seed", "1",
+             "--data-path", data_path]
     check(train_cli(*flags, "--cpu", "--output-dir", str(tmp_path / "reference")))
     out = tmp_path / "out"
     # batch 13: the first of step 7's two; the processes look at the step 10 log point
@@ -132,12 +134,17 @@ def test_a_resume_whose_batches_cannot_make_the_global_batch_is_refused_listing_
     assert cut(2, "batch_size=256") == (256, 1)
     assert cut(1, "batch_size=64") == (64, 8)
     assert cut(1, "gradient_accumulation_steps=2") == (256, 2)
-    assert cut(8) == (64, 1)  # 128 x 8 processes is past 512: the steps are kept, the batch follows
+    assert cut(8) == (64, 1)  # 128 x 8 processes is past 512: the largest batch below 128 that makes it
     with pytest.raises(checkpoint.CheckpointError) as err:
         cut(1, "batch_size=96", "gradient_accumulation_steps=2")
-    assert (f"--batch-size=96 --gradient-accumulation-steps=2 on 1 process(es) make a global batch of 192, but "
-            f"{tmp_path} was trained with 512; on 1 process(es) resume with one of: --batch-size 512 "
-            "--gradient-accumulation-steps 1; --batch-size 256 --gradient-accumulation-steps 2") in str(err.value)
+    assert (f"--batch-size=96 --gradient-accumulation-steps=2 on 1 process(es) cannot make the global batch of 512 "
+            f"that {tmp_path} was trained with; resume with one of: --batch-size 512 --gradient-accumulation-steps 1; "
+            "--batch-size 256 --gradient-accumulation-steps 2;") in str(err.value)
+    with pytest.raises(checkpoint.CheckpointError, match="^--batch-size=96 on 1 process"):
+        cut(1, "batch_size=96")
+    state.update(world_size=1, global_batch_size=100, batch_size_flag=50,
+                 config={"batch_size": 50, "gradient_accumulation_steps": 2})
+    assert cut(4) == (25, 1)  # began as 1 x 50 x 2: on 4 processes 25 each, the largest batch up to 50
     with pytest.raises(checkpoint.CheckpointError, match="3 processes cannot split it evenly"):
         cut(3)
 
@@ -187,6 +194,8 @@ def test_a_tiny_max_grad_norm_logs_the_norms_before_it_and_clips_alike_on_2_proc
     check(launch(2, *RUN, *clip, "--batch-size", "64", "--output-dir", str(two)))
     assert results(two)["world_size"] == 2
     assert same_weights(one, two)  # as unclipped (above): the same sums, and the clip sees the same norm
+    check(train_cli(*RUN, "--cpu", "--log-every", "10", "--output-dir", str(tmp_path / "unclipped")))
+    assert not same_weights(one, tmp_path / "unclipped")  # the clip changed the updates
     norms = logged(one, "train/grad_norm")
     assert norms.keys() == set(range(10, 81, 10)) and min(norms.values()) > 1e-4
     assert logged(two, "train/grad_norm") == norms
@@ -206,8 +215,10 @@ def test_the_gradient_norm_is_logged_at_each_log_point_without_clipping(tmp_path
 
 def test_a_deterministic_cpu_run_says_so_and_is_repeatable(tmp_path):
     flags = ["--dataset", "mnist-5k", "--cpu", "--max-steps", "10", "--deterministic", "--report-to", "none"]
-    for name in ("a", "b"):
-        check(train_here(*flags, "--output-dir", str(tmp_path / name)))
+    try:
+        for name in ("a", "b"):
+            check(train_here(*flags, "--output-dir", str(tmp_path / name)))
+    finally:
+        torch.use_deterministic_algorithms(False)  # a process-wide setting: the tests after this one run without it
     assert results(tmp_path / "a")["deterministic"] is True and results(tmp_path / "a")["config"]["deterministic"]
     assert same_weights(tmp_path / "a", tmp_path / "b")
-    torch.use_deterministic_algorithms(False)  # a process-wide setting: the tests after this one run without it

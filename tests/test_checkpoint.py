@@ -284,9 +284,8 @@ def test_resume_with_a_batch_size_that_cannot_make_the_global_batch_is_refused(f
     ckpt = checkpoint.complete_checkpoints(finished)[-1]  # 1 x 128; --batch-size 64 would accumulate 2 batches
     proc = check(train_here(*RUN, "--cpu", "--batch-size", "96", "--output-dir", str(tmp_path), "--resume", str(ckpt)),
                  rc=2)
-    assert (f"--batch-size=96 --gradient-accumulation-steps=1 on 1 process(es) make a global batch of 96, but {ckpt} "
-            "was trained with 128; on 1 process(es) resume with one of: --batch-size 128 --gradient-accumulation-steps 1;"
-            ) in proc.stderr
+    assert (f"--batch-size=96 on 1 process(es) cannot make the global batch of 128 that {ckpt} was trained with; "
+            "resume with one of: --batch-size 128 --gradient-accumulation-steps 1;") in proc.stderr
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
