@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -107,6 +108,9 @@ class TrainConfig:
     output_dir: str | None = _field(None, "the run's directory (results.json, the model, checkpoints); one run per "
                                     "directory. Default: a new outputs/run-YYYYMMDD-HHMMSS, with outputs/latest "
                                     "pointing at it; with --resume auto, outputs/latest")
+    profile: str | None = _field(None, "profile the second stretch of steps (from one check to the next: "
+                                 "--log-every steps; an epoch on the graph path) with torch's profiler and write "
+                                 "PROFILE/trace.json (Chrome trace) and PROFILE/top_ops.txt (a directory); default: off")
     overwrite: bool = _field(False, "start over in an --output-dir that holds another run: its files are removed first")
     log_every: int = _field(50, "optimizer steps between loss reads (log, progress bar) and the processes' check "
                             "for a stop signal or a non-finite step: the only host syncs in training (steps)")
@@ -161,6 +165,8 @@ class TrainConfig:
             ("dataset", bool(self.dataset), "must not be empty"),
             ("resume", self.resume is None or bool(self.resume), "give 'auto' or a checkpoint directory"),
             ("output_dir", self.output_dir is None or bool(self.output_dir), "must not be empty"),
+            ("profile", self.profile is None or bool(self.profile) and not os.path.isfile(self.profile),
+             "must be a directory (it is a file, or empty)"),
             ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2**32, "must be an integer from 0 to 2**32 - 1"),
             ("hidden_size", self.hidden_size <= MAX_HIDDEN, f"must be at most {MAX_HIDDEN:,}"),
             ("batch_size", self.batch_size <= MAX_BATCH, f"must be at most {MAX_BATCH:,}"),
@@ -199,7 +205,7 @@ class TrainConfig:
 
 
 # where the run is and what to do with it: never taken from the checkpoint being resumed
-NOT_INHERITED = ("resume", "overwrite", "output_dir")
+NOT_INHERITED = ("resume", "overwrite", "output_dir", "profile")
 
 
 def flags() -> list[dataclasses.Field]:

@@ -183,6 +183,11 @@ def any_process(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="max").item())
 
 
+def per_process(accelerator: Accelerator, value: float) -> list[float]:
+    """Every process's `value`, by rank (a collective)."""
+    return accelerator.gather(torch.tensor([value], dtype=torch.float32, device=accelerator.device)).tolist()
+
+
 def process_hosts(accelerator: Accelerator) -> list[str]:
     """Every process's host name, by rank (a collective), for messages that name a peer."""
     return gather_object([socket.gethostname()])

@@ -39,6 +39,12 @@ def model_config(model: MLP, **extra) -> dict:
             "num_classes": model.fc2.out_features, **extra}
 
 
+def parameter_count(config: dict) -> int:
+    """Weights and biases of the MLP that `config` (`model_config`) describes."""
+    inputs, hidden, classes = config["input_size"], config["hidden_size"], config["num_classes"]
+    return inputs * hidden + hidden + hidden * classes + classes
+
+
 def build_model(config: dict) -> MLP:
     return MLP(config["input_size"], config["hidden_size"], config["num_classes"])
 

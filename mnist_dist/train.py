@@ -42,11 +42,12 @@ from .clock import since_process_start  # noqa: E402
 from .data import DataError, DeviceBatches, make_loaders, normalize  # noqa: E402
 from .distributed import (  # noqa: E402
     LaunchError, agree_to_stop, any_process, build_accelerator, compiled_with, core_watch, decided_by_main,
-    local_real, lost_peer, peers_message, process_hosts, threads_from, use_output_dir,
+    local_real, lost_peer, peers_message, per_process, process_hosts, threads_from, use_output_dir,
 )
 from .evaluation import evaluate, evaluate_shard  # noqa: E402
 from .graphs import EpochGraph, graph_unsupported  # noqa: E402
-from .model import CONFIG_NAME, MLP, model_config  # noqa: E402
+from .model import CONFIG_NAME, MLP, model_config, parameter_count  # noqa: E402
+from .resources import MEMORY_MEASURED, ProfiledSteps, model_flops_per_second, peak_memory_mib  # noqa: E402
 
 
 class TrainingError(RuntimeError):
@@ -355,14 +356,17 @@ def say_finished(accelerator, plan: runs.Plan) -> dict:
 
 def make_runner(cfg: TrainConfig, data_path: str, accelerator, model, optimizer, scheduler, guard, train_set,
                 train_loader, stats):
-    """What runs the steps of an epoch on `data_path`: the captured epoch, or the reference step."""
+    """What runs the steps of an epoch on `data_path`: the captured epoch, or the reference step; with
+    --profile, under the profiler."""
     device = accelerator.device
     if data_path == "graph":
-        return EpochGraph(model, optimizer, guard, normalize(train_set.images.to(device), *stats),
-                          train_set.labels.to(device), cfg.batch_size, cfg.seed, cfg.label_smoothing)
-    batches = train_loader if data_path == "dataloader" else DeviceBatches(
-        train_set, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes, device)
-    return EagerSteps(accelerator, model, optimizer, scheduler, guard, batches, cfg, len(train_set), stats)
+        runner = EpochGraph(model, optimizer, guard, normalize(train_set.images.to(device), *stats),
+                            train_set.labels.to(device), cfg.batch_size, cfg.seed, cfg.label_smoothing)
+    else:
+        batches = train_loader if data_path == "dataloader" else DeviceBatches(
+            train_set, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes, device)
+        runner = EagerSteps(accelerator, model, optimizer, scheduler, guard, batches, cfg, len(train_set), stats)
+    return ProfiledSteps(runner, cfg.profile, accelerator.is_main_process) if cfg.profile else runner
 
 
 def saved_model_config(model: MLP, cfg: TrainConfig, stats: tuple[float, float], class_names) -> dict:
@@ -610,15 +614,20 @@ def end_epoch(accelerator, state: TrainState, model, test_loader, test_shard, st
     seconds = state.train_seconds - sum(h["seconds"] for h in state.history)
     began = time.perf_counter()
     metrics = test_metrics(accelerator, model, test_loader, test_shard, stats)
+    memory = per_process(accelerator, peak_memory_mib(accelerator.device))  # MiB, by rank
+    flops = model_flops_per_second(sum(p.numel() for p in model.parameters()), state.epoch_samples, seconds)
     state.history.append({"epoch": state.epoch + 1, "train_loss": train_loss, "test_accuracy": metrics["accuracy"],
                           "test_loss": metrics["loss"], "seconds": seconds,
-                          "eval_seconds": time.perf_counter() - began, "samples": state.epoch_samples})
+                          "eval_seconds": time.perf_counter() - began, "samples": state.epoch_samples,
+                          "peak_memory_mib": memory, "model_flops_per_second": flops})
     best = state.best_test_accuracy
     state.best_test_accuracy = metrics["accuracy"] if best is None else max(best, metrics["accuracy"])
     report.say(f"epoch {state.epoch + 1}/{epochs}: train_loss {train_loss:.4f}  test_loss {metrics['loss']:.4f}  "
-               f"test_accuracy {metrics['accuracy']:.4f}  ({seconds:.2f} s, {state.epoch_samples / seconds:,.0f} samples/s)")
+               f"test_accuracy {metrics['accuracy']:.4f}  ({seconds:.2f} s, {state.epoch_samples / seconds:,.0f} samples/s, "
+               f"{flops / 1e9:,.2f} model GFLOP/s, peak memory {max(memory):,.0f} MiB)")
     report.log({"test/accuracy": metrics["accuracy"], "test/loss": metrics["loss"], "train/epoch_loss": train_loss,
-                "epoch": state.epoch + 1, "epoch_seconds": seconds}, state.global_step)
+                "epoch": state.epoch + 1, "epoch_seconds": seconds, "perf/model_flops_per_second": flops,
+                "perf/peak_memory_mib": max(memory)}, state.global_step)
     if state.batch_in_epoch == steps_per_epoch:
         state.samples_seen += state.epoch_samples
         state.epoch, state.batch_in_epoch, state.epoch_loss_sum, state.epoch_samples = state.epoch + 1, 0, 0.0, 0
@@ -671,9 +680,11 @@ class Reporter:
 
 def results_of(cfg: TrainConfig, accelerator, state: TrainState, metrics: dict, timings: dict, data_path: str,
                train_len: int, stats: tuple[float, float], model_cfg: dict) -> dict:
-    """results.json: the run's final metrics, its history and what it ran on."""
+    """results.json: the run's final metrics, its history and what it ran on (a collective: each process's
+    peak memory)."""
     world = accelerator.num_processes
     samples_seen = state.samples_seen + state.epoch_samples  # epoch_samples: a cut-short epoch's
+    peak_memory = per_process(accelerator, peak_memory_mib(accelerator.device))  # MiB, by rank
     return {
         "dataset": cfg.dataset, "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"],
         "test_samples": metrics["samples"], "best_test_accuracy": state.best_test_accuracy,
@@ -686,6 +697,10 @@ def results_of(cfg: TrainConfig, accelerator, state: TrainState, metrics: dict, 
         "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
         "cpu_threads_from": threads_from(cfg) if accelerator.device.type == "cpu" else None,
         "samples_per_second": samples_seen / state.train_seconds,
+        # 6 x parameters x samples / train_seconds (resources.model_flops_per_second)
+        "model_flops_per_second": model_flops_per_second(parameter_count(model_cfg), samples_seen, state.train_seconds),
+        "peak_memory_mib": peak_memory, "peak_memory_measured": MEMORY_MEASURED.get(accelerator.device.type,
+                                                                                   MEMORY_MEASURED["cpu"]),
         "deterministic": torch.are_deterministic_algorithms_enabled(),  # --deterministic
         "seconds_to_first_step": state.seconds_to_first_step,
         "timings": timings,  # this process's wall time by phase, seconds (train and eval: across resumes)

@@ -222,3 +222,4 @@ def test_a_deterministic_cpu_run_says_so_and_is_repeatable(tmp_path):
         torch.use_deterministic_algorithms(False)  # a process-wide setting: the tests after this one run without it
     assert results(tmp_path / "a")["deterministic"] is True and results(tmp_path / "a")["config"]["deterministic"]
     assert same_weights(tmp_path / "a", tmp_path / "b")
+

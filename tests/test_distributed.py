@@ -104,6 +104,12 @@ def test_two_process_run_trains_on_all_processes_and_tests_on_all_10000_digits(t
     assert r["test_samples"] == 10000 and r["train_samples"] == 5000
     assert [h["samples"] for h in r["history"]] == [5000, 5000, 5000]
     assert r["test_accuracy"] > 0.8
+    # each process's peak resident set (a CPU process with torch holds well over 50 MiB), by rank
+    assert len(r["peak_memory_mib"]) == 2 and min(r["peak_memory_mib"]) > 50
+    assert r["peak_memory_measured"] == "peak resident set of the process"
+    assert all(len(h["peak_memory_mib"]) == 2 for h in r["history"])
+    parameters = 784 * 256 + 256 + 256 * 10 + 10
+    assert r["model_flops_per_second"] == pytest.approx(6 * parameters * 15000 / r["train_seconds"])
     # only the main process reports: one summary line per epoch
     assert proc.stdout.count("epoch 1/3:") + proc.stderr.count("epoch 1/3:") == 1
 

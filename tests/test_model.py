@@ -64,3 +64,11 @@ def test_missing_weights_file_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(model_config(MLP())))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_model(tmp_path)
+
+
+def test_the_parameter_count_is_the_models():
+    from mnist_dist.model import parameter_count
+
+    for hidden in (256, 7):
+        model = MLP(784, hidden, 10)
+        assert parameter_count(model_config(model)) == sum(p.numel() for p in model.parameters())

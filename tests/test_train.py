@@ -1,5 +1,6 @@
 """The training entry point as a user runs it: one process, flags, outputs, precision errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -315,3 +316,23 @@ def test_adamw_decays_the_weights(tmp_path):
                                                           "weight_decay": 5.0, "output_dir": str(tmp_path / "adamw")}
     # decoupled decay: each of the 80 steps shrinks every weight by lr x 5 = 0.5% of itself (0.67x in all)
     assert sum(float(t.square().sum()) for t in adamw.values()) < 0.9 * sum(float(t.square().sum()) for t in adam.values())
+
+
+@pytest.mark.parametrize("data_path", ["device", "dataloader"])
+def test_profile_writes_a_chrome_trace_of_the_second_stretch_that_names_the_matrix_products(data_path, tmp_path):
+    profile = tmp_path / "profile"
+    proc = train_here("--dataset", "mnist-5k", "--cpu", "--max-steps", "15", "--log-every", "5", "--report-to", "none",
+                      "--data-path", data_path, "--profile", str(profile), "--output-dir", str(tmp_path / "run"))
+    check(proc)
+    trace = json.loads((profile / "trace.json").read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert {"aten::addmm", "aten::mm"} & names, sorted(n for n in names if n)[:50]
+    assert "aten::" in (profile / "top_ops.txt").read_text()
+    assert f"wrote the profile of one stretch of steps to {profile}/trace.json" in proc.stdout
+
+
+def test_profile_into_a_file_is_refused_naming_the_flag(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset", "mnist-5k", "--profile", str(tmp_path / "f")])
+    assert "--profile=" in capsys.readouterr().err
