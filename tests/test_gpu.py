@@ -19,6 +19,7 @@ def test_one_gpu_trains_the_recipe_in_each_precision(precision, tmp_path):
     r = results(tmp_path)
     assert r["device_type"] == "cuda" and r["mixed_precision"] == precision
     assert r["test_samples"] == 10000 and r["test_accuracy"] >= 0.88, r["test_accuracy"]
+    assert r["peak_memory_measured"] == "torch.cuda.max_memory_allocated" and r["peak_memory_mib"][0] > 0
     # --data-path auto: captured epochs where they can run; fp16's grad scaler needs the host
     assert r["data_path"] == ("device" if precision == "fp16" else "graph")
     if r["data_path"] == "graph":
@@ -124,3 +125,14 @@ def test_two_deterministic_gpu_runs_of_the_device_path_end_bit_identical(accumul
     r = results(tmp_path / "a")
     assert r["device_type"] == "cuda" and r["deterministic"] is True
     assert same_weights(tmp_path / "a", tmp_path / "b")
+
+
+@gpu
+def test_profile_of_the_graph_path_records_a_replayed_epoch(tmp_path):
+    import json
+
+    profile = tmp_path / "profile"
+    check(train_cli("--dataset", "mnist-5k", "--epochs", "2", "--data-path", "graph", "--report-to", "none",
+                    "--profile", str(profile), "--output-dir", str(tmp_path / "run")))
+    names = {e.get("name") for e in json.loads((profile / "trace.json").read_text())["traceEvents"]}
+    assert any(n and "Graph" in n for n in names), sorted(n for n in names if n)[:50]  # cudaGraphLaunch
