@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .config import ConfigError, TrainConfig, flags
+from .config import NOT_INHERITED, ConfigError, TrainConfig, flags
 from .distributed import any_process
 
 STATE_NAME = "training_state.json"
@@ -196,7 +196,10 @@ def check_state(state: dict, file: Path) -> None:
         state["data"][s].get("samples"), 1) for s in ("train", "test")), "data", "must give each split's samples")
     need(isinstance(state["config"], dict), "config", "must be an object")
     try:
-        config = TrainConfig(**{f.name: state["config"][f.name] for f in flags() if f.name in state["config"]})
+        # where the run was and what to do with it are never taken from a checkpoint (a --profile
+        # directory may since have become a file): not checked either
+        config = TrainConfig(**{f.name: state["config"][f.name] for f in flags()
+                                if f.name in state["config"] and f.name not in NOT_INHERITED})
         config.validate()
     except ConfigError as err:
         raise CheckpointError(f"{file}: damaged, field 'config': {err}") from None

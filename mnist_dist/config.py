@@ -108,7 +108,7 @@ class TrainConfig:
     output_dir: str | None = _field(None, "the run's directory (results.json, the model, checkpoints); one run per "
                                     "directory. Default: a new outputs/run-YYYYMMDD-HHMMSS, with outputs/latest "
                                     "pointing at it; with --resume auto, outputs/latest")
-    profile: str | None = _field(None, "profile the second stretch of steps (from one check to the next: "
+    profile: str | None = _field(None, "profile the third stretch of steps (from one check to the next: "
                                  "--log-every steps; an epoch on the graph path) with torch's profiler and write "
                                  "PROFILE/trace.json (Chrome trace) and PROFILE/top_ops.txt (a directory); default: off")
     overwrite: bool = _field(False, "start over in an --output-dir that holds another run: its files are removed first")

@@ -38,13 +38,14 @@ def model_flops_per_second(parameters: int, samples: int, seconds: float) -> flo
 class ProfiledSteps:
     """--profile DIR: a runner (`train.EagerSteps`, `graphs.EpochGraph`) whose stretches of steps (from
     one check to the next: --log-every steps on the eager paths, an epoch on the graph path) run under
-    Accelerate's torch profiler, on torch's schedule counted in stretches: the first warms up, the
-    second is recorded. Then the main process writes DIR/trace.json (a Chrome trace: chrome://tracing,
+    Accelerate's torch profiler, on torch's schedule counted in stretches: the first is left out
+    (start-up; the graph path captures its epoch in it), the second warms the profiler up, the third
+    is recorded. Then the main process writes DIR/trace.json (a Chrome trace: chrome://tracing,
     Perfetto) and DIR/top_ops.txt (the ops by their own time)."""
 
     def __init__(self, runner, directory: str, main: bool):
         self.runner, self.directory, self.main, self.written = runner, Path(directory), main, False
-        kwargs = ProfileKwargs(schedule_option={"wait": 0, "warmup": 1, "active": 1, "repeat": 1},
+        kwargs = ProfileKwargs(schedule_option={"wait": 1, "warmup": 1, "active": 1, "repeat": 1},
                                on_trace_ready=self.write, record_shapes=True)
         self.profiler = kwargs.build()
         self.profiler.start()
@@ -70,5 +71,5 @@ class ProfiledSteps:
 
     def say_if_unwritten(self) -> None:
         if self.main and not self.written:
-            print(f"mnist_dist: --profile wrote nothing to {self.directory}: the run took fewer than 2 stretches "
+            print(f"mnist_dist: --profile wrote nothing to {self.directory}: the run took fewer than 3 stretches "
                   "of steps (lower --log-every, or more steps)", file=sys.stderr)

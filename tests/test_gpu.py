@@ -132,7 +132,7 @@ def test_profile_of_the_graph_path_records_a_replayed_epoch(tmp_path):
     import json
 
     profile = tmp_path / "profile"
-    check(train_cli("--dataset", "mnist-5k", "--epochs", "2", "--data-path", "graph", "--report-to", "none",
+    check(train_cli("--dataset", "mnist-5k", "--epochs", "3", "--data-path", "graph", "--report-to", "none",
                     "--profile", str(profile), "--output-dir", str(tmp_path / "run")))
     names = {e.get("name") for e in json.loads((profile / "trace.json").read_text())["traceEvents"]}
     assert any(n and "Graph" in n for n in names), sorted(n for n in names if n)[:50]  # cudaGraphLaunch

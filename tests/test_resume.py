@@ -195,3 +195,13 @@ def test_a_limit_the_run_was_launched_with_is_kept_unless_lifted_with_none(whole
     check(train_here("--resume", "auto", "--output-dir", str(out), "--max-steps", "none"))
     assert results(out)["steps"] == 80 and results(out)["config"]["max_steps"] is None
     same_weights(out, whole)
+
+
+def test_a_checkpoint_whose_profile_directory_became_a_file_still_reads(whole, tmp_path):
+    step = tmp_path / "step"
+    shutil.copytree(whole / "checkpoints" / "step_00000050", step)
+    state_file = step / checkpoint.STATE_NAME
+    state = json.loads(state_file.read_text())
+    state["config"]["profile"] = str(state_file)  # --profile is never taken from a checkpoint: not checked
+    state_file.write_text(json.dumps(state))
+    assert checkpoint.read_state(step)["config"]["profile"] == str(state_file)

@@ -319,7 +319,7 @@ def test_adamw_decays_the_weights(tmp_path):
 
 
 @pytest.mark.parametrize("data_path", ["device", "dataloader"])
-def test_profile_writes_a_chrome_trace_of_the_second_stretch_that_names_the_matrix_products(data_path, tmp_path):
+def test_profile_writes_a_chrome_trace_of_the_third_stretch_that_names_the_matrix_products(data_path, tmp_path):
     profile = tmp_path / "profile"
     proc = train_here("--dataset", "mnist-5k", "--cpu", "--max-steps", "15", "--log-every", "5", "--report-to", "none",
                       "--data-path", data_path, "--profile", str(profile), "--output-dir", str(tmp_path / "run"))
