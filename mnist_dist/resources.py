@@ -38,38 +38,56 @@ def model_flops_per_second(parameters: int, samples: int, seconds: float) -> flo
 class ProfiledSteps:
     """--profile DIR: a runner (`train.EagerSteps`, `graphs.EpochGraph`) whose stretches of steps (from
     one check to the next: --log-every steps on the eager paths, an epoch on the graph path) run under
-    Accelerate's torch profiler, on torch's schedule counted in stretches: the first is left out
-    (start-up; the graph path captures its epoch in it), the second warms the profiler up, the third
-    is recorded. Then the main process writes DIR/trace.json (a Chrome trace: chrome://tracing,
-    Perfetto) and DIR/top_ops.txt (the ops by their own time)."""
+    Accelerate's torch profiler: the first is left out (start-up; the graph path captures its epoch in
+    it), the second warms the profiler up, the third alone is recorded, up to its last GPU kernel. Then
+    the main process writes DIR/trace.json (a Chrome trace: chrome://tracing, Perfetto) and
+    DIR/top_ops.txt (the ops by their own time)."""
 
-    def __init__(self, runner, directory: str, main: bool):
-        self.runner, self.directory, self.main, self.written = runner, Path(directory), main, False
-        kwargs = ProfileKwargs(schedule_option={"wait": 1, "warmup": 1, "active": 1, "repeat": 1},
+    def __init__(self, runner, directory: str, main: bool, device: torch.device):
+        self.runner, self.device, self.stretches = runner, device, 0
+        kwargs = ProfileKwargs(schedule_option={"wait": 0, "warmup": 1, "active": 1, "repeat": 1},
                                on_trace_ready=self.write, record_shapes=True)
         self.profiler = kwargs.build()
-        self.profiler.start()
-        atexit.register(self.say_if_unwritten)
+        # what atexit keeps: not the runner (the model, the data on the device)
+        self.outcome = {"directory": Path(directory), "main": main, "written": False}
+        atexit.register(say_if_unwritten, self.outcome)
 
     def __getattr__(self, name: str):  # losses, begin_epoch, logs_live, ...: the runner's
         return getattr(self.runner, name)
 
     def run(self, start: int, stop: int) -> None:
+        self.stretches += 1
+        if self.stretches == 2:
+            self.profiler.start()  # warm-up: traced, then dropped
+        if self.stretches == 3:
+            self.profiler.step()  # from here on recorded: not the checks between the two stretches
         self.runner.run(start, stop)
-        self.profiler.step()
+        if self.stretches == 3:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the stretch's kernels, not only their launches
+            self.profiler.step()  # recorded: `write` runs, and the profiler stops
 
     def write(self, profiler) -> None:
-        """Torch's on_trace_ready, after the recorded stretch."""
-        self.written = True
-        if not self.main:
+        """Torch's on_trace_ready, after the recorded stretch. A profile that cannot be written is said,
+        and the run goes on (on the main process only: stopping there would leave the others waiting)."""
+        self.outcome["written"] = True
+        directory = self.outcome["directory"]
+        if not self.outcome["main"]:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        profiler.export_chrome_trace(str(self.directory / "trace.json"))
-        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
-        (self.directory / "top_ops.txt").write_text(table + "\n")
-        print(f"mnist_dist: wrote the profile of one stretch of steps to {self.directory}/trace.json and top_ops.txt")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            profiler.export_chrome_trace(str(directory / "trace.json"))
+            table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+            (directory / "top_ops.txt").write_text(table + "\n")
+        except OSError as err:
+            print(f"mnist_dist: warning: --profile could not write to {directory} ({err}); training goes on",
+                  file=sys.stderr)
+            return
+        print(f"mnist_dist: wrote the profile of one stretch of steps to {directory}/trace.json and top_ops.txt")
 
-    def say_if_unwritten(self) -> None:
-        if self.main and not self.written:
-            print(f"mnist_dist: --profile wrote nothing to {self.directory}: the run took fewer than 3 stretches "
-                  "of steps (lower --log-every, or more steps)", file=sys.stderr)
+
+def say_if_unwritten(outcome: dict) -> None:
+    """At exit: a --profile that recorded nothing says so (the run took fewer than 3 stretches)."""
+    if outcome["main"] and not outcome["written"]:
+        print(f"mnist_dist: --profile wrote nothing to {outcome['directory']}: the run took fewer than 3 "
+              "stretches of steps (lower --log-every, or take more steps)", file=sys.stderr)

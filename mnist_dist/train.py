@@ -366,7 +366,7 @@ def make_runner(cfg: TrainConfig, data_path: str, accelerator, model, optimizer,
         batches = train_loader if data_path == "dataloader" else DeviceBatches(
             train_set, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes, device)
         runner = EagerSteps(accelerator, model, optimizer, scheduler, guard, batches, cfg, len(train_set), stats)
-    return ProfiledSteps(runner, cfg.profile, accelerator.is_main_process) if cfg.profile else runner
+    return ProfiledSteps(runner, cfg.profile, accelerator.is_main_process, device) if cfg.profile else runner
 
 
 def saved_model_config(model: MLP, cfg: TrainConfig, stats: tuple[float, float], class_names) -> dict:

@@ -119,6 +119,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# what a run measures of the machine rather than computes: times, rates, memory, FLOP/s
+MEASURED = ("seconds", "samples_per_second", "peak_memory", "flops")
+
+
+def unmeasured(record: dict) -> dict:
+    """`record` (a history entry, a metrics.jsonl line) without the machine's measurements."""
+    return {k: v for k, v in record.items() if not any(m in k for m in MEASURED)}
+
+
 def results(output_dir: Path) -> dict:
     return json.loads((output_dir / "results.json").read_text())
 

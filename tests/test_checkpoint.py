@@ -19,7 +19,8 @@ from mnist_dist import checkpoint
 from mnist_dist.config import TrainConfig, parse_args
 from mnist_dist.stopping import EXIT_PREEMPTED
 
-from .helpers import REPO, _free_port, check, launch, mnist5k, results, run, train_cli, train_here, write_dataset
+from .helpers import (REPO, _free_port, check, launch, mnist5k, results, run, train_cli, train_here, unmeasured,
+                      write_dataset)
 
 pytestmark = pytest.mark.slow  # the quick loop (-m "not slow") leaves these out
 RUN = ["--dataset", "mnist-5k", "--epochs", "2", "--checkpoint-every", "7", "--seed", "5"]
@@ -266,8 +267,7 @@ def test_a_run_cut_short_by_max_steps_resumes_with_more_steps_as_if_never_cut(tm
     assert "epoch 1/2:" in proc.stdout and "epoch 2/2:" in proc.stdout  # the rest of epoch 1, then epoch 2
     whole, resumed = results(tmp_path / "whole"), results(tmp_path / "cut")
     assert {k: resumed[k] for k in COMPARED} == {k: whole[k] for k in COMPARED}
-    timeless = [{k: v for k, v in h.items() if "seconds" not in k} for h in whole["history"]]
-    assert [{k: v for k, v in h.items() if "seconds" not in k} for h in resumed["history"]] == timeless
+    assert [unmeasured(h) for h in resumed["history"]] == [unmeasured(h) for h in whole["history"]]
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert all(a[name].equal(b[name]) for name in a)
 

@@ -135,4 +135,6 @@ def test_profile_of_the_graph_path_records_a_replayed_epoch(tmp_path):
     check(train_cli("--dataset", "mnist-5k", "--epochs", "3", "--data-path", "graph", "--report-to", "none",
                     "--profile", str(profile), "--output-dir", str(tmp_path / "run")))
     names = {e.get("name") for e in json.loads((profile / "trace.json").read_text())["traceEvents"]}
+    events = json.loads((profile / "trace.json").read_text())["traceEvents"]
     assert any(n and "Graph" in n for n in names), sorted(n for n in names if n)[:50]  # cudaGraphLaunch
+    assert any(e.get("cat") == "kernel" for e in events)  # the replayed kernels themselves, not only the launch

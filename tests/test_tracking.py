@@ -8,7 +8,7 @@ import pytest
 
 from mnist_dist import checkpoint
 
-from .helpers import check, launch, read_wandb_run, results, run, train_cli
+from .helpers import check, launch, read_wandb_run, results, run, train_cli, unmeasured
 from .test_checkpoint import start, train_cmd, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow  # the quick loop (-m "not slow") leaves these out
@@ -27,7 +27,7 @@ def metrics(out):
 
 
 def without_timing(record):
-    return {k: v for k, v in record.items() if k not in ("train/samples_per_second", "epoch_seconds")}
+    return unmeasured(record)
 
 
 @pytest.mark.parametrize("world", [1, 2])
