@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from .config import NOT_INHERITED, ConfigError, TrainConfig, flags
 from .distributed import any_process
@@ -30,12 +30,14 @@ STATE_FORMAT = 3
 STATE_KEYS = ("format", "global_step", "world_size", "global_batch_size", "batch_size_flag", "config", "run_id", "data")
 # TrainState's fields, checked before any is used (`check_state`)
 STATE_FIELDS = ("epoch", "batch_in_epoch", "samples_seen", "epoch_samples", "window_samples", "train_seconds",
-                "seconds_to_first_step", "best_test_accuracy", "history", "epoch_loss_sums", "window_loss_sums")
-HISTORY_NUMBERS = ("train_loss", "test_accuracy", "test_loss", "seconds", "eval_seconds")
+                "seconds_to_first_step", "history", "epoch_loss_sums", "window_loss_sums")
+HISTORY_NUMBERS = ("train_loss", "seconds", "eval_seconds")
+BEST_DIR = "best"  # OUTPUT_DIR/best: the model of the best validation accuracy (--keep-best)
+BEST_KEY = "mnist_dist_best"  # best/model.safetensors' metadata: {"step", "val_accuracy"} as JSON
 # config fields that shape the trajectory: a resumed run must use the same values
 # (the batch: the global batch must match, see `batch_for_world`)
 MUST_MATCH = ("dataset", "hidden_size", "lr", "seed", "mixed_precision", "schedule", "warmup_fraction",
-              "label_smoothing", "normalization", "optimizer", "weight_decay", "max_grad_norm")
+              "label_smoothing", "normalization", "optimizer", "weight_decay", "max_grad_norm", "val_fraction")
 # a schedule is laid out over all steps: the run's length must not change under it
 MUST_MATCH_SCHEDULED = ("epochs", "max_steps")
 
@@ -185,8 +187,9 @@ def check_state(state: dict, file: Path) -> None:
     need(_number(state.get("window_norm_sum", 0.0), 0), "window_norm_sum", "must be a finite number >= 0")
     for key in ("epoch", "batch_in_epoch", "samples_seen", "epoch_samples", "window_samples"):
         need(_count(state[key], 0), key, "must be an integer >= 0")
-    for key in ("train_seconds", "seconds_to_first_step", "best_test_accuracy"):
+    for key in ("train_seconds", "seconds_to_first_step"):
         need(_number(state[key], 0) or (state[key] is None and key != "train_seconds"), key, "must be a finite number >= 0")
+    _check_selection(state, need)
     for key in ("epoch_loss_sums", "window_loss_sums"):  # one per process that saved the checkpoint
         sums = state[key]
         need(isinstance(sums, list) and len(sums) == state["world_size"] and all(_number(x) for x in sums), key,
@@ -232,14 +235,28 @@ def _check_history(state: dict, need) -> None:
     history, epoch = state["history"], state["epoch"]
     need(isinstance(history, list) and len(history) in (epoch, epoch + 1), "history",
          f"must hold one entry per evaluated epoch ({epoch}, or {epoch + 1} after --max-steps)")
+    split = "val" if state["config"].get("val_fraction") or "validation" in state["data"] else "test"  # per epoch
     for number, entry in enumerate(history, 1):
         need(isinstance(entry, dict) and entry.get("epoch") == number and _count(entry.get("samples"), 0)
-             and all(_number(entry.get(k), 0) for k in HISTORY_NUMBERS) and entry["test_accuracy"] <= 1,
-             "history", f"entry {number} must be epoch {number} with finite losses, accuracy and times")
-    best, kept = max((h["test_accuracy"] for h in history), default=None), state["best_test_accuracy"]
-    # at least the history's best: a first part of an epoch cut by --max-steps is re-evaluated when it ends
-    need(kept is None if best is None else kept is not None and best <= kept <= 1, "best_test_accuracy",
-         f"must be the best test accuracy so far (the history's best is {best})")
+             and all(_number(entry.get(k), 0) for k in (*HISTORY_NUMBERS, f"{split}_loss", f"{split}_accuracy"))
+             and entry[f"{split}_accuracy"] <= 1,
+             "history", f"entry {number} must be epoch {number} with finite losses, {split} accuracy and times")
+
+
+def _check_selection(state: dict, need) -> None:
+    """The best validation accuracy, its step, the evaluations since and the newest one (newer than format 3's
+    first checkpoints: absent means none)."""
+    best, step, last = state.get("best_val_accuracy"), state.get("best_step"), state.get("last_validation")
+    need(best is None or _number(best, 0) and best <= 1, "best_val_accuracy", "must be an accuracy from 0 to 1")
+    need((step is None) == (best is None) and (step is None or _count(step, 1) and step <= state["global_step"]),
+         "best_step", "must be the step of best_val_accuracy, at most global_step")
+    need(_count(state.get("evals_since_best", 0), 0), "evals_since_best", "must be an integer >= 0")
+    need(type(state.get("stopped_early", False)) is bool, "stopped_early", "must be true or false")
+    need(_number(state.get("validation_seconds", 0.0), 0), "validation_seconds", "must be a finite number >= 0")
+    need(last is None or isinstance(last, dict) and _count(last.get("step"), 1) and last["step"] <= state["global_step"]
+         and all(_number(last.get(k), 0) for k in ("accuracy", "loss")) and last["accuracy"] <= 1
+         and _count(last.get("samples"), 1), "last_validation", "must be the step, accuracy, loss and samples of the "
+         "newest validation")
 
 
 def _count(value, least: int) -> bool:
@@ -377,6 +394,51 @@ def write_json(path: Path, obj: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_best(accelerator: Accelerator, output_dir: str | Path, model, model_config: dict, meta: dict) -> None:
+    """The model of the best validation accuracy, with config.json, into OUTPUT_DIR/best, which is never
+    half-written: the first time it appears whole (a directory renamed into place), later only its
+    model.safetensors is replaced. `meta` ({"step", "val_accuracy"}) goes into the file's metadata. All
+    processes call this; the main process writes. Raises DiskError on every process if it could not."""
+    best, failure = Path(output_dir) / BEST_DIR, None
+    if accelerator.is_main_process:
+        plain = accelerator.unwrap_model(model, keep_torch_compile=False)  # as write_outputs saves it
+        tensors = {name: t.detach().cpu().contiguous() for name, t in plain.state_dict().items()}
+        failure = _written(best, _write_best, best, tensors, model_config, {"format": "pt", BEST_KEY: json.dumps(meta)})
+    if any_process(accelerator, failure is not None):
+        raise DiskError(failure or f"the main process could not write {best}")
+
+
+def _write_best(best: Path, tensors: dict, model_config: dict, metadata: dict) -> None:
+    directory = best if best.is_dir() else best.with_name(best.name + ".tmp")
+    if directory != best:
+        _make_empty(directory)
+        write_json(directory / "config.json", model_config)
+    tmp = directory / "model.safetensors.tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / "model.safetensors")
+    if directory != best:
+        os.replace(directory, best)
+    _fsync_dir(best.parent)
+
+
+def read_best(output_dir: str | Path) -> dict | None:
+    """The {"step", "val_accuracy"} of the model in OUTPUT_DIR/best, or None if there is none; a file that is
+    there but unreadable is an error naming it."""
+    path = Path(output_dir) / BEST_DIR / "model.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {})[BEST_KEY])
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a best model mnist_dist wrote ({type(err).__name__}: {err})") from err
+    if not (isinstance(meta, dict) and _count(meta.get("step"), 1) and _number(meta.get("val_accuracy"), 0)):
+        raise CheckpointError(f"{path}: damaged metadata {meta!r}")
+    return meta
 
 
 def _fsync_dir(path: Path) -> None:

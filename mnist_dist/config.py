@@ -26,7 +26,9 @@ RECIPES = {
               "normalization": "dataset"},
 }
 DATA_PATH_CHOICES = ("auto", "dataloader", "device", "graph")
-OPTIONAL_COUNTS = ("max_steps", "checkpoint_every")  # None: no limit, no step checkpoints
+# None: no limit, no step checkpoints, no evaluations inside epochs, no early stopping
+OPTIONAL_COUNTS = ("max_steps", "checkpoint_every", "eval_every", "early_stopping_patience")
+MAX_VAL_FRACTION = 0.5  # of the training split: past it, more is held out than trained on
 MAX_HIDDEN = 65_536  # units: 51M weights, 0.8 GB with Adam's moments and the gradients in fp32
 MAX_BATCH = 1_048_576  # samples: past any dataset this package reads
 # classes of a dataset: the confusion matrix in results.json is classes^2 counts (4M at this bound, ~10 MB of
@@ -61,6 +63,9 @@ class TrainConfig:
         "device path with each whole epoch replayed from one CUDA graph (one CUDA process, constant schedule, "
         "precision no or bf16; same batches); 'auto': graph where it can run, else device on a GPU, dataloader "
         "on a CPU", choices=DATA_PATH_CHOICES)
+    val_fraction: float = _field(0.0, "fraction of the training split held out as the validation split (0..0.5; 0: "
+                                 "none, train on all of it): the same samples of each class, chosen by --seed, on "
+                                 "every process and resume. A dataset with a validation split uses that instead")
     num_workers: int = _field(0, "DataLoader worker processes per training process (0: load in the main process)")
     normalization: str = _field("half", "input scaling: 'half' maps pixels 0..255 to [-1, 1] (mean 0.5, std 0.5, "
                                 "as the tutorials do); 'dataset' standardizes with the training set's pixel mean "
@@ -95,6 +100,15 @@ class TrainConfig:
     seed: int = _field(0, "seed for weight init and the per-epoch shuffle (same on every process; 0 to 2**32 - 1)")
     max_steps: int | None = _field(None, "stop after this many optimizer steps in total, then evaluate "
                                    "(debugging); default: all epochs ('none' says so on a resume)")
+    # model selection (they need a validation split: --val-fraction, or the dataset's own)
+    eval_every: int | None = _field(None, "optimizer steps between validation evaluations, besides the one at each "
+                                    "epoch end (steps); default: epoch ends only")
+    keep_best: bool | None = _field(None, "keep the model of the best validation accuracy in OUTPUT_DIR/best "
+                                    "(default: on when there is a validation split)")
+    early_stopping_patience: int | None = _field(None, "stop after this many validation evaluations in a row "
+                                                 "without a better validation accuracy (evaluations); default: never")
+    early_stopping_min_delta: float = _field(0.0, "the least rise in validation accuracy (fraction 0..1) that counts "
+                                             "as better, for --early-stopping-patience and --keep-best")
     # hardware
     mixed_precision: str | None = _field(None, "autocast precision; default: what `accelerate launch` was "
                                          "configured with, else 'no'", choices=MIXED_PRECISION_CHOICES)
@@ -150,7 +164,8 @@ class TrainConfig:
             if choices and value not in choices and not (value is None and f.default is None):
                 self._refuse(f.name, f"unknown {f.name.replace('_', ' ')}; choose one of {', '.join(choices)}")
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_batch_size", "hidden_size",
-                     "log_every", "keep_checkpoints", "max_steps", "checkpoint_every"):
+                     "log_every", "keep_checkpoints", "max_steps", "checkpoint_every", "eval_every",
+                     "early_stopping_patience"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1) and not (value is None and name in OPTIONAL_COUNTS):
                 self._refuse(name, "must be an integer >= 1")
@@ -159,6 +174,8 @@ class TrainConfig:
             ("lr", math.isfinite(self.lr) and self.lr > 0, "must be a finite number > 0"),
             ("warmup_fraction", 0 < self.warmup_fraction < 1, "must be between 0 and 1 (exclusive)"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
+            ("val_fraction", 0 <= self.val_fraction <= MAX_VAL_FRACTION, f"must be in [0, {MAX_VAL_FRACTION}]"),
+            ("early_stopping_min_delta", 0 <= self.early_stopping_min_delta < 1, "must be in [0, 1) (accuracy)"),
             ("max_grad_norm", self.max_grad_norm is None or 0 < self.max_grad_norm < math.inf,
              "must be a finite number > 0"),
             ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "must be a finite number >= 0"),
@@ -251,7 +268,7 @@ def build_parser(prog: str = "python -m mnist_dist.train", defaults: bool = True
             # --no-cpu turns off, on a resume, a flag that the checkpoint's run was launched with
             action = "store_true" if f.name in NOT_INHERITED else argparse.BooleanOptionalAction
             parser.add_argument(flag, action=action, default=None if defaults else argparse.SUPPRESS,
-                                help=f"{help} (default: off)")
+                                help=f"{help} (default: off)" if f.default is False else help)
             continue
         if "default" not in help.lower():  # one default per flag: some help texts say where theirs comes from
             help += f" (default: {f.default})"

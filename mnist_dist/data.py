@@ -47,7 +47,8 @@ IMAGE_SIDE = 28  # pixels
 DIGITS = tuple(str(i) for i in range(10))
 # pixels go uint8 [0, 255] -> [0, 1] -> (x - MEAN) / STD, i.e. [-1, 1]
 MEAN, STD = 0.5, 0.5
-CACHE_FORMAT = 2  # bump when the cached layout changes
+VALIDATION = "validation"  # the split name `datasets` uses; a dataset that has it is validated on it
+CACHE_FORMAT = 3  # bump when the cached layout changes
 # the largest split read (EMNIST's biggest is 0.5 GiB of pixels); a header or dataset promising more is refused
 MAX_IDX_BYTES = 2 * 2**30
 HUB_PROBE_SECONDS = 3  # how long to wait for the Hub's address to answer before working offline
@@ -325,17 +326,18 @@ def check_array(batch: torch.Tensor, column: str, source: str) -> torch.Tensor:
 
 def load_hf(source: str, local: bool, image_column: str | None = None, label_column: str | None = None
             ) -> dict[str, Split]:
-    """The train and test splits of the `datasets` dataset at `source` (see `open_hf`)."""
+    """The train and test splits of the `datasets` dataset at `source` (see `open_hf`), and its validation
+    split if it has one."""
     dataset = open_hf(source, local)
     if not hasattr(dataset, "keys"):  # one Dataset, saved without its splits
         raise DataError(f"--dataset {source}: one split of {len(dataset)} rows; a DatasetDict with train and test is needed")
     missing = [s for s in IDX_FILES if s not in dataset]
     if missing:
         raise DataError(f"--dataset {source}: no {' or '.join(missing)} split (it has: {', '.join(dataset)})")
-    dataset = {s: dataset[s] for s in IDX_FILES}
+    dataset = {s: dataset[s] for s in (*IDX_FILES, VALIDATION) if s in dataset}
     found = {s: find_columns(split.features, image_column, label_column, f"{source}[{s}]") for s, split in dataset.items()}
-    if found["train"] != found["test"]:
-        raise DataError(f"--dataset {source}: its splits' columns differ (train {found['train']}, test {found['test']}); "
+    if len(set(found.values())) > 1:
+        raise DataError(f"--dataset {source}: its splits' columns differ ({', '.join(f'{s} {c}' for s, c in found.items())}); "
                         "name them with --image-column and --label-column")
     image_column, label_column = found["train"]
     # labels first: they are cheap, and a wrong label column is refused before any image is decoded
@@ -384,7 +386,8 @@ def _read_cache(path: Path) -> dict[str, Split] | None:
             names = json.loads(f.metadata()["class_names"])
         # checked like freshly decoded data: a cache that was tampered with is never trained on
         return {s: check_split(tensors[f"{s}_images"].view(-1, IMAGE_SIDE, IMAGE_SIDE), tensors[f"{s}_labels"],
-                               f"{path} [{s}]", names) for s in IDX_FILES}
+                               f"{path} [{s}]", names)
+                for s in (*IDX_FILES, VALIDATION) if s in IDX_FILES or f"{s}_images" in tensors}
     except FileNotFoundError:
         return None
     except (SafetensorError, KeyError, TypeError, ValueError, OSError, RuntimeError) as err:
@@ -427,7 +430,8 @@ def dataset_source(dataset: str) -> tuple[str, bool]:
 
 def load_splits(dataset: str, data_dir: str | None = None, cache_dir: str | Path | None = None,
                 image_column: str | None = None, label_column: str | None = None) -> dict[str, Split]:
-    """The train and test splits of `dataset` (or of the IDX files in `data_dir`), cached on disk.
+    """The train and test splits of `dataset` (or of the IDX files in `data_dir`), and its validation split
+    if it has one, cached on disk.
     `dataset`: mnist, fashion_mnist, mnist-5k, a local directory or a Hub id (see `open_hf`)."""
     if data_dir is not None or dataset in BUNDLED_DIRS:
         files = find_idx_files(data_dir if data_dir is not None else BUNDLED_DIRS[dataset])
@@ -458,27 +462,55 @@ def check_named(splits: dict[str, Split], dataset: str, data_dir: str) -> None:
                         f"pass --dataset {known}")
 
 
-def fingerprint(splits: dict[str, Split]) -> dict:
-    """What a checkpoint records of its data: each split's size and the sha256 of its decoded tensors."""
+def fingerprint(splits: dict[str, Split], held_out: dict | None = None) -> dict:
+    """What a checkpoint records of its data: each split's size and the sha256 of its decoded tensors;
+    `held_out`, a validation split cut from the training split (`hold_out`), goes in too."""
     prints = {}
     for name, split in splits.items():
         digest = hashlib.sha256(memoryview(split.images.numpy()))
         digest.update(memoryview(split.labels.numpy()))
         prints[name] = {"samples": len(split), "classes": len(split.class_names), "sha256": digest.hexdigest()}
+    if held_out is not None:
+        prints[VALIDATION]["held_out"] = held_out
     return prints
+
+
+def hold_out(train: Split, fraction: float, seed: int) -> tuple[Split, Split, torch.Tensor]:
+    """(the rest of `train`, the validation split, its indices in `train`): round(fraction x n) samples of each
+    class of n, drawn with `seed`, the same on every machine; both keep the training split's order."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in range(len(train.class_names)):
+        members = (train.labels == label).nonzero().flatten()
+        take = round(fraction * len(members))
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    indices = torch.cat(chosen).sort().values
+    keep = torch.ones(len(train), dtype=torch.bool)
+    keep[indices] = False
+    if not len(indices) or not keep.any():
+        raise DataError(f"--val-fraction {fraction}: holds out {len(indices)} of the {len(train)} training samples; "
+                        "both splits need samples")
+    rest = Split(train.images[keep], train.labels[keep], train.class_names)
+    return rest, Split(train.images[indices], train.labels[indices], train.class_names), indices
+
+
+def indices_digest(indices: torch.Tensor) -> str:
+    """sha256 of sample indices (int64): which samples a split holds."""
+    return hashlib.sha256(memoryview(indices.to(torch.int64).numpy())).hexdigest()
 
 
 # ---------------------------------------------------------------- loaders
 
 
-def make_loaders(train: Split, test: Split, batch_size: int, eval_batch_size: int, num_workers: int = 0,
-                 seed: int = 0) -> tuple[DataLoader, DataLoader]:
-    """Plain DataLoaders over uint8 tensors; pixels are normalized later, on the device (4x less to copy)."""
-    train_loader = DataLoader(TensorDataset(train.images, train.labels), batch_size=batch_size, shuffle=True,
-                              generator=torch.Generator().manual_seed(seed), num_workers=num_workers)
-    test_loader = DataLoader(TensorDataset(test.images, test.labels), batch_size=eval_batch_size,
-                             num_workers=num_workers)
-    return train_loader, test_loader
+def train_loader(train: Split, batch_size: int, num_workers: int = 0, seed: int = 0) -> DataLoader:
+    """A shuffling DataLoader over uint8 tensors; pixels are normalized later, on the device (4x less to copy)."""
+    return DataLoader(TensorDataset(train.images, train.labels), batch_size=batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed), num_workers=num_workers)
+
+
+def eval_loader(split: Split, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """A DataLoader over an evaluation split (test, validation), in order."""
+    return DataLoader(TensorDataset(split.images, split.labels), batch_size=batch_size, num_workers=num_workers)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -509,9 +541,9 @@ class DeviceBatches:
             yield torch.index_select(self.images, 0, index), torch.index_select(self.labels, 0, index)
 
 
-def test_shard(split: Split, batch_size: int, rank: int, world: int, device: torch.device) -> list[tuple]:
-    """Process `rank`'s contiguous share of the test set as (images, labels) batches on the device:
-    together the `world` shares hold every test image once, with no padding."""
+def eval_shard(split: Split, batch_size: int, rank: int, world: int, device: torch.device) -> list[tuple]:
+    """Process `rank`'s contiguous share of an evaluation split (test, validation) as (images, labels) batches
+    on the device: together the `world` shares hold every image once, with no padding."""
     per_process = math.ceil(len(split) / world)
     lo = min(rank * per_process, len(split))
     hi = min(lo + per_process, len(split))

@@ -73,7 +73,7 @@ def evaluate_model(args: argparse.Namespace) -> dict:
         norm = config.get("normalization", {"mean": data.MEAN, "std": data.STD})
         stats = (norm["mean"], norm["std"])
         model.to(accelerator.device)
-        shard = data.test_shard(test, args.batch_size, accelerator.process_index, accelerator.num_processes,
+        shard = data.eval_shard(test, args.batch_size, accelerator.process_index, accelerator.num_processes,
                                 accelerator.device)
         metrics = evaluate_shard(model, shard, stats, lambda t: accelerator.reduce(t, reduction="sum"))
         names = config.get("class_names") or list(test.class_names)

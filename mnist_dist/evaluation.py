@@ -2,7 +2,7 @@
 
 Either each batch's per-sample results go through `gather` (Accelerate's `gather_for_metrics`,
 which drops the padding that evens out a DataLoader's shards), or each process evaluates its own
-unpadded share (`data.test_shard`) and `evaluate_shard` adds the totals up with `sum_over_processes`.
+unpadded share (`data.eval_shard`) and `evaluate_shard` adds the totals up with `sum_over_processes`.
 Either way each test image counts exactly once at any world size.
 """
 
@@ -78,7 +78,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
 def evaluate_shard(model: torch.nn.Module, shard: list[tuple[torch.Tensor, torch.Tensor]],
                    normalization: tuple[float, float] = (MEAN, STD),
                    sum_over_processes: Callable = _identity) -> dict:
-    """`evaluate` over every process's `data.test_shard`: this process's totals, added up across
+    """`evaluate` over every process's `data.eval_shard`: this process's totals, added up across
     processes by `sum_over_processes` (a tensor in, its sum over processes out)."""
     sums = evaluate_sums(model, shard, normalization=normalization)
     device = next(model.parameters()).device

@@ -31,23 +31,25 @@ def _save(fig, path: Path) -> Path:
 
 
 def training_curves(history: list[dict], path: Path, title: str = "", label_smoothing: float = 0.0) -> Path:
-    """Train and test loss, and test accuracy, per epoch, from results.json's `history`."""
+    """Train and validation (else test) loss, and validation (else test) accuracy, per epoch, from
+    results.json's `history`."""
     return _save(curves_figure(history, title, label_smoothing), path)
 
 
 def curves_figure(history: list[dict], title: str = "", label_smoothing: float = 0.0):
     """The figure `training_curves` saves."""
     epochs = [h["epoch"] for h in history]
+    split, name = ("val", "validation") if history and "val_accuracy" in history[0] else ("test", "test")
     # constrained layout keeps axis labels clear of their tick labels, however wide those are
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     # a smoothed training loss has a floor above zero: say so, or it reads as underfitting
     train_label = f"train (label smoothing {label_smoothing:g})" if label_smoothing else "train"
     loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label=train_label)
-    loss_ax.plot(epochs, [h["test_loss"] for h in history], marker="o", label="test")
+    loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], marker="o", label=name)
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     loss_ax.legend()
-    acc_ax.plot(epochs, [100 * h["test_accuracy"] for h in history], marker="o", color="tab:green")
-    acc_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    acc_ax.plot(epochs, [100 * h[f"{split}_accuracy"] for h in history], marker="o", color="tab:green")
+    acc_ax.set(xlabel="epoch", ylabel=f"{name} accuracy (%)", title=f"{name} accuracy")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         if len(epochs) <= 20:  # one tick per epoch, never a fraction of one

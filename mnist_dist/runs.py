@@ -27,7 +27,8 @@ LATEST = RUNS_ROOT / "latest"
 LOCK_NAME, HOLDER_NAME = ".lock", ".lock.json"
 # what a run writes into its directory: what --overwrite removes, and nothing else
 RUN_FILES = ("results.json", "model.safetensors", "config.json", "metrics.jsonl", "training_curves.png",
-             "confusion_matrix.png", "misclassified.png", "checkpoints", "evaluation", "wandb", "tensorboard")
+             "confusion_matrix.png", "misclassified.png", "checkpoints", "best", "best.tmp", "evaluation", "wandb",
+             "tensorboard")
 # what a start that never reached its first checkpoint leaves: `--resume auto` removes it and starts again
 RESTARTABLE = ("metrics.jsonl", "checkpoints/", "wandb/", "tensorboard/")
 
@@ -194,12 +195,14 @@ def clear(plan: Plan) -> None:
 
 
 def finished_results(output_dir: Path, cfg: TrainConfig) -> dict | None:
-    """results.json of the run in `output_dir` if it already took every step `cfg` asks for, else None."""
+    """results.json of the run in `output_dir` if it already took every step `cfg` asks for, or stopped
+    early, else None."""
     try:
         results = json.loads((output_dir / "results.json").read_text())
         per_epoch = math.ceil(results["train_samples"] / results["global_batch_size"])
         wanted = min(cfg.epochs * per_epoch, cfg.max_steps or math.inf)
-        return results if results["steps"] >= wanted else None
+        early = results.get("stopped", {}).get("reason") == "early_stopping"  # more steps would change nothing
+        return results if results["steps"] >= wanted or early else None
     except (OSError, ValueError, KeyError, TypeError):
         return None  # none, or unreadable: the run resumes from its checkpoint and writes it again
 

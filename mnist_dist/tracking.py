@@ -101,7 +101,7 @@ def start(accelerator: Accelerator, cfg: TrainConfig, config: dict, run_id: str)
 
 
 def finish(accelerator: Accelerator, cfg: TrainConfig, summary: dict) -> None:
-    """Write the run summary (best and final accuracy), log the model with --log-model, and say how to
+    """Write the run summary (final test accuracy; the best validation model's), log the model with --log-model, and say how to
     sync an offline W&B run. Trackers only exist on the main process."""
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":

@@ -26,7 +26,7 @@ import math  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
-from dataclasses import asdict, dataclass, field, replace  # noqa: E402
+from dataclasses import asdict, dataclass, field, fields, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -39,15 +39,15 @@ from tqdm.auto import tqdm  # noqa: E402
 from . import checkpoint, data, runs, tracking  # noqa: E402
 from .checkpoint import CheckpointError, DiskError  # noqa: E402
 from .clock import since_process_start  # noqa: E402
-from .data import DataError, DeviceBatches, make_loaders, normalize  # noqa: E402
+from .data import VALIDATION, DataError, DeviceBatches, Split, normalize  # noqa: E402
 from .distributed import (  # noqa: E402
     LaunchError, agree_to_stop, any_process, build_accelerator, compiled_with, core_watch, decided_by_main,
     local_real, lost_peer, peers_message, per_process, process_hosts, threads_from, use_output_dir,
 )
-from .evaluation import evaluate, evaluate_shard  # noqa: E402
 from .graphs import EpochGraph, graph_unsupported  # noqa: E402
 from .model import CONFIG_NAME, MLP, model_config, parameter_count  # noqa: E402
 from .resources import MEMORY_MEASURED, ProfiledSteps, model_flops_per_second, peak_memory_mib  # noqa: E402
+from .selection import ModelSelection, Scorer  # noqa: E402
 
 
 class TrainingError(RuntimeError):
@@ -79,8 +79,14 @@ class TrainState:
     window_norm_steps: int = 0  # how many
     train_seconds: float = 0.0  # training time across resumes, evaluation and checkpoints excluded (s)
     seconds_to_first_step: float | None = None  # from the OS starting the process (s)
-    best_test_accuracy: float | None = None  # fraction 0..1
     history: list[dict] = field(default_factory=list)  # one entry per evaluated epoch
+    # model selection on the validation split (selection.py); accuracies are fractions 0..1
+    best_val_accuracy: float | None = None
+    best_step: int | None = None  # the step it was measured at
+    evals_since_best: int = 0  # validation evaluations since then
+    last_validation: dict | None = None  # the newest: {"step", "accuracy", "loss", "samples"}
+    stopped_early: bool = False  # --early-stopping-patience ran out
+    validation_seconds: float = 0.0  # the --eval-every evaluations inside epochs, across resumes (s)
 
     def add_steps(self, losses: list[float], samples: list[int], log_every: int,
                   norms: list[float]) -> tuple[list, int | None]:
@@ -103,6 +109,17 @@ class TrainState:
                 windows.append((self.global_step, self.window_loss_sum, self.window_samples, mean_norm))
                 self.window_loss_sum, self.window_samples, self.window_norm_sum, self.window_norm_steps = 0.0, 0, 0.0, 0
         return windows, first_bad
+
+    def validated(self, metrics: dict, min_delta: float, patience: int | None) -> None:
+        """Note a validation evaluation at this step: a new best if it beats the best by more than
+        `min_delta`; stopped early once `patience` evaluations in a row have not."""
+        self.last_validation = {"step": self.global_step, "accuracy": metrics["accuracy"], "loss": metrics["loss"],
+                                "samples": metrics["samples"]}
+        if self.best_val_accuracy is None or metrics["accuracy"] > self.best_val_accuracy + min_delta:
+            self.best_val_accuracy, self.best_step, self.evals_since_best = metrics["accuracy"], self.global_step, 0
+        else:
+            self.evals_since_best += 1
+        self.stopped_early = patience is not None and self.evals_since_best >= patience
 
     def evaluated(self) -> bool:
         """Whether the position reached has been evaluated: an epoch's start, or where --max-steps ended one.
@@ -128,8 +145,8 @@ class TrainState:
             mine = [s[rank] for s in sums]
         else:  # added in float32, as the processes' sums are when an epoch ends
             mine = [float(np.sum(s, dtype=np.float32)) if rank == 0 else 0.0 for s in sums]
-        newer = {"window_norm_sum": 0.0, "window_norm_steps": 0}  # a checkpoint from before they were kept: none
-        return cls(**{k: saved.get(k, newer.get(k)) for k in names}, epoch_loss_sum=mine[0], window_loss_sum=mine[1])
+        defaults = {f.name: f.default for f in fields(cls)}  # of the fields newer than the checkpoint
+        return cls(**{k: saved.get(k, defaults[k]) for k in names}, epoch_loss_sum=mine[0], window_loss_sum=mine[1])
 
 
 def train(cfg: TrainConfig, signals: StopSignals | None = None) -> dict:
@@ -161,19 +178,16 @@ def train(cfg: TrainConfig, signals: StopSignals | None = None) -> dict:
 def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) -> dict:
     """The run in `plan.output_dir`, from its checkpoint `plan.resume_from` or from step 0."""
     timings = {"startup": since_process_start()}  # seconds: interpreter, imports, process group
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     cfg, resume_from, saved = resume_point(cfg, plan, world)
     config = run_config(cfg, accelerator, saved, resume_from)
 
     began = time.perf_counter()
-    with accelerator.local_main_process_first():  # one process per node decodes and caches, the others read
-        splits = data.load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.image_column, cfg.label_column)
-    train_set, test_set = splits["train"], splits["test"]
-    fingerprint = data.fingerprint(splits)
+    splits = load_data(cfg, accelerator)
+    train_set, test_set, val_set = splits.train, splits.test, splits.validation
     if saved:
-        checkpoint.check_data(saved, fingerprint, config, resume_from)
-    # (mean, std) on the 0..1 pixel scale; saved with the model so that evaluate and predict scale alike
-    stats = data.pixel_stats(train_set.images) if cfg.normalization == "dataset" else (data.MEAN, data.STD)
+        checkpoint.check_data(saved, splits.fingerprint, config, resume_from)
+    stats = splits.stats
     timings["data_load"] = time.perf_counter() - began
 
     began = time.perf_counter()
@@ -182,9 +196,8 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     model_cfg = saved_model_config(model, cfg, stats, train_set.class_names)
     data_path = resolve_data_path(cfg, accelerator)
     optimizer = make_optimizer(model.parameters(), cfg.lr, accelerator.device, cfg.optimizer, cfg.weight_decay)
-    train_loader, test_loader = make_loaders(train_set, test_set, cfg.batch_size, cfg.eval_batch_size,
-                                             cfg.num_workers, cfg.seed)
-    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    loader = data.train_loader(train_set, cfg.batch_size, cfg.num_workers, cfg.seed)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, loader)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)  # the same on every process
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     scheduler = make_scheduler(cfg, accelerator, optimizer, total_steps)
@@ -192,19 +205,22 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     guard = NonFiniteGuard(accelerator, optimizer)
     runner = make_runner(cfg, data_path, accelerator, model, optimizer, scheduler, guard, train_set, train_loader, stats)
     watch = core_watch(cfg, accelerator.device)  # None unless a lone CPU process took its threads from idle cores
-    test_shard = data.test_shard(test_set, cfg.eval_batch_size, rank, world, accelerator.device) \
-        if data_path != "dataloader" else None
+    scorer = Scorer(accelerator, {"test": test_set, **({VALIDATION: val_set} if val_set else {})}, data_path,
+                    cfg.eval_batch_size, cfg.num_workers, stats)
 
     if accelerator.is_main_process:  # only now: bad data, flags and checkpoints have all been refused
         runs.clear(plan)
     hosts = process_hosts(accelerator)  # to name a peer that stalls
     run_id = start_tracking(cfg, accelerator, config, saved, plan, len(train_set))
     report = Reporter(accelerator, cfg.output_dir, total_steps, state.global_step if saved else None)
+    selection = ModelSelection(cfg, accelerator, scorer, report, model_cfg, val_set is not None)
+    if saved:
+        selection.check_resumed(model, state, resume_from)
     epochs = math.ceil(total_steps / steps_per_epoch)
-    report.say(banner(cfg, accelerator, config, len(train_set), len(test_set), data_path, resume_from, saved, state))
+    report.say(banner(cfg, accelerator, config, splits, data_path, resume_from, saved, state))
     step_batch = global_batch(cfg, world)  # samples per optimizer step, all processes
     checkpoint_extra = {"world_size": world, "global_batch_size": step_batch, "config": config, "run_id": run_id,
-                        **checkpoint.began_with(saved, cfg), "data": fingerprint}
+                        **checkpoint.began_with(saved, cfg), "data": splits.fingerprint}
     real_samples = [step_samples(i, len(train_set), step_batch) for i in range(steps_per_epoch)]
 
     gc.freeze()  # full collections no longer walk the imports' objects: no process stalls the all-reduce for one
@@ -215,12 +231,12 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
             report.say(f"mnist_dist: stopped by {stop_reason(signals)} during start-up; nothing new to save")
             raise Preempted(resume_from)
         for _ in range(state.epoch, epochs):  # bounded: whatever a checkpoint said, no epoch is evaluated twice
-            if state.global_step >= total_steps and state.evaluated():
+            if (state.global_step >= total_steps or state.stopped_early) and state.evaluated():
                 break
             timed_since = time.perf_counter()  # training time runs from here to the next checkpoint
             runner.begin_epoch(state.epoch, state.batch_in_epoch)
             model.train()
-            while state.batch_in_epoch < steps_per_epoch and state.global_step < total_steps:
+            while state.batch_in_epoch < steps_per_epoch and state.global_step < total_steps and not state.stopped_early:
                 start = state.batch_in_epoch
                 stop = start + steps_to_next_check(state, cfg, runner.logs_live, steps_per_epoch, total_steps)
                 runner.run(start, stop)  # steps [start, stop) of this epoch, no host sync between them
@@ -237,17 +253,21 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
                 report.log_windows(windows, state, optimizer, steps_per_epoch, time.perf_counter() - timed_since)
                 if watch:  # a program that started or stopped since changes the threads worth using
                     watch.recheck(report.say)
-                if stop or checkpoint_due(state, cfg, steps_per_epoch, total_steps):
+                if selection.due(state, steps_per_epoch, total_steps):  # an --eval-every point
+                    seconds = selection.validate(model, state)
+                    state.validation_seconds, timed_since = state.validation_seconds + seconds, timed_since + seconds
+                if stop or checkpoint_due(state, cfg, steps_per_epoch, total_steps) or selection.new_best(state):
                     state.train_seconds += time.perf_counter() - timed_since
                     path = save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg)
+                    selection.keep_if_best(model, state)
                     timed_since = time.perf_counter()
                     if stop:
                         preempt(signals, report, state.global_step, path)
             state.train_seconds += time.perf_counter() - timed_since
-            metrics = end_epoch(accelerator, state, model, test_loader, test_shard, stats, report, epochs,
-                                steps_per_epoch)
+            metrics = end_epoch(accelerator, state, model, scorer, selection, report, epochs, steps_per_epoch)
             path = save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg)
-            if state.batch_in_epoch:  # --max-steps ended the run inside this epoch, now evaluated
+            selection.keep_if_best(model, state)
+            if state.batch_in_epoch or state.stopped_early:  # --max-steps or early stopping ended the run here
                 break
             if state.epoch < epochs and any_process(accelerator, signals.reason() is not None):  # during evaluation
                 preempt(signals, report, state.global_step, path)
@@ -262,20 +282,80 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
         raise TrainingError(peers_message(accelerator, hosts, cfg.timeout, state.global_step, err)) from err
     report.close()
 
-    if metrics is None:  # resumed from a checkpoint of a run that had already finished its steps
-        metrics = test_metrics(accelerator, model, test_loader, test_shard, stats)
+    metrics = metrics or scorer.score(model, "test")  # with a validation split, or resumed after the last epoch
     timings |= {"train": state.train_seconds, "capture": runner.capture_seconds,  # capture: part of train
-                "eval": sum(h["eval_seconds"] for h in state.history)}
-    results = results_of(cfg, accelerator, state, metrics, timings, data_path, len(train_set), stats, model_cfg)
+                "eval": sum(h["eval_seconds"] for h in state.history) + state.validation_seconds}
+    results = results_of(cfg, accelerator, state, metrics, timings, data_path, splits, model_cfg, total_steps)
+    results |= selection.results(state, final_validation(model, state, selection, splits))
     write_outputs(accelerator, model, cfg.output_dir, results, test_set, stats, model_cfg, report)
-    tracking.finish(accelerator, cfg, {"best_test_accuracy": results["best_test_accuracy"],
-                                       "final_test_accuracy": results["test_accuracy"]})
+    tracking.finish(accelerator, cfg, run_summary(results))
     stopped = any_process(accelerator, signals.reason() is not None)  # a signal while the outputs were written
     _shutdown(accelerator)
     if stopped:
         report.say(f"mnist_dist: stopped by {stop_reason(signals)} after writing the outputs; the run is complete")
         raise Preempted(Path(cfg.output_dir))
     return results
+
+
+@dataclass
+class RunData:
+    """The splits a run trains, validates and tests on, their fingerprint and the input scaling."""
+
+    train: Split
+    test: Split
+    validation: Split | None
+    validation_source: str | None  # where the validation split came from, in words
+    fingerprint: dict  # data.fingerprint: what checkpoints record and resumes check
+    stats: tuple[float, float]  # (mean, std) on the 0..1 pixel scale, saved with the model
+
+
+def load_data(cfg: TrainConfig, accelerator) -> RunData:
+    """The run's splits: the dataset's validation split if it has one, else --val-fraction of the training
+    split held out, else none. Refuses the model-selection flags without a validation split."""
+    with accelerator.local_main_process_first():  # one process per node decodes and caches, the others read
+        splits = data.load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.image_column, cfg.label_column)
+    train_set, val_set, held_out, source = splits["train"], splits.get(VALIDATION), None, None
+    if val_set is not None:
+        source = f"the dataset's {VALIDATION} split" + (f"; --val-fraction {cfg.val_fraction} is not used" if cfg.val_fraction else "")
+    elif cfg.val_fraction:
+        train_set, val_set, indices = data.hold_out(train_set, cfg.val_fraction, cfg.seed)
+        held_out = {"fraction": cfg.val_fraction, "seed": cfg.seed, "indices_sha256": data.indices_digest(indices)}
+        source = f"{100 * cfg.val_fraction:g}% of the training split, each class alike, chosen by --seed {cfg.seed}"
+    check_selection_flags(cfg, val_set is not None)
+    used = {"train": train_set, "test": splits["test"], **({VALIDATION: val_set} if val_set is not None else {})}
+    stats = data.pixel_stats(train_set.images) if cfg.normalization == "dataset" else (data.MEAN, data.STD)
+    return RunData(train_set, splits["test"], val_set, source, data.fingerprint(used, held_out), stats)
+
+
+def check_selection_flags(cfg: TrainConfig, has_validation: bool) -> None:
+    """The model-selection flags choose on a validation split: refused without one."""
+    if has_validation:
+        return
+    for name, given in (("eval_every", cfg.eval_every is not None), ("keep_best", cfg.keep_best is True),
+                        ("early_stopping_patience", cfg.early_stopping_patience is not None)):
+        if given:
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(cfg, name)!r}: needs a validation split, and "
+                              f"{cfg.dataset} has none; hold one out with --val-fraction (0.1, say)")
+
+
+def final_validation(model, state: TrainState, selection: ModelSelection, splits: RunData) -> dict | None:
+    """results.json's "validation": the final model's validation accuracy and loss (measured at the last step)."""
+    if not selection.active:
+        return None
+    last = state.last_validation
+    if last is None or last["step"] != state.global_step:
+        last = selection.scorer.score(model, VALIDATION)
+    # samples: as counted over every process, each validation image once
+    return {"source": splits.validation_source, "samples": last["samples"], "accuracy": last["accuracy"],
+            "loss": last["loss"]}
+
+
+def run_summary(results: dict) -> dict:
+    """The W&B run summary: the final test accuracy and, with a validation split, the best model's."""
+    best = results.get("best") or {}
+    return {"final_test_accuracy": results["test_accuracy"], "stopped": results["stopped"]["reason"],
+            **({"best_val_accuracy": best["val_accuracy"], "best_step": best["step"]} if best else {}),
+            **({"best_model_test_accuracy": best["test_accuracy"]} if "test_accuracy" in best else {})}
 
 
 def start_tracking(cfg: TrainConfig, accelerator, config: dict, saved: dict | None, plan: runs.Plan,
@@ -321,11 +401,12 @@ def stop_reason(signals: StopSignals) -> str:
     return signals.reason() or "another process's stop request"
 
 
-def banner(cfg: TrainConfig, accelerator, config: dict, train_len: int, test_len: int, data_path: str,
+def banner(cfg: TrainConfig, accelerator, config: dict, splits: RunData, data_path: str,
            resume_from: Path | None, saved: dict | None, state: TrainState) -> str:
     """What this run is, said just before it trains; a resumed run on another world size says so too."""
     world, n = accelerator.num_processes, cfg.gradient_accumulation_steps
-    text = (f"mnist_dist: {train_len} train / {test_len} test samples, {world} process(es) on "
+    val = f" / {len(splits.validation)} validation ({splits.validation_source})" if splits.validation else ""
+    text = (f"mnist_dist: {len(splits.train)} train{val} / {len(splits.test)} test samples, {world} process(es) on "
             f"{accelerator.device.type}, global batch {global_batch(cfg, world)}"
             + (f" ({world} x {cfg.batch_size} x {n} accumulated)" if n > 1 else "")
             + f", precision {accelerator.mixed_precision}, "
@@ -345,10 +426,12 @@ def banner(cfg: TrainConfig, accelerator, config: dict, train_len: int, test_len
 def say_finished(accelerator, plan: runs.Plan) -> dict:
     """--resume auto on a finished run: say so and change nothing."""
     results = plan.finished
+    early = results.get("stopped", {}).get("reason") == "early_stopping"
     if accelerator.is_main_process:
+        further = ("it stopped early (--early-stopping-patience)" if early else "to train further, raise --epochs or "
+                   "--max-steps with --resume auto (--schedule constant only: a schedule is laid over all the steps)")
         print(f"mnist_dist: {plan.output_dir} holds a finished run ({results['steps']} steps, test accuracy "
-              f"{results['test_accuracy']:.4f}); nothing to resume. To train further, raise --epochs or --max-steps "
-              "with --resume auto (--schedule constant only: a schedule is laid over all the steps); to start "
+              f"{results['test_accuracy']:.4f}); nothing to resume. {further[0].upper()}{further[1:]}; to start "
               "over, use --overwrite.")
     _shutdown(accelerator)
     return results
@@ -570,10 +653,11 @@ def step_samples(step: int, train_len: int, step_batch: int) -> int:
 def steps_to_next_check(state: TrainState, cfg: TrainConfig, logs_live: bool, steps_per_epoch: int,
                         total_steps: int) -> int:
     """Steps from here to the next point where the host looks: the epoch's end or the run's, a
-    checkpoint, or (where the path logs live) a log point."""
+    checkpoint, a validation, or (where the path logs live) a log point."""
     step = state.global_step
     ends = [steps_per_epoch - state.batch_in_epoch, total_steps - step]
-    for every in ([cfg.log_every] if logs_live else []) + ([cfg.checkpoint_every] if cfg.checkpoint_every else []):
+    # --eval-every is None without a validation split (refused with --eval-every)
+    for every in ([cfg.log_every] if logs_live else []) + [e for e in (cfg.checkpoint_every, cfg.eval_every) if e]:
         ends.append(every - step % every)
     return min(ends)
 
@@ -596,43 +680,38 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState, extra: dic
                            model_cfg)
 
 
-def test_metrics(accelerator, model, test_loader, test_shard, stats) -> dict:
-    """Test-set metrics over every process, each test image counted once."""
-    if test_shard is None:  # the DataLoader path: gather_for_metrics drops the padding of the last batches
-        return evaluate(model, test_loader, gather=accelerator.gather_for_metrics, normalization=stats)
-    return evaluate_shard(model, test_shard, stats, lambda t: accelerator.reduce(t, reduction="sum"))
-
-
-def end_epoch(accelerator, state: TrainState, model, test_loader, test_shard, stats, report: "Reporter",
-              epochs: int, steps_per_epoch: int) -> dict:
-    """Evaluate, add the epoch to the history, say and log it; move the state to the next epoch
-    unless --max-steps ended this one early. Returns the test metrics."""
+def end_epoch(accelerator, state: TrainState, model, scorer: Scorer, selection: ModelSelection, report: "Reporter",
+              epochs: int, steps_per_epoch: int) -> dict | None:
+    """Evaluate (the validation split if there is one, else the test set), add the epoch to the history, say
+    and log it; move the state to the next epoch unless --max-steps or early stopping ended this one early.
+    Returns the test metrics, or None where the validation split was evaluated."""
     mine = torch.tensor(state.epoch_loss_sum, dtype=torch.float32, device=accelerator.device)
     train_loss = accelerator.reduce(mine, reduction="sum").item() / state.epoch_samples
     if state.history and state.history[-1]["epoch"] == state.epoch + 1:
         state.history.pop()  # this epoch's first part, up to an earlier run's --max-steps
     seconds = state.train_seconds - sum(h["seconds"] for h in state.history)
     began = time.perf_counter()
-    metrics = test_metrics(accelerator, model, test_loader, test_shard, stats)
+    metrics = None if selection.active else scorer.score(model, "test")
+    if selection.active:
+        selection.validate(model, state)  # logged there, as val/*
+    split, scored = ("val", state.last_validation) if selection.active else ("test", metrics)
     memory = per_process(accelerator, peak_memory_mib(accelerator.device))  # MiB, by rank
     flops = model_flops_per_second(sum(p.numel() for p in model.parameters()), state.epoch_samples, seconds)
-    state.history.append({"epoch": state.epoch + 1, "train_loss": train_loss, "test_accuracy": metrics["accuracy"],
-                          "test_loss": metrics["loss"], "seconds": seconds,
+    state.history.append({"epoch": state.epoch + 1, "train_loss": train_loss, f"{split}_accuracy": scored["accuracy"],
+                          f"{split}_loss": scored["loss"], "seconds": seconds,
                           "eval_seconds": time.perf_counter() - began, "samples": state.epoch_samples,
                           "peak_memory_mib": memory, "model_flops_per_second": flops})
-    best = state.best_test_accuracy
-    state.best_test_accuracy = metrics["accuracy"] if best is None else max(best, metrics["accuracy"])
-    report.say(f"epoch {state.epoch + 1}/{epochs}: train_loss {train_loss:.4f}  test_loss {metrics['loss']:.4f}  "
-               f"test_accuracy {metrics['accuracy']:.4f}  ({seconds:.2f} s, {state.epoch_samples / seconds:,.0f} samples/s, "
+    report.say(f"epoch {state.epoch + 1}/{epochs}: train_loss {train_loss:.4f}  {split}_loss {scored['loss']:.4f}  "
+               f"{split}_accuracy {scored['accuracy']:.4f}  ({seconds:.2f} s, {state.epoch_samples / seconds:,.0f} samples/s, "
                f"{flops / 1e9:,.2f} model GFLOP/s, peak memory {max(memory):,.0f} MiB)")
-    report.log({"test/accuracy": metrics["accuracy"], "test/loss": metrics["loss"], "train/epoch_loss": train_loss,
-                "epoch": state.epoch + 1, "epoch_seconds": seconds, "perf/model_flops_per_second": flops,
-                "perf/peak_memory_mib": max(memory)}, state.global_step)
+    test = {"test/accuracy": metrics["accuracy"], "test/loss": metrics["loss"]} if metrics else {}
+    report.log({**test, "train/epoch_loss": train_loss, "epoch": state.epoch + 1, "epoch_seconds": seconds,
+                "perf/model_flops_per_second": flops, "perf/peak_memory_mib": max(memory)}, state.global_step)
     if state.batch_in_epoch == steps_per_epoch:
         state.samples_seen += state.epoch_samples
         state.epoch, state.batch_in_epoch, state.epoch_loss_sum, state.epoch_samples = state.epoch + 1, 0, 0.0, 0
-    # else --max-steps ended the run inside the epoch: its checkpoint stays there, so that resuming
-    # with more steps finishes this epoch rather than skipping to the next
+    # else --max-steps or early stopping ended the run inside the epoch: its checkpoint stays there, so that
+    # resuming with more steps finishes this epoch rather than skipping to the next
     return metrics
 
 
@@ -679,15 +758,17 @@ class Reporter:
 
 
 def results_of(cfg: TrainConfig, accelerator, state: TrainState, metrics: dict, timings: dict, data_path: str,
-               train_len: int, stats: tuple[float, float], model_cfg: dict) -> dict:
-    """results.json: the run's final metrics, its history and what it ran on (a collective: each process's
-    peak memory)."""
-    world = accelerator.num_processes
+               splits: RunData, model_cfg: dict, total_steps: int) -> dict:
+    """results.json: the run's final test metrics, its history and what it ran on (a collective: each
+    process's peak memory). Every test_* number is the final model's; the history's per-epoch numbers are
+    the validation split's (val_*) where there is one, else the test set's (test_*)."""
+    world, train_len, stats = accelerator.num_processes, len(splits.train), splits.stats
+    reason = "early_stopping" if state.stopped_early else "max_steps" if cfg.max_steps == total_steps else "epochs"
     samples_seen = state.samples_seen + state.epoch_samples  # epoch_samples: a cut-short epoch's
     peak_memory = per_process(accelerator, peak_memory_mib(accelerator.device))  # MiB, by rank
     return {
         "dataset": cfg.dataset, "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"],
-        "test_samples": metrics["samples"], "best_test_accuracy": state.best_test_accuracy,
+        "test_samples": metrics["samples"], "stopped": {"reason": reason, "step": state.global_step},
         "train_samples": train_len, "epochs": len(state.history), "steps": state.global_step,
         "samples_seen": samples_seen, "world_size": world, "per_process_batch_size": cfg.batch_size,
         "global_batch_size": global_batch(cfg, world), "mixed_precision": accelerator.mixed_precision,

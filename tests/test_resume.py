@@ -113,7 +113,11 @@ EDITS = [
     ("epoch_loss_sums", [], "must be 1 finite numbers, one per process"),
     ("global_batch_size", 64, "must be world_size x config.batch_size"),
     ("samples_seen", 7, "must be epoch x 5000 samples"),
-    ("best_test_accuracy", 2.0, "must be the best test accuracy so far"),
+    ("best_val_accuracy", 2.0, "must be an accuracy from 0 to 1"),
+    ("best_step", 3, "must be the step of best_val_accuracy, at most global_step"),
+    ("evals_since_best", -1, "must be an integer >= 0"),
+    ("stopped_early", 1, "must be true or false"),
+    ("last_validation", {"step": 10**6, "accuracy": 0.5, "loss": 1.0, "samples": 9}, "must be the step, accuracy"),
     ("history", [], "must hold one entry per evaluated epoch"),
     ("history", [{"epoch": 1, "train_loss": math.inf}], "entry 1 must be epoch 1 with finite losses"),
 ]

@@ -13,7 +13,7 @@ import torch
 from accelerate.utils import gather_object
 
 from mnist_dist.config import TrainConfig
-from mnist_dist.data import DeviceBatches, Split, make_loaders, test_shard
+from mnist_dist.data import DeviceBatches, Split, eval_loader, eval_shard, train_loader
 from mnist_dist.distributed import build_accelerator, local_real
 from mnist_dist.evaluation import evaluate, evaluate_shard
 from mnist_dist.model import MLP
@@ -40,8 +40,8 @@ def main() -> None:
     train_set, test_set = indexed(n_train), indexed(n_test)
     torch.manual_seed(0)
     model = MLP(hidden_size=16)
-    train_loader, test_loader = make_loaders(train_set, test_set, batch, batch, 0, cfg.seed)
-    model, train_loader, test_loader = accelerator.prepare(model, train_loader, test_loader)
+    model, loader, test_loader = accelerator.prepare(model, train_loader(train_set, batch, 0, cfg.seed),
+                                                     eval_loader(test_set, batch))
 
     rank, world = accelerator.process_index, accelerator.num_processes
     device_batches = DeviceBatches(train_set, batch, cfg.seed, rank, world, accelerator.device)
@@ -52,9 +52,9 @@ def main() -> None:
 
     epochs = []
     for epoch in range(EPOCHS):
-        train_loader.set_epoch(epoch)
+        loader.set_epoch(epoch)
         batches = []  # this process's real samples, batch by batch
-        for i, (images, labels) in enumerate(train_loader):
+        for i, (images, labels) in enumerate(loader):
             batches.append(index_of(images[: local_real(i, len(labels), n_train, batch, accelerator)]))
         epochs.append(gather_object([batches]))  # [rank][batch] -> indices
 
@@ -62,7 +62,7 @@ def main() -> None:
     for images, _ in test_loader:
         evaluated += accelerator.gather_for_metrics(torch.tensor(index_of(images))).tolist()
     metrics = evaluate(model, test_loader, gather=accelerator.gather_for_metrics)
-    shard = test_shard(test_set, batch, rank, world, accelerator.device)
+    shard = eval_shard(test_set, batch, rank, world, accelerator.device)
     device_metrics = evaluate_shard(model, shard, sum_over_processes=lambda t: accelerator.reduce(t, reduction="sum"))
 
     if accelerator.is_main_process:
@@ -71,7 +71,7 @@ def main() -> None:
                        "evaluated": evaluated, "metrics": metrics, "device_metrics": device_metrics}, f)
     # destroy the process group, then free DDP's hold on it while Python is fully alive (as train.py does)
     accelerator.end_training()
-    del model, train_loader, test_loader
+    del model, loader, test_loader
     accelerator.free_memory()
 
 

@@ -1,12 +1,13 @@
 """`python -m mnist_dist.train FLAGS` that sends itself SIGUSR1, on no timer, as its Nth stretch of
 steps (between two checks) begins, STOP_IN=stretch:N, as its Nth batch begins (with accumulation, inside
-an optimizer step), STOP_IN=batch:N, or as its Nth evaluation begins, STOP_IN=evaluation:N."""
+an optimizer step), STOP_IN=batch:N, as its Nth evaluation begins, STOP_IN=evaluation:N, or as its Nth new
+best model is about to be written, STOP_IN=best:N. STOP_SIGNAL names another signal (SIGKILL)."""
 
 import os
 import signal
 import sys
 
-from mnist_dist import config, train
+from mnist_dist import checkpoint, config, train
 
 WHERE, NTH = os.environ["STOP_IN"].split(":")
 calls = 0
@@ -17,7 +18,7 @@ def stop_on_nth_call(real):
         global calls
         calls += 1
         if calls == int(NTH):
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), getattr(signal, os.environ.get("STOP_SIGNAL", "SIGUSR1")))
         return real(*args, **kwargs)
     return call
 
@@ -26,6 +27,8 @@ if WHERE == "stretch":
     train.EagerSteps.run = stop_on_nth_call(train.EagerSteps.run)
 elif WHERE == "batch":
     train.train_step = stop_on_nth_call(train.train_step)
+elif WHERE == "best":  # the Nth new best model, after its checkpoint, before best/ is written
+    checkpoint.save_best = stop_on_nth_call(checkpoint.save_best)
 else:
-    train.test_metrics = stop_on_nth_call(train.test_metrics)
+    train.Scorer.score = stop_on_nth_call(train.Scorer.score)
 sys.exit(train.main(config.parse_args(sys.argv[1:])))

@@ -1,0 +1,192 @@
+"""Model selection on a validation split: the split itself, the best model in OUTPUT_DIR/best, early
+stopping, on 1 and 2 real processes and across a kill and resume; mnist-5k throughout."""
+
+import json
+import signal
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mnist_dist import checkpoint, data
+from mnist_dist.config import parse_args
+from mnist_dist.evaluation import evaluate
+from mnist_dist.model import load_model
+
+from .helpers import REPO, check, launch_script, mnist5k, results, run, train_cli, train_here
+from .test_data import as_datasets, subset
+
+RUN = ["--dataset", "mnist-5k", "--report-to", "none", "--val-fraction", "0.1"]
+# 4,500 training samples: 36 steps an epoch; validation every 12 steps, stopped after 2 without a rise of 1%
+EARLY = [*RUN, "--epochs", "8", "--eval-every", "12", "--early-stopping-patience", "2",
+         "--early-stopping-min-delta", "0.01"]
+
+
+def validation_split(fraction: float = 0.1, seed: int = 0):
+    return data.hold_out(mnist5k()["train"], fraction, seed)
+
+
+def logged(output_dir, key: str) -> dict[int, float]:
+    """{step: value} of `key` in the run's metrics.jsonl."""
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+def accuracy_on(model_dir, split: data.Split) -> float:
+    model, config = load_model(model_dir)
+    stats = (config["normalization"]["mean"], config["normalization"]["std"])
+    return evaluate(model, [(split.images, split.labels)], normalization=stats)["accuracy"]
+
+
+def same_weights(a, b) -> bool:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
+
+
+def test_the_held_out_split_takes_the_same_share_of_each_class_chosen_by_the_seed():
+    train = mnist5k()["train"]  # 500 of each digit
+    rest, val, indices = data.hold_out(train, 0.1, seed=0)
+    assert torch.bincount(val.labels).tolist() == [50] * 10 and torch.bincount(rest.labels).tolist() == [450] * 10
+    kept = torch.ones(len(train), dtype=torch.bool)
+    kept[indices] = False
+    assert len(set(indices.tolist())) == 500 and not kept[indices].any()  # disjoint, and together all of it
+    assert torch.equal(rest.images, train.images[kept]) and torch.equal(val.images, train.images[indices])
+    assert torch.equal(indices, indices.sort().values)  # the training split's order, in both
+    assert torch.equal(data.hold_out(train, 0.1, seed=0)[2], indices)  # the same on every call, process, machine
+    assert not torch.equal(data.hold_out(train, 0.1, seed=1)[2], indices)
+    with pytest.raises(data.DataError, match="--val-fraction 0.0001: holds out 0 of the 5000"):
+        data.hold_out(train, 0.0001, seed=0)
+
+
+def test_bad_model_selection_flags_are_refused_naming_the_flag(tmp_path, capsys):
+    for flags, message in [
+        (["--val-fraction", "0.6"], "--val-fraction=0.6: must be in [0, 0.5]"),
+        (["--val-fraction", "-0.1"], "--val-fraction=-0.1: must be in [0, 0.5]"),
+        (["--early-stopping-min-delta", "1.5"], "--early-stopping-min-delta=1.5: must be in [0, 1)"),
+        (["--early-stopping-patience", "0"], "--early-stopping-patience=0: must be an integer >= 1"),
+        (["--eval-every", "0"], "--eval-every=0: must be an integer >= 1"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(["--dataset", "mnist-5k", *flags])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, flags
+    for flag, value in [("--early-stopping-patience", "2"), ("--eval-every", "10"), ("--keep-best", None)]:
+        proc = train_here("--dataset", "mnist-5k", "--cpu", "--report-to", "none", "--output-dir", str(tmp_path / "x"),
+                          flag, *([value] if value else []))
+        assert proc.returncode == 2, proc.stderr
+        assert f"{flag}={int(value) if value else True!r}: needs a validation split, and mnist-5k has none; hold one " \
+               "out with --val-fraction" in proc.stderr
+        assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_a_resume_with_another_validation_fraction_is_refused(tmp_path):
+    config = parse_args(["--dataset", "mnist-5k"]).to_dict()
+    older = {"config": {k: v for k, v in config.items() if k != "val_fraction"}}
+    checkpoint.check_compatible(older, config, tmp_path)  # trained before the flag existed: no validation split
+    with pytest.raises(checkpoint.CheckpointError, match="--val-fraction=0.1, but .* was trained with 0.0"):
+        checkpoint.check_compatible(older, {**config, "val_fraction": 0.1}, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def selected(tmp_path_factory):
+    """One process, 4 epochs, validation every 12 steps and at each epoch end."""
+    out = tmp_path_factory.mktemp("selected") / "run"
+    check(train_cli(*RUN, "--cpu", "--epochs", "4", "--eval-every", "12", "--output-dir", str(out)))
+    return out
+
+
+def test_each_epoch_is_scored_on_the_validation_split_and_the_test_set_only_at_the_end(selected):
+    r = results(selected)
+    assert all("val_accuracy" in h and "test_accuracy" not in h for h in r["history"])
+    assert r["validation"]["samples"] == 500 and "10% of the training split" in r["validation"]["source"]
+    assert r["train_samples"] == 4500 and r["test_samples"] == 10_000
+    assert r["validation"]["accuracy"] == r["history"][-1]["val_accuracy"]  # the final model's
+    assert r["stopped"] == {"reason": "epochs", "step": 144}
+    assert "best_test_accuracy" not in r  # nothing is chosen on the test set
+    val = logged(selected, "val/accuracy")
+    assert sorted(val) == list(range(12, 145, 12))  # every 12 steps, epoch ends included, each once
+    assert "test/accuracy" not in json.dumps([json.loads(x) for x in (selected / "metrics.jsonl").read_text().splitlines()])
+    # the fingerprint names the held-out samples: a resume with another split is refused
+    state = checkpoint.read_state(checkpoint.complete_checkpoints(selected)[-1])
+    assert state["data"]["validation"]["held_out"]["indices_sha256"] == data.indices_digest(validation_split()[2])
+    assert state["data"]["train"]["samples"] == 4500
+
+
+def test_best_holds_the_model_of_the_best_validation_accuracy(selected):
+    r, val = results(selected), logged(selected, "val/accuracy")
+    best_step = min(step for step, acc in val.items() if acc == max(val.values()))  # the first of the best
+    assert r["best"]["step"] == best_step and r["best"]["val_accuracy"] == max(val.values())
+    _, val_set, _ = validation_split()
+    assert accuracy_on(selected / "best", val_set) == r["best"]["val_accuracy"]  # re-evaluated from the files
+    assert accuracy_on(selected / "best", mnist5k()["test"]) == r["best"]["test_accuracy"]
+    assert accuracy_on(selected, mnist5k()["test"]) == r["test_accuracy"]  # the final model's
+    proc = check(run([sys.executable, "-m", "mnist_dist.evaluate", "--model", str(selected / "best"), "--cpu"]))
+    assert f"test_accuracy {r['best']['test_accuracy']:.4f}" in proc.stdout
+    if best_step != r["steps"]:
+        assert not same_weights(selected / "best", selected)
+
+
+@pytest.fixture(scope="module")
+def stopped_early(tmp_path_factory):
+    out = tmp_path_factory.mktemp("early") / "run"
+    check(train_cli(*EARLY, "--cpu", "--output-dir", str(out)))
+    return out
+
+
+def test_early_stopping_ends_the_run_as_finished_after_the_patience_runs_out(stopped_early):
+    r, val = results(stopped_early), logged(stopped_early, "val/accuracy")
+    steps = sorted(val)
+    assert r["stopped"]["reason"] == "early_stopping" and r["stopped"]["step"] == steps[-1] == r["steps"] < 8 * 36
+    best = r["best"]["step"]
+    assert steps[-3] == best  # the best, then two evaluations that did not beat it by more than 1%
+    assert all(val[s] <= val[best] + 0.01 for s in steps[-2:])
+    assert val[best] > max(val[t] for t in steps if t < best) + 0.01
+    proc = check(train_cli(*EARLY, "--cpu", "--output-dir", str(stopped_early), "--resume", "auto"))
+    assert "holds a finished run" in proc.stdout and "It stopped early (--early-stopping-patience)" in proc.stdout
+
+
+def test_two_processes_hold_out_the_same_split_and_stop_at_the_same_step(stopped_early, tmp_path):
+    out, steps = tmp_path / "two", tmp_path / "steps"
+    # the DataLoader path: validation through a prepared loader and gather_for_metrics
+    proc = check(launch_script(2, REPO / "tests" / "workers" / "final_step.py", str(steps), *EARLY, "--cpu",
+                               "--data-path", "dataloader", "--output-dir", str(out)))
+    ended = [json.loads((steps / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [e["world_size"] for e in ended] == [2, 2], proc.stdout
+    assert ended[0]["step"] == ended[1]["step"] == results(out)["steps"] and all(e["stopped_early"] for e in ended)
+    one, two = results(stopped_early), results(out)
+    assert two["validation"]["samples"] == 500  # each validation image counted once on 2 processes
+    state = [checkpoint.read_state(checkpoint.complete_checkpoints(d)[-1]) for d in (stopped_early, out)]
+    assert state[0]["data"] == state[1]["data"]  # the same held-out indices, training and test data
+    # (the same batches as one process trains on, summed in another order: an accuracy within a sample of the
+    # threshold may decide otherwise, so the steps are not compared across world sizes)
+    assert two["stopped"]["reason"] == "early_stopping" and two["validation"]["source"] == one["validation"]["source"]
+
+
+def test_a_run_killed_before_writing_a_new_best_resumes_to_the_same_best_and_stop(stopped_early, tmp_path):
+    out = tmp_path / "killed"
+    # SIGKILL as the second new best is about to be written: its checkpoint is saved, best/ holds the first
+    killed = run([sys.executable, str(REPO / "tests" / "workers" / "stop_in.py"), "--cpu", *EARLY,
+                  "--output-dir", str(out)], env={"STOP_IN": "best:2", "STOP_SIGNAL": "SIGKILL"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:]
+    first_best = checkpoint.read_best(out)["step"]
+    newest = checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])
+    assert newest["best_step"] == newest["global_step"] > first_best  # the checkpoint knows the new best
+    check(train_cli(*EARLY, "--cpu", "--output-dir", str(out), "--resume", "auto"))
+    r, ref = results(out), results(stopped_early)
+    assert r["stopped"] == ref["stopped"] and r["best"] == {**ref["best"], "model_dir": str(out / "best")}
+    assert same_weights(out / "best", stopped_early / "best") and same_weights(out, stopped_early)
+
+
+def test_a_dataset_with_a_validation_split_is_validated_on_it(tmp_path):
+    import datasets
+
+    source = mnist5k()["train"]  # the validation split: 100 digits that are not among the 600 trained on
+    splits = {**subset(600, 200), "validation": data.Split(source.images[4000:4100], source.labels[4000:4100])}
+    columns = {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(data.DIGITS))}
+    as_datasets(splits, columns).save_to_disk(tmp_path / "disk")
+    out = tmp_path / "run"
+    proc = check(train_cli("--dataset", str(tmp_path / "disk"), "--cache-dir", str(tmp_path / "cache"), "--cpu",
+                           "--report-to", "none", "--epochs", "1", "--val-fraction", "0.2", "--output-dir", str(out)))
+    assert "600 train / 100 validation (the dataset's validation split; --val-fraction 0.2 is not used)" in proc.stdout
+    r = results(out)
+    assert r["train_samples"] == 600 and r["validation"]["samples"] == 100 and r["best"]["step"] == 5

@@ -1,0 +1,22 @@
+"""`mnist_dist.train FLAGS` that also writes, from every process, the step its run ended at: OUT/rank-N.json
+holds {"world_size", "step", "stopped_early"} (argv: OUT FLAGS...)."""
+
+import json
+import sys
+from pathlib import Path
+
+from mnist_dist import config, train
+
+OUT = Path(sys.argv[1])
+results_of = train.results_of
+
+
+def noted(cfg, accelerator, state, *args, **kwargs):
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"rank-{accelerator.process_index}.json").write_text(json.dumps(
+        {"world_size": accelerator.num_processes, "step": state.global_step, "stopped_early": state.stopped_early}))
+    return results_of(cfg, accelerator, state, *args, **kwargs)
+
+
+train.results_of = noted
+sys.exit(train.main(config.parse_args(sys.argv[2:])))
