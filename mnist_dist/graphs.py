@@ -54,6 +54,8 @@ def graph_unsupported(cfg: TrainConfig, device: torch.device, world: int, precis
         (cfg.optimizer != "adam" or cfg.weight_decay != 0, f"replays plain Adam, and this run has --optimizer "
                                                             f"{cfg.optimizer} --weight-decay {cfg.weight_decay}: "
                                                             "--data-path device runs it"),
+        (cfg.eval_every is not None, f"replays whole epochs, and --eval-every {cfg.eval_every} validates inside "
+                                     "them: --data-path device runs it"),
         (precision == "fp16", "does not support --mixed-precision fp16, whose grad scaler checks for overflow on "
                               "the host; use bf16 or no"),
         (compiled != "no", f"does not run a model compiled by torch.compile (Accelerate's dynamo_backend is "

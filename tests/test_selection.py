@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from mnist_dist import checkpoint, data
-from mnist_dist.config import parse_args
+from mnist_dist.config import TrainConfig, parse_args
 from mnist_dist.evaluation import evaluate
+from mnist_dist.graphs import graph_unsupported
 from mnist_dist.model import load_model
 
 from .helpers import REPO, check, launch_script, mnist5k, results, run, train_cli, train_here
@@ -190,3 +191,9 @@ def test_a_dataset_with_a_validation_split_is_validated_on_it(tmp_path):
     assert "600 train / 100 validation (the dataset's validation split; --val-fraction 0.2 is not used)" in proc.stdout
     r = results(out)
     assert r["train_samples"] == 600 and r["validation"]["samples"] == 100 and r["best"]["step"] == 5
+
+
+def test_the_graph_path_leaves_validation_inside_epochs_to_the_device_path():
+    why = graph_unsupported(TrainConfig(eval_every=10), torch.device("cuda"), 1, "no")
+    assert "--eval-every 10 validates inside them: --data-path device runs it" in why
+    assert graph_unsupported(TrainConfig(val_fraction=0.1), torch.device("cuda"), 1, "no") is None  # epoch ends only
