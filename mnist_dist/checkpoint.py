@@ -32,7 +32,9 @@ STATE_KEYS = ("format", "global_step", "world_size", "global_batch_size", "batch
 STATE_FIELDS = ("epoch", "batch_in_epoch", "samples_seen", "epoch_samples", "window_samples", "train_seconds",
                 "seconds_to_first_step", "history", "epoch_loss_sums", "window_loss_sums")
 HISTORY_NUMBERS = ("train_loss", "seconds", "eval_seconds")
+WEIGHTS = "model.safetensors"
 BEST_DIR = "best"  # OUTPUT_DIR/best: the model of the best validation accuracy (--keep-best)
+BEST_IN_CHECKPOINT = "best.safetensors"  # a checkpoint's copy of best/model.safetensors as it was then
 BEST_KEY = "mnist_dist_best"  # best/model.safetensors' metadata: {"step", "val_accuracy"} as JSON
 # config fields that shape the trajectory: a resumed run must use the same values
 # (the batch: the global batch must match, see `batch_for_world`)
@@ -55,10 +57,11 @@ def checkpoints_root(output_dir: str | Path) -> Path:
 
 
 def save(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: int | None,
-         model_config: dict | None = None) -> Path:
+         model_config: dict | None = None, best: Path | None = None) -> Path:
     """Save a complete checkpoint for `state['global_step']` (all processes call this); with
-    `model_config` it also holds config.json and loads as a model directory (`load_model`). Raises
-    DiskError on every process when any could not write its part; earlier checkpoints stay."""
+    `model_config` it also holds config.json and loads as a model directory (`load_model`); with `best`
+    (best/model.safetensors) a copy of it. Raises DiskError on every process when any could not write its
+    part; earlier checkpoints stay."""
     final = checkpoints_root(output_dir) / f"step_{state['global_step']:08d}"
     tmp = final.with_name(final.name + ".tmp")
     failure = None
@@ -67,7 +70,7 @@ def save(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: in
     if not any_process(accelerator, failure is not None):  # every process waits here, whoever failed
         failure = _written(tmp, accelerator.save_state, str(tmp))  # model, optimizer, RNG states, ...
     if not any_process(accelerator, failure is not None) and accelerator.is_main_process:
-        failure = _written(tmp, _complete, tmp, final, state, model_config, output_dir, keep)
+        failure = _written(tmp, _complete, tmp, final, state, model_config, output_dir, keep, best)
     if any_process(accelerator, failure is not None):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -89,10 +92,16 @@ def _make_empty(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def _complete(tmp: Path, final: Path, state: dict, model_config: dict | None, output_dir, keep: int | None) -> None:
-    """The main process's part of a save: the JSON files, the rename, the rotation."""
+def _complete(tmp: Path, final: Path, state: dict, model_config: dict | None, output_dir, keep: int | None,
+              best: Path | None) -> None:
+    """The main process's part of a save: the JSON files, the best model's copy, the rename, the rotation."""
     if model_config is not None:
         write_json(tmp / "config.json", model_config)
+    if best is not None:  # a hard link: no bytes copied, and best/'s next version replaces the name, not this file
+        try:
+            os.link(best, tmp / BEST_IN_CHECKPOINT)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(best, tmp / BEST_IN_CHECKPOINT)
     write_json(tmp / STATE_NAME, {"format": STATE_FORMAT, **state})
     old = final.with_name(final.name + ".old")
     if final.exists():  # a re-save: keep the old copy complete under another name until the new one is in
@@ -189,7 +198,6 @@ def check_state(state: dict, file: Path) -> None:
         need(_count(state[key], 0), key, "must be an integer >= 0")
     for key in ("train_seconds", "seconds_to_first_step"):
         need(_number(state[key], 0) or (state[key] is None and key != "train_seconds"), key, "must be a finite number >= 0")
-    _check_selection(state, need)
     for key in ("epoch_loss_sums", "window_loss_sums"):  # one per process that saved the checkpoint
         sums = state[key]
         need(isinstance(sums, list) and len(sums) == state["world_size"] and all(_number(x) for x in sums), key,
@@ -208,6 +216,7 @@ def check_state(state: dict, file: Path) -> None:
         raise CheckpointError(f"{file}: damaged, field 'config': {err}") from None
     _check_position(state, config, need)
     _check_history(state, need)
+    _check_selection(state, need)
 
 
 def _check_position(state: dict, config: TrainConfig, need) -> None:
@@ -231,7 +240,8 @@ def _check_position(state: dict, config: TrainConfig, need) -> None:
 
 
 def _check_history(state: dict, need) -> None:
-    """One entry per evaluated epoch, numbered from 1, finite; the best accuracy is the best of them."""
+    """One entry per evaluated epoch, numbered from 1, finite, scored on the validation split if the run has
+    one, else on the test set."""
     history, epoch = state["history"], state["epoch"]
     need(isinstance(history, list) and len(history) in (epoch, epoch + 1), "history",
          f"must hold one entry per evaluated epoch ({epoch}, or {epoch + 1} after --max-steps)")
@@ -250,13 +260,22 @@ def _check_selection(state: dict, need) -> None:
     need(best is None or _number(best, 0) and best <= 1, "best_val_accuracy", "must be an accuracy from 0 to 1")
     need((step is None) == (best is None) and (step is None or _count(step, 1) and step <= state["global_step"]),
          "best_step", "must be the step of best_val_accuracy, at most global_step")
-    need(_count(state.get("evals_since_best", 0), 0), "evals_since_best", "must be an integer >= 0")
-    need(type(state.get("stopped_early", False)) is bool, "stopped_early", "must be true or false")
+    since = state.get("evals_since_best", 0)
+    need(_count(since, 0), "evals_since_best", "must be an integer >= 0")
+    stopped = state.get("stopped_early", False)
+    need(type(stopped) is bool and (not stopped or since >= 1), "stopped_early",
+         "must be true or false, and true only after an evaluation without a better accuracy")
+    # with --early-stopping-min-delta a rise smaller than it is not a new best: the best may trail by that much
+    delta = state["config"].get("early_stopping_min_delta", 0.0)
+    scored = [h.get("val_accuracy") for h in state["history"] if isinstance(h, dict)]
+    need(best is None or all(_number(a) and a <= best + delta for a in scored), "best_val_accuracy",
+         "must be at least the history's validation accuracies (less --early-stopping-min-delta)")
     need(_number(state.get("validation_seconds", 0.0), 0), "validation_seconds", "must be a finite number >= 0")
     need(last is None or isinstance(last, dict) and _count(last.get("step"), 1) and last["step"] <= state["global_step"]
          and all(_number(last.get(k), 0) for k in ("accuracy", "loss")) and last["accuracy"] <= 1
-         and _count(last.get("samples"), 1), "last_validation", "must be the step, accuracy, loss and samples of the "
-         "newest validation")
+         and _count(last.get("samples"), 1) and last["step"] >= (step or 0), "last_validation",
+         "must be the step (at least best_step), accuracy, loss and samples of the newest validation")
+    need((last is None) == (best is None), "last_validation", "must be given with best_val_accuracy, and only then")
 
 
 def _count(value, least: int) -> bool:
@@ -396,15 +415,14 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def save_best(accelerator: Accelerator, output_dir: str | Path, model, model_config: dict, meta: dict) -> None:
-    """The model of the best validation accuracy, with config.json, into OUTPUT_DIR/best, which is never
-    half-written: the first time it appears whole (a directory renamed into place), later only its
-    model.safetensors is replaced. `meta` ({"step", "val_accuracy"}) goes into the file's metadata. All
-    processes call this; the main process writes. Raises DiskError on every process if it could not."""
+def save_best(accelerator: Accelerator, output_dir: str | Path, tensors: dict, model_config: dict, meta: dict) -> None:
+    """The weights of the best validation accuracy (`tensors`, on the CPU), with config.json, into
+    OUTPUT_DIR/best, which is never half-written: the first time it appears whole (a directory renamed into
+    place), later only its model.safetensors is replaced. `meta` ({"step", "val_accuracy"}) goes into the
+    file's metadata. All processes call this; the main process writes. Raises DiskError on every process
+    if it could not."""
     best, failure = Path(output_dir) / BEST_DIR, None
     if accelerator.is_main_process:
-        plain = accelerator.unwrap_model(model, keep_torch_compile=False)  # as write_outputs saves it
-        tensors = {name: t.detach().cpu().contiguous() for name, t in plain.state_dict().items()}
         failure = _written(best, _write_best, best, tensors, model_config, {"format": "pt", BEST_KEY: json.dumps(meta)})
     if any_process(accelerator, failure is not None):
         raise DiskError(failure or f"the main process could not write {best}")
@@ -415,30 +433,42 @@ def _write_best(best: Path, tensors: dict, model_config: dict, metadata: dict) -
     if directory != best:
         _make_empty(directory)
         write_json(directory / "config.json", model_config)
-    tmp = directory / "model.safetensors.tmp"
+    tmp = directory / (WEIGHTS + ".tmp")
     save_file(tensors, tmp, metadata=metadata)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, directory / "model.safetensors")
+    os.replace(tmp, directory / WEIGHTS)
+    _fsync_dir(directory)
     if directory != best:
         os.replace(directory, best)
-    _fsync_dir(best.parent)
+        _fsync_dir(best.parent)
 
 
-def read_best(output_dir: str | Path) -> dict | None:
-    """The {"step", "val_accuracy"} of the model in OUTPUT_DIR/best, or None if there is none; a file that is
-    there but unreadable is an error naming it."""
-    path = Path(output_dir) / BEST_DIR / "model.safetensors"
-    if not path.is_file():
-        return None
+def best_meta(path: Path) -> dict:
+    """The {"step", "val_accuracy"} that a best model's file (best/model.safetensors, or a checkpoint's
+    copy) records; an unreadable file is an error naming it."""
     try:
         with safe_open(path, "pt") as f:
             meta = json.loads((f.metadata() or {})[BEST_KEY])
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file; the checkpoint holds no best model (its run had "
+                              "--no-keep-best): resume with --no-keep-best") from None
     except (SafetensorError, OSError, KeyError, ValueError) as err:
         raise CheckpointError(f"{path}: not a best model mnist_dist wrote ({type(err).__name__}: {err})") from err
     if not (isinstance(meta, dict) and _count(meta.get("step"), 1) and _number(meta.get("val_accuracy"), 0)):
         raise CheckpointError(f"{path}: damaged metadata {meta!r}")
     return meta
+
+
+def load_best(path: Path, step: int | None) -> dict:
+    """The weights in `path`, which must be the best model of `step` (None: a checkpoint's own weights)."""
+    if step is not None and best_meta(path)["step"] != step:
+        raise CheckpointError(f"{path}: holds the best model of step {best_meta(path)['step']}, but its training state "
+                              f"says step {step}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
 
 
 def _fsync_dir(path: Path) -> None:

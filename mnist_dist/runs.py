@@ -30,7 +30,8 @@ RUN_FILES = ("results.json", "model.safetensors", "config.json", "metrics.jsonl"
              "confusion_matrix.png", "misclassified.png", "checkpoints", "best", "best.tmp", "evaluation", "wandb",
              "tensorboard")
 # what a start that never reached its first checkpoint leaves: `--resume auto` removes it and starts again
-RESTARTABLE = ("metrics.jsonl", "checkpoints/", "wandb/", "tensorboard/")
+# (a best model is kept from the first validation on, which may come before the first checkpoint)
+RESTARTABLE = ("metrics.jsonl", "checkpoints/", "best/", "best.tmp/", "wandb/", "tensorboard/")
 
 
 class RunDirError(ValueError):
@@ -201,10 +202,15 @@ def finished_results(output_dir: Path, cfg: TrainConfig) -> dict | None:
         results = json.loads((output_dir / "results.json").read_text())
         per_epoch = math.ceil(results["train_samples"] / results["global_batch_size"])
         wanted = min(cfg.epochs * per_epoch, cfg.max_steps or math.inf)
-        early = results.get("stopped", {}).get("reason") == "early_stopping"  # more steps would change nothing
-        return results if results["steps"] >= wanted or early else None
+        return results if results["steps"] >= wanted or stopped_early(results) else None  # more steps: no change
     except (OSError, ValueError, KeyError, TypeError):
         return None  # none, or unreadable: the run resumes from its checkpoint and writes it again
+
+
+def stopped_early(results: dict) -> bool:
+    """Whether results.json says --early-stopping-patience ended the run."""
+    stopped = results.get("stopped")
+    return isinstance(stopped, dict) and stopped.get("reason") == "early_stopping"
 
 
 def new_run_dir() -> Path:

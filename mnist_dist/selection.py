@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 from . import checkpoint, data
-from .checkpoint import CheckpointError
 from .data import VALIDATION, Split
 from .evaluation import evaluate, evaluate_shard
-from .model import load_model
+from .model import build_model
 
 
 class Scorer:
@@ -47,78 +46,83 @@ class Scorer:
 class ModelSelection:
     """The validation evaluations (each epoch's end, every --eval-every steps), the best model they find
     (--keep-best) and --early-stopping-patience. Inactive without a validation split: the run then scores
-    each epoch on the test set for its curve, and chooses nothing."""
+    each epoch on the test set for its curve, and chooses nothing.
 
-    def __init__(self, cfg, accelerator, scorer: Scorer, report, model_cfg: dict, has_validation: bool):
-        self.cfg, self.accelerator, self.scorer, self.report, self.model_cfg = cfg, accelerator, scorer, report, model_cfg
+    Every process keeps the best model's weights in memory (on the CPU); the main process writes them into
+    OUTPUT_DIR/best, and each checkpoint holds a copy (a hard link) of best/'s file, so that a resume from
+    any checkpoint, into any directory, puts back the best model of that point in the run."""
+
+    def __init__(self, cfg, accelerator, scorer: Scorer, model_cfg: dict, has_validation: bool):
+        self.cfg, self.accelerator, self.scorer, self.model_cfg = cfg, accelerator, scorer, model_cfg
         self.active = has_validation
         self.keep_best = has_validation and cfg.keep_best is not False  # on by default with a validation split
         self.output_dir = Path(cfg.output_dir)
-        self.saved_step: int | None = None  # the step whose model best/ holds
+        self.best_weights: dict | None = None  # the weights of state.best_step, CPU tensors
 
     def due(self, state, steps_per_epoch: int, total_steps: int) -> bool:
         """An --eval-every point inside an epoch (epoch ends are always evaluated)."""
         inside = state.batch_in_epoch < steps_per_epoch and state.global_step < total_steps
         return self.active and bool(self.cfg.eval_every) and state.global_step % self.cfg.eval_every == 0 and inside
 
-    def validate(self, model, state) -> float:
-        """Score the model on the validation split at this step (once a step), log it, note the best and
-        whether patience ran out. Returns the seconds it took."""
+    def validate(self, model, state, report) -> float:
+        """Score the model on the validation split at this step (once a step), log it, keep it if it is the
+        best, and note whether patience ran out. Returns the seconds it took."""
         began = time.perf_counter()
         if state.last_validation and state.last_validation["step"] == state.global_step:
             return 0.0
         metrics = self.scorer.score(model, VALIDATION)
         state.validated(metrics, self.cfg.early_stopping_min_delta, self.cfg.early_stopping_patience)
-        self.report.log({"val/accuracy": metrics["accuracy"], "val/loss": metrics["loss"],
-                         "val/best_accuracy": state.best_val_accuracy}, state.global_step)
+        report.log({"val/accuracy": metrics["accuracy"], "val/loss": metrics["loss"],
+                    "val/best_accuracy": state.best_val_accuracy}, state.global_step)
+        if self.keep_best and state.best_step == state.global_step:
+            plain = self.accelerator.unwrap_model(model, keep_torch_compile=False)  # as write_outputs saves it
+            self.best_weights = {name: t.detach().cpu().clone() for name, t in plain.state_dict().items()}
+            self.write_best(state)
         if state.stopped_early:
-            self.report.say(f"mnist_dist: stopping early at step {state.global_step}: no validation accuracy above "
-                            f"{state.best_val_accuracy:.4f} (step {state.best_step}) + {self.cfg.early_stopping_min_delta:g} "
-                            f"in {state.evals_since_best} evaluations (--early-stopping-patience)")
+            report.say(f"mnist_dist: stopping early at step {state.global_step}: no validation accuracy above "
+                       f"{state.best_val_accuracy:.4f} (step {state.best_step}) + {self.cfg.early_stopping_min_delta:g} "
+                       f"in {state.evals_since_best} evaluations (--early-stopping-patience)")
         return time.perf_counter() - began
 
-    def new_best(self, state) -> bool:
-        """Whether this step's validation found a best model that best/ does not hold yet."""
-        return self.keep_best and state.best_step == state.global_step and self.saved_step != state.global_step
+    def write_best(self, state) -> None:
+        """best/ from the weights kept (all processes call this; the main process writes)."""
+        meta = {"step": state.best_step, "val_accuracy": state.best_val_accuracy}
+        checkpoint.save_best(self.accelerator, self.output_dir, self.best_weights, self.model_cfg, meta)
 
-    def keep_if_best(self, model, state) -> None:
-        """Write the model into best/ if it is a new best; called after the step's checkpoint is saved, so
-        that a kill between the two leaves a checkpoint from which `check_resumed` rewrites it."""
-        if self.new_best(state):
-            meta = {"step": state.global_step, "val_accuracy": state.best_val_accuracy}
-            checkpoint.save_best(self.accelerator, self.output_dir, model, self.model_cfg, meta)
-            self.saved_step = state.global_step
+    def checkpoint_copy(self) -> Path | None:
+        """The file a checkpoint keeps a copy of: best/'s model, once there is one."""
+        return self.output_dir / checkpoint.BEST_DIR / checkpoint.WEIGHTS if self.best_weights is not None else None
 
-    def check_resumed(self, model, state, resume_from: Path) -> None:
-        """On a resume: best/ must hold the checkpoint's best model. A kill between a checkpoint and best/
-        left the previous best there: the checkpoint's own weights are the best then, and are written."""
+    def resumed(self, state, resume_from: Path) -> None:
+        """Take the best model from the checkpoint resumed (checked: before anything is written), and this
+        launch's patience: a resume with a larger --early-stopping-patience goes on."""
+        patience = self.cfg.early_stopping_patience
+        state.stopped_early = patience is not None and state.evals_since_best >= patience
         if not self.keep_best or state.best_step is None:
             return
-        meta = checkpoint.read_best(self.output_dir)
-        if meta is not None and meta["step"] == state.best_step:
-            self.saved_step = state.best_step
-        elif state.best_step == state.global_step:
-            self.keep_if_best(model, state)
-        else:
-            held = f"the model of step {meta['step']}" if meta else "no model"
-            raise CheckpointError(
-                f"{self.output_dir / checkpoint.BEST_DIR} holds {held}, but the best model of {resume_from} is that of "
-                f"step {state.best_step}: resume in the run's own --output-dir from its newest checkpoint, or pass "
-                "--no-keep-best")
+        copy = resume_from / checkpoint.BEST_IN_CHECKPOINT
+        if copy.is_file() or state.best_step != state.global_step:
+            self.best_weights = checkpoint.load_best(copy, state.best_step)
+        else:  # a checkpoint of a run without --keep-best, taken at its best step: its own weights
+            self.best_weights = checkpoint.load_best(resume_from / checkpoint.WEIGHTS, None)
 
-    def results(self, state, final_validation: dict) -> dict:
-        """results.json's "validation" and "best" entries; the best model is scored on the test set here."""
+    def results(self, model, state, splits) -> dict:
+        """results.json's "validation" (the final model's) and "best" entries; the best model is scored on
+        the test set here."""
         if not self.active:
             return {}
+        last = state.last_validation
+        if last is None or last["step"] != state.global_step:
+            last = self.scorer.score(model, VALIDATION)
+        # samples: as counted over every process, each validation image once
+        validation = {"source": splits.validation_source, "samples": last["samples"], "accuracy": last["accuracy"],
+                      "loss": last["loss"]}
         best = {"selected_on": "validation accuracy", "step": state.best_step, "val_accuracy": state.best_val_accuracy,
                 "model_dir": None}
-        if self.keep_best:
-            meta = checkpoint.read_best(self.output_dir)
-            if meta is None or meta["step"] != state.best_step:
-                raise CheckpointError(f"{self.output_dir / checkpoint.BEST_DIR}: holds {meta}, not the model of step "
-                                      f"{state.best_step} (the best validation accuracy)")
-            model, _ = load_model(self.output_dir / checkpoint.BEST_DIR)
-            test = self.scorer.score(model.to(self.accelerator.device), "test")
+        if self.best_weights is not None:
+            best_model = build_model(self.model_cfg)
+            best_model.load_state_dict(self.best_weights)
+            test = self.scorer.score(best_model.to(self.accelerator.device), "test")
             best |= {"model_dir": str(self.output_dir / checkpoint.BEST_DIR), "test_accuracy": test["accuracy"],
                      "test_loss": test["loss"], "test_samples": test["samples"]}
-        return {"validation": final_validation, "best": best}
+        return {"validation": validation, "best": best}

@@ -26,7 +26,7 @@ import math  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
-from dataclasses import asdict, dataclass, field, fields, replace  # noqa: E402
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -122,7 +122,8 @@ class TrainState:
         self.stopped_early = patience is not None and self.evals_since_best >= patience
 
     def evaluated(self) -> bool:
-        """Whether the position reached has been evaluated: an epoch's start, or where --max-steps ended one.
+        """Whether the position reached has been evaluated: an epoch's start, or where --max-steps or early
+        stopping ended one.
         A checkpoint saved on a stop signal at an epoch's or the run's end has not."""
         last = self.history[-1] if self.history else None
         return self.batch_in_epoch == 0 or (last is not None and last["epoch"] == self.epoch + 1
@@ -145,7 +146,8 @@ class TrainState:
             mine = [s[rank] for s in sums]
         else:  # added in float32, as the processes' sums are when an epoch ends
             mine = [float(np.sum(s, dtype=np.float32)) if rank == 0 else 0.0 for s in sums]
-        defaults = {f.name: f.default for f in fields(cls)}  # of the fields newer than the checkpoint
+        # the fields newer than the checkpoint: their defaults
+        defaults = {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(cls)}
         return cls(**{k: saved.get(k, defaults[k]) for k in names}, epoch_loss_sum=mine[0], window_loss_sum=mine[1])
 
 
@@ -183,11 +185,10 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     config = run_config(cfg, accelerator, saved, resume_from)
 
     began = time.perf_counter()
-    splits = load_data(cfg, accelerator)
-    train_set, test_set, val_set = splits.train, splits.test, splits.validation
+    run_data = load_data(cfg, accelerator)
+    train_set, test_set, val_set, stats = run_data.train, run_data.test, run_data.validation, run_data.stats
     if saved:
-        checkpoint.check_data(saved, splits.fingerprint, config, resume_from)
-    stats = splits.stats
+        checkpoint.check_data(saved, run_data.fingerprint, config, resume_from)
     timings["data_load"] = time.perf_counter() - began
 
     began = time.perf_counter()
@@ -207,25 +208,26 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     watch = core_watch(cfg, accelerator.device)  # None unless a lone CPU process took its threads from idle cores
     scorer = Scorer(accelerator, {"test": test_set, **({VALIDATION: val_set} if val_set else {})}, data_path,
                     cfg.eval_batch_size, cfg.num_workers, stats)
+    selection = ModelSelection(cfg, accelerator, scorer, model_cfg, val_set is not None)
+    if saved:
+        selection.resumed(state, resume_from)  # its best model, checked
 
     if accelerator.is_main_process:  # only now: bad data, flags and checkpoints have all been refused
         runs.clear(plan)
     hosts = process_hosts(accelerator)  # to name a peer that stalls
     run_id = start_tracking(cfg, accelerator, config, saved, plan, len(train_set))
     report = Reporter(accelerator, cfg.output_dir, total_steps, state.global_step if saved else None)
-    selection = ModelSelection(cfg, accelerator, scorer, report, model_cfg, val_set is not None)
-    if saved:
-        selection.check_resumed(model, state, resume_from)
+    if selection.best_weights is not None:  # resumed: the checkpoint's best model goes into this run's best/
+        selection.write_best(state)
     epochs = math.ceil(total_steps / steps_per_epoch)
-    report.say(banner(cfg, accelerator, config, splits, data_path, resume_from, saved, state))
+    report.say(banner(cfg, accelerator, config, run_data, data_path, resume_from, saved, state))
     step_batch = global_batch(cfg, world)  # samples per optimizer step, all processes
     checkpoint_extra = {"world_size": world, "global_batch_size": step_batch, "config": config, "run_id": run_id,
-                        **checkpoint.began_with(saved, cfg), "data": splits.fingerprint}
+                        **checkpoint.began_with(saved, cfg), "data": run_data.fingerprint}
     real_samples = [step_samples(i, len(train_set), step_batch) for i in range(steps_per_epoch)]
 
     gc.freeze()  # full collections no longer walk the imports' objects: no process stalls the all-reduce for one
     timings["setup"] = time.perf_counter() - began  # model, optimizer, prepare, device copies, trackers
-    metrics = None
     try:
         if any_process(accelerator, signals.reason() is not None):  # stopped during start-up: nothing to save yet
             report.say(f"mnist_dist: stopped by {stop_reason(signals)} during start-up; nothing new to save")
@@ -254,19 +256,18 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
                 if watch:  # a program that started or stopped since changes the threads worth using
                     watch.recheck(report.say)
                 if selection.due(state, steps_per_epoch, total_steps):  # an --eval-every point
-                    seconds = selection.validate(model, state)
-                    state.validation_seconds, timed_since = state.validation_seconds + seconds, timed_since + seconds
-                if stop or checkpoint_due(state, cfg, steps_per_epoch, total_steps) or selection.new_best(state):
+                    seconds = selection.validate(model, state, report)
+                    state.validation_seconds += seconds
+                    timed_since += seconds  # not training time
+                if stop or checkpoint_due(state, cfg, steps_per_epoch, total_steps):
                     state.train_seconds += time.perf_counter() - timed_since
-                    path = save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg)
-                    selection.keep_if_best(model, state)
+                    path = save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg, selection)
                     timed_since = time.perf_counter()
                     if stop:
                         preempt(signals, report, state.global_step, path)
             state.train_seconds += time.perf_counter() - timed_since
-            metrics = end_epoch(accelerator, state, model, scorer, selection, report, epochs, steps_per_epoch)
-            path = save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg)
-            selection.keep_if_best(model, state)
+            end_epoch(accelerator, state, model, scorer, selection, report, epochs, steps_per_epoch)
+            path = save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg, selection)
             if state.batch_in_epoch or state.stopped_early:  # --max-steps or early stopping ended the run here
                 break
             if state.epoch < epochs and any_process(accelerator, signals.reason() is not None):  # during evaluation
@@ -282,11 +283,11 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
         raise TrainingError(peers_message(accelerator, hosts, cfg.timeout, state.global_step, err)) from err
     report.close()
 
-    metrics = metrics or scorer.score(model, "test")  # with a validation split, or resumed after the last epoch
+    metrics = scorer.score(model, "test")  # the final model's
     timings |= {"train": state.train_seconds, "capture": runner.capture_seconds,  # capture: part of train
                 "eval": sum(h["eval_seconds"] for h in state.history) + state.validation_seconds}
-    results = results_of(cfg, accelerator, state, metrics, timings, data_path, splits, model_cfg, total_steps)
-    results |= selection.results(state, final_validation(model, state, selection, splits))
+    results = results_of(cfg, accelerator, state, metrics, timings, data_path, run_data, model_cfg, total_steps)
+    results |= selection.results(model, state, run_data)
     write_outputs(accelerator, model, cfg.output_dir, results, test_set, stats, model_cfg, report)
     tracking.finish(accelerator, cfg, run_summary(results))
     stopped = any_process(accelerator, signals.reason() is not None)  # a signal while the outputs were written
@@ -332,22 +333,11 @@ def check_selection_flags(cfg: TrainConfig, has_validation: bool) -> None:
     if has_validation:
         return
     for name, given in (("eval_every", cfg.eval_every is not None), ("keep_best", cfg.keep_best is True),
-                        ("early_stopping_patience", cfg.early_stopping_patience is not None)):
+                        ("early_stopping_patience", cfg.early_stopping_patience is not None),
+                        ("early_stopping_min_delta", cfg.early_stopping_min_delta != 0)):
         if given:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(cfg, name)!r}: needs a validation split, and "
                               f"{cfg.dataset} has none; hold one out with --val-fraction (0.1, say)")
-
-
-def final_validation(model, state: TrainState, selection: ModelSelection, splits: RunData) -> dict | None:
-    """results.json's "validation": the final model's validation accuracy and loss (measured at the last step)."""
-    if not selection.active:
-        return None
-    last = state.last_validation
-    if last is None or last["step"] != state.global_step:
-        last = selection.scorer.score(model, VALIDATION)
-    # samples: as counted over every process, each validation image once
-    return {"source": splits.validation_source, "samples": last["samples"], "accuracy": last["accuracy"],
-            "loss": last["loss"]}
 
 
 def run_summary(results: dict) -> dict:
@@ -426,7 +416,7 @@ def banner(cfg: TrainConfig, accelerator, config: dict, splits: RunData, data_pa
 def say_finished(accelerator, plan: runs.Plan) -> dict:
     """--resume auto on a finished run: say so and change nothing."""
     results = plan.finished
-    early = results.get("stopped", {}).get("reason") == "early_stopping"
+    early = runs.stopped_early(results)
     if accelerator.is_main_process:
         further = ("it stopped early (--early-stopping-patience)" if early else "to train further, raise --epochs or "
                    "--max-steps with --resume auto (--schedule constant only: a schedule is laid over all the steps)")
@@ -674,27 +664,29 @@ def non_finite_message(step: int, epoch: int, output_dir: str) -> str:
             f"the checkpoints in {checkpoint.checkpoints_root(output_dir)} hold the last good state.")
 
 
-def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState, extra: dict, model_cfg: dict) -> Path:
-    """A checkpoint of `state` and the prepared objects (all processes call this)."""
+def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState, extra: dict, model_cfg: dict,
+                    selection: ModelSelection) -> Path:
+    """A checkpoint of `state`, the prepared objects and the best model so far (all processes call this)."""
     return checkpoint.save(accelerator, cfg.output_dir, {**state.saved(accelerator), **extra}, cfg.keep_checkpoints,
-                           model_cfg)
+                           model_cfg, selection.checkpoint_copy())
 
 
 def end_epoch(accelerator, state: TrainState, model, scorer: Scorer, selection: ModelSelection, report: "Reporter",
-              epochs: int, steps_per_epoch: int) -> dict | None:
+              epochs: int, steps_per_epoch: int) -> None:
     """Evaluate (the validation split if there is one, else the test set), add the epoch to the history, say
-    and log it; move the state to the next epoch unless --max-steps or early stopping ended this one early.
-    Returns the test metrics, or None where the validation split was evaluated."""
+    and log it; move the state to the next epoch unless --max-steps or early stopping ended this one early."""
     mine = torch.tensor(state.epoch_loss_sum, dtype=torch.float32, device=accelerator.device)
     train_loss = accelerator.reduce(mine, reduction="sum").item() / state.epoch_samples
     if state.history and state.history[-1]["epoch"] == state.epoch + 1:
         state.history.pop()  # this epoch's first part, up to an earlier run's --max-steps
     seconds = state.train_seconds - sum(h["seconds"] for h in state.history)
     began = time.perf_counter()
-    metrics = None if selection.active else scorer.score(model, "test")
     if selection.active:
-        selection.validate(model, state)  # logged there, as val/*
-    split, scored = ("val", state.last_validation) if selection.active else ("test", metrics)
+        selection.validate(model, state, report)  # logged there, as val/*
+        split, scored, test = "val", state.last_validation, {}
+    else:
+        split, scored = "test", scorer.score(model, "test")
+        test = {"test/accuracy": scored["accuracy"], "test/loss": scored["loss"]}
     memory = per_process(accelerator, peak_memory_mib(accelerator.device))  # MiB, by rank
     flops = model_flops_per_second(sum(p.numel() for p in model.parameters()), state.epoch_samples, seconds)
     state.history.append({"epoch": state.epoch + 1, "train_loss": train_loss, f"{split}_accuracy": scored["accuracy"],
@@ -704,7 +696,6 @@ def end_epoch(accelerator, state: TrainState, model, scorer: Scorer, selection: 
     report.say(f"epoch {state.epoch + 1}/{epochs}: train_loss {train_loss:.4f}  {split}_loss {scored['loss']:.4f}  "
                f"{split}_accuracy {scored['accuracy']:.4f}  ({seconds:.2f} s, {state.epoch_samples / seconds:,.0f} samples/s, "
                f"{flops / 1e9:,.2f} model GFLOP/s, peak memory {max(memory):,.0f} MiB)")
-    test = {"test/accuracy": metrics["accuracy"], "test/loss": metrics["loss"]} if metrics else {}
     report.log({**test, "train/epoch_loss": train_loss, "epoch": state.epoch + 1, "epoch_seconds": seconds,
                 "perf/model_flops_per_second": flops, "perf/peak_memory_mib": max(memory)}, state.global_step)
     if state.batch_in_epoch == steps_per_epoch:
@@ -712,7 +703,6 @@ def end_epoch(accelerator, state: TrainState, model, scorer: Scorer, selection: 
         state.epoch, state.batch_in_epoch, state.epoch_loss_sum, state.epoch_samples = state.epoch + 1, 0, 0.0, 0
     # else --max-steps or early stopping ended the run inside the epoch: its checkpoint stays there, so that
     # resuming with more steps finishes this epoch rather than skipping to the next
-    return metrics
 
 
 class Reporter:

@@ -55,7 +55,12 @@ def test_the_held_out_split_takes_the_same_share_of_each_class_chosen_by_the_see
     assert torch.equal(rest.images, train.images[kept]) and torch.equal(val.images, train.images[indices])
     assert torch.equal(indices, indices.sort().values)  # the training split's order, in both
     assert torch.equal(data.hold_out(train, 0.1, seed=0)[2], indices)  # the same on every call, process, machine
-    assert not torch.equal(data.hold_out(train, 0.1, seed=1)[2], indices)
+    other = data.hold_out(train, 0.1, seed=1)
+    assert not torch.equal(other[2], indices)
+    # another seed or fraction: another fingerprint, so a resume with it is refused
+    prints = [data.fingerprint({"train": r, "validation": v}, {"indices_sha256": data.indices_digest(i)})
+              for r, v, i in (other, data.hold_out(train, 0.1, seed=0), data.hold_out(train, 0.2, seed=0))]
+    assert prints[0] != prints[1] != prints[2] != prints[0]
     with pytest.raises(data.DataError, match="--val-fraction 0.0001: holds out 0 of the 5000"):
         data.hold_out(train, 0.0001, seed=0)
 
@@ -71,11 +76,13 @@ def test_bad_model_selection_flags_are_refused_naming_the_flag(tmp_path, capsys)
         with pytest.raises(SystemExit) as exit_:
             parse_args(["--dataset", "mnist-5k", *flags])
         assert exit_.value.code == 2 and message in capsys.readouterr().err, flags
-    for flag, value in [("--early-stopping-patience", "2"), ("--eval-every", "10"), ("--keep-best", None)]:
+    for flag, value in [("--early-stopping-patience", "2"), ("--eval-every", "10"), ("--keep-best", None),
+                        ("--early-stopping-min-delta", "0.5")]:
         proc = train_here("--dataset", "mnist-5k", "--cpu", "--report-to", "none", "--output-dir", str(tmp_path / "x"),
                           flag, *([value] if value else []))
         assert proc.returncode == 2, proc.stderr
-        assert f"{flag}={int(value) if value else True!r}: needs a validation split, and mnist-5k has none; hold one " \
+        shown = repr(True if value is None else float(value) if "." in value else int(value))
+        assert f"{flag}={shown}: needs a validation split, and mnist-5k has none; hold one " \
                "out with --val-fraction" in proc.stderr
         assert not (tmp_path / "x").exists()  # refused before anything was written
 
@@ -90,9 +97,9 @@ def test_a_resume_with_another_validation_fraction_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def selected(tmp_path_factory):
-    """One process, 4 epochs, validation every 12 steps and at each epoch end."""
+    """One process, 6 epochs, validation every 12 steps and at each epoch end (the best: step 180 of 216)."""
     out = tmp_path_factory.mktemp("selected") / "run"
-    check(train_cli(*RUN, "--cpu", "--epochs", "4", "--eval-every", "12", "--output-dir", str(out)))
+    check(train_cli(*RUN, "--cpu", "--epochs", "6", "--eval-every", "12", "--output-dir", str(out)))
     return out
 
 
@@ -102,10 +109,10 @@ def test_each_epoch_is_scored_on_the_validation_split_and_the_test_set_only_at_t
     assert r["validation"]["samples"] == 500 and "10% of the training split" in r["validation"]["source"]
     assert r["train_samples"] == 4500 and r["test_samples"] == 10_000
     assert r["validation"]["accuracy"] == r["history"][-1]["val_accuracy"]  # the final model's
-    assert r["stopped"] == {"reason": "epochs", "step": 144}
+    assert r["stopped"] == {"reason": "epochs", "step": 216}
     assert "best_test_accuracy" not in r  # nothing is chosen on the test set
     val = logged(selected, "val/accuracy")
-    assert sorted(val) == list(range(12, 145, 12))  # every 12 steps, epoch ends included, each once
+    assert sorted(val) == list(range(12, 217, 12))  # every 12 steps, epoch ends included, each once
     assert "test/accuracy" not in json.dumps([json.loads(x) for x in (selected / "metrics.jsonl").read_text().splitlines()])
     # the fingerprint names the held-out samples: a resume with another split is refused
     state = checkpoint.read_state(checkpoint.complete_checkpoints(selected)[-1])
@@ -123,8 +130,7 @@ def test_best_holds_the_model_of_the_best_validation_accuracy(selected):
     assert accuracy_on(selected, mnist5k()["test"]) == r["test_accuracy"]  # the final model's
     proc = check(run([sys.executable, "-m", "mnist_dist.evaluate", "--model", str(selected / "best"), "--cpu"]))
     assert f"test_accuracy {r['best']['test_accuracy']:.4f}" in proc.stdout
-    if best_step != r["steps"]:
-        assert not same_weights(selected / "best", selected)
+    assert best_step < r["steps"] and not same_weights(selected / "best", selected)  # the best was not the last
 
 
 @pytest.fixture(scope="module")
@@ -163,19 +169,51 @@ def test_two_processes_hold_out_the_same_split_and_stop_at_the_same_step(stopped
     assert two["stopped"]["reason"] == "early_stopping" and two["validation"]["source"] == one["validation"]["source"]
 
 
-def test_a_run_killed_before_writing_a_new_best_resumes_to_the_same_best_and_stop(stopped_early, tmp_path):
+def killed_in(where: str, *flags: str):
+    """A one-process run SIGKILLed at `where` (see tests/workers/stop_in.py)."""
+    proc = run([sys.executable, str(REPO / "tests" / "workers" / "stop_in.py"), "--cpu", *flags],
+               env={"STOP_IN": where, "STOP_SIGNAL": "SIGKILL"})
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:]
+    return proc
+
+
+def same_selection(out, ref) -> None:
+    """`out` ended as `ref` did: the same stop, the same best model (weights and scores), the same final model."""
+    r, expected = results(out), results(ref)
+    assert r["stopped"] == expected["stopped"] and r["best"] == {**expected["best"], "model_dir": str(out / "best")}
+    assert same_weights(out / "best", ref / "best") and same_weights(out, ref)
+
+
+def test_a_run_killed_after_a_new_best_resumes_from_an_older_checkpoint_with_that_checkpoints_best(
+        stopped_early, tmp_path):
     out = tmp_path / "killed"
-    # SIGKILL as the second new best is about to be written: its checkpoint is saved, best/ holds the first
-    killed = run([sys.executable, str(REPO / "tests" / "workers" / "stop_in.py"), "--cpu", *EARLY,
-                  "--output-dir", str(out)], env={"STOP_IN": "best:2", "STOP_SIGNAL": "SIGKILL"})
-    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:]
-    first_best = checkpoint.read_best(out)["step"]
-    newest = checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])
-    assert newest["best_step"] == newest["global_step"] > first_best  # the checkpoint knows the new best
+    # checkpoints at steps 12, 24, then the kill as the one of step 36 (an epoch end) begins: best/ already
+    # holds step 36's model, newer than the checkpoint the resume starts from
+    killed_in("checkpoint:3", *EARLY, "--checkpoint-every", "12", "--output-dir", str(out))
+    newest = checkpoint.complete_checkpoints(out)[-1]
+    state = checkpoint.read_state(newest)
+    assert state["global_step"] == 24 and checkpoint.best_meta(newest / checkpoint.BEST_IN_CHECKPOINT)["step"] == \
+        state["best_step"] == 24
+    assert checkpoint.best_meta(out / "best" / "model.safetensors")["step"] == 36
     check(train_cli(*EARLY, "--cpu", "--output-dir", str(out), "--resume", "auto"))
-    r, ref = results(out), results(stopped_early)
-    assert r["stopped"] == ref["stopped"] and r["best"] == {**ref["best"], "model_dir": str(out / "best")}
-    assert same_weights(out / "best", stopped_early / "best") and same_weights(out, stopped_early)
+    same_selection(out, stopped_early)
+
+
+def test_a_checkpoint_resumed_into_another_directory_brings_its_best_model(stopped_early, tmp_path):
+    first = checkpoint.complete_checkpoints(stopped_early)[0]  # the run's last two: steps 36 and 60
+    assert checkpoint.read_state(first)["global_step"] == 36
+    out = tmp_path / "elsewhere"
+    check(train_cli(*EARLY, "--cpu", "--output-dir", str(out), "--resume", str(first)))
+    same_selection(out, stopped_early)
+
+
+def test_a_run_killed_after_stopping_early_writes_its_outputs_on_resume(stopped_early, tmp_path):
+    out = tmp_path / "killed"
+    killed_in("outputs:1", *EARLY, "--output-dir", str(out))
+    assert not (out / "results.json").exists()
+    proc = check(train_cli(*EARLY, "--cpu", "--output-dir", str(out), "--resume", "auto"))
+    assert "resuming from" in proc.stdout and "epoch " not in proc.stdout  # nothing trained again
+    same_selection(out, stopped_early)
 
 
 def test_a_dataset_with_a_validation_split_is_validated_on_it(tmp_path):

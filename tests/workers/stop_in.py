@@ -1,7 +1,8 @@
 """`python -m mnist_dist.train FLAGS` that sends itself SIGUSR1, on no timer, as its Nth stretch of
 steps (between two checks) begins, STOP_IN=stretch:N, as its Nth batch begins (with accumulation, inside
-an optimizer step), STOP_IN=batch:N, as its Nth evaluation begins, STOP_IN=evaluation:N, or as its Nth new
-best model is about to be written, STOP_IN=best:N. STOP_SIGNAL names another signal (SIGKILL)."""
+an optimizer step), STOP_IN=batch:N, as its Nth evaluation begins, STOP_IN=evaluation:N, as its Nth
+checkpoint is about to be saved, STOP_IN=checkpoint:N, or its outputs written, STOP_IN=outputs:1.
+STOP_SIGNAL names another signal (SIGKILL)."""
 
 import os
 import signal
@@ -27,8 +28,10 @@ if WHERE == "stretch":
     train.EagerSteps.run = stop_on_nth_call(train.EagerSteps.run)
 elif WHERE == "batch":
     train.train_step = stop_on_nth_call(train.train_step)
-elif WHERE == "best":  # the Nth new best model, after its checkpoint, before best/ is written
-    checkpoint.save_best = stop_on_nth_call(checkpoint.save_best)
+elif WHERE == "checkpoint":  # the Nth checkpoint, before it is written
+    checkpoint.save = stop_on_nth_call(checkpoint.save)
+elif WHERE == "outputs":  # the outputs of a finished run, before they are written
+    train.write_outputs = stop_on_nth_call(train.write_outputs)
 else:
     train.Scorer.score = stop_on_nth_call(train.Scorer.score)
 sys.exit(train.main(config.parse_args(sys.argv[1:])))
