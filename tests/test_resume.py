@@ -117,7 +117,7 @@ EDITS = [
     ("best_step", 3, "must be the step of best_val_accuracy, at most global_step"),
     ("evals_since_best", -1, "must be an integer >= 0"),
     ("stopped_early", 1, "must be true or false"),
-    ("last_validation", {"step": 10**6, "accuracy": 0.5, "loss": 1.0, "samples": 9}, "must be the step, accuracy"),
+    ("last_validation", {"step": 10**6, "accuracy": 0.5, "loss": 1.0, "samples": 9}, "must be the step (at least best_step)"),
     ("history", [], "must hold one entry per evaluated epoch"),
     ("history", [{"epoch": 1, "train_loss": math.inf}], "entry 1 must be epoch 1 with finite losses"),
 ]
