@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from .config import NOT_INHERITED, ConfigError, TrainConfig, flags
 from .distributed import any_process
@@ -39,7 +40,8 @@ BEST_KEY = "mnist_dist_best"  # best/model.safetensors' metadata: {"step", "val_
 # config fields that shape the trajectory: a resumed run must use the same values
 # (the batch: the global batch must match, see `batch_for_world`)
 MUST_MATCH = ("dataset", "hidden_size", "lr", "seed", "mixed_precision", "schedule", "warmup_fraction",
-              "label_smoothing", "normalization", "optimizer", "weight_decay", "max_grad_norm", "val_fraction")
+              "label_smoothing", "normalization", "optimizer", "weight_decay", "max_grad_norm", "val_fraction",
+              "early_stopping_min_delta")
 # a schedule is laid out over all steps: the run's length must not change under it
 MUST_MATCH_SCHEDULED = ("epochs", "max_steps")
 
@@ -172,6 +174,8 @@ def read_state(path: str | Path) -> dict:
         raise CheckpointError(f"{state_file}: damaged, it lacks {', '.join(missing)}")
     check_state(state, state_file)
     needed = ["model.safetensors", "optimizer.bin"] + [f"random_states_{r}.pkl" for r in range(state["world_size"])]
+    if state.get("best_step") is not None and state["config"].get("keep_best") is not False:  # --keep-best's copy
+        needed.append(BEST_IN_CHECKPOINT)
     missing = [name for name in needed if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
@@ -466,9 +470,12 @@ def load_best(path: Path, step: int | None) -> dict:
         raise CheckpointError(f"{path}: holds the best model of step {best_meta(path)['step']}, but its training state "
                               f"says step {step}")
     try:
-        return load_file(path)
+        weights = load_file(path)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
+    for prefix in ("_orig_mod.", "module."):  # a checkpoint's own weights: saved through torch.compile, DDP
+        consume_prefix_in_state_dict_if_present(weights, prefix)
+    return weights
 
 
 def _fsync_dir(path: Path) -> None:

@@ -85,7 +85,9 @@ class ModelSelection:
         return time.perf_counter() - began
 
     def write_best(self, state) -> None:
-        """best/ from the weights kept (all processes call this; the main process writes)."""
+        """best/ from the weights kept, if any (all processes call this; the main process writes)."""
+        if self.best_weights is None:
+            return
         meta = {"step": state.best_step, "val_accuracy": state.best_val_accuracy}
         checkpoint.save_best(self.accelerator, self.output_dir, self.best_weights, self.model_cfg, meta)
 
@@ -94,10 +96,8 @@ class ModelSelection:
         return self.output_dir / checkpoint.BEST_DIR / checkpoint.WEIGHTS if self.best_weights is not None else None
 
     def resumed(self, state, resume_from: Path) -> None:
-        """Take the best model from the checkpoint resumed (checked: before anything is written), and this
-        launch's patience: a resume with a larger --early-stopping-patience goes on."""
-        patience = self.cfg.early_stopping_patience
-        state.stopped_early = patience is not None and state.evals_since_best >= patience
+        """Take the best model from the checkpoint resumed (checked: before anything is written). A run that
+        stopped early stays stopped, as its results.json says (`runs.finished_results`)."""
         if not self.keep_best or state.best_step is None:
             return
         copy = resume_from / checkpoint.BEST_IN_CHECKPOINT

@@ -217,8 +217,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     hosts = process_hosts(accelerator)  # to name a peer that stalls
     run_id = start_tracking(cfg, accelerator, config, saved, plan, len(train_set))
     report = Reporter(accelerator, cfg.output_dir, total_steps, state.global_step if saved else None)
-    if selection.best_weights is not None:  # resumed: the checkpoint's best model goes into this run's best/
-        selection.write_best(state)
+    selection.write_best(state)  # resumed: the checkpoint's best model, into this run's best/ (a fresh run: none)
     epochs = math.ceil(total_steps / steps_per_epoch)
     report.say(banner(cfg, accelerator, config, run_data, data_path, resume_from, saved, state))
     step_batch = global_batch(cfg, world)  # samples per optimizer step, all processes
@@ -228,6 +227,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
 
     gc.freeze()  # full collections no longer walk the imports' objects: no process stalls the all-reduce for one
     timings["setup"] = time.perf_counter() - began  # model, optimizer, prepare, device copies, trackers
+    epoch_test = None  # the test metrics of the last epoch, without a validation split
     try:
         if any_process(accelerator, signals.reason() is not None):  # stopped during start-up: nothing to save yet
             report.say(f"mnist_dist: stopped by {stop_reason(signals)} during start-up; nothing new to save")
@@ -266,7 +266,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
                     if stop:
                         preempt(signals, report, state.global_step, path)
             state.train_seconds += time.perf_counter() - timed_since
-            end_epoch(accelerator, state, model, scorer, selection, report, epochs, steps_per_epoch)
+            epoch_test = end_epoch(accelerator, state, model, scorer, selection, report, epochs, steps_per_epoch)
             path = save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg, selection)
             if state.batch_in_epoch or state.stopped_early:  # --max-steps or early stopping ended the run here
                 break
@@ -283,7 +283,8 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
         raise TrainingError(peers_message(accelerator, hosts, cfg.timeout, state.global_step, err)) from err
     report.close()
 
-    metrics = scorer.score(model, "test")  # the final model's
+    # the final model's: the last epoch's score, unless that was the validation split's (or nothing was trained)
+    metrics = epoch_test if epoch_test is not None else scorer.score(model, "test")
     timings |= {"train": state.train_seconds, "capture": runner.capture_seconds,  # capture: part of train
                 "eval": sum(h["eval_seconds"] for h in state.history) + state.validation_seconds}
     results = results_of(cfg, accelerator, state, metrics, timings, data_path, run_data, model_cfg, total_steps)
@@ -672,9 +673,10 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState, extra: dic
 
 
 def end_epoch(accelerator, state: TrainState, model, scorer: Scorer, selection: ModelSelection, report: "Reporter",
-              epochs: int, steps_per_epoch: int) -> None:
+              epochs: int, steps_per_epoch: int) -> dict | None:
     """Evaluate (the validation split if there is one, else the test set), add the epoch to the history, say
-    and log it; move the state to the next epoch unless --max-steps or early stopping ended this one early."""
+    and log it; move the state to the next epoch unless --max-steps or early stopping ended this one early.
+    Returns the test metrics, or None where the validation split was scored."""
     mine = torch.tensor(state.epoch_loss_sum, dtype=torch.float32, device=accelerator.device)
     train_loss = accelerator.reduce(mine, reduction="sum").item() / state.epoch_samples
     if state.history and state.history[-1]["epoch"] == state.epoch + 1:
@@ -703,6 +705,7 @@ def end_epoch(accelerator, state: TrainState, model, scorer: Scorer, selection: 
         state.epoch, state.batch_in_epoch, state.epoch_loss_sum, state.epoch_samples = state.epoch + 1, 0, 0.0, 0
     # else --max-steps or early stopping ended the run inside the epoch: its checkpoint stays there, so that
     # resuming with more steps finishes this epoch rather than skipping to the next
+    return None if selection.active else scored
 
 
 class Reporter:

@@ -15,7 +15,7 @@ from mnist_dist.evaluation import evaluate
 from mnist_dist.graphs import graph_unsupported
 from mnist_dist.model import load_model
 
-from .helpers import REPO, check, launch_script, mnist5k, results, run, train_cli, train_here
+from .helpers import REPO, check, launch, launch_script, mnist5k, results, run, train_cli, train_here
 from .test_data import as_datasets, subset
 
 RUN = ["--dataset", "mnist-5k", "--report-to", "none", "--val-fraction", "0.1"]
@@ -195,16 +195,33 @@ def test_a_run_killed_after_a_new_best_resumes_from_an_older_checkpoint_with_tha
     assert state["global_step"] == 24 and checkpoint.best_meta(newest / checkpoint.BEST_IN_CHECKPOINT)["step"] == \
         state["best_step"] == 24
     assert checkpoint.best_meta(out / "best" / "model.safetensors")["step"] == 36
-    check(train_cli(*EARLY, "--cpu", "--output-dir", str(out), "--resume", "auto"))
+    # up to the checkpoint's step only: best/ is that checkpoint's best again, step 24's weights
+    check(train_cli(*EARLY, "--cpu", "--output-dir", str(out), "--resume", "auto", "--max-steps", "24"))
+    assert checkpoint.best_meta(out / "best" / "model.safetensors")["step"] == 24
+    copy = load_file(newest / checkpoint.BEST_IN_CHECKPOINT)
+    assert all(copy[k].equal(v) for k, v in load_file(out / "best" / "model.safetensors").items())
+    check(train_cli(*EARLY, "--cpu", "--output-dir", str(out), "--resume", "auto", "--max-steps", "none"))
     same_selection(out, stopped_early)
 
 
 def test_a_checkpoint_resumed_into_another_directory_brings_its_best_model(stopped_early, tmp_path):
-    first = checkpoint.complete_checkpoints(stopped_early)[0]  # the run's last two: steps 36 and 60
-    assert checkpoint.read_state(first)["global_step"] == 36
+    last = checkpoint.complete_checkpoints(stopped_early)[-1]  # where it stopped: step 60, its best step 36's
+    assert (checkpoint.read_state(last)["global_step"], checkpoint.read_state(last)["best_step"]) == (60, 36)
     out = tmp_path / "elsewhere"
-    check(train_cli(*EARLY, "--cpu", "--output-dir", str(out), "--resume", str(first)))
+    check(train_cli(*EARLY, "--cpu", "--output-dir", str(out), "--resume", str(last)))
     same_selection(out, stopped_early)
+
+
+def test_keep_best_turned_on_at_a_resume_takes_the_checkpoints_weights_when_they_are_the_best(tmp_path):
+    out = tmp_path / "run"
+    # 2 processes: the checkpoint's weights were saved through DDP; step 36 (an epoch end) is the best so far
+    check(launch(2, *EARLY, "--no-keep-best", "--max-steps", "36", "--output-dir", str(out)))
+    assert not (out / "best").exists() and results(out)["best"]["step"] == 36
+    check(launch(2, *EARLY, "--keep-best", "--max-steps", "none", "--output-dir", str(out), "--resume", "auto"))
+    r = results(out)
+    assert r["world_size"] == 2 and r["stopped"]["reason"] == "early_stopping" and r["best"]["step"] >= 36
+    assert checkpoint.best_meta(out / "best" / "model.safetensors")["step"] == r["best"]["step"]
+    assert accuracy_on(out / "best", mnist5k()["test"]) == r["best"]["test_accuracy"]
 
 
 def test_a_run_killed_after_stopping_early_writes_its_outputs_on_resume(stopped_early, tmp_path):
