@@ -33,6 +33,16 @@ def test_device_data_path_on_one_gpu(tmp_path):
     assert r["device_type"] == "cuda" and r["test_samples"] == 10000 and r["test_accuracy"] >= 0.88
 
 
+@gpu
+def test_the_graph_path_validates_at_epoch_ends_and_keeps_the_best_model(tmp_path):
+    check(train_cli("--dataset", "mnist-5k", "--val-fraction", "0.1", "--epochs", "4", "--report-to", "none",
+                    "--output-dir", str(tmp_path)))
+    r = results(tmp_path)
+    assert r["data_path"] == "graph" and r["validation"]["samples"] == 500 and len(r["history"]) == 4
+    assert r["best"]["step"] in [36 * e for e in range(1, 5)] and (tmp_path / "best" / "model.safetensors").is_file()
+    assert r["best"]["val_accuracy"] == max(h["val_accuracy"] for h in r["history"])
+
+
 @two_gpus
 def test_two_gpus_train_as_one_ddp_run(tmp_path):
     check(launch_gpus(2, "--dataset", "mnist-5k", "--report-to", "none", "--output-dir", str(tmp_path)))
