@@ -20,10 +20,10 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from .config import NOT_INHERITED, ConfigError, TrainConfig, flags
 from .distributed import any_process
+from .model import CONFIG_NAME, WEIGHTS_NAME
 
 STATE_NAME = "training_state.json"
 STATE_FORMAT = 3
@@ -33,7 +33,6 @@ STATE_KEYS = ("format", "global_step", "world_size", "global_batch_size", "batch
 STATE_FIELDS = ("epoch", "batch_in_epoch", "samples_seen", "epoch_samples", "window_samples", "train_seconds",
                 "seconds_to_first_step", "history", "epoch_loss_sums", "window_loss_sums")
 HISTORY_NUMBERS = ("train_loss", "seconds", "eval_seconds")
-WEIGHTS = "model.safetensors"
 BEST_DIR = "best"  # OUTPUT_DIR/best: the model of the best validation accuracy (--keep-best)
 BEST_IN_CHECKPOINT = "best.safetensors"  # a checkpoint's copy of best/model.safetensors as it was then
 BEST_KEY = "mnist_dist_best"  # best/model.safetensors' metadata: {"step", "val_accuracy"} as JSON
@@ -249,7 +248,7 @@ def _check_history(state: dict, need) -> None:
     history, epoch = state["history"], state["epoch"]
     need(isinstance(history, list) and len(history) in (epoch, epoch + 1), "history",
          f"must hold one entry per evaluated epoch ({epoch}, or {epoch + 1} after --max-steps)")
-    split = "val" if state["config"].get("val_fraction") or "validation" in state["data"] else "test"  # per epoch
+    split = "val" if "validation" in state["data"] else "test"  # the split each epoch was scored on
     for number, entry in enumerate(history, 1):
         need(isinstance(entry, dict) and entry.get("epoch") == number and _count(entry.get("samples"), 0)
              and all(_number(entry.get(k), 0) for k in (*HISTORY_NUMBERS, f"{split}_loss", f"{split}_accuracy"))
@@ -436,12 +435,12 @@ def _write_best(best: Path, tensors: dict, model_config: dict, metadata: dict) -
     directory = best if best.is_dir() else best.with_name(best.name + ".tmp")
     if directory != best:
         _make_empty(directory)
-        write_json(directory / "config.json", model_config)
-    tmp = directory / (WEIGHTS + ".tmp")
+        write_json(directory / CONFIG_NAME, model_config)
+    tmp = directory / (WEIGHTS_NAME + ".tmp")
     save_file(tensors, tmp, metadata=metadata)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, directory / WEIGHTS)
+    os.replace(tmp, directory / WEIGHTS_NAME)
     _fsync_dir(directory)
     if directory != best:
         os.replace(directory, best)
@@ -464,18 +463,15 @@ def best_meta(path: Path) -> dict:
     return meta
 
 
-def load_best(path: Path, step: int | None) -> dict:
-    """The weights in `path`, which must be the best model of `step` (None: a checkpoint's own weights)."""
-    if step is not None and best_meta(path)["step"] != step:
-        raise CheckpointError(f"{path}: holds the best model of step {best_meta(path)['step']}, but its training state "
-                              f"says step {step}")
+def load_best(path: Path, step: int) -> dict:
+    """The weights in `path` (a checkpoint's copy of best/), which must be the best model of `step`."""
+    held = best_meta(path)["step"]
+    if held != step:
+        raise CheckpointError(f"{path}: holds the best model of step {held}, but its training state says step {step}")
     try:
-        weights = load_file(path)
+        return load_file(path)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
-    for prefix in ("_orig_mod.", "module."):  # a checkpoint's own weights: saved through torch.compile, DDP
-        consume_prefix_in_state_dict_if_present(weights, prefix)
-    return weights
 
 
 def _fsync_dir(path: Path) -> None:

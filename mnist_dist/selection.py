@@ -14,7 +14,7 @@ from pathlib import Path
 from . import checkpoint, data
 from .data import VALIDATION, Split
 from .evaluation import evaluate, evaluate_shard
-from .model import build_model
+from .model import WEIGHTS_NAME, build_model
 
 
 class Scorer:
@@ -75,8 +75,7 @@ class ModelSelection:
         report.log({"val/accuracy": metrics["accuracy"], "val/loss": metrics["loss"],
                     "val/best_accuracy": state.best_val_accuracy}, state.global_step)
         if self.keep_best and state.best_step == state.global_step:
-            plain = self.accelerator.unwrap_model(model, keep_torch_compile=False)  # as write_outputs saves it
-            self.best_weights = {name: t.detach().cpu().clone() for name, t in plain.state_dict().items()}
+            self.best_weights = self.weights_of(model)
             self.write_best(state)
         if state.stopped_early:
             report.say(f"mnist_dist: stopping early at step {state.global_step}: no validation accuracy above "
@@ -93,18 +92,24 @@ class ModelSelection:
 
     def checkpoint_copy(self) -> Path | None:
         """The file a checkpoint keeps a copy of: best/'s model, once there is one."""
-        return self.output_dir / checkpoint.BEST_DIR / checkpoint.WEIGHTS if self.best_weights is not None else None
+        return self.output_dir / checkpoint.BEST_DIR / WEIGHTS_NAME if self.best_weights is not None else None
 
-    def resumed(self, state, resume_from: Path) -> None:
-        """Take the best model from the checkpoint resumed (checked: before anything is written). A run that
-        stopped early stays stopped, as its results.json says (`runs.finished_results`)."""
+    def weights_of(self, model) -> dict:
+        """A CPU copy of the plain model's weights, as write_outputs saves them (no DDP or compile wrapper)."""
+        plain = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        return {name: t.detach().cpu().clone() for name, t in plain.state_dict().items()}
+
+    def resumed(self, model, state, resume_from: Path) -> None:
+        """Take the best model from the checkpoint resumed (checked: before anything is written); `model`
+        holds the checkpoint's weights. A run that stopped early stays stopped, as its results.json says
+        (`runs.finished_results`)."""
         if not self.keep_best or state.best_step is None:
             return
         copy = resume_from / checkpoint.BEST_IN_CHECKPOINT
         if copy.is_file() or state.best_step != state.global_step:
             self.best_weights = checkpoint.load_best(copy, state.best_step)
         else:  # a checkpoint of a run without --keep-best, taken at its best step: its own weights
-            self.best_weights = checkpoint.load_best(resume_from / checkpoint.WEIGHTS, None)
+            self.best_weights = self.weights_of(model)
 
     def results(self, model, state, splits) -> dict:
         """results.json's "validation" (the final model's) and "best" entries; the best model is scored on

@@ -210,7 +210,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
                     cfg.eval_batch_size, cfg.num_workers, stats)
     selection = ModelSelection(cfg, accelerator, scorer, model_cfg, val_set is not None)
     if saved:
-        selection.resumed(state, resume_from)  # its best model, checked
+        selection.resumed(model, state, resume_from)  # its best model, checked
 
     if accelerator.is_main_process:  # only now: bad data, flags and checkpoints have all been refused
         runs.clear(plan)
