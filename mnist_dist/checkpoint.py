@@ -21,9 +21,10 @@ from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import NOT_INHERITED, ConfigError, TrainConfig, flags
+from .config import MAX_BATCH, NOT_INHERITED, ConfigError, TrainConfig, flags
 from .distributed import any_process
 from .model import CONFIG_NAME, WEIGHTS_NAME
+from .readback import UnreadableFile, parse_json, read_json, shown
 
 STATE_NAME = "training_state.json"
 STATE_FORMAT = 3
@@ -58,11 +59,12 @@ def checkpoints_root(output_dir: str | Path) -> Path:
 
 
 def save(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: int | None,
-         model_config: dict | None = None, best: Path | None = None) -> Path:
+         model_config: dict | None = None, best: Path | None = None, spare: int | None = None) -> Path:
     """Save a complete checkpoint for `state['global_step']` (all processes call this); with
     `model_config` it also holds config.json and loads as a model directory (`load_model`); with `best`
-    (best/model.safetensors) a copy of it. Raises DiskError on every process when any could not write its
-    part; earlier checkpoints stay."""
+    (best/model.safetensors) a copy of it. Only the newest `keep` stay, and the one of step `spare` (the
+    outputs' there, until new ones are written). Raises DiskError on every process when any could not
+    write its part; earlier checkpoints stay."""
     final = checkpoints_root(output_dir) / f"step_{state['global_step']:08d}"
     tmp = final.with_name(final.name + ".tmp")
     failure = None
@@ -71,7 +73,9 @@ def save(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: in
     if not any_process(accelerator, failure is not None):  # every process waits here, whoever failed
         failure = _written(tmp, accelerator.save_state, str(tmp))  # model, optimizer, RNG states, ...
     if not any_process(accelerator, failure is not None) and accelerator.is_main_process:
-        failure = _written(tmp, _complete, tmp, final, state, model_config, output_dir, keep, best)
+        failure = _written(tmp, _complete, tmp, final, state, model_config, best)
+    if not failure and accelerator.is_main_process:
+        failure = _written(final.parent, rotate, output_dir, state["run_id"], keep, spare)
     if any_process(accelerator, failure is not None):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -93,9 +97,8 @@ def _make_empty(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def _complete(tmp: Path, final: Path, state: dict, model_config: dict | None, output_dir, keep: int | None,
-              best: Path | None) -> None:
-    """The main process's part of a save: the JSON files, the best model's copy, the rename, the rotation."""
+def _complete(tmp: Path, final: Path, state: dict, model_config: dict | None, best: Path | None) -> None:
+    """The main process's part of a save: the JSON files, the best model's copy, the rename."""
     if model_config is not None:
         write_json(tmp / "config.json", model_config)
     if best is not None:  # a hard link: no bytes copied, and best/'s next version replaces the name, not this file
@@ -111,9 +114,14 @@ def _complete(tmp: Path, final: Path, state: dict, model_config: dict | None, ou
     os.replace(tmp, final)  # the directory appears complete, or not at all
     shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(final.parent)
+
+
+def rotate(output_dir: str | Path, run_id: str, keep: int | None, spare: int | None = None) -> None:
+    """Remove the run's checkpoints but the newest `keep` (None: keep all) and the one of step `spare`."""
     if keep:
-        for stale in complete_checkpoints(output_dir, state["run_id"])[:-keep]:
-            remove_checkpoint(stale)
+        for stale in complete_checkpoints(output_dir, run_id)[:-keep]:
+            if spare is None or read_state(stale)["global_step"] != spare:
+                remove_checkpoint(stale)
 
 
 def remove_checkpoint(path: Path) -> None:
@@ -158,15 +166,15 @@ def read_state(path: str | Path) -> dict:
         raise CheckpointError(f"--resume {path}: no such checkpoint directory")
     state_file = path / STATE_NAME
     try:
-        state = json.loads(state_file.read_text())
+        state = read_json(state_file)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: incomplete checkpoint (no {STATE_NAME})") from None
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{state_file}: unreadable ({err})") from err
+    except UnreadableFile as err:
+        raise CheckpointError(f"damaged checkpoint: {err}") from None
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(f"{state_file}: not a mnist_dist training state")
     if state["format"] != STATE_FORMAT:
-        raise CheckpointError(f"{state_file}: written by another version of mnist_dist (format {state['format']}; "
+        raise CheckpointError(f"{state_file}: written by another version of mnist_dist (format {shown(state['format'])}; "
                               f"this one reads format {STATE_FORMAT}); resume it with that version")
     missing = [key for key in STATE_KEYS if key not in state]
     if missing:
@@ -190,7 +198,7 @@ def check_state(state: dict, file: Path) -> None:
 
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:
-            raise CheckpointError(f"{file}: damaged, field {key!r} ({str(state.get(key))[:80]}) {what}")
+            raise CheckpointError(f"{file}: damaged, field {key!r} ({shown(state.get(key))}) {what}")
 
     for key in ("global_step", "world_size", "global_batch_size", "batch_size_flag"):
         need(_count(state[key], 1), key, "must be an integer >= 1")
@@ -220,6 +228,9 @@ def check_state(state: dict, file: Path) -> None:
     _check_position(state, config, need)
     _check_history(state, need)
     _check_selection(state, need)
+    began = state["batch_size_flag"] * state.get("accumulation_flag", 1)  # of one process, when the run began
+    need(state["batch_size_flag"] <= MAX_BATCH and state["global_batch_size"] % began == 0, "batch_size_flag",
+         f"must be at most {MAX_BATCH:,}, and with accumulation_flag divide global_batch_size")
 
 
 def _check_position(state: dict, config: TrainConfig, need) -> None:
@@ -297,14 +308,35 @@ def steps_per_epoch(state: dict) -> int:
 def check_loads(path: Path) -> None:
     """Load every file of the checkpoint at `path` (they are small), so that a damaged one is found
     now: Accelerate's `load_state` skips random states it cannot read without a word."""
+    tensors = {}
     for file in sorted(path.iterdir()):
         try:
             if file.suffix == ".safetensors":
-                load_file(file)
+                tensors[file.name] = load_file(file)
             elif file.suffix in (".bin", ".pkl"):
                 torch.load(file, map_location="cpu", weights_only=False)  # Accelerate's own files
         except Exception as err:  # unpickling a damaged file can raise almost anything
             raise CheckpointError(f"{file}: damaged checkpoint file ({type(err).__name__}: {err})") from None
+    if BEST_IN_CHECKPOINT in tensors and WEIGHTS_NAME in tensors:  # the best model is the same network
+        check_same_shapes(path / BEST_IN_CHECKPOINT, tensors[BEST_IN_CHECKPOINT], tensors[WEIGHTS_NAME])
+
+
+def check_same_shapes(file: Path, tensors: dict, like: dict) -> None:
+    """Refuse weights in `file` whose names, shapes or dtypes differ from `like`'s (a model's state dict;
+    DDP's and torch.compile's prefixes aside), naming the first difference."""
+    def layout(weights: dict) -> dict:
+        plain = {k.removeprefix("module.").removeprefix("_orig_mod."): t for k, t in weights.items()}
+        return {k: (tuple(t.shape), t.dtype) for k, t in plain.items()}
+
+    got, want = layout(tensors), layout(like)
+    if got != want:
+        name = next((k for k in sorted(want.keys() | got.keys()) if got.get(k) != want.get(k)))
+        raise CheckpointError(f"{file}: not this model's weights: {name} is {_shape_of(got.get(name))}, the model's "
+                              f"is {_shape_of(want.get(name))}")
+
+
+def _shape_of(entry) -> str:
+    return "missing" if entry is None else f"{list(entry[0])} {str(entry[1]).removeprefix('torch.')}"
 
 
 def resolve(resume: str | None, output_dir: str | Path) -> Path | None:
@@ -314,8 +346,9 @@ def resolve(resume: str | None, output_dir: str | Path) -> Path | None:
         return None
     if resume != "auto":
         read_state(resume)  # refuse a partial or damaged checkpoint before anything else happens
-        check_loads(Path(resume))
-        return Path(resume)
+        path = Path(resume).resolve()  # symlinks and '..' resolved: whose run it is decides what may be removed
+        check_loads(path)
+        return path
     root, damaged = checkpoints_root(output_dir), []
     complete = complete_checkpoints(output_dir, damaged=damaged)
     for path, err in damaged:  # a step_N directory that is not complete was damaged after it was written
@@ -452,26 +485,29 @@ def best_meta(path: Path) -> dict:
     copy) records; an unreadable file is an error naming it."""
     try:
         with safe_open(path, "pt") as f:
-            meta = json.loads((f.metadata() or {})[BEST_KEY])
+            meta = parse_json((f.metadata() or {})[BEST_KEY], f"{path}'s metadata")
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file; the checkpoint holds no best model (its run had "
                               "--no-keep-best): resume with --no-keep-best") from None
     except (SafetensorError, OSError, KeyError, ValueError) as err:
         raise CheckpointError(f"{path}: not a best model mnist_dist wrote ({type(err).__name__}: {err})") from err
     if not (isinstance(meta, dict) and _count(meta.get("step"), 1) and _number(meta.get("val_accuracy"), 0)):
-        raise CheckpointError(f"{path}: damaged metadata {meta!r}")
+        raise CheckpointError(f"{path}: damaged metadata {shown(meta)}")
     return meta
 
 
-def load_best(path: Path, step: int) -> dict:
-    """The weights in `path` (a checkpoint's copy of best/), which must be the best model of `step`."""
+def load_best(path: Path, step: int, like: dict) -> dict:
+    """The weights in `path` (a checkpoint's copy of best/), which must be the best model of `step`, with
+    the names and shapes of `like` (the model's state dict): checked before they are written anywhere."""
     held = best_meta(path)["step"]
     if held != step:
         raise CheckpointError(f"{path}: holds the best model of step {held}, but its training state says step {step}")
     try:
-        return load_file(path)
+        weights = load_file(path)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
+    check_same_shapes(path, weights, like)
+    return weights
 
 
 def _fsync_dir(path: Path) -> None:

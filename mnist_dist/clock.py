@@ -1,4 +1,5 @@
-"""How long this process has been running, from the moment the OS started it (imports included).
+"""How long this process has been running, from the moment the OS started it (imports included), or
+from mnist_dist's import where the process ran another program before it (a shell's exec).
 
 On Linux the start tick in /proc/self/stat is read against the clock it counts on (CLOCK_BOOTTIME),
 to 10 ms: psutil's create_time adds /proc/stat's whole-second boot time and reads up to a second
@@ -24,7 +25,12 @@ def _process_age() -> float:
     return time.time() - psutil.Process().create_time()
 
 
-PROCESS_START = time.time() - _process_age()  # wall clock, seconds: when the OS started this process
+# A process keeps its start time across exec: a shell that ran pip for a minute and then exec'd python
+# would count that minute. mnist_dist/__init__.py imports this module first, so an age beyond what an
+# interpreter takes to start is another program's, and the clock starts at this import instead.
+EXEC_GAP_S = 30.0
+_AGE = _process_age()
+PROCESS_START = time.time() - (_AGE if _AGE < EXEC_GAP_S else 0.0)  # wall clock, seconds
 
 
 def since_process_start() -> float:

@@ -15,6 +15,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from .readback import shown
+
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 SCHEDULE_CHOICES = ("constant", "onecycle", "cosine")
 # named presets for the flags below; explicit flags still win (`--recipe tuned --lr 1e-3`)
@@ -121,7 +123,8 @@ class TrainConfig:
     # output
     output_dir: str | None = _field(None, "the run's directory (results.json, the model, checkpoints); one run per "
                                     "directory. Default: a new outputs/run-YYYYMMDD-HHMMSS, with outputs/latest "
-                                    "pointing at it; with --resume auto, outputs/latest")
+                                    "pointing at it (it follows only these, not a run given --output-dir); "
+                                    "with --resume auto, outputs/latest")
     profile: str | None = _field(None, "profile the third stretch of steps (from one check to the next: "
                                  "--log-every steps; an epoch on the graph path) with torch's profiler and write "
                                  "PROFILE/trace.json (Chrome trace) and PROFILE/top_ops.txt (a directory); default: off")
@@ -184,6 +187,9 @@ class TrainConfig:
             ("output_dir", self.output_dir is None or bool(self.output_dir), "must not be empty"),
             ("profile", self.profile is None or bool(self.profile) and not os.path.isfile(self.profile),
              "must be a directory (it is a file, or empty)"),
+            ("profile", self.profile is None or self.resume or self.overwrite
+             or not os.path.exists(os.path.join(self.profile, "trace.json")),
+             "holds an earlier profile (trace.json); choose another directory, or replace it with --overwrite"),
             ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2**32, "must be an integer from 0 to 2**32 - 1"),
             ("hidden_size", self.hidden_size <= MAX_HIDDEN, f"must be at most {MAX_HIDDEN:,}"),
             ("batch_size", self.batch_size <= MAX_BATCH, f"must be at most {MAX_BATCH:,}"),
@@ -198,7 +204,7 @@ class TrainConfig:
         return self
 
     def _refuse(self, name: str, why: str):
-        raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: {why}")
+        raise ConfigError(f"--{name.replace('_', '-')}={shown(getattr(self, name))}: {why}")
 
     def to_dict(self) -> dict:
         """The flags' values (what config.json, results.json, checkpoints and W&B record)."""
@@ -256,9 +262,18 @@ def _flag_type(hint):
     return hint
 
 
+class LaunchedParser(argparse.ArgumentParser):
+    """An argument parser whose errors are said once in a launch of N processes: by the first."""
+
+    def error(self, message: str):
+        if os.environ.get("RANK", "0") != "0":  # every process got the same bad command
+            self.exit(2)
+        super().error(message)
+
+
 def build_parser(prog: str = "python -m mnist_dist.train", defaults: bool = True) -> argparse.ArgumentParser:
     """The flags of TrainConfig; with `defaults=False` a parse returns only the flags given."""
-    parser = argparse.ArgumentParser(
+    parser = LaunchedParser(
         prog=prog, description="Train the MNIST MLP (784-256-10) with Hugging Face Accelerate on CPU, one GPU or many.",
     )
     hints = typing.get_type_hints(TrainConfig)

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from .config import MAX_CLASSES
+from .readback import parse_json, read_json
 
 HUB_IDS = {"mnist": "ylecun/mnist", "fashion_mnist": "zalando-datasets/fashion_mnist"}
 BUNDLED_DIRS = {"mnist-5k": Path(__file__).parent / "datasets" / "mnist-5k"}
@@ -223,7 +224,7 @@ def check_saved_splits(source: str, state_name: str) -> None:
     empty = []
     for state in sorted(Path(source).glob(f"*/{state_name}")):
         with contextlib.suppress(OSError, ValueError, AttributeError):  # unreadable: `datasets` says why
-            if not json.loads(state.read_text()).get("_data_files"):
+            if not read_json(state).get("_data_files"):
                 empty.append(state.parent.name)
     if empty:
         raise DataError(f"--dataset {source}: its {' and '.join(map(repr, empty))} split holds no samples; training "
@@ -281,8 +282,13 @@ def hf_class_names(splits, label_column: str, labels: dict[str, torch.Tensor], s
     if named[0] != named[1]:
         raise DataError(f"--dataset {source}: the splits' {label_column!r} classes differ ({len(named[0])} and "
                         f"{len(named[1])} names)")
+    if named[0]:
+        return named[0]
     top = max((int(x.max()) for x in labels.values() if len(x)), default=-1)
-    return named[0] or tuple(str(i) for i in range(top + 1))
+    if top + 1 > MAX_CLASSES:  # checked before a name is made for each class: a label of 10**9 is no 10**9 names
+        raise DataError(f"--dataset {source}: label {top:,} in column {label_column!r} makes {top + 1:,} classes; "
+                        f"mnist_dist trains on at most {MAX_CLASSES:,}")
+    return tuple(str(i) for i in range(top + 1))
 
 
 def decode_images(split, column: str, source: str) -> torch.Tensor:
@@ -383,7 +389,7 @@ def _read_cache(path: Path) -> dict[str, Split] | None:
     try:
         with safe_open(path, "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-            names = json.loads(f.metadata()["class_names"])
+            names = parse_json(f.metadata()["class_names"], f"{path}'s class names")
         # checked like freshly decoded data: a cache that was tampered with is never trained on
         return {s: check_split(tensors[f"{s}_images"].view(-1, IMAGE_SIDE, IMAGE_SIDE), tensors[f"{s}_labels"],
                                f"{path} [{s}]", names)
@@ -395,7 +401,8 @@ def _read_cache(path: Path) -> dict[str, Split] | None:
         return None
 
 
-def _write_cache(path: Path, splits: dict[str, Split]) -> None:
+def _write_cache(path: Path, splits: dict[str, Split]) -> bool:
+    """Save decoded `splits` at `path`; whether it worked (a failure is a warning: the run goes on)."""
     tensors = {}
     for s, split in splits.items():
         tensors[f"{s}_images"], tensors[f"{s}_labels"] = split.images, split.labels
@@ -409,8 +416,10 @@ def _write_cache(path: Path, splits: dict[str, Split]) -> None:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+        return True
     except (OSError, SafetensorError) as err:  # safetensors reports a read-only directory as its own error
         print(f"mnist_dist: warning: could not write the dataset cache {path} ({err}); the next run decodes again")
+        return False
 
 
 def dataset_source(dataset: str) -> tuple[str, bool]:
@@ -447,8 +456,8 @@ def load_splits(dataset: str, data_dir: str | None = None, cache_dir: str | Path
     splits = _read_cache(cache_file)
     if splits is None:
         splits = build()  # said once it worked: an unreachable Hub says so itself, nothing was decoded
-        _write_cache(cache_file, splits)
-        print(f"mnist_dist: decoded {dataset if data_dir is None else data_dir} into {cache_file}", flush=True)
+        if _write_cache(cache_file, splits):
+            print(f"mnist_dist: decoded {dataset if data_dir is None else data_dir} into {cache_file}", flush=True)
     if data_dir is not None:
         check_named(splits, dataset, data_dir)
     return splits

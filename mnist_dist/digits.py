@@ -32,6 +32,8 @@ class ImageError(ValueError):
 def read_gray(path: str | Path) -> torch.Tensor:
     """The image at `path` as uint8 grayscale [H, W]; transparent pixels become white paper."""
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path}: a directory; give the image files in it ({path / '*.png'}, say)")
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
     try:

@@ -92,17 +92,28 @@ def cpu_threads(cfg: TrainConfig) -> tuple[int, str]:
     """Torch threads for a CPU process, and why: --cpu-threads, else $OMP_NUM_THREADS, else this
     process's share of the cores it may use that are idle now: OpenMP threads beside a busy core spin
     waiting on it (benchmarks/README.md)."""
-    source = threads_from(cfg)
-    if source == "--cpu-threads":
-        return cfg.cpu_threads, source
-    if source == "OMP_NUM_THREADS":
-        return int(os.environ["OMP_NUM_THREADS"].split(",")[0]), source  # "4,2": nested levels
-    allowed = allowed_cores()
+    source, allowed = threads_from(cfg), allowed_cores()
+    if source != "idle cores":
+        asked = cfg.cpu_threads or int(os.environ["OMP_NUM_THREADS"].split(",")[0])  # "4,2": nested levels
+        if asked > len(allowed):  # threads beyond the cores only wait on each other
+            return len(allowed), f"{source} {asked}, capped at the {len(allowed)} allowed cores"
+        return asked, source
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's: the processes of this node
+    if not threads_reproducible():  # a count that follows the load would change the weights
+        return threads_for(len(allowed), len(allowed), local), (
+            f"{len(allowed)} allowed cores, {local} process(es) on this node; not by load: this BLAS may round "
+            "differently at another thread count")
     busy = psutil.cpu_percent(interval=PROBE_S, percpu=True)
     idle = sum(1 for core in allowed if core < len(busy) and busy[core] < IDLE_BELOW_PERCENT)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's: the processes of this node
     return threads_for(len(allowed), idle, local), (f"{idle} of {len(allowed)} allowed cores idle, "
                                                     f"{local} process(es) on this node")
+
+
+def threads_reproducible() -> bool:
+    """Whether torch's CPU matrix products give the same bits at any thread count: MKL in its strict
+    reproducibility mode (MKL_CBWR, set in mnist_dist/__init__.py). Then the thread count may follow
+    the machine's load without changing a run's weights."""
+    return torch.backends.mkl.is_available() and "STRICT" in os.environ.get("MKL_CBWR", "").upper()
 
 
 def allowed_cores() -> list[int]:
@@ -139,7 +150,8 @@ def core_watch(cfg: TrainConfig, device: torch.device) -> CoreWatch | None:
     """A CoreWatch where the threads came from the idle cores and the process is alone on its node (with
     several, each one's reading counts the others' work): else None, the threads stay as they were set."""
     alone = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == 1
-    return CoreWatch() if device.type == "cpu" and threads_from(cfg) == "idle cores" and alone else None
+    chosen_by_load = threads_from(cfg) == "idle cores" and threads_reproducible()
+    return CoreWatch() if device.type == "cpu" and chosen_by_load and alone else None
 
 
 def threads_from(cfg: TrainConfig) -> str:

@@ -21,7 +21,9 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mnist_dist.evaluate", description=__doc__.split("\n\n")[0],
+    from .config import LaunchedParser  # no torch: --help stays fast
+
+    parser = LaunchedParser(prog="python -m mnist_dist.evaluate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True,
                         help="a trained model: its directory (config.json + model.safetensors), the "

@@ -13,6 +13,7 @@ thread of this process. What it changes, for schedulers and scripts that read th
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -34,6 +35,12 @@ def forward_stop(signum, frame) -> None:
     workers = psutil.Process().children()
     if not workers:
         sys.exit(128 + signum)  # still at the rendezvous: nothing started, nothing saved
+    if signum == signal.SIGINT and signal.SIGINT in stop_signals:  # a second Ctrl-C: stop now
+        for worker in workers:
+            worker.kill()
+        os.write(2, b"mnist_dist.launch: second Ctrl-C: training processes killed; --resume auto continues from "
+                    b"the newest checkpoint\n")
+        os._exit(128 + signal.SIGINT)
     stop_signals.append(signum)
     for worker in workers:
         worker.send_signal(signum if signum in (signal.SIGTERM, signal.SIGUSR1) else signal.SIGTERM)
@@ -47,7 +54,9 @@ def exit_status(codes: list[int]) -> int:
     expected = EXIT_PREEMPTED if stop_signals else EXIT_USAGE
     if expected in codes and set(codes) <= {expected, -signal.SIGTERM}:
         return expected  # 75: the checkpoint is complete (saving it is collective); 2: the first said why
-    print(f"mnist_dist.launch: the training processes ended with status {sorted(codes)}; their errors are above",
+    said = ", ".join(f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
+                     else f"exit {code}" for code in sorted(codes))
+    print(f"mnist_dist.launch: the training processes ended with {said}; errors they printed are above",
           file=sys.stderr)
     return 1
 

@@ -6,7 +6,6 @@ plus the input normalization) in one directory, which `load_model(dir)` reads.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from .config import MAX_CLASSES, MAX_HIDDEN
+from .readback import UnreadableFile, read_json, shown
 
 WEIGHTS_NAME = "model.safetensors"
 INPUT_SIZE = 28 * 28  # pixels: every dataset here is 28x28 grayscale
@@ -53,8 +53,8 @@ def check_config(config, path: Path) -> None:
     """Refuse a config.json whose fields could not rebuild the model or scale its inputs, naming the field."""
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:
-            shown = str(config.get(key))[:80] if isinstance(config, dict) else ""
-            raise ValueError(f"{path}: not a mnist_dist model config: {key!r} ({shown}) {what}")
+            value = shown(config.get(key)) if isinstance(config, dict) else ""
+            raise ValueError(f"{path}: not a mnist_dist model config: {key!r} ({value}) {what}")
 
     need(isinstance(config, dict), "architecture", "the file must hold a JSON object")
     need(config.get("architecture") == "mlp", "architecture", "must be 'mlp'")
@@ -63,11 +63,14 @@ def check_config(config, path: Path) -> None:
         need(type(config.get(key)) is int and 1 <= config[key] <= most, key, f"must be an integer from 1 to {most:,}")
     names = config.get("class_names")
     need(names is None or isinstance(names, list) and len(names) == config["num_classes"]
-         and all(isinstance(n, str) for n in names), "class_names", f"must be {config['num_classes']} strings")
+         and all(isinstance(n, str) for n in names) and len(set(names)) == len(names), "class_names",
+         f"must be {config['num_classes']} strings, no two alike")
     norm = config.get("normalization", {"mean": 0.5, "std": 0.5})
     numbers = isinstance(norm, dict) and all(type(norm.get(k)) in (int, float) and math.isfinite(norm[k])
                                              for k in ("mean", "std"))
     need(numbers and norm["std"] > 0, "normalization", "must give a finite mean and a std > 0")
+    for key in ("dataset", "data_dir", "image_column", "label_column"):  # where evaluate finds its test set
+        need(config.get(key) is None or isinstance(config[key], str), key, "must be a string or null")
 
 
 def load_model(path: str | Path) -> tuple[MLP, dict]:
@@ -85,9 +88,9 @@ def load_model(path: str | Path) -> tuple[MLP, dict]:
                 f"{file}: no such file (a saved model is {WEIGHTS_NAME} with {CONFIG_NAME} in the same directory)"
             )
     try:
-        config = json.loads(config_path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{config_path}: not a mnist_dist model config ({type(err).__name__}: {err})") from err
+        config = read_json(config_path)
+    except UnreadableFile as err:
+        raise ValueError(f"{config_path}: not a mnist_dist model config ({err.why})") from None
     check_config(config, config_path)
     model = build_model(config)
     try:
@@ -100,4 +103,7 @@ def load_model(path: str | Path) -> tuple[MLP, dict]:
         model.load_state_dict(weights)
     except RuntimeError as err:
         raise ValueError(f"{weights_path}: weights do not match {config_path}: {err}") from err
+    bad = [name for name, t in weights.items() if not torch.isfinite(t).all()]
+    if bad:  # its every prediction would be NaN
+        raise ValueError(f"{weights_path}: {bad[0]} holds NaN or infinite weights (a run that diverged)")
     return model.eval(), config

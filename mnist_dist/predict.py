@@ -64,13 +64,12 @@ def main(argv: list[str] | None = None) -> int:
             k = int(p.argmax())
             records.append({"file": path, "class_index": k, "class_name": names[k], "probability": round(float(p[k]), 6),
                             "probabilities": {name: round(float(q), 6) for name, q in zip(names, p)}})
+            if not args.json:
+                top = p.argsort(descending=True)[: args.top].tolist()  # by index: names are only labels
+                others = ", ".join(f"{names[i]} {100 * float(p[i]):.1f}%" for i in top)
+                print(f"{path}: {names[k]}  ({others})")
     if args.json:
         print(json.dumps(records, indent=2))
-    else:
-        for r in records:
-            ranked = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])[: args.top]
-            others = ", ".join(f"{name} {100 * q:.1f}%" for name, q in ranked)
-            print(f"{r['file']}: {r['class_name']}  ({others})")
     return 2 if failed else 0
 
 

@@ -45,7 +45,9 @@ class ProfiledSteps:
 
     def __init__(self, runner, directory: str, main: bool, device: torch.device):
         self.runner, self.device, self.stretches = runner, device, 0
-        kwargs = ProfileKwargs(schedule_option={"wait": 0, "warmup": 1, "active": 1, "repeat": 1},
+        # the device's activities only: asked for CUDA's on a machine without a GPU, torch prints an error
+        kwargs = ProfileKwargs(activities=["cpu", "cuda"] if device.type == "cuda" else ["cpu"],
+                               schedule_option={"wait": 0, "warmup": 1, "active": 1, "repeat": 1},
                                on_trace_ready=self.write, record_shapes=True)
         self.profiler = kwargs.build()
         # what atexit keeps: not the runner (the model, the data on the device)
@@ -76,6 +78,8 @@ class ProfiledSteps:
             return
         try:
             directory.mkdir(parents=True, exist_ok=True)
+            if (directory / "trace.json").exists():  # allowed with --resume or --overwrite (TrainConfig.validate)
+                print(f"mnist_dist: replacing the earlier profile in {directory}")
             profiler.export_chrome_trace(str(directory / "trace.json"))
             table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
             (directory / "top_ops.txt").write_text(table + "\n")

@@ -8,6 +8,7 @@ here knows of processes: the training loop has the main process call `claim` and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,11 +21,14 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from . import checkpoint
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
+from .model import WEIGHTS_NAME
+from .readback import UnreadableFile, read_json, shown
 
 RUNS_ROOT = Path("outputs")
 LATEST = RUNS_ROOT / "latest"
 LOCK_NAME, HOLDER_NAME = ".lock", ".lock.json"
+RESULTS_NAME = "results.json"  # written last: a run with one that describes its model is finished
 # what a run writes into its directory: what --overwrite removes, and nothing else
 RUN_FILES = ("results.json", "model.safetensors", "config.json", "metrics.jsonl", "training_curves.png",
              "confusion_matrix.png", "misclassified.png", "checkpoints", "best", "best.tmp", "evaluation", "wandb",
@@ -50,6 +54,8 @@ class Plan:
     remove: list[str] = field(default_factory=list)  # what an earlier run left that must go, once training starts
     why: str = ""  # why it must go
     new: bool = False  # a new outputs/run-* directory, for outputs/latest to point at
+    # the step of the results.json there: its checkpoint outlives rotation until new outputs are complete
+    reported_step: int | None = None
 
 
 def claim(cfg: TrainConfig) -> Plan:
@@ -67,7 +73,15 @@ def claim(cfg: TrainConfig) -> Plan:
     output_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(output_dir, made).acquire()
     try:
-        return Plan(str(output_dir), lock, **what_to_do(cfg, output_dir, resume_path))
+        results = read_results(output_dir)  # once: a damaged one is skipped with one warning
+        decided = what_to_do(cfg, output_dir, resume_path, results)
+        check_keeps_resumed(output_dir, decided)
+        metrics = output_dir / "metrics.jsonl"  # a resume reads and extends it
+        if decided.get("resume_from") and metrics.exists() and not metrics.is_file():
+            raise RunDirError(f"{metrics}: not a file, so the run's log cannot go on in it; move it away, or start "
+                              "over with --overwrite")
+        kept = results is not None and "results.json" not in decided.get("remove", [])
+        return Plan(str(output_dir), lock, **decided, reported_step=results["steps"] if kept else None)
     except BaseException:
         lock.release()
         raise
@@ -85,7 +99,11 @@ def continued(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     began = checkpoint.began_with(state, cfg)
     cfg, taken = cfg.continued({**state["config"], "batch_size": began["batch_size_flag"],
                                 "gradient_accumulation_steps": began["accumulation_flag"]})
-    return cfg.validate(), taken
+    try:  # the flags given passed before: what fails came from the checkpoint
+        return cfg.validate(), taken
+    except ConfigError as err:
+        raise checkpoint.CheckpointError(f"{path / checkpoint.STATE_NAME}: damaged, a setting it holds fails: "
+                                         f"{err}") from None
 
 
 def checkpoint_to_continue(cfg: TrainConfig) -> Path | None:
@@ -109,12 +127,13 @@ def chosen_dir(cfg: TrainConfig, resume_path: Path | None) -> Path | None:
     return None
 
 
-def what_to_do(cfg: TrainConfig, output_dir: Path, resume_path: Path | None) -> dict:
-    """The rest of the Plan for a locked `output_dir`, from what is there and what the flags ask."""
+def what_to_do(cfg: TrainConfig, output_dir: Path, resume_path: Path | None, results: dict | None) -> dict:
+    """The rest of the Plan for a locked `output_dir`, from what is there (`results`: its results.json, checked)
+    and what the flags ask."""
     there = left_behind(output_dir)
     if cfg.resume == "auto":
         found = checkpoint.resolve("auto", output_dir)  # an error where checkpoints are there but none loads
-        finished = finished_results(output_dir, cfg)
+        finished = finished_results(results, cfg)
         if finished:
             return {"resume_from": found and str(found), "continues": True, "finished": finished}
         if found:
@@ -126,7 +145,7 @@ def what_to_do(cfg: TrainConfig, output_dir: Path, resume_path: Path | None) -> 
                               "start over with --overwrite, or choose another --output-dir")
         return {"remove": there, "why": "no checkpoint to resume, starting from step 0"}
     if resume_path is not None and resume_path.parent.parent.resolve() == output_dir.resolve():
-        return resume_in_place(cfg, output_dir, resume_path, there)
+        return resume_in_place(cfg, output_dir, resume_path, there, results)
     if there and not cfg.overwrite:
         raise RunDirError(
             f"--output-dir {output_dir} holds another run ({', '.join(there)}). Continue it with --resume auto, "
@@ -136,17 +155,31 @@ def what_to_do(cfg: TrainConfig, output_dir: Path, resume_path: Path | None) -> 
     return {"resume_from": resume_path and str(resume_path), "remove": there, "why": "--overwrite"}
 
 
-def resume_in_place(cfg: TrainConfig, output_dir: Path, resume_path: Path, there: list[str]) -> dict:
+def check_keeps_resumed(output_dir: Path, decided: dict) -> None:
+    """Refuse a plan that would remove the checkpoint it resumes (or a directory holding it), whatever
+    path, link or '..' named it: --overwrite removes only what came after that checkpoint."""
+    if not decided.get("resume_from"):
+        return
+    resumed = Path(decided["resume_from"]).resolve()
+    for name in decided.get("remove", []):
+        doomed = (output_dir / name.rstrip("/")).resolve()
+        if resumed == doomed or doomed in resumed.parents:
+            raise RunDirError(f"--resume {decided['resume_from']}: removing {output_dir / name} ({decided['why']}) would "
+                              "remove the checkpoint this run resumes; resume it into another --output-dir")
+
+
+def resume_in_place(cfg: TrainConfig, output_dir: Path, resume_path: Path, there: list[str],
+                    results: dict | None) -> dict:
     """--resume CHECKPOINT of the run in `output_dir` itself. What the run saved after that checkpoint
     (later checkpoints, a finished run's results.json) is never replaced without --overwrite."""
     step = checkpoint.read_state(resume_path)["global_step"]
     steps = {p: checkpoint.read_state(p)["global_step"] for p in checkpoint.complete_checkpoints(output_dir)}
     later = [p for p, at in steps.items() if at > step]
-    finished = finished_results(output_dir, cfg)
+    finished = finished_results(results, cfg)
     if not later and finished and finished["steps"] == step:  # the newest checkpoint of a finished run
         return {"resume_from": str(resume_path), "continues": True, "finished": finished}
     check_steps_left(cfg, resume_path)
-    done = max([steps[p] for p in later] + [saved_steps(output_dir)])
+    done = max([steps[p] for p in later] + [results["steps"] if results else 0])
     if done > step and not cfg.overwrite:
         raise RunDirError(
             f"--resume {resume_path}: that checkpoint is at step {step}, but the run in {output_dir} went on to step "
@@ -170,15 +203,6 @@ def check_steps_left(cfg: TrainConfig, path: Path) -> None:
             "new --output-dir)")
 
 
-def saved_steps(output_dir: Path) -> int:
-    """The steps results.json in `output_dir` says the run took (0: none there, or unreadable)."""
-    try:
-        steps = json.loads((output_dir / "results.json").read_text())["steps"]
-        return steps if type(steps) is int else 0
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-
-
 def clear(plan: Plan) -> None:
     """Remove what `plan` says must go and point outputs/latest at a new run (main process, once the
     data, flags and checkpoint have all been checked)."""
@@ -195,16 +219,72 @@ def clear(plan: Plan) -> None:
         point_latest_at(output_dir)
 
 
-def finished_results(output_dir: Path, cfg: TrainConfig) -> dict | None:
-    """results.json of the run in `output_dir` if it already took every step `cfg` asks for, or stopped
-    early, else None."""
+def finished_results(results: dict | None, cfg: TrainConfig) -> dict | None:
+    """`results` (results.json, checked) if its run already took every step `cfg` asks for, or stopped early,
+    else None."""
+    if results is None:
+        return None
+    per_epoch = math.ceil(results["train_samples"] / results["global_batch_size"])
+    wanted = min(cfg.epochs * per_epoch, cfg.max_steps or math.inf)
+    return results if results["steps"] >= wanted or stopped_early(results) else None  # more steps: no change
+
+
+def read_results(output_dir: Path) -> dict | None:
+    """results.json in `output_dir`, checked (`check_results`), or None where there is none. One that fails is
+    skipped with a warning: the run is not finished, and a resume writes its outputs again."""
+    path = output_dir / RESULTS_NAME
     try:
-        results = json.loads((output_dir / "results.json").read_text())
-        per_epoch = math.ceil(results["train_samples"] / results["global_batch_size"])
-        wanted = min(cfg.epochs * per_epoch, cfg.max_steps or math.inf)
-        return results if results["steps"] >= wanted or stopped_early(results) else None  # more steps: no change
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # none, or unreadable: the run resumes from its checkpoint and writes it again
+        results = read_json(path)
+        check_results(results, path)
+    except FileNotFoundError:
+        return None
+    except UnreadableFile as err:
+        print(f"mnist_dist: warning: skipping {err}; the run counts as unfinished")
+        return None
+    return results
+
+
+def check_results(results, path: Path) -> None:
+    """The fields of results.json that decide what a resume does, and that it describes the model files
+    beside it (their sha256): a write killed between the model and results.json leaves them out of step."""
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            value = shown(results.get(key)) if isinstance(results, dict) else ""
+            raise UnreadableFile(str(path), f"field {key!r} ({value}) {what}")
+
+    need(isinstance(results, dict), "steps", "the file must hold a JSON object")
+    for key, least in (("steps", 0), ("train_samples", 1), ("global_batch_size", 1)):
+        need(type(results.get(key)) is int and results[key] >= least, key, f"must be an integer >= {least}")
+    accuracy = results.get("test_accuracy")
+    need(type(accuracy) in (int, float) and 0 <= accuracy <= 1, "test_accuracy", "must be a number from 0 to 1")
+    need(isinstance(results.get("stopped", {}), dict), "stopped", "must be an object")
+    best = results.get("best") or {}
+    need(isinstance(best, dict), "best", "must be an object")
+    # older results.json files carry no sha256: nothing to compare
+    for recorded, weights in ((results.get("model_sha256"), path.parent / WEIGHTS_NAME),
+                              (best.get("model_sha256"), path.parent / checkpoint.BEST_DIR / WEIGHTS_NAME)):
+        if recorded is not None and recorded != weights_sha256(weights):
+            raise UnreadableFile(str(path), f"describes another model than {weights} (writing the outputs was "
+                                 "interrupted)")
+
+
+def weights_sha256(path: Path) -> str | None:
+    """The sha256 of the weights in the safetensors file at `path` (names, dtypes, shapes and values; not
+    the file's other metadata), or None where there is no readable one."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(path)
+    except (OSError, SafetensorError):
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].contiguous()
+        digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}\n".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def stopped_early(results: dict) -> bool:
@@ -238,11 +318,12 @@ def point_latest_at(run_dir: Path) -> None:
 
 
 def left_behind(output_dir: Path) -> list[str]:
-    """The names of what a run wrote that are in `output_dir` (an empty checkpoints/ does not count)."""
+    """The names of what a run wrote that are in `output_dir` (an empty directory or file does not count:
+    a run stopped during start-up leaves an empty metrics.jsonl)."""
     found = []
     for name in RUN_FILES:
         path = output_dir / name
-        if path.is_dir() and not any(path.iterdir()):
+        if path.is_dir() and not any(path.iterdir()) or path.is_file() and path.stat().st_size == 0:
             continue
         if path.exists() or path.is_symlink():
             found.append(name + ("/" if path.is_dir() else ""))
@@ -260,7 +341,10 @@ def check_writable(output_dir: Path) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise RunDirError(f"{flag}: is a file, not a directory; choose another --output-dir")
     existing = next(p for p in [output_dir, *output_dir.absolute().parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir():
+        raise RunDirError(f"{flag}: {existing} is a file, so no directory can be made inside it; choose another "
+                          "--output-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise RunDirError(f"{flag}: cannot write to {existing} (permission denied); choose another --output-dir")
 
 
@@ -296,8 +380,13 @@ class RunLock:
         """Let go of the directory; those this run made and left empty (it failed early) are removed."""
         if not self.lock.is_locked:
             return
-        self.holder.unlink(missing_ok=True)
-        if self.made and not any(p.name != LOCK_NAME for p in self.output_dir.iterdir()):
+        try:  # a directory made unwritable mid-run keeps its note: the error that ended the run is the one to tell
+            self.holder.unlink(missing_ok=True)
+            left = [p.name for p in self.output_dir.iterdir()]
+        except OSError:
+            self.lock.release()
+            return
+        if self.made and not any(name != LOCK_NAME for name in left):
             (self.output_dir / LOCK_NAME).unlink(missing_ok=True)
             self.lock.release()
             for path in self.made:  # innermost first
@@ -310,7 +399,7 @@ class RunLock:
 
     def _holder(self) -> str:
         try:
-            who = json.loads(self.holder.read_text())
-            return f"process {who['pid']} on {who['host']}, since {who['since']}"
+            who = read_json(self.holder, limit=4096)
+            return f"process {shown(who['pid'])} on {shown(who['host'])}, since {shown(who['since'])}"
         except (OSError, ValueError, KeyError, TypeError):
             return "holder unknown"

@@ -107,7 +107,7 @@ class ModelSelection:
             return
         copy = resume_from / checkpoint.BEST_IN_CHECKPOINT
         if copy.is_file() or state.best_step != state.global_step:
-            self.best_weights = checkpoint.load_best(copy, state.best_step)
+            self.best_weights = checkpoint.load_best(copy, state.best_step, self.weights_of(model))
         else:  # a checkpoint of a run without --keep-best, taken at its best step: its own weights
             self.best_weights = self.weights_of(model)
 

@@ -1,5 +1,5 @@
 """Reasons for a run to stop at its next check point with a checkpoint: SIGTERM or SIGUSR1 (what
-SLURM and launchers send before a time limit or preemption), or its launcher gone. No torch here:
+SLURM and launchers send before a time limit or preemption), Ctrl-C, or its launcher gone. No torch here:
 the CLI installs the handlers before the heavy imports, so a signal at any moment is caught.
 """
 
@@ -14,29 +14,42 @@ EXIT_PREEMPTED = 75
 
 
 class StopSignals:
-    """Turn SIGTERM / SIGUSR1 into a flag that the loop reads between steps: a signal never interrupts
-    a step or a checkpoint. Under torchrun or `accelerate launch` (LOCAL_RANK set) a launcher that died
-    counts too: its workers would otherwise train on unsupervised and unstoppable."""
+    """Turn SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) into a flag that the loop reads between steps: a signal
+    never interrupts a step or a checkpoint. Under torchrun or `accelerate launch` (LOCAL_RANK set) a
+    launcher that died counts too: its workers would otherwise train on unsupervised and unstoppable.
 
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+    A second Ctrl-C of a process that no launcher supervises ends it at once, without a checkpoint
+    (the newest one stays whole: checkpoints appear by a rename). Under a launcher the launcher passes
+    Ctrl-C on as well, so a worker sees each Ctrl-C twice: there the launcher ends the workers."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
 
     def __init__(self):
         self.received: int | None = None
         self._previous = {}
+        self._entered = 0
         self._launcher = os.getppid() if "LOCAL_RANK" in os.environ else None
 
     def __enter__(self) -> "StopSignals":
-        if not self._previous:  # entered once, however often a caller enters it
+        if not self._entered:  # installed once, and kept until the outermost `with` ends
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        self._entered += 1
         return self
 
     def __exit__(self, *exc) -> None:
+        self._entered -= 1
+        if self._entered:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received and self._launcher is None:
+            os.write(2, b"\nmnist_dist: second Ctrl-C: stopped at once; --resume auto continues from the newest "
+                        b"checkpoint\n")
+            os._exit(128 + signal.SIGINT)
         self.received = self.received or signum
 
     def reason(self) -> str | None:

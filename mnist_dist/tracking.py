@@ -12,6 +12,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from .config import ConfigError, TrainConfig
+from .readback import MAX_LINE_BYTES, UnreadableFile, parse_json, read_json
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -118,7 +119,7 @@ def log_model(run, output_dir: Path) -> None:
     import wandb
 
     artifact = wandb.Artifact(f"model-{run.id}", type="model",
-                              metadata=json.loads((output_dir / "config.json").read_text()))
+                              metadata=read_json(output_dir / "config.json"))
     for name in ("model.safetensors", "config.json"):
         artifact.add_file(str(output_dir / name))
     run.log_artifact(artifact)
@@ -165,20 +166,19 @@ class MetricsLog:
 
     def __init__(self, output_dir: str | Path, enabled: bool, resume_step: int | None):
         self.path = Path(output_dir) / METRICS_NAME
-        self.enabled = enabled
+        self.enabled, self.kept = enabled, []
         if enabled and resume_step is not None and self.path.exists():
             # drop what the interrupted run logged after its checkpoint: it is about to be logged again
-            kept = [line for line in self.path.read_text().splitlines() if _step(line) is not None and _step(line) <= resume_step]
+            self.kept = [r for r in read_records(self.path) if r["step"] <= resume_step]
             tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in self.kept))
             os.replace(tmp, self.path)
         elif enabled:
             self.path.write_text("")
 
     def records(self) -> list[dict]:
-        if not self.enabled:
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines()]
+        """What was logged up to the step resumed from (read once, checked)."""
+        return self.kept
 
     def write(self, step: int, values: dict) -> None:
         if self.enabled:
@@ -186,8 +186,28 @@ class MetricsLog:
                 f.write(json.dumps({"step": step, **values}) + "\n")
 
 
-def _step(line: str) -> int | None:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return None  # a line cut short by a kill
+def read_records(path: Path) -> list[dict]:
+    """The records of metrics.jsonl at `path`, each a JSON object with an integer step and finite numbers
+    (`readback`). A line that is not (cut short by a kill, edited) is skipped with one warning; a file
+    that cannot be read at all is an error naming it."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file; move it away, or start over with --overwrite")
+    records, skipped = [], []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if len(line) > MAX_LINE_BYTES:
+                skipped.append(number)
+                continue
+            try:
+                record = parse_json(line, f"{path}, line {number}")
+            except UnreadableFile:
+                skipped.append(number)
+                continue
+            if isinstance(record, dict) and type(record.get("step")) is int and record["step"] >= 0:
+                records.append(record)
+            else:
+                skipped.append(number)
+    if skipped:
+        print(f"mnist_dist: warning: {path}: skipping {len(skipped)} damaged line(s) ({', '.join(map(str, skipped[:5]))}"
+              f"{', ...' if len(skipped) > 5 else ''})")
+    return records

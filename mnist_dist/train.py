@@ -42,10 +42,11 @@ from .clock import since_process_start  # noqa: E402
 from .data import VALIDATION, DataError, DeviceBatches, Split, normalize  # noqa: E402
 from .distributed import (  # noqa: E402
     LaunchError, agree_to_stop, any_process, build_accelerator, compiled_with, core_watch, decided_by_main,
-    local_real, lost_peer, peers_message, per_process, process_hosts, threads_from, use_output_dir,
+    local_real, lost_peer, peers_message, per_process, process_hosts, threads_from, threads_reproducible,
+    use_output_dir,
 )
 from .graphs import EpochGraph, graph_unsupported  # noqa: E402
-from .model import CONFIG_NAME, MLP, model_config, parameter_count  # noqa: E402
+from .model import CONFIG_NAME, MLP, WEIGHTS_NAME, model_config, parameter_count  # noqa: E402
 from .resources import MEMORY_MEASURED, ProfiledSteps, model_flops_per_second, peak_memory_mib  # noqa: E402
 from .selection import ModelSelection, Scorer  # noqa: E402
 
@@ -261,13 +262,13 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
                     timed_since += seconds  # not training time
                 if stop or checkpoint_due(state, cfg, steps_per_epoch, total_steps):
                     state.train_seconds += time.perf_counter() - timed_since
-                    path = save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg, selection)
+                    path = save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg, selection, plan.reported_step)
                     timed_since = time.perf_counter()
                     if stop:
                         preempt(signals, report, state.global_step, path)
             state.train_seconds += time.perf_counter() - timed_since
             epoch_test = end_epoch(accelerator, state, model, scorer, selection, report, epochs, steps_per_epoch)
-            path = save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg, selection)
+            path = save_checkpoint(accelerator, cfg, state, checkpoint_extra, model_cfg, selection, plan.reported_step)
             if state.batch_in_epoch or state.stopped_early:  # --max-steps or early stopping ended the run here
                 break
             if state.epoch < epochs and any_process(accelerator, signals.reason() is not None):  # during evaluation
@@ -290,6 +291,8 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     results = results_of(cfg, accelerator, state, metrics, timings, data_path, run_data, model_cfg, total_steps)
     results |= selection.results(model, state, run_data)
     write_outputs(accelerator, model, cfg.output_dir, results, test_set, stats, model_cfg, report)
+    if accelerator.is_main_process and plan.reported_step is not None:  # new outputs: the spared checkpoint may go
+        checkpoint.rotate(cfg.output_dir, run_id, cfg.keep_checkpoints)
     tracking.finish(accelerator, cfg, run_summary(results))
     stopped = any_process(accelerator, signals.reason() is not None)  # a signal while the outputs were written
     _shutdown(accelerator)
@@ -660,16 +663,20 @@ def checkpoint_due(state: TrainState, cfg: TrainConfig, steps_per_epoch: int, to
 
 
 def non_finite_message(step: int, epoch: int, output_dir: str) -> str:
+    saved = checkpoint.complete_checkpoints(output_dir)
+    where = (f"the checkpoints in {checkpoint.checkpoints_root(output_dir)} hold the last good state (step "
+             f"{checkpoint.read_state(saved[-1])['global_step']})" if saved else "no checkpoint was saved before it")
     return (f"non-finite training loss or gradients at step {step} (epoch {epoch + 1}); the weights are those "
             f"of step {step - 1}, nothing after it was applied or saved. Lower --lr or try --mixed-precision no; "
-            f"the checkpoints in {checkpoint.checkpoints_root(output_dir)} hold the last good state.")
+            f"{where}.")
 
 
 def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState, extra: dict, model_cfg: dict,
-                    selection: ModelSelection) -> Path:
-    """A checkpoint of `state`, the prepared objects and the best model so far (all processes call this)."""
+                    selection: ModelSelection, reported_step: int | None) -> Path:
+    """A checkpoint of `state`, the prepared objects and the best model so far (all processes call this).
+    The checkpoint of `reported_step` (what results.json there describes) outlives the rotation."""
     return checkpoint.save(accelerator, cfg.output_dir, {**state.saved(accelerator), **extra}, cfg.keep_checkpoints,
-                           model_cfg, selection.checkpoint_copy())
+                           model_cfg, selection.checkpoint_copy(), spare=reported_step)
 
 
 def end_epoch(accelerator, state: TrainState, model, scorer: Scorer, selection: ModelSelection, report: "Reporter",
@@ -770,6 +777,8 @@ def results_of(cfg: TrainConfig, accelerator, state: TrainState, metrics: dict, 
         "device_type": accelerator.device.type, "train_seconds": state.train_seconds,
         "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
         "cpu_threads_from": threads_from(cfg) if accelerator.device.type == "cpu" else None,
+        # MKL in strict reproducibility mode: the same weights at any thread count (distributed.threads_reproducible)
+        "cpu_threads_reproducible": threads_reproducible() if accelerator.device.type == "cpu" else None,
         "samples_per_second": samples_seen / state.train_seconds,
         # 6 x parameters x samples / train_seconds (resources.model_flops_per_second)
         "model_flops_per_second": model_flops_per_second(parameter_count(model_cfg), samples_seen, state.train_seconds),
@@ -789,6 +798,10 @@ def write_outputs(accelerator, model, output_dir: str, results: dict, test_set, 
                   report: Reporter) -> None:
     """The model, config.json, the pictures (also to the trackers) and, last, results.json, whose
     presence marks a finished run. All processes call this; the main process writes."""
+    bad = non_finite(results)
+    if bad:  # before anything is written: results.json is strict JSON
+        raise TrainingError(f"the final evaluation gave a non-finite {bad} (the model's outputs overflow); nothing was "
+                            f"written to {output_dir}. Lower --lr, or resume an earlier checkpoint with fewer steps")
     failure = None
     try:
         write_model_and_pictures(accelerator, model, Path(output_dir), results, test_set, stats, model_cfg, report)
@@ -797,6 +810,14 @@ def write_outputs(accelerator, model, output_dir: str, results: dict, test_set, 
         failure = checkpoint.write_failure(Path(output_dir), err)
     if any_process(accelerator, failure is not None):  # the main process writes; every process stops alike
         raise DiskError(failure or f"the main process could not write the outputs to {output_dir}")
+
+
+def non_finite(value, name: str = "") -> str | None:
+    """The name of the first NaN or infinite number in `value` (nested dicts and lists), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else name or "number"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next((bad for key, item in items if (bad := non_finite(item, f"{name}.{key}" if name else str(key)))), None)
 
 
 def write_model_and_pictures(accelerator, model, output_dir: Path, results: dict, test_set, stats, model_cfg: dict,
@@ -821,7 +842,12 @@ def write_model_and_pictures(accelerator, model, output_dir: Path, results: dict
                                       test_set, stats, title)}
     tracking.log_images(accelerator, pictures, results["steps"])
     results["timings"]["outputs"] = time.perf_counter() - began  # model file, pictures, W&B images
-    checkpoint.write_json(output_dir / "results.json", results)
+    # last, naming the model files it describes: a kill before it leaves the earlier results.json, which
+    # `runs.check_results` then finds out of step with them
+    results["model_sha256"] = runs.weights_sha256(output_dir / WEIGHTS_NAME)
+    if results.get("best", {}).get("model_dir"):
+        results["best"]["model_sha256"] = runs.weights_sha256(output_dir / checkpoint.BEST_DIR / WEIGHTS_NAME)
+    checkpoint.write_json(output_dir / runs.RESULTS_NAME, results)
     report.say(f"mnist_dist: test_accuracy {results['test_accuracy']:.4f}; wrote {output_dir}/results.json and "
                f"{', '.join(p.name for p in pictures.values())}")
 
