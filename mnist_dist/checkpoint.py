@@ -124,6 +124,17 @@ def rotate(output_dir: str | Path, run_id: str, keep: int | None, spare: int | N
                 remove_checkpoint(stale)
 
 
+def rotate_after_outputs(output_dir: str | Path, keep: int | None) -> None:
+    """`rotate` the newest checkpoint's run once its outputs are complete (main process), the checkpoint
+    spared for the earlier outputs included; a failure is a warning, the run is done."""
+    try:
+        newest = complete_checkpoints(output_dir)[-1:]
+        if newest:
+            rotate(output_dir, read_state(newest[0])["run_id"], keep)
+    except (OSError, CheckpointError) as err:
+        print(f"mnist_dist: warning: could not remove the older checkpoints in {checkpoints_root(output_dir)} ({err})")
+
+
 def remove_checkpoint(path: Path) -> None:
     """Delete a checkpoint; renamed first, so that a kill half-way never leaves a part that looks complete."""
     doomed = path.with_name(path.name + ".deleting.tmp")
@@ -489,6 +500,8 @@ def best_meta(path: Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file; the checkpoint holds no best model (its run had "
                               "--no-keep-best): resume with --no-keep-best") from None
+    except UnreadableFile as err:
+        raise CheckpointError(str(err)) from None
     except (SafetensorError, OSError, KeyError, ValueError) as err:
         raise CheckpointError(f"{path}: not a best model mnist_dist wrote ({type(err).__name__}: {err})") from err
     if not (isinstance(meta, dict) and _count(meta.get("step"), 1) and _number(meta.get("val_accuracy"), 0)):

@@ -5,6 +5,7 @@ averaged by the DDP that `accelerator.prepare` wraps the model in: gloo on CPUs,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -107,6 +108,26 @@ def cpu_threads(cfg: TrainConfig) -> tuple[int, str]:
     idle = sum(1 for core in allowed if core < len(busy) and busy[core] < IDLE_BELOW_PERCENT)
     return threads_for(len(allowed), idle, local), (f"{idle} of {len(allowed)} allowed cores idle, "
                                                     f"{local} process(es) on this node")
+
+
+# MKL (2024.2) keeps strict reproducibility only for products of at least this many rows: with fewer
+# (an epoch's short last batch), 1 and 2 threads round differently (benchmarks/README.md)
+FEWEST_REPRODUCIBLE_ROWS = 16
+
+
+@contextlib.contextmanager
+def threads_for_rows(rows: int, device: torch.device):
+    """Run a CPU step of `rows` samples on one torch thread where the BLAS would round it differently on
+    more (fewer than FEWEST_REPRODUCIBLE_ROWS rows); otherwise on the threads set."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or rows >= FEWEST_REPRODUCIBLE_ROWS or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def threads_reproducible() -> bool:

@@ -31,7 +31,8 @@ stop_signals: list[int] = []  # the signals forwarded so far
 
 def forward_stop(signum, frame) -> None:
     """Pass the stop to every training process; the launcher's thread then sees them end. Ctrl-C and
-    SIGHUP (a closed terminal) stop them with a checkpoint too, as SIGTERM."""
+    SIGHUP (a closed terminal, sent on as SIGTERM) stop them with a checkpoint too; a second Ctrl-C
+    ends them at once."""
     workers = psutil.Process().children()
     if not workers:
         sys.exit(128 + signum)  # still at the rendezvous: nothing started, nothing saved
@@ -43,7 +44,7 @@ def forward_stop(signum, frame) -> None:
         os._exit(128 + signal.SIGINT)
     stop_signals.append(signum)
     for worker in workers:
-        worker.send_signal(signum if signum in (signal.SIGTERM, signal.SIGUSR1) else signal.SIGTERM)
+        worker.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
     print(f"mnist_dist.launch: {signal.Signals(signum).name} sent to {len(workers)} training process(es); "
           "they stop at their next check with a checkpoint", file=sys.stderr, flush=True)
 
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     thread.start()
     while thread.is_alive():
         thread.join(0.2)
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):  # the status is decided
+        signal.signal(sig, signal.SIG_IGN)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["status"]

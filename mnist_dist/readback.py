@@ -64,6 +64,8 @@ def parse_json(raw: bytes | str, where: str):
         raise UnreadableFile(where, f"nested {depth} levels deep; mnist_dist's files nest at most {MAX_DEPTH}")
     try:
         return json.loads(raw, parse_int=_bounded_int)
+    except _LongInteger as err:
+        raise UnreadableFile(where, f"{err}, longer than any count mnist_dist writes") from None
     except ValueError as err:
         raise UnreadableFile(where, f"not valid JSON ({err})") from None
 
@@ -80,7 +82,11 @@ def shown(value) -> str:
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + f"... ({len(text):,} characters)"
 
 
+class _LongInteger(ValueError):
+    pass
+
+
 def _bounded_int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits")
+        raise _LongInteger(f"an integer of {len(text.lstrip('-'))} digits")
     return int(text)

@@ -8,6 +8,7 @@ all processes), so every process decides the same at the same step without anoth
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -15,6 +16,11 @@ from . import checkpoint, data
 from .data import VALIDATION, Split
 from .evaluation import evaluate, evaluate_shard
 from .model import WEIGHTS_NAME, build_model
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation whose loss is not finite: the model's outputs overflow. Every process raises it alike
+    (the sums are all processes')."""
 
 
 class Scorer:
@@ -36,8 +42,13 @@ class Scorer:
         """Accuracy, loss, per-class accuracy and confusion matrix of `model` on `split`, all processes."""
         batches = self.batches[split]
         if isinstance(batches, list):
-            return evaluate_shard(model, batches, self.stats, self.sum_over_processes)
-        return evaluate(model, batches, gather=self.accelerator.gather_for_metrics, normalization=self.stats)
+            metrics = evaluate_shard(model, batches, self.stats, self.sum_over_processes)
+        else:
+            metrics = evaluate(model, batches, gather=self.accelerator.gather_for_metrics, normalization=self.stats)
+        if not math.isfinite(metrics["loss"]):  # before it reaches a history, a checkpoint or results.json
+            raise EvaluationError(f"evaluating on the {split} split gave a non-finite loss ({metrics['loss']}): the "
+                                  "model's outputs overflow. Lower --lr, or resume an earlier checkpoint")
+        return metrics
 
     def sum_over_processes(self, tensor):
         return self.accelerator.reduce(tensor, reduction="sum")

@@ -45,6 +45,13 @@ class StopSignals:
             signal.signal(sig, handler)
         self._previous = {}
 
+    def ignore_from_now(self) -> None:
+        """Once the exit status is decided: further stop signals change nothing. (Python's shutdown puts
+        its handlers back to the default, which would let a late SIGTERM kill a process that saved its
+        checkpoint with status 143; an ignored signal it leaves ignored.)"""
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.received and self._launcher is None:
             os.write(2, b"\nmnist_dist: second Ctrl-C: stopped at once; --resume auto continues from the newest "

@@ -42,13 +42,13 @@ from .clock import since_process_start  # noqa: E402
 from .data import VALIDATION, DataError, DeviceBatches, Split, normalize  # noqa: E402
 from .distributed import (  # noqa: E402
     LaunchError, agree_to_stop, any_process, build_accelerator, compiled_with, core_watch, decided_by_main,
-    local_real, lost_peer, peers_message, per_process, process_hosts, threads_from, threads_reproducible,
-    use_output_dir,
+    local_real, lost_peer, peers_message, per_process, process_hosts, threads_for_rows, threads_from,
+    threads_reproducible, use_output_dir,
 )
 from .graphs import EpochGraph, graph_unsupported  # noqa: E402
 from .model import CONFIG_NAME, MLP, WEIGHTS_NAME, model_config, parameter_count  # noqa: E402
 from .resources import MEMORY_MEASURED, ProfiledSteps, model_flops_per_second, peak_memory_mib  # noqa: E402
-from .selection import ModelSelection, Scorer  # noqa: E402
+from .selection import EvaluationError, ModelSelection, Scorer  # noqa: E402
 
 
 class TrainingError(RuntimeError):
@@ -273,7 +273,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
                 break
             if state.epoch < epochs and any_process(accelerator, signals.reason() is not None):  # during evaluation
                 preempt(signals, report, state.global_step, path)
-    except (Preempted, TrainingError, DiskError):  # every process raises these at the same step
+    except (Preempted, TrainingError, DiskError, EvaluationError):  # every process raises these at the same step
         report.close()
         _shutdown(accelerator)
         raise
@@ -291,8 +291,6 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, signals: StopSignals) ->
     results = results_of(cfg, accelerator, state, metrics, timings, data_path, run_data, model_cfg, total_steps)
     results |= selection.results(model, state, run_data)
     write_outputs(accelerator, model, cfg.output_dir, results, test_set, stats, model_cfg, report)
-    if accelerator.is_main_process and plan.reported_step is not None:  # new outputs: the spared checkpoint may go
-        checkpoint.rotate(cfg.output_dir, run_id, cfg.keep_checkpoints)
     tracking.finish(accelerator, cfg, run_summary(results))
     stopped = any_process(accelerator, signals.reason() is not None)  # a signal while the outputs were written
     _shutdown(accelerator)
@@ -613,9 +611,10 @@ class EagerSteps:
             for index in batches:
                 images, labels = next(self.epoch_batches)
                 real = local_real(index, len(labels), self.train_len, batch_size, self.accelerator)  # fillers last
-                self.losses[index], norm = train_step(self.accelerator, self.model, self.optimizer, self.guard,
-                                                      normalize(images[:real], *self.stats), labels[:real], scale,
-                                                      self.cfg.label_smoothing, self.cfg.max_grad_norm)
+                with threads_for_rows(real, self.accelerator.device):  # the same bits at any thread count
+                    self.losses[index], norm = train_step(self.accelerator, self.model, self.optimizer, self.guard,
+                                                          normalize(images[:real], *self.stats), labels[:real], scale,
+                                                          self.cfg.label_smoothing, self.cfg.max_grad_norm)
             self.norms.append(norm)  # a reference: no copy, no kernel
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -848,6 +847,7 @@ def write_model_and_pictures(accelerator, model, output_dir: Path, results: dict
     if results.get("best", {}).get("model_dir"):
         results["best"]["model_sha256"] = runs.weights_sha256(output_dir / checkpoint.BEST_DIR / WEIGHTS_NAME)
     checkpoint.write_json(output_dir / runs.RESULTS_NAME, results)
+    checkpoint.rotate_after_outputs(output_dir, results["config"]["keep_checkpoints"])  # a spared one may go now
     report.say(f"mnist_dist: test_accuracy {results['test_accuracy']:.4f}; wrote {output_dir}/results.json and "
                f"{', '.join(p.name for p in pictures.values())}")
 
@@ -867,8 +867,9 @@ def main(cfg: TrainConfig, signals: StopSignals | None = None) -> int:
     """Train as `cfg` says (from `parse_args`); return the exit status."""
     try:
         train(cfg, signals)
-    except (ConfigError, DataError, LaunchError, CheckpointError, runs.RunDirError, TrainingError, DiskError) as err:
-        failed = isinstance(err, (TrainingError, DiskError))  # 1: the training failed; 2: fix the command
+    except (ConfigError, DataError, LaunchError, CheckpointError, runs.RunDirError, TrainingError, DiskError,
+            EvaluationError) as err:
+        failed = isinstance(err, (TrainingError, DiskError, EvaluationError))  # 1: the training failed; 2: fix the command
         if failed or os.environ.get("RANK", "0") == "0":  # a bad command fails alike everywhere: said once
             print(f"mnist_dist.train: error: {err}", file=sys.stderr)
         return 1 if failed else 2
@@ -889,4 +890,6 @@ def main(cfg: TrainConfig, signals: StopSignals | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(CLI_CONFIG, SIGNALS))
+    status = main(CLI_CONFIG, SIGNALS)
+    SIGNALS.ignore_from_now()
+    sys.exit(status)

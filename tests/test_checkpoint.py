@@ -153,11 +153,55 @@ def test_sigusr1_saves_a_checkpoint_and_exits_with_the_preempted_code(reference,
     resume_matches(1, out, ref)
 
 
+@pytest.mark.parametrize("reference", [1], indirect=True, ids=["1proc"])
+def test_ctrl_c_stops_as_sigterm_does_and_later_stop_signals_keep_the_status(reference, tmp_path):
+    _, ref = reference
+    out = tmp_path / "out"
+    proc = start(1, *RUN, "--output-dir", str(out))
+    wait_for_checkpoint(out, 7, proc)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGTERM):  # the later ones during its exit
+        proc.send_signal(sig)
+        time.sleep(0.1)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, output[-2000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    stopped_at = int(re.search(r"stopped by signal SIGINT after step (\d+);", output)[1])
+    assert checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])["global_step"] == stopped_at
+    resume_matches(1, out, ref)
+
+
+@pytest.mark.parametrize("reference", [1], indirect=True, ids=["1proc"])
+def test_a_second_ctrl_c_ends_the_run_at_once_and_the_newest_checkpoint_resumes(reference, tmp_path):
+    _, ref = reference
+    out = tmp_path / "out"
+    proc = run([sys.executable, str(REPO / "tests" / "workers" / "stop_in.py"), "--cpu", *RUN, "--output-dir",
+                str(out)], env={"STOP_IN": "stretch:3", "STOP_SIGNAL": "SIGINT,SIGINT"})  # steps 14-21
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-2000:]
+    assert "second Ctrl-C: stopped at once" in proc.stderr and "Traceback" not in proc.stderr
+    assert [checkpoint.read_state(p)["global_step"] for p in checkpoint.complete_checkpoints(out)] == [7, 14]
+    resume_matches(1, out, ref)
+
+
+def test_a_second_ctrl_c_to_the_launcher_ends_two_processes_at_once(tmp_path):
+    out = tmp_path / "out"
+    proc = start(2, *RUN, "--epochs", "20", "--output-dir", str(out), launcher="mnist_dist.launch")
+    wait_for_checkpoint(out, 7, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, output[-3000:]
+    assert "second Ctrl-C: training processes killed" in output and "Traceback" not in output
+    assert checkpoint.complete_checkpoints(out)  # whole: a checkpoint appears by a rename
+
+
 # each launcher the README lists, the signal, the launcher's exit status (the README's table)
 LAUNCHER_STATUS = [
     ("mnist_dist.launch", signal.SIGTERM, EXIT_PREEMPTED),
     ("mnist_dist.launch", signal.SIGUSR1, EXIT_PREEMPTED),
+    ("mnist_dist.launch", signal.SIGINT, EXIT_PREEMPTED),
     ("accelerate.commands.launch", signal.SIGTERM, 128 + signal.SIGTERM),
+    ("accelerate.commands.launch", signal.SIGINT, 128 + signal.SIGINT),  # its agent sends each worker SIGINT
     ("torch.distributed.run", signal.SIGTERM, 1),
 ]
 
@@ -171,8 +215,8 @@ def test_a_signal_to_the_launcher_checkpoints_every_process_at_the_same_step(ref
     out = tmp_path / "out"
     proc = signal_mid_run(2, out, sig, launcher=launcher)  # to the launcher, which forwards it to every worker
     assert proc.returncode == status, proc.output[-3000:]
-    if launcher == "mnist_dist.launch":
-        assert "Traceback" not in proc.output
+    if launcher == "mnist_dist.launch" or sig == signal.SIGINT:
+        assert "Traceback" not in proc.output and "KeyboardInterrupt" not in proc.output
     # the main process reports
     assert len(re.findall(rf"stopped by signal {sig.name} after step \d+;", proc.output)) == 1, proc.output[-3000:]
     state = checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])
@@ -296,12 +340,15 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp
     step = int(proc.stderr.split("non-finite training loss or gradients at step ")[1].split()[0])
     kept = checkpoint.complete_checkpoints(tmp_path)
     assert [checkpoint.read_state(p)["global_step"] for p in kept] == [s for s in (step - 2, step - 1) if s >= 1]
+    if kept:
+        assert f"hold the last good state (step {step - 1})" in proc.stderr
     assert not (tmp_path / "results.json").exists()
     # without per-step checkpoints the processes only compare notes every --log-every steps, yet the
     # error still names the first bad step: the device counted the steps it skipped since then
     proc = check(train_cli("--dataset", "mnist-5k", "--cpu", "--lr", "1e30", "--log-every", "30",
                            "--output-dir", str(tmp_path / "later")), rc=1)
     assert f"non-finite training loss or gradients at step {step} " in proc.stderr
+    assert "no checkpoint was saved before it" in proc.stderr and "hold the last good state" not in proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -542,3 +589,27 @@ def test_a_1_process_run_resumes_on_2_processes_to_the_same_trajectory(tmp_path)
     assert [h["samples"] for h in resumed["history"]] == [h["samples"] for h in ref["history"]] == [5000]
     assert abs(resumed["test_accuracy"] - ref["test_accuracy"]) <= 0.002
     same_losses(resumed, ref)
+
+
+# one run's settings that touch every place a thread count could round differently: evaluation, AdamW,
+# accumulation, checkpoints, and an epoch's short last batch (4,500 % 214 = 6 rows: MKL's small products)
+THREADED = ["--dataset", "mnist-5k", "--max-steps", "24", "--batch-size", "107", "--val-fraction", "0.1",
+            "--eval-every", "8", "--optimizer", "adamw", "--weight-decay", "0.01", "--gradient-accumulation-steps",
+            "2", "--checkpoint-every", "6", "--report-to", "none"]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores for 2 threads")
+def test_the_weights_do_not_depend_on_the_thread_count_even_across_a_kill_and_resume(tmp_path):
+    one, two, cut = tmp_path / "one", tmp_path / "two", tmp_path / "cut"
+    check(run(train_cmd(1, *THREADED, "--data-path", "dataloader", "--cpu-threads", "1", "--output-dir", str(one))))
+    check(run(train_cmd(1, *THREADED, "--data-path", "dataloader", "--cpu-threads", "2", "--output-dir", str(two))))
+    assert (results(one)["cpu_threads"], results(two)["cpu_threads"]) == (1, 2)
+    assert results(two)["cpu_threads_reproducible"] is True
+    same_weights(one, two)
+    # the device path (the same batches) killed at 2 threads and resumed at 1
+    flags = [*THREADED, "--data-path", "device"]
+    proc = run([sys.executable, str(REPO / "tests" / "workers" / "stop_in.py"), "--cpu", *flags, "--cpu-threads", "2",
+                "--output-dir", str(cut)], env={"STOP_IN": "checkpoint:3", "STOP_SIGNAL": "SIGKILL"})
+    assert proc.returncode == -signal.SIGKILL
+    check(run(train_cmd(1, *flags, "--cpu-threads", "1", "--output-dir", str(cut), "--resume", "auto")))
+    same_weights(cut, one)

@@ -473,4 +473,16 @@ def test_a_cache_directory_that_cannot_be_written_is_a_warning_and_the_data_stil
     monkeypatch.setattr(data, "save_file", refuse)
     splits = load_splits("mnist-5k", cache_dir=tmp_path / "cache")
     assert len(splits["train"]) == 5000
-    assert "warning: could not write the dataset cache" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "warning: could not write the dataset cache" in said and "decoded" not in said
+
+
+def test_a_label_of_a_billion_is_refused_before_a_name_is_made_for_each_class(tmp_path):
+    import datasets
+
+    labels = lambda split: torch.where(torch.arange(len(split)) == 2, 10**9, split.labels)  # noqa: E731
+    as_datasets(subset(20, 20), {"image": datasets.Image(), "label": datasets.Value("int64")},
+                labels).save_to_disk(tmp_path / "disk")
+    with pytest.raises(DataError, match=f"label 1,000,000,000 in column 'label' makes 1,000,000,001 classes; "
+                                        f"mnist_dist trains on at most {data.MAX_CLASSES:,}"):
+        load_splits(str(tmp_path / "disk"), cache_dir=tmp_path / "cache", label_column="label")

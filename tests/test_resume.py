@@ -108,6 +108,7 @@ EDITS = [
     ("epoch", -1, "must be an integer >= 0"),
     ("world_size", 0, "must be an integer >= 1"),
     ("accumulation_flag", 0, "must be an integer >= 1"),
+    ("batch_size_flag", 10**7, "must be at most 1,048,576"),  # not reported as a --batch-size never given
     ("config", None, "must be an object"),
     ("train_seconds", math.nan, "must be a finite number >= 0"),
     ("epoch_loss_sums", [], "must be 1 finite numbers, one per process"),

@@ -10,6 +10,9 @@ import sys
 import time
 
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from mnist_dist import checkpoint, config, evaluate, runs
 
@@ -207,3 +210,108 @@ def test_the_root_directory_and_a_dangling_link_are_refused_as_output_dirs(tmp_p
     link.symlink_to(tmp_path / "gone")
     proc = check(train_here(*SHORT, "--output-dir", str(link)), rc=2)
     assert f"--output-dir {link}: a symbolic link to {tmp_path / 'gone'}, which does not exist" in proc.stderr
+
+
+def steps_of_checkpoints(out) -> list[int]:
+    return [checkpoint.read_state(p)["global_step"] for p in checkpoint.complete_checkpoints(out)]
+
+
+def test_a_resume_named_through_a_link_or_dots_with_overwrite_never_removes_the_checkpoint_it_resumes(tmp_path):
+    out = tmp_path / "out"
+    flags = [*SHORT, "--checkpoint-every", "1", "--keep-checkpoints", "3", "--output-dir", str(out)]
+    check(train_here(*flags))
+    uninterrupted = load_file(out / "model.safetensors")
+    link = tmp_path / "link"
+    link.symlink_to(out / "checkpoints" / "step_00000001")
+    proc = check(train_here(*flags, "--resume", str(link), "--overwrite"))
+    # taken for this run's own checkpoint: only what came after it goes (before: checkpoints/ and all)
+    assert ("resuming from step 1: removing checkpoints/step_00000002, checkpoints/step_00000003, results.json"
+            in proc.stdout)
+    assert steps_of_checkpoints(out) == [1, 2, 3]
+    resumed = load_file(out / "model.safetensors")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    dotted = out / "checkpoints" / ".." / "checkpoints" / "step_00000002"
+    proc = check(train_here(*flags, "--resume", str(dotted), "--overwrite"))
+    assert "resuming from step 2: removing checkpoints/step_00000003, results.json" in proc.stdout
+    assert steps_of_checkpoints(out) == [1, 2, 3]
+
+
+def test_a_best_model_of_the_wrong_shape_in_a_checkpoint_is_refused_before_best_is_written(tmp_path):
+    out = tmp_path / "out"
+    flags = [*SHORT[:-4], "--report-to", "none", "--val-fraction", "0.1", "--eval-every", "1",
+             "--checkpoint-every", "2", "--output-dir", str(out)]
+    check(train_here(*flags, "--max-steps", "4"))
+    copy = out / "checkpoints" / "step_00000004" / checkpoint.BEST_IN_CHECKPOINT
+    with safe_open(copy, "pt") as f:  # valid metadata, other shapes
+        metadata = f.metadata()
+    save_file({"fc1.weight": torch.zeros(3, 784), "fc1.bias": torch.zeros(3), "fc2.weight": torch.zeros(10, 3),
+               "fc2.bias": torch.zeros(10)}, copy, metadata=metadata)
+    before = snapshot(out)
+    proc = check(train_here(*flags, "--max-steps", "6", "--resume", str(copy.parent)), rc=2)
+    assert f"{copy}: not this model's weights: fc1.bias is [3] float32, the model's is [256] float32" in proc.stderr
+    assert snapshot(out) == before  # best/ above all
+    # found by --resume auto, the damaged checkpoint is skipped as any other
+    proc = check(train_here(*flags, "--max-steps", "6", "--resume", "auto"))
+    assert f"warning: skipping {copy.parent}: {copy}: not this model's weights" in proc.stdout
+    assert "resuming from" in proc.stdout and "step_00000002" in proc.stdout
+    assert results(out)["steps"] == 6
+    check(in_process(evaluate.main, "--model", str(out / "best"), "--cpu"))
+
+
+def test_results_json_out_of_step_with_its_model_is_never_reported_and_its_checkpoint_is_kept(tmp_path):
+    out = tmp_path / "out"
+    flags = [*SHORT[:3], "--report-to", "none", "--checkpoint-every", "1", "--keep-checkpoints", "1",
+             "--output-dir", str(out)]
+    check(train_here(*flags, "--max-steps", "3"))
+    (out / "results.json.tmp").mkdir()  # writing results.json fails after the 5-step model is written
+    proc = check(train_here(*flags, "--max-steps", "5", "--resume", "auto"), rc=1)
+    assert "could not write" in proc.stderr
+    assert results(out)["steps"] == 3 and steps_of_checkpoints(out) == [3, 5]  # the reported run's checkpoint stays
+    proc = check(train_here(*flags, "--max-steps", "3", "--resume", "auto"), rc=2)
+    assert f"{out / 'results.json'}: describes another model than {out / 'model.safetensors'}" in proc.stdout
+    assert "holds a finished run" not in proc.stdout and "has already taken 5" in proc.stderr
+    (out / "results.json.tmp").rmdir()
+    check(train_here(*flags, "--max-steps", "5", "--resume", "auto"))
+    assert results(out)["steps"] == 5 and steps_of_checkpoints(out) == [5]
+    assert results(out)["model_sha256"] == runs.weights_sha256(out / "model.safetensors")
+    proc = check(train_here(*flags, "--max-steps", "5", "--resume", "auto"))
+    assert "holds a finished run (5 steps" in proc.stdout
+
+
+def test_an_output_dir_inside_a_file_names_the_file(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    proc = check(train_here(*SHORT, "--output-dir", str(afile / "sub")), rc=2)
+    assert f"--output-dir {afile / 'sub'}: {afile} is a file, so no directory can be made inside it" in proc.stderr
+
+
+def test_an_empty_metrics_log_left_by_a_start_up_stop_does_not_make_the_same_command_a_refusal(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")
+    check(train_here(*SHORT, "--output-dir", str(out)))
+    assert results(out)["steps"] == 3
+
+
+def test_a_non_finite_final_evaluation_is_an_error_naming_it_before_anything_is_written(tmp_path, monkeypatch):
+    from mnist_dist import selection
+
+    evaluate_shard = selection.evaluate_shard  # the device path's evaluation: its outputs overflow
+    monkeypatch.setattr(selection, "evaluate_shard", lambda *args: {**evaluate_shard(*args), "loss": float("inf")})
+    out = tmp_path / "out"
+    proc = check(train_here(*SHORT, "--output-dir", str(out)), rc=1)
+    assert "evaluating on the test split gave a non-finite loss (inf)" in proc.stderr and "JSON" not in proc.stderr
+    assert not any((out / name).exists() for name in ("model.safetensors", "results.json", "confusion_matrix.png"))
+
+
+def test_a_directory_made_unwritable_mid_run_keeps_the_error_that_ended_it(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = runs.RunLock(out).acquire()
+
+    def refused(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(out), "unlink", refused)
+    lock.release()  # no PermissionError chained onto the error that ended the run
+    assert not lock.lock.is_locked

@@ -336,3 +336,32 @@ def test_profile_into_a_file_is_refused_naming_the_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--dataset", "mnist-5k", "--profile", str(tmp_path / "f")])
     assert "--profile=" in capsys.readouterr().err
+
+
+def test_more_threads_than_allowed_cores_are_capped_with_a_message(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cpu_threads(TrainConfig(cpu_threads=10_000)) == (2, "--cpu-threads 10000, capped at the 2 allowed cores")
+    monkeypatch.setenv("OMP_NUM_THREADS", "64")
+    assert cpu_threads(TrainConfig()) == (2, "OMP_NUM_THREADS 64, capped at the 2 allowed cores")
+
+
+def test_without_a_reproducible_blas_the_default_does_not_follow_the_load(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval, percpu: [100.0] * 4)  # all busy: not asked
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("MKL_CBWR", "AUTO")  # MKL's default rounding: the bits follow the thread count
+    threads, why = cpu_threads(TrainConfig())
+    assert threads == 2 and "not by load" in why
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert core_watch(TrainConfig(), torch.device("cpu")) is None  # no re-choice by load either
+    monkeypatch.setenv("MKL_CBWR", "AUTO,STRICT")
+    assert cpu_threads(TrainConfig())[0] == 1  # by load: every core busy
+
+
+def test_a_profile_directory_holding_an_earlier_profile_is_refused_unless_replaced(tmp_path, capsys):
+    (tmp_path / "trace.json").write_text("{}")
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--profile", str(tmp_path)])
+    assert stopped.value.code == 2 and "holds an earlier profile (trace.json)" in capsys.readouterr().err
+    assert parse_args(["--profile", str(tmp_path), "--overwrite"]).profile == str(tmp_path)

@@ -2,7 +2,7 @@
 steps (between two checks) begins, STOP_IN=stretch:N, as its Nth batch begins (with accumulation, inside
 an optimizer step), STOP_IN=batch:N, as its Nth evaluation begins, STOP_IN=evaluation:N, as its Nth
 checkpoint is about to be saved, STOP_IN=checkpoint:N, or its outputs written, STOP_IN=outputs:1.
-STOP_SIGNAL names another signal (SIGKILL)."""
+STOP_SIGNAL names another signal (SIGKILL), or several sent one after the other (SIGINT,SIGINT)."""
 
 import os
 import signal
@@ -19,7 +19,8 @@ def stop_on_nth_call(real):
         global calls
         calls += 1
         if calls == int(NTH):
-            os.kill(os.getpid(), getattr(signal, os.environ.get("STOP_SIGNAL", "SIGUSR1")))
+            for name in os.environ.get("STOP_SIGNAL", "SIGUSR1").split(","):
+                os.kill(os.getpid(), getattr(signal, name))  # handled before the next is sent
         return real(*args, **kwargs)
     return call
 
