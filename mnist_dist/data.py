@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import struct
 import zlib
@@ -514,12 +515,20 @@ def indices_digest(indices: torch.Tensor) -> str:
 def train_loader(train: Split, batch_size: int, num_workers: int = 0, seed: int = 0) -> DataLoader:
     """A shuffling DataLoader over uint8 tensors; pixels are normalized later, on the device (4x less to copy)."""
     return DataLoader(TensorDataset(train.images, train.labels), batch_size=batch_size, shuffle=True,
-                      generator=torch.Generator().manual_seed(seed), num_workers=num_workers)
+                      generator=torch.Generator().manual_seed(seed), num_workers=num_workers,
+                      worker_init_fn=ignore_ctrl_c)
 
 
 def eval_loader(split: Split, batch_size: int, num_workers: int = 0) -> DataLoader:
     """A DataLoader over an evaluation split (test, validation), in order."""
-    return DataLoader(TensorDataset(split.images, split.labels), batch_size=batch_size, num_workers=num_workers)
+    return DataLoader(TensorDataset(split.images, split.labels), batch_size=batch_size, num_workers=num_workers,
+                      worker_init_fn=ignore_ctrl_c)
+
+
+def ignore_ctrl_c(worker_id: int) -> None:
+    """A loader worker leaves Ctrl-C (sent to the terminal's whole process group) to the training process,
+    which stops at its next check: a worker that died of it would end the run with an error instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -31,11 +31,13 @@ stop_signals: list[int] = []  # the signals forwarded so far
 
 def forward_stop(signum, frame) -> None:
     """Pass the stop to every training process; the launcher's thread then sees them end. Ctrl-C and
-    SIGHUP (a closed terminal, sent on as SIGTERM) stop them with a checkpoint too; a second Ctrl-C
-    ends them at once."""
+    SIGHUP (a closed terminal) stop them with a checkpoint too, sent on as SIGTERM; a second Ctrl-C ends
+    them at once."""
     workers = psutil.Process().children()
     if not workers:
-        sys.exit(128 + signum)  # still at the rendezvous: nothing started, nothing saved
+        if not stop_signals:
+            sys.exit(128 + signum)  # still at the rendezvous: nothing started, nothing saved
+        return  # the workers have stopped: their status stands
     if signum == signal.SIGINT and signal.SIGINT in stop_signals:  # a second Ctrl-C: stop now
         for worker in workers:
             worker.kill()
@@ -43,10 +45,12 @@ def forward_stop(signum, frame) -> None:
                     b"the newest checkpoint\n")
         os._exit(128 + signal.SIGINT)
     stop_signals.append(signum)
+    # Ctrl-C and SIGHUP go on as SIGTERM: a worker still starting, before its handlers, ends quietly
+    sent = signum if signum in (signal.SIGTERM, signal.SIGUSR1) else signal.SIGTERM
     for worker in workers:
-        worker.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
-    print(f"mnist_dist.launch: {signal.Signals(signum).name} sent to {len(workers)} training process(es); "
-          "they stop at their next check with a checkpoint", file=sys.stderr, flush=True)
+        worker.send_signal(sent)
+    print(f"mnist_dist.launch: {signal.Signals(signum).name} sent on as {signal.Signals(sent).name} to {len(workers)} "
+          "training process(es); they stop at their next check with a checkpoint", file=sys.stderr, flush=True)
 
 
 def exit_status(codes: list[int]) -> int:

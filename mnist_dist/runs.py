@@ -80,8 +80,8 @@ def claim(cfg: TrainConfig) -> Plan:
         if decided.get("resume_from") and metrics.exists() and not metrics.is_file():
             raise RunDirError(f"{metrics}: not a file, so the run's log cannot go on in it; move it away, or start "
                               "over with --overwrite")
-        kept = results is not None and "results.json" not in decided.get("remove", [])
-        return Plan(str(output_dir), lock, **decided, reported_step=results["steps"] if kept else None)
+        kept = "results.json" not in decided.get("remove", [])
+        return Plan(str(output_dir), lock, **decided, reported_step=reported_step(output_dir) if kept else None)
     except BaseException:
         lock.release()
         raise
@@ -217,6 +217,8 @@ def clear(plan: Plan) -> None:
             path.unlink()
     if plan.new:
         point_latest_at(output_dir)
+    elif LATEST.is_symlink() and Path(os.readlink(LATEST)).name != output_dir.name:
+        print(f"mnist_dist: {LATEST} still points at {os.readlink(LATEST)}: it follows the runs without --output-dir")
 
 
 def finished_results(results: dict | None, cfg: TrainConfig) -> dict | None:
@@ -242,6 +244,16 @@ def read_results(output_dir: Path) -> dict | None:
         print(f"mnist_dist: warning: skipping {err}; the run counts as unfinished")
         return None
     return results
+
+
+def reported_step(output_dir: Path) -> int | None:
+    """The step results.json in `output_dir` reports, also where it no longer matches the model files (a
+    resume that went on was stopped): the checkpoint of that step is spared until new outputs exist."""
+    try:
+        steps = read_json(output_dir / RESULTS_NAME).get("steps")
+    except (OSError, UnreadableFile, AttributeError):
+        return None
+    return steps if type(steps) is int else None
 
 
 def check_results(results, path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import checkpoint, data
 from .data import VALIDATION, Split
+from .distributed import threads_for_rows
 from .evaluation import evaluate, evaluate_shard
 from .model import WEIGHTS_NAME, build_model
 
@@ -32,6 +33,9 @@ class Scorer:
                  stats: tuple[float, float]):
         self.accelerator, self.stats = accelerator, stats
         rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+        # the fewest rows a process's batch of each split has (a short last one), for `threads_for_rows`
+        self.fewest_rows = {name: (len(split) % (batch_size * world)) // world or batch_size
+                            for name, split in splits.items()}
         self.batches = {
             name: accelerator.prepare(data.eval_loader(split, batch_size, num_workers)) if data_path == "dataloader"
             else data.eval_shard(split, batch_size, rank, world, device)
@@ -41,10 +45,11 @@ class Scorer:
     def score(self, model, split: str) -> dict:
         """Accuracy, loss, per-class accuracy and confusion matrix of `model` on `split`, all processes."""
         batches = self.batches[split]
-        if isinstance(batches, list):
-            metrics = evaluate_shard(model, batches, self.stats, self.sum_over_processes)
-        else:
-            metrics = evaluate(model, batches, gather=self.accelerator.gather_for_metrics, normalization=self.stats)
+        with threads_for_rows(self.fewest_rows[split], self.accelerator.device):  # the same bits at any thread count
+            if isinstance(batches, list):
+                metrics = evaluate_shard(model, batches, self.stats, self.sum_over_processes)
+            else:
+                metrics = evaluate(model, batches, gather=self.accelerator.gather_for_metrics, normalization=self.stats)
         if not math.isfinite(metrics["loss"]):  # before it reaches a history, a checkpoint or results.json
             raise EvaluationError(f"evaluating on the {split} split gave a non-finite loss ({metrics['loss']}): the "
                                   "model's outputs overflow. Lower --lr, or resume an earlier checkpoint")

@@ -26,6 +26,7 @@ class StopSignals:
 
     def __init__(self):
         self.received: int | None = None
+        self._interrupted = False  # a Ctrl-C came
         self._previous = {}
         self._entered = 0
         self._launcher = os.getppid() if "LOCAL_RANK" in os.environ else None
@@ -46,17 +47,20 @@ class StopSignals:
         self._previous = {}
 
     def ignore_from_now(self) -> None:
-        """Once the exit status is decided: further stop signals change nothing. (Python's shutdown puts
-        its handlers back to the default, which would let a late SIGTERM kill a process that saved its
-        checkpoint with status 143; an ignored signal it leaves ignored.)"""
+        """Once the exit status is decided: further SIGTERM and SIGUSR1 change nothing. (Python's shutdown
+        puts its handlers back to the default, which would let a late SIGTERM kill a process that saved its
+        checkpoint with status 143; an ignored signal it leaves ignored.) Ctrl-C still ends a hung exit."""
         for sig in self.SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
+            if sig != signal.SIGINT:
+                signal.signal(sig, signal.SIG_IGN)
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.received and self._launcher is None:
-            os.write(2, b"\nmnist_dist: second Ctrl-C: stopped at once; --resume auto continues from the newest "
-                        b"checkpoint\n")
-            os._exit(128 + signal.SIGINT)
+        if signum == signal.SIGINT:
+            if self._interrupted and self._launcher is None:
+                os.write(2, b"\nmnist_dist: second Ctrl-C: stopped at once; --resume auto continues from the newest "
+                            b"checkpoint\n")
+                os._exit(128 + signal.SIGINT)
+            self._interrupted = True
         self.received = self.received or signum
 
     def reason(self) -> str | None:

@@ -5,6 +5,7 @@ W&B run per launch), plus OUTPUT_DIR/metrics.jsonl whatever the tracker: one JSO
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -192,10 +193,13 @@ def read_records(path: Path) -> list[dict]:
     that cannot be read at all is an error naming it."""
     if not path.is_file():
         raise ConfigError(f"{path}: not a file; move it away, or start over with --overwrite")
-    records, skipped = [], []
+    records, skipped, number = [], [], 0
     with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
+        while line := f.readline(MAX_LINE_BYTES + 1):  # a line of a gigabyte is never held whole
+            number += 1
             if len(line) > MAX_LINE_BYTES:
+                while line and not line.endswith(b"\n"):  # the rest of the overlong line
+                    line = f.readline(MAX_LINE_BYTES)
                 skipped.append(number)
                 continue
             try:
@@ -203,7 +207,7 @@ def read_records(path: Path) -> list[dict]:
             except UnreadableFile:
                 skipped.append(number)
                 continue
-            if isinstance(record, dict) and type(record.get("step")) is int and record["step"] >= 0:
+            if is_record(record):
                 records.append(record)
             else:
                 skipped.append(number)
@@ -211,3 +215,9 @@ def read_records(path: Path) -> list[dict]:
         print(f"mnist_dist: warning: {path}: skipping {len(skipped)} damaged line(s) ({', '.join(map(str, skipped[:5]))}"
               f"{', ...' if len(skipped) > 5 else ''})")
     return records
+
+
+def is_record(record) -> bool:
+    """A metrics.jsonl record as `MetricsLog.write` writes it: a step >= 0 and finite numbers."""
+    numbers = all(type(v) in (int, float) and math.isfinite(v) for v in record.values()) if isinstance(record, dict) else False
+    return numbers and type(record.get("step")) is int and record["step"] >= 0

@@ -662,9 +662,12 @@ def checkpoint_due(state: TrainState, cfg: TrainConfig, steps_per_epoch: int, to
 
 
 def non_finite_message(step: int, epoch: int, output_dir: str) -> str:
-    saved = checkpoint.complete_checkpoints(output_dir)
-    where = (f"the checkpoints in {checkpoint.checkpoints_root(output_dir)} hold the last good state (step "
-             f"{checkpoint.read_state(saved[-1])['global_step']})" if saved else "no checkpoint was saved before it")
+    try:
+        saved = checkpoint.complete_checkpoints(output_dir)[-1:]
+        where = (f"the checkpoints in {checkpoint.checkpoints_root(output_dir)} hold the last good state (step "
+                 f"{checkpoint.read_state(saved[0])['global_step']})" if saved else "no checkpoint was saved before it")
+    except CheckpointError:
+        where = f"see {checkpoint.checkpoints_root(output_dir)} for the last good state"
     return (f"non-finite training loss or gradients at step {step} (epoch {epoch + 1}); the weights are those "
             f"of step {step - 1}, nothing after it was applied or saved. Lower --lr or try --mixed-precision no; "
             f"{where}.")

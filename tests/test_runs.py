@@ -230,7 +230,7 @@ def test_a_resume_named_through_a_link_or_dots_with_overwrite_never_removes_the_
     assert steps_of_checkpoints(out) == [1, 2, 3]
     resumed = load_file(out / "model.safetensors")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
-    dotted = out / "checkpoints" / ".." / "checkpoints" / "step_00000002"
+    dotted = out / "checkpoints" / "step_00000002" / ".." / "step_00000002"  # parent.parent is not the run
     proc = check(train_here(*flags, "--resume", str(dotted), "--overwrite"))
     assert "resuming from step 2: removing checkpoints/step_00000003, results.json" in proc.stdout
     assert steps_of_checkpoints(out) == [1, 2, 3]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -365,3 +366,17 @@ def test_a_profile_directory_holding_an_earlier_profile_is_refused_unless_replac
         parse_args(["--profile", str(tmp_path)])
     assert stopped.value.code == 2 and "holds an earlier profile (trace.json)" in capsys.readouterr().err
     assert parse_args(["--profile", str(tmp_path), "--overwrite"]).profile == str(tmp_path)
+
+
+def test_a_ctrl_c_after_sigterm_is_a_stop_request_and_only_a_second_ctrl_c_ends_at_once(monkeypatch):
+    from mnist_dist.stopping import StopSignals
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    with StopSignals() as signals:
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGINT)  # the first Ctrl-C: as SIGTERM
+        assert signals.reason() == "signal SIGTERM" and exits == []
+        signal.raise_signal(signal.SIGINT)  # the second: at once
+        assert exits == [128 + signal.SIGINT]
