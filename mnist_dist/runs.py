@@ -73,7 +73,7 @@ def claim(cfg: TrainConfig) -> Plan:
     output_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(output_dir, made).acquire()
     try:
-        results = read_results(output_dir)  # once: a damaged one is skipped with one warning
+        results, reported = read_results(output_dir)  # once: a damaged one is skipped with one warning
         decided = what_to_do(cfg, output_dir, resume_path, results)
         check_keeps_resumed(output_dir, decided)
         metrics = output_dir / "metrics.jsonl"  # a resume reads and extends it
@@ -81,7 +81,7 @@ def claim(cfg: TrainConfig) -> Plan:
             raise RunDirError(f"{metrics}: not a file, so the run's log cannot go on in it; move it away, or start "
                               "over with --overwrite")
         kept = "results.json" not in decided.get("remove", [])
-        return Plan(str(output_dir), lock, **decided, reported_step=reported_step(output_dir) if kept else None)
+        return Plan(str(output_dir), lock, **decided, reported_step=reported if kept else None)
     except BaseException:
         lock.release()
         raise
@@ -231,29 +231,27 @@ def finished_results(results: dict | None, cfg: TrainConfig) -> dict | None:
     return results if results["steps"] >= wanted or stopped_early(results) else None  # more steps: no change
 
 
-def read_results(output_dir: Path) -> dict | None:
-    """results.json in `output_dir`, checked (`check_results`), or None where there is none. One that fails is
-    skipped with a warning: the run is not finished, and a resume writes its outputs again."""
+def read_results(output_dir: Path) -> tuple[dict | None, int | None]:
+    """results.json in `output_dir`, checked (`check_results`), or None where there is none; and the step it
+    reports, also where it no longer matches the model files (a resume that went on was stopped): the
+    checkpoint of that step is spared until new outputs exist. One that fails the check is skipped with a
+    warning: the run is not finished, and a resume writes its outputs again."""
     path = output_dir / RESULTS_NAME
     try:
         results = read_json(path)
-        check_results(results, path)
     except FileNotFoundError:
-        return None
+        return None, None
     except UnreadableFile as err:
         print(f"mnist_dist: warning: skipping {err}; the run counts as unfinished")
-        return None
-    return results
-
-
-def reported_step(output_dir: Path) -> int | None:
-    """The step results.json in `output_dir` reports, also where it no longer matches the model files (a
-    resume that went on was stopped): the checkpoint of that step is spared until new outputs exist."""
+        return None, None
+    steps = results.get("steps") if isinstance(results, dict) else None
+    reported = steps if type(steps) is int else None
     try:
-        steps = read_json(output_dir / RESULTS_NAME).get("steps")
-    except (OSError, UnreadableFile, AttributeError):
-        return None
-    return steps if type(steps) is int else None
+        check_results(results, path)
+    except UnreadableFile as err:
+        print(f"mnist_dist: warning: skipping {err}; the run counts as unfinished")
+        return None, reported
+    return results, reported
 
 
 def check_results(results, path: Path) -> None:

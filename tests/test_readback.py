@@ -152,13 +152,14 @@ def test_predict_refuses_nan_weights_duplicate_class_names_and_a_directory_for_a
 def test_a_best_model_out_of_step_with_results_json_makes_the_run_unfinished(run_copy, capsys):
     from mnist_dist import runs
 
-    assert runs.read_results(run_copy)["best"]["model_sha256"]  # in step as written
+    assert runs.read_results(run_copy)[0]["best"]["model_sha256"]  # in step as written
     best = run_copy / "best" / "model.safetensors"
     with safe_open(best, "pt") as f:
         metadata = f.metadata()
     weights = load_file(best)
     weights["fc2.bias"] += 1  # a later best, written by a resume that was stopped before its results.json
     save_file(weights, best, metadata=metadata)
-    assert runs.read_results(run_copy) is None
+    results, reported = runs.read_results(run_copy)
+    assert results is None
     assert f"describes another model than {best}" in capsys.readouterr().out
-    assert runs.reported_step(run_copy) == 4  # its checkpoint is still spared
+    assert reported == 4  # its checkpoint is still spared
