@@ -18,7 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mnist_dist.graphs import EpochGraph
 from mnist_dist.model import MLP
-from mnist_dist.train import EagerSteps, NonFiniteGuard, TrainConfig, make_optimizer
+from mnist_dist.config import TrainConfig
+from mnist_dist.steps import EagerSteps, NonFiniteGuard, make_optimizer
 
 NO_KERNEL = {"aten.view", "aten.slice", "aten.select", "aten.t", "aten.detach", "aten.split", "aten.alias",
              "aten._unsafe_view", "aten.expand", "aten.as_strided", "aten.unsqueeze", "aten.squeeze"}
@@ -57,7 +58,8 @@ def main() -> None:
             runner = EpochGraph(model, optimizer, guard, images, labels, 128, 0, capture=False)
         else:
             batches = [(images[i:i + 128], labels[i:i + 128]) for i in range(0, 1280, 128)]
-            runner = EagerSteps(accelerator, model, optimizer, None, guard, batches, TrainConfig(), 1280, (0.0, 1.0))
+            runner = EagerSteps(accelerator, model, optimizer, scheduler=None, guard=guard, batches=batches,
+                                cfg=TrainConfig(), train_len=1280, stats=(0.0, 1.0))
             runner.epoch_batches = iter(batches)
         if path == "graph":
             runner.begin_epoch(0)

@@ -21,10 +21,10 @@ import time
 import torch
 from accelerate import Accelerator
 
-from mnist_dist import data, graphs
+from mnist_dist import data, graphs, sources
 from mnist_dist.graphs import EpochGraph
 from mnist_dist.model import MLP
-from mnist_dist.train import NonFiniteGuard, make_optimizer
+from mnist_dist.steps import NonFiniteGuard, make_optimizer
 
 
 def variant(args, accelerator, inputs, labels, name, views=True, tf32=False, bf16=False, compiled=False,
@@ -97,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    train = data.load_splits(args.dataset, args.data_dir)["train"]
+    train = sources.load_splits(args.dataset, args.data_dir)["train"]
     inputs, labels = data.normalize(train.images.to(accelerator.device)), train.labels.to(accelerator.device)
     common = (args, accelerator, inputs, labels)
     variant(*common, "finite check and fused Adam on whole tensors", views=False, profile=args.profile)

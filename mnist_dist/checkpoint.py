@@ -11,7 +11,6 @@ never from a name, and loads every file before it trusts a checkpoint.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -21,33 +20,15 @@ from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import MAX_BATCH, NOT_INHERITED, ConfigError, TrainConfig, flags
+from . import train_state
 from .distributed import any_process
 from .model import CONFIG_NAME, WEIGHTS_NAME
-from .readback import UnreadableFile, parse_json, read_json, shown
+from .readback import UnreadableFile, parse_json, shown
+from .train_state import STATE_FORMAT, STATE_NAME, CheckpointError, is_count, is_number
 
-STATE_NAME = "training_state.json"
-STATE_FORMAT = 3
-# what every training_state.json holds besides TrainState's fields
-STATE_KEYS = ("format", "global_step", "world_size", "global_batch_size", "batch_size_flag", "config", "run_id", "data")
-# TrainState's fields, checked before any is used (`check_state`)
-STATE_FIELDS = ("epoch", "batch_in_epoch", "samples_seen", "epoch_samples", "window_samples", "train_seconds",
-                "seconds_to_first_step", "history", "epoch_loss_sums", "window_loss_sums")
-HISTORY_NUMBERS = ("train_loss", "seconds", "eval_seconds")
 BEST_DIR = "best"  # OUTPUT_DIR/best: the model of the best validation accuracy (--keep-best)
 BEST_IN_CHECKPOINT = "best.safetensors"  # a checkpoint's copy of best/model.safetensors as it was then
 BEST_KEY = "mnist_dist_best"  # best/model.safetensors' metadata: {"step", "val_accuracy"} as JSON
-# config fields that shape the trajectory: a resumed run must use the same values
-# (the batch: the global batch must match, see `batch_for_world`)
-MUST_MATCH = ("dataset", "hidden_size", "lr", "seed", "mixed_precision", "schedule", "warmup_fraction",
-              "label_smoothing", "normalization", "optimizer", "weight_decay", "max_grad_norm", "val_fraction",
-              "early_stopping_min_delta")
-# a schedule is laid out over all steps: the run's length must not change under it
-MUST_MATCH_SCHEDULED = ("epochs", "max_steps")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from; the message names the directory."""
 
 
 class DiskError(OSError):
@@ -175,22 +156,7 @@ def read_state(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"--resume {path}: no such checkpoint directory")
-    state_file = path / STATE_NAME
-    try:
-        state = read_json(state_file)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: incomplete checkpoint (no {STATE_NAME})") from None
-    except UnreadableFile as err:
-        raise CheckpointError(f"damaged checkpoint: {err}") from None
-    if not isinstance(state, dict) or "format" not in state:
-        raise CheckpointError(f"{state_file}: not a mnist_dist training state")
-    if state["format"] != STATE_FORMAT:
-        raise CheckpointError(f"{state_file}: written by another version of mnist_dist (format {shown(state['format'])}; "
-                              f"this one reads format {STATE_FORMAT}); resume it with that version")
-    missing = [key for key in STATE_KEYS if key not in state]
-    if missing:
-        raise CheckpointError(f"{state_file}: damaged, it lacks {', '.join(missing)}")
-    check_state(state, state_file)
+    state = train_state.read(path / STATE_NAME)
     needed = ["model.safetensors", "optimizer.bin"] + [f"random_states_{r}.pkl" for r in range(state["world_size"])]
     if state.get("best_step") is not None and state["config"].get("keep_best") is not False:  # --keep-best's copy
         needed.append(BEST_IN_CHECKPOINT)
@@ -198,122 +164,6 @@ def read_state(path: str | Path) -> dict:
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
     return state
-
-
-def check_state(state: dict, file: Path) -> None:
-    """Refuse a training state with a field of the wrong type, out of range or at odds with the others,
-    naming the file and the field: nothing in it is used before it has passed."""
-    missing = [key for key in STATE_FIELDS if key not in state]
-    if missing:
-        raise CheckpointError(f"{file.parent}: {STATE_NAME} of this checkpoint lacks {', '.join(missing)}")
-
-    def need(ok: bool, key: str, what: str) -> None:
-        if not ok:
-            raise CheckpointError(f"{file}: damaged, field {key!r} ({shown(state.get(key))}) {what}")
-
-    for key in ("global_step", "world_size", "global_batch_size", "batch_size_flag"):
-        need(_count(state[key], 1), key, "must be an integer >= 1")
-    need(_count(state.get("accumulation_flag", 1), 1), "accumulation_flag", "must be an integer >= 1")
-    need(_count(state.get("window_norm_steps", 0), 0), "window_norm_steps", "must be an integer >= 0")
-    need(_number(state.get("window_norm_sum", 0.0), 0), "window_norm_sum", "must be a finite number >= 0")
-    for key in ("epoch", "batch_in_epoch", "samples_seen", "epoch_samples", "window_samples"):
-        need(_count(state[key], 0), key, "must be an integer >= 0")
-    for key in ("train_seconds", "seconds_to_first_step"):
-        need(_number(state[key], 0) or (state[key] is None and key != "train_seconds"), key, "must be a finite number >= 0")
-    for key in ("epoch_loss_sums", "window_loss_sums"):  # one per process that saved the checkpoint
-        sums = state[key]
-        need(isinstance(sums, list) and len(sums) == state["world_size"] and all(_number(x) for x in sums), key,
-             f"must be {state['world_size']} finite numbers, one per process")
-    need(isinstance(state["run_id"], str) and bool(state["run_id"]), "run_id", "must be a non-empty string")
-    need(isinstance(state["data"], dict) and all(isinstance(state["data"].get(s), dict) and _count(
-        state["data"][s].get("samples"), 1) for s in ("train", "test")), "data", "must give each split's samples")
-    need(isinstance(state["config"], dict), "config", "must be an object")
-    try:
-        # where the run was and what to do with it are never taken from a checkpoint (a --profile
-        # directory may since have become a file): not checked either
-        config = TrainConfig(**{f.name: state["config"][f.name] for f in flags()
-                                if f.name in state["config"] and f.name not in NOT_INHERITED})
-        config.validate()
-    except ConfigError as err:
-        raise CheckpointError(f"{file}: damaged, field 'config': {err}") from None
-    _check_position(state, config, need)
-    _check_history(state, need)
-    _check_selection(state, need)
-    began = state["batch_size_flag"] * state.get("accumulation_flag", 1)  # of one process, when the run began
-    need(state["batch_size_flag"] <= MAX_BATCH and state["global_batch_size"] % began == 0, "batch_size_flag",
-         f"must be at most {MAX_BATCH:,}, and with accumulation_flag divide global_batch_size")
-
-
-def _check_position(state: dict, config: TrainConfig, need) -> None:
-    """The step, the position in the epoch and the sample counts agree with each other and with the config."""
-    per_epoch, train_samples = steps_per_epoch(state), state["data"]["train"]["samples"]
-    step, epoch, position = state["global_step"], state["epoch"], state["batch_in_epoch"]
-    steps = config.gradient_accumulation_steps
-    need(state["global_batch_size"] == state["world_size"] * config.batch_size * steps, "global_batch_size",
-         f"must be world_size x config.batch_size x config.gradient_accumulation_steps ({state['world_size']} x "
-         f"{config.batch_size} x {steps})")
-    # == per_epoch: stopped at an epoch's end before its evaluation
-    need(position <= per_epoch, "batch_in_epoch", f"must be at most the {per_epoch} steps of an epoch")
-    need(step == epoch * per_epoch + position, "global_step",
-         f"must be epoch x steps per epoch + batch_in_epoch ({epoch} x {per_epoch} + {position})")
-    need(step <= min(config.epochs * per_epoch, config.max_steps or math.inf), "global_step",
-         f"must be at most the steps its config asks for (--epochs {config.epochs}, --max-steps {config.max_steps})")
-    need(state["samples_seen"] == epoch * train_samples, "samples_seen", f"must be epoch x {train_samples} samples")
-    need(state["epoch_samples"] == min(position * state["global_batch_size"], train_samples), "epoch_samples",
-         "must be the samples of the epoch's steps taken")
-    need(state["window_samples"] <= step * state["global_batch_size"], "window_samples", "must be at most the samples seen")
-
-
-def _check_history(state: dict, need) -> None:
-    """One entry per evaluated epoch, numbered from 1, finite, scored on the validation split if the run has
-    one, else on the test set."""
-    history, epoch = state["history"], state["epoch"]
-    need(isinstance(history, list) and len(history) in (epoch, epoch + 1), "history",
-         f"must hold one entry per evaluated epoch ({epoch}, or {epoch + 1} after --max-steps)")
-    split = "val" if "validation" in state["data"] else "test"  # the split each epoch was scored on
-    for number, entry in enumerate(history, 1):
-        need(isinstance(entry, dict) and entry.get("epoch") == number and _count(entry.get("samples"), 0)
-             and all(_number(entry.get(k), 0) for k in (*HISTORY_NUMBERS, f"{split}_loss", f"{split}_accuracy"))
-             and entry[f"{split}_accuracy"] <= 1,
-             "history", f"entry {number} must be epoch {number} with finite losses, {split} accuracy and times")
-
-
-def _check_selection(state: dict, need) -> None:
-    """The best validation accuracy, its step, the evaluations since and the newest one (newer than format 3's
-    first checkpoints: absent means none)."""
-    best, step, last = state.get("best_val_accuracy"), state.get("best_step"), state.get("last_validation")
-    need(best is None or _number(best, 0) and best <= 1, "best_val_accuracy", "must be an accuracy from 0 to 1")
-    need((step is None) == (best is None) and (step is None or _count(step, 1) and step <= state["global_step"]),
-         "best_step", "must be the step of best_val_accuracy, at most global_step")
-    since = state.get("evals_since_best", 0)
-    need(_count(since, 0), "evals_since_best", "must be an integer >= 0")
-    stopped = state.get("stopped_early", False)
-    need(type(stopped) is bool and (not stopped or since >= 1), "stopped_early",
-         "must be true or false, and true only after an evaluation without a better accuracy")
-    # with --early-stopping-min-delta a rise smaller than it is not a new best: the best may trail by that much
-    delta = state["config"].get("early_stopping_min_delta", 0.0)
-    scored = [h.get("val_accuracy") for h in state["history"] if isinstance(h, dict)]
-    need(best is None or all(_number(a) and a <= best + delta for a in scored), "best_val_accuracy",
-         "must be at least the history's validation accuracies (less --early-stopping-min-delta)")
-    need(_number(state.get("validation_seconds", 0.0), 0), "validation_seconds", "must be a finite number >= 0")
-    need(last is None or isinstance(last, dict) and _count(last.get("step"), 1) and last["step"] <= state["global_step"]
-         and all(_number(last.get(k), 0) for k in ("accuracy", "loss")) and last["accuracy"] <= 1
-         and _count(last.get("samples"), 1) and last["step"] >= (step or 0), "last_validation",
-         "must be the step (at least best_step), accuracy, loss and samples of the newest validation")
-    need((last is None) == (best is None), "last_validation", "must be given with best_val_accuracy, and only then")
-
-
-def _count(value, least: int) -> bool:
-    return type(value) is int and value >= least
-
-
-def _number(value, least: float = -math.inf) -> bool:
-    return type(value) in (int, float) and math.isfinite(value) and value >= least
-
-
-def steps_per_epoch(state: dict) -> int:
-    """Optimizer steps in an epoch of the checkpoint's run: its training samples over its global batch."""
-    return math.ceil(state["data"]["train"]["samples"] / state["global_batch_size"])
 
 
 def check_loads(path: Path) -> None:
@@ -379,77 +229,6 @@ def resolve(resume: str | None, output_dir: str | Path) -> Path | None:
     return None
 
 
-def check_compatible(state: dict, config: dict, path: Path) -> None:
-    """Refuse to resume where the continuation could not be the same run (the batch: `batch_for_world`)."""
-    scheduled = config.get("schedule", "constant") != "constant"
-    for name in MUST_MATCH + (MUST_MATCH_SCHEDULED if scheduled else ()):
-        # a flag newer than the checkpoint: the run was trained with its default
-        was = state["config"].get(name, getattr(TrainConfig, name, None))
-        if was != config.get(name):
-            flag = "--" + name.replace("_", "-")
-            raise CheckpointError(
-                f"{flag}={config.get(name)!r}, but {path} was trained with {was!r}; "
-                f"resume with the same value"
-            )
-
-
-def began_with(state: dict | None, cfg: TrainConfig) -> dict:
-    """The per-process batch and accumulation steps the run began with, which each of its checkpoints
-    keeps: a requeued job's unchanged command line gives them again, whatever the world size is now.
-    (accumulation_flag is newer than batch_size_flag: an older checkpoint's run accumulated nothing.)"""
-    if state is None:
-        return {"batch_size_flag": cfg.batch_size, "accumulation_flag": cfg.gradient_accumulation_steps}
-    return {"batch_size_flag": state["batch_size_flag"], "accumulation_flag": state.get("accumulation_flag", 1)}
-
-
-def batch_for_world(state: dict, cfg: TrainConfig, world: int, path: Path) -> tuple[int, int]:
-    """(per-process batch, accumulation steps) that keep the checkpoint's global batch on `world` processes:
-    the same samples in each optimizer step, in the same order, whatever the world size. A --batch-size or
-    --gradient-accumulation-steps other than the run began with must make the global batch exactly; else
-    each process takes the largest batch up to the one the run began with (its memory) that the global
-    batch allows, and accumulates the rest."""
-    global_batch, began = state["global_batch_size"], began_with(state, cfg)
-    b, n, given = cfg.batch_size, cfg.gradient_accumulation_steps, cfg.given_fields()
-    b_new = "batch_size" in given and b != began["batch_size_flag"]
-    n_new = "gradient_accumulation_steps" in given and n != began["accumulation_flag"]
-    if global_batch % world:
-        was_steps = state["config"].get("gradient_accumulation_steps", 1)
-        fits = [k for k in range(1, global_batch + 1) if global_batch % k == 0]
-        raise CheckpointError(
-            f"{path} was trained with a global batch of {global_batch} ({state['world_size']} processes x "
-            f"{state['config']['batch_size']}{f' x {was_steps}' if was_steps > 1 else ''}); {world} processes "
-            f"cannot split it evenly. Resume on a number of processes that divides it: "
-            f"{', '.join(map(str, fits[:12]))}{', ...' if len(fits) > 12 else ''}")
-    per_process = global_batch // world
-    cuts = [(k, per_process // k) for k in range(per_process, 0, -1) if per_process % k == 0]  # largest batch first
-    if not (b_new or n_new):
-        return next((k, m) for k, m in cuts if k <= began["batch_size_flag"])
-    fit = [(k, m) for k, m in cuts if (k == b or not b_new) and (m == n or not n_new)]
-    if fit:
-        return fit[0]
-    named = " ".join(f"--{name.replace('_', '-')}={value}" for name, value, new in
-                     (("batch_size", b, b_new), ("gradient_accumulation_steps", n, n_new)) if new)
-    options = "; ".join(f"--batch-size {k} --gradient-accumulation-steps {m}" for k, m in cuts[:6])
-    raise CheckpointError(
-        f"{named} on {world} process(es) cannot make the global batch of {global_batch} that {path} was trained "
-        f"with; resume with one of: {options}"
-        f"{'; ...' if len(cuts) > 6 else ''}")
-
-
-def check_data(state: dict, data: dict, config: dict, path: Path) -> None:
-    """Refuse to resume on other data than the checkpoint's (`data.fingerprint` of both)."""
-    if state["data"] != data:
-        was = state["config"]
-        raise CheckpointError(
-            f"{path} was trained on other data: --dataset {was.get('dataset')} --data-dir {was.get('data_dir')} gave "
-            f"{_describe(state['data'])}, this run's --dataset {config['dataset']} --data-dir {config['data_dir']} "
-            f"gives {_describe(data)}; resume with the data it was trained on")
-
-
-def _describe(data: dict) -> str:
-    return " and ".join(f"{s['samples']} {name} images (sha256 {s['sha256'][:12]})" for name, s in data.items())
-
-
 def write_json(path: Path, obj: dict) -> None:
     """Write `obj` to `path` on disk for good: readers see the old file or the new one, never half of one.
     Strict JSON: a NaN or infinity raises ValueError before anything is written."""
@@ -504,7 +283,7 @@ def best_meta(path: Path) -> dict:
         raise CheckpointError(str(err)) from None
     except (SafetensorError, OSError, KeyError, ValueError) as err:
         raise CheckpointError(f"{path}: not a best model mnist_dist wrote ({type(err).__name__}: {err})") from err
-    if not (isinstance(meta, dict) and _count(meta.get("step"), 1) and _number(meta.get("val_accuracy"), 0)):
+    if not (isinstance(meta, dict) and is_count(meta.get("step"), 1) and is_number(meta.get("val_accuracy"), 0)):
         raise CheckpointError(f"{path}: damaged metadata {shown(meta)}")
     return meta
 

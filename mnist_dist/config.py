@@ -210,6 +210,10 @@ class TrainConfig:
         """The flags' values (what config.json, results.json, checkpoints and W&B record)."""
         return {f.name: getattr(self, f.name) for f in flags()}
 
+    def global_batch(self, world: int) -> int:
+        """Training samples of one optimizer step on `world` processes, all of them."""
+        return world * self.batch_size * self.gradient_accumulation_steps
+
     def given_fields(self) -> frozenset:
         """The fields this config was given: on the command line, else those that differ from the defaults."""
         if self.given is not None:

@@ -44,7 +44,7 @@ def evaluate_model(args: argparse.Namespace) -> dict:
     """Evaluate as `args` say; the main process writes the files; every process returns the report."""
     from accelerate import Accelerator
 
-    from . import data, plots
+    from . import data, plots, sources
     from .checkpoint import write_json
     from .data import DataError
     from .distributed import check_coupled
@@ -67,7 +67,7 @@ def evaluate_model(args: argparse.Namespace) -> dict:
         columns = [args.image_column or (config.get("image_column") if trained_on else None),
                    args.label_column or (config.get("label_column") if trained_on else None)]
         with accelerator.local_main_process_first():
-            test = data.load_splits(dataset, data_dir, args.cache_dir, *columns)["test"]
+            test = sources.load_splits(dataset, data_dir, args.cache_dir, *columns)["test"]
         if test.images.shape[1] != config["input_size"]:
             raise DataError(f"the test images have {test.images.shape[1]} pixels, {args.model} expects {config['input_size']}")
         if len(test.class_names) > config["num_classes"]:

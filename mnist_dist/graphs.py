@@ -9,7 +9,7 @@ Anything but a whole epoch (a resumed epoch's rest, stretches cut by --checkpoin
 same step eagerly on the same slices. Before the capture a few warm-up steps do CUDA's lazy set-up
 with every update skipped, so the first epoch is already a replay.
 
-The captured step (`graph_step`) computes what the reference step (`train.train_step`) computes, bit
+The captured step (`graph_step`) computes what the reference step (`steps.train_step`) computes, bit
 for bit when both run eagerly on the CPU (tests/test_fast_path.py), in fewer kernels and with no host
 sync; tests/test_gpu.py compares a replayed run with the device path's on a GPU. Its tricks, and the
 private torch ops they need, live in this module only.
@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
 from .clock import since_process_start
+from .config import ConfigError, TrainConfig
 from .data import epoch_order
-
-if TYPE_CHECKING:
-    from .train import NonFiniteGuard
+from .distributed import compiled_with
+from .steps import NonFiniteGuard, StepRunner
 
 # the finite check and Adam work on views of this many elements: torch's multi-tensor kernels give a
 # thread block one 65,536-element chunk, so whole tensors keep 7 of an H200's 132 multiprocessors busy
@@ -65,9 +63,9 @@ def graph_unsupported(cfg: TrainConfig, device: torch.device, world: int, precis
     return next((why for applies, why in reasons if applies), None)
 
 
-def graph_step(model, adam: torch.optim.Adam, guard: "NonFiniteGuard", inputs: torch.Tensor, labels: torch.Tensor,
+def graph_step(model, adam: torch.optim.Adam, guard: NonFiniteGuard, inputs: torch.Tensor, labels: torch.Tensor,
                scale: torch.Tensor, label_smoothing: float, unit: torch.Tensor) -> torch.Tensor:
-    """`train.train_step` for one process with fused Adam and no grad scaler, with no host sync: `scale`
+    """`steps.train_step` for one process with fused Adam and no grad scaler, with no host sync: `scale`
     (1 / real samples) and `unit` (1) are 0-d float32 tensors on the device, made before any capture.
     Returns the batch's loss sum (0-d, on the device)."""
     logits = model(inputs)
@@ -137,7 +135,7 @@ def _views(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [view for t in tensors for view in t.view(-1).split(VIEW_ELEMENTS)]
 
 
-class EpochGraph:
+class EpochGraph(StepRunner):
     """One process's training steps over a static, per-epoch shuffled copy of the training set.
     `run(0, steps)` (a whole epoch) is captured in a CUDA graph the first time, after `warm_up`, and
     replayed from then on; other stretches, and all of them with `capture=False` (the CPU, in tests),
@@ -145,7 +143,7 @@ class EpochGraph:
 
     logs_live = False  # a whole epoch is one launch: its log windows are written after it
 
-    def __init__(self, model, optimizer, guard: "NonFiniteGuard", inputs: torch.Tensor, labels: torch.Tensor,
+    def __init__(self, model, optimizer, guard: NonFiniteGuard, inputs: torch.Tensor, labels: torch.Tensor,
                  batch_size: int, seed: int, label_smoothing: float = 0.0, capture: bool = True):
         self.model, self.adam, self.guard, self.label_smoothing = model, optimizer.optimizer, guard, label_smoothing
         self.inputs, self.labels = inputs, labels  # inputs: normalized, on the device
@@ -206,3 +204,18 @@ class EpochGraph:
             loss = graph_step(self.model, self.adam, self.guard, self.shuffled_inputs[lo:hi], self.shuffled_labels[lo:hi],
                               self.scales[hi - lo], self.label_smoothing, self.unit)
             self.losses[j].copy_(loss)
+
+
+def resolve_data_path(cfg: TrainConfig, accelerator) -> str:
+    """The --data-path this run uses: 'auto' is 'graph' where it can run (one CUDA process, constant
+    schedule, precision no or bf16, no torch.compile), else 'device': the same batches as the
+    DataLoader (the reference), and faster on a CPU too (benchmarks/README.md)."""
+    why_not = graph_unsupported(cfg, accelerator.device, accelerator.num_processes, accelerator.mixed_precision,
+                                compiled_with(accelerator))
+    if cfg.data_path == "graph" and why_not:
+        raise ConfigError(f"--data-path graph {why_not}")
+    if cfg.data_path != "auto":
+        return cfg.data_path
+    if why_not is None:
+        return "graph"
+    return "device"

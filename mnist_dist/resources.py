@@ -11,6 +11,8 @@ import psutil
 import torch
 from accelerate.utils import ProfileKwargs
 
+from .steps import StepRunner
+
 # what `peak_memory_mib` measures on each kind of device, as results.json names it
 MEMORY_MEASURED = {"cuda": "torch.cuda.max_memory_allocated", "cpu": "peak resident set of the process"}
 
@@ -35,15 +37,15 @@ def model_flops_per_second(parameters: int, samples: int, seconds: float) -> flo
     return 6 * parameters * samples / seconds
 
 
-class ProfiledSteps:
-    """--profile DIR: a runner (`train.EagerSteps`, `graphs.EpochGraph`) whose stretches of steps (from
+class ProfiledSteps(StepRunner):
+    """--profile DIR: a runner (`steps.EagerSteps`, `graphs.EpochGraph`) whose stretches of steps (from
     one check to the next: --log-every steps on the eager paths, an epoch on the graph path) run under
     Accelerate's torch profiler: the first is left out (start-up; the graph path captures its epoch in
     it), the second warms the profiler up, the third alone is recorded, up to its last GPU kernel. Then
     the main process writes DIR/trace.json (a Chrome trace: chrome://tracing, Perfetto) and
     DIR/top_ops.txt (the ops by their own time)."""
 
-    def __init__(self, runner, directory: str, main: bool, device: torch.device):
+    def __init__(self, runner: StepRunner, directory: str, main: bool, device: torch.device):
         self.runner, self.device, self.stretches = runner, device, 0
         # the device's activities only: asked for CUDA's on a machine without a GPU, torch prints an error
         kwargs = ProfileKwargs(activities=["cpu", "cuda"] if device.type == "cuda" else ["cpu"],
@@ -54,8 +56,26 @@ class ProfiledSteps:
         self.outcome = {"directory": Path(directory), "main": main, "written": False}
         atexit.register(say_if_unwritten, self.outcome)
 
-    def __getattr__(self, name: str):  # losses, begin_epoch, logs_live, ...: the runner's
-        return getattr(self.runner, name)
+    @property
+    def logs_live(self) -> bool:
+        return self.runner.logs_live
+
+    @property
+    def capture_seconds(self) -> float:
+        return self.runner.capture_seconds
+
+    @property
+    def seconds_to_first_step(self) -> float | None:
+        return self.runner.seconds_to_first_step
+
+    def begin_epoch(self, epoch: int, start: int) -> None:
+        self.runner.begin_epoch(epoch, start)
+
+    def step_losses(self, start: int, stop: int) -> list[float]:
+        return self.runner.step_losses(start, stop)
+
+    def step_norms(self) -> list[float]:
+        return self.runner.step_norms()
 
     def run(self, start: int, stop: int) -> None:
         self.stretches += 1

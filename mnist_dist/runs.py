@@ -21,9 +21,10 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from . import checkpoint
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 from .model import WEIGHTS_NAME
 from .readback import UnreadableFile, read_json, shown
+from .train_state import steps_per_epoch
 
 RUNS_ROOT = Path("outputs")
 LATEST = RUNS_ROOT / "latest"
@@ -85,35 +86,6 @@ def claim(cfg: TrainConfig) -> Plan:
     except BaseException:
         lock.release()
         raise
-
-
-def continued(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
-    """`cfg` as a resume runs it: every flag not given taken from the checkpoint it resumes
-    (`TrainConfig.continued`), and what was taken. Every process calls this before the accelerator is
-    built, which needs some of them (--cpu, --mixed-precision, --timeout); it only reads."""
-    path = checkpoint_to_continue(cfg)
-    if path is None:
-        return cfg, {}
-    state = checkpoint.read_state(path)
-    # the per-process batch and steps the run began with: `checkpoint.batch_for_world` cuts the global batch from them
-    began = checkpoint.began_with(state, cfg)
-    cfg, taken = cfg.continued({**state["config"], "batch_size": began["batch_size_flag"],
-                                "gradient_accumulation_steps": began["accumulation_flag"]})
-    try:  # the flags given passed before: what fails came from the checkpoint
-        return cfg.validate(), taken
-    except ConfigError as err:
-        raise checkpoint.CheckpointError(f"{path / checkpoint.STATE_NAME}: damaged, a setting it holds fails: "
-                                         f"{err}") from None
-
-
-def checkpoint_to_continue(cfg: TrainConfig) -> Path | None:
-    """The checkpoint whose settings a resume takes: --resume CHECKPOINT, or for 'auto' the newest complete
-    one of the run (`claim` may fall back to an older one that loads: the same run, the same settings)."""
-    if cfg.resume in (None, "auto"):
-        output_dir = chosen_dir(cfg, None) if cfg.resume else None
-        found = checkpoint.complete_checkpoints(output_dir) if output_dir is not None else []
-        return found[-1] if found else None
-    return Path(cfg.resume)
 
 
 def chosen_dir(cfg: TrainConfig, resume_path: Path | None) -> Path | None:
@@ -192,7 +164,7 @@ def resume_in_place(cfg: TrainConfig, output_dir: Path, resume_path: Path, there
 def check_steps_left(cfg: TrainConfig, path: Path) -> None:
     """Refuse a resume that asks for fewer steps in all than the checkpoint at `path` has taken."""
     state = checkpoint.read_state(path)
-    step, per_epoch = state["global_step"], checkpoint.steps_per_epoch(state)
+    step, per_epoch = state["global_step"], steps_per_epoch(state)
     wanted = min(cfg.epochs * per_epoch, cfg.max_steps or math.inf)
     if wanted < step:
         asks = f"--epochs {cfg.epochs}" + (f" --max-steps {cfg.max_steps}" if cfg.max_steps else "")

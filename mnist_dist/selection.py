@@ -9,14 +9,57 @@ all processes), so every process decides the same at the same step without anoth
 from __future__ import annotations
 
 import math
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint, data
+from . import checkpoint, data, sources
+from .config import ConfigError, TrainConfig
 from .data import VALIDATION, Split
 from .distributed import threads_for_rows
 from .evaluation import evaluate, evaluate_shard
 from .model import WEIGHTS_NAME, build_model
+
+
+@dataclass
+class RunData:
+    """The splits a run trains, validates and tests on, their fingerprint and the input scaling."""
+
+    train: Split
+    test: Split
+    validation: Split | None
+    validation_source: str | None  # where the validation split came from, in words
+    fingerprint: dict  # data.fingerprint: what checkpoints record and resumes check
+    stats: tuple[float, float]  # (mean, std) on the 0..1 pixel scale, saved with the model
+
+
+def load_run_data(cfg: TrainConfig, accelerator) -> RunData:
+    """The run's splits: the dataset's validation split if it has one, else --val-fraction of the training
+    split held out, else none. Refuses the model-selection flags without a validation split."""
+    with accelerator.local_main_process_first():  # one process per node decodes and caches, the others read
+        splits = sources.load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.image_column, cfg.label_column)
+    train_set, val_set, held_out, source = splits["train"], splits.get(VALIDATION), None, None
+    if val_set is not None:
+        source = f"the dataset's {VALIDATION} split" + (f"; --val-fraction {cfg.val_fraction} is not used" if cfg.val_fraction else "")
+    elif cfg.val_fraction:
+        train_set, val_set, indices = data.hold_out(train_set, cfg.val_fraction, cfg.seed)
+        held_out = {"fraction": cfg.val_fraction, "seed": cfg.seed, "indices_sha256": data.indices_digest(indices)}
+        source = f"{100 * cfg.val_fraction:g}% of the training split, each class alike, chosen by --seed {cfg.seed}"
+    check_selection_flags(cfg, val_set is not None)
+    used = {"train": train_set, "test": splits["test"], **({VALIDATION: val_set} if val_set is not None else {})}
+    stats = data.pixel_stats(train_set.images) if cfg.normalization == "dataset" else (data.MEAN, data.STD)
+    return RunData(train_set, splits["test"], val_set, source, data.fingerprint(used, held_out), stats)
+
+
+def check_selection_flags(cfg: TrainConfig, has_validation: bool) -> None:
+    """The model-selection flags choose on a validation split: refused without one."""
+    if has_validation:
+        return
+    for name, given in (("eval_every", cfg.eval_every is not None), ("keep_best", cfg.keep_best is True),
+                        ("early_stopping_patience", cfg.early_stopping_patience is not None),
+                        ("early_stopping_min_delta", cfg.early_stopping_min_delta != 0)):
+        if given:
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(cfg, name)!r}: needs a validation split, and "
+                              f"{cfg.dataset} has none; hold one out with --val-fraction (0.1, say)")
 
 
 class EvaluationError(RuntimeError):
@@ -80,16 +123,13 @@ class ModelSelection:
         inside = state.batch_in_epoch < steps_per_epoch and state.global_step < total_steps
         return self.active and bool(self.cfg.eval_every) and state.global_step % self.cfg.eval_every == 0 and inside
 
-    def validate(self, model, state, report) -> float:
-        """Score the model on the validation split at this step (once a step), log it, keep it if it is the
-        best, and note whether patience ran out. Returns the seconds it took."""
-        began = time.perf_counter()
+    def validate(self, model, state, report) -> dict:
+        """Score the model on the validation split at this step (once a step: again, the scores of the
+        first time), keep it if it is the best, and note whether patience ran out; return the scores."""
         if state.last_validation and state.last_validation["step"] == state.global_step:
-            return 0.0
+            return state.last_validation
         metrics = self.scorer.score(model, VALIDATION)
         state.validated(metrics, self.cfg.early_stopping_min_delta, self.cfg.early_stopping_patience)
-        report.log({"val/accuracy": metrics["accuracy"], "val/loss": metrics["loss"],
-                    "val/best_accuracy": state.best_val_accuracy}, state.global_step)
         if self.keep_best and state.best_step == state.global_step:
             self.best_weights = self.weights_of(model)
             self.write_best(state)
@@ -97,7 +137,7 @@ class ModelSelection:
             report.say(f"mnist_dist: stopping early at step {state.global_step}: no validation accuracy above "
                        f"{state.best_val_accuracy:.4f} (step {state.best_step}) + {self.cfg.early_stopping_min_delta:g} "
                        f"in {state.evals_since_best} evaluations (--early-stopping-patience)")
-        return time.perf_counter() - began
+        return metrics
 
     def write_best(self, state) -> None:
         """best/ from the weights kept, if any (all processes call this; the main process writes)."""
@@ -115,17 +155,12 @@ class ModelSelection:
         plain = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         return {name: t.detach().cpu().clone() for name, t in plain.state_dict().items()}
 
-    def resumed(self, model, state, resume_from: Path) -> None:
-        """Take the best model from the checkpoint resumed (checked: before anything is written); `model`
-        holds the checkpoint's weights. A run that stopped early stays stopped, as its results.json says
-        (`runs.finished_results`)."""
-        if not self.keep_best or state.best_step is None:
-            return
-        copy = resume_from / checkpoint.BEST_IN_CHECKPOINT
-        if copy.is_file() or state.best_step != state.global_step:
-            self.best_weights = checkpoint.load_best(copy, state.best_step, self.weights_of(model))
-        else:  # a checkpoint of a run without --keep-best, taken at its best step: its own weights
-            self.best_weights = self.weights_of(model)
+    def resumed(self, model, state, resumed) -> None:
+        """Take the best model from the checkpoint resumed (`resume.Resume`), checked before anything is
+        written; `model` holds the checkpoint's weights. A run that stopped early stays stopped, as its
+        results.json says (`runs.finished_results`)."""
+        if self.keep_best and state.best_step is not None:
+            self.best_weights = resumed.best_weights(state, self.weights_of(model))
 
     def results(self, model, state, splits) -> dict:
         """results.json's "validation" (the final model's) and "best" entries; the best model is scored on

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import subprocess
+import uuid
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -65,6 +66,17 @@ def run_metadata() -> dict:
         if os.environ.get(var):
             meta[var.lower()] = os.environ[var]
     return meta
+
+
+def start_run(cfg: TrainConfig, accelerator: Accelerator, config: dict, kept_id: str | None, train_len: int) -> str:
+    """Start the trackers for this run; return its id: `kept_id` (a checkpoint resumed in place keeps its
+    run's), else a new one (a checkpoint resumed into another directory starts a run of its own)."""
+    run_id = kept_id or uuid.uuid4().hex[:16]
+    world = accelerator.num_processes
+    start(accelerator, cfg, {**config, "world_size": world, "global_batch_size": cfg.global_batch(world),
+                             "train_samples": train_len, "device_type": accelerator.device.type, **run_metadata()},
+          run_id)
+    return run_id
 
 
 def start(accelerator: Accelerator, cfg: TrainConfig, config: dict, run_id: str) -> None:

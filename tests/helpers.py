@@ -15,10 +15,10 @@ from types import SimpleNamespace
 
 import torch
 
-from mnist_dist import data
+from mnist_dist import data, sources
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST_5K = data.BUNDLED_DIRS["mnist-5k"]
+MNIST_5K = sources.BUNDLED_DIRS["mnist-5k"]
 
 
 def write_idx(path: Path, tensor: torch.Tensor, compress: bool | None = None) -> Path:
@@ -34,14 +34,14 @@ def write_dataset(directory: Path, train: tuple, test: tuple, gz: bool = True) -
     """Write (images [N,28,28] or [N,784], labels [N]) train and test splits as the four IDX files."""
     directory.mkdir(parents=True, exist_ok=True)
     ext = ".gz" if gz else ""
-    for (images_name, labels_name), (images, labels) in zip(data.IDX_FILES.values(), (train, test)):
+    for (images_name, labels_name), (images, labels) in zip(sources.IDX_FILES.values(), (train, test)):
         write_idx(directory / (images_name + ext), images.reshape(-1, 28, 28))
         write_idx(directory / (labels_name + ext), labels)
     return directory
 
 
 def mnist5k() -> dict[str, data.Split]:
-    return data.load_idx(data.find_idx_files(MNIST_5K))
+    return sources.load_idx(sources.find_idx_files(MNIST_5K))
 
 
 def run(args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -15,7 +15,8 @@ from mnist_dist.config import TrainConfig, parse_args
 from mnist_dist.graphs import graph_unsupported
 from mnist_dist.model import MLP
 from mnist_dist.stopping import EXIT_PREEMPTED
-from mnist_dist.train import NonFiniteGuard, make_optimizer, train_step
+from mnist_dist.resume import Resume
+from mnist_dist.steps import NonFiniteGuard, make_optimizer, train_step
 
 from .helpers import check, launch, results, run, train_cli, train_here
 from .test_checkpoint import close_weights, same_results, stopped_in, train_cmd
@@ -127,7 +128,7 @@ def test_a_resume_whose_batches_cannot_make_the_global_batch_is_refused_listing_
     def cut(world, *flags):
         cfg = TrainConfig(given=frozenset(f.split("=")[0] for f in flags),
                           **{f.split("=")[0]: int(f.split("=")[1]) for f in flags})
-        return checkpoint.batch_for_world(state, cfg, world, tmp_path)
+        return Resume(tmp_path, state).batch_for_world(cfg, world)
 
     assert cut(1) == (128, 4)  # the batch the run began with, the steps to make up the rest
     assert cut(2, "batch_size=128") == (128, 2)  # a requeued job's command line, unchanged: the same

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from mnist_dist import checkpoint
 from mnist_dist.config import TrainConfig, parse_args
+from mnist_dist.resume import Resume
 from mnist_dist.stopping import EXIT_PREEMPTED
 
 from .helpers import (REPO, _free_port, check, launch, mnist5k, results, run, train_cli, train_here, unmeasured,
@@ -538,22 +539,22 @@ def same_losses(resumed: dict, ref: dict) -> None:
 def test_a_resume_with_another_optimizer_or_weight_decay_is_refused_and_an_older_checkpoint_counts_as_adam(tmp_path):
     config = {**parse_args(["--dataset", "mnist-5k"]).to_dict()}
     older = {"config": {k: v for k, v in config.items() if k not in ("optimizer", "weight_decay")}}
-    checkpoint.check_compatible(older, config, tmp_path)  # trained before the flags existed: plain Adam
+    Resume(tmp_path, older).check_compatible(config)  # trained before the flags existed: plain Adam
     with pytest.raises(checkpoint.CheckpointError, match="--optimizer='adamw', but .* was trained with 'adam'"):
-        checkpoint.check_compatible(older, {**config, "optimizer": "adamw"}, tmp_path)
+        Resume(tmp_path, older).check_compatible({**config, "optimizer": "adamw"})
     with pytest.raises(checkpoint.CheckpointError, match="--weight-decay=0.1, but .* was trained with 0.0"):
-        checkpoint.check_compatible({"config": config}, {**config, "weight_decay": 0.1}, tmp_path)
+        Resume(tmp_path, {"config": config}).check_compatible({**config, "weight_decay": 0.1})
 
 
 def test_the_batch_flag_a_run_began_with_keeps_working_after_it_resumed_on_another_world_size(tmp_path):
     # began on 2 processes x 128, resumed on 1 x 256 (before accumulation): requeued again, the same command resumes
     state = {"world_size": 1, "global_batch_size": 256, "batch_size_flag": 128, "config": {"batch_size": 256}}
     given = TrainConfig(batch_size=128, given=frozenset())  # the batch the run began with, not given again
-    assert checkpoint.batch_for_world(state, given, 1, tmp_path) == (128, 2)  # its batch kept, 2 steps accumulated
-    assert checkpoint.batch_for_world(state, given, 4, tmp_path) == (64, 1)  # 4 x 128 is past 256
+    assert Resume(tmp_path, state).batch_for_world(given, 1) == (128, 2)  # its batch kept, 2 steps accumulated
+    assert Resume(tmp_path, state).batch_for_world(given, 4) == (64, 1)  # 4 x 128 is past 256
     flag = TrainConfig(batch_size=64, given=frozenset({"batch_size"}))
-    assert checkpoint.batch_for_world(state, flag, 4, tmp_path) == (64, 1)  # global / world, said explicitly
-    assert checkpoint.batch_for_world(state, flag, 1, tmp_path) == (64, 4)
+    assert Resume(tmp_path, state).batch_for_world(flag, 4) == (64, 1)  # global / world, said explicitly
+    assert Resume(tmp_path, state).batch_for_world(flag, 1) == (64, 4)
 
 
 @pytest.mark.parametrize("world", [1, 3])

@@ -12,8 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mnist_dist import data
-from mnist_dist.data import DataError, find_idx_files, load_splits, read_idx
+from mnist_dist import data, sources
+from mnist_dist.data import DataError
+from mnist_dist.sources import find_idx_files, load_splits, read_idx
 
 from .helpers import REPO, check, mnist5k, results, run, train_cli, write_dataset, write_idx
 
@@ -55,7 +56,7 @@ def test_fashion_mnist_from_the_debian_package_loads():
         if os.environ.get("CI"):
             pytest.fail(f"{FASHION_DIR} missing: .ci/run installs the Debian package dataset-fashion-mnist")
         pytest.skip("apt-get install dataset-fashion-mnist to run this test")
-    splits = data.load_idx(find_idx_files(FASHION_DIR))
+    splits = sources.load_idx(find_idx_files(FASHION_DIR))
     assert len(splits["train"]) == 60000 and len(splits["test"]) == 10000
     assert torch.bincount(splits["test"].labels).tolist() == [1000] * 10
 
@@ -68,7 +69,7 @@ def test_idx_files_of_a_known_dataset_under_another_name_are_refused(tmp_path):
                                         r"not mnist's: pass --dataset fashion_mnist"):
         load_splits("mnist", data_dir=str(FASHION_DIR), cache_dir=cache)  # it would be labelled with digits
     assert load_splits("fashion_mnist", data_dir=str(FASHION_DIR), cache_dir=cache)["test"].class_names[0] == "T-shirt/top"
-    mnist_dir = str(data.BUNDLED_DIRS["mnist-5k"])  # its test set is MNIST's own
+    mnist_dir = str(sources.BUNDLED_DIRS["mnist-5k"])  # its test set is MNIST's own
     with pytest.raises(DataError, match="holds mnist's test set"):
         load_splits("fashion_mnist", data_dir=mnist_dir, cache_dir=cache)
     assert len(load_splits("mnist", data_dir=mnist_dir, cache_dir=cache)["train"]) == 5000
@@ -109,7 +110,7 @@ def test_image_label_count_mismatch_is_refused(tmp_path):
     write_dataset(tmp_path, train, test)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", test[1][:-1])
     with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz.*20 images but 19 labels"):
-        data.load_idx(find_idx_files(tmp_path))
+        sources.load_idx(find_idx_files(tmp_path))
 
 
 def test_label_outside_0_to_9_is_refused(tmp_path):
@@ -118,7 +119,7 @@ def test_label_outside_0_to_9_is_refused(tmp_path):
     labels[7] = 10
     write_dataset(tmp_path, (train[0], labels), test)
     with pytest.raises(DataError, match=r"train-images.*label 10 at index 7 is outside 0-9"):
-        data.load_idx(find_idx_files(tmp_path))
+        sources.load_idx(find_idx_files(tmp_path))
 
 
 def test_missing_file_is_named(tmp_path):
@@ -163,7 +164,7 @@ def test_cached_load_returns_the_decoded_tensors(tmp_path):
 def test_cache_is_read_not_rebuilt(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     load_splits("mnist-5k", cache_dir=cache)
-    monkeypatch.setattr(data, "load_idx", lambda files: pytest.fail("decoded again despite the cache"))
+    monkeypatch.setattr(sources, "load_idx", lambda files: pytest.fail("decoded again despite the cache"))
     assert len(load_splits("mnist-5k", cache_dir=cache)["train"]) == 5000
 
 
@@ -305,7 +306,7 @@ def test_images_stored_as_arrays_are_read_as_well(tmp_path):
 
 def load_in_subprocess(dataset: str, env: dict) -> subprocess.CompletedProcess:
     """load_splits in a fresh interpreter, so that the Hub settings in `env` are the ones huggingface_hub reads."""
-    probe = ("import sys, time\nfrom mnist_dist.data import DataError, load_splits\nbegan = time.perf_counter()\n"
+    probe = ("import sys, time\nfrom mnist_dist.data import DataError\nfrom mnist_dist.sources import load_splits\nbegan = time.perf_counter()\n"
              "try:\n    print('samples', len(load_splits(sys.argv[1])['train']))\n"
              "except DataError as err:\n    print(err)\nprint('seconds', time.perf_counter() - began)\n")
     return check(run([sys.executable, "-c", probe, dataset], env=env))
@@ -365,7 +366,7 @@ def write_gzip_bomb(path: Path, images: int, extra_gib: int) -> Path:
 def test_a_gzip_that_inflates_past_its_header_is_refused_in_bounded_memory(tmp_path):
     bomb = write_gzip_bomb(tmp_path / "train-images-idx3-ubyte.gz", 60000, 3)
     assert bomb.stat().st_size < 20 * 2**20
-    probe = ("import resource, sys\nfrom mnist_dist.data import DataError, read_idx\n"
+    probe = ("import resource, sys\nfrom mnist_dist.data import DataError\nfrom mnist_dist.sources import read_idx\n"
              "try:\n    read_idx(sys.argv[1], 3)\nexcept DataError as err:\n    print(err)\n"
              "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
     proc = check(run([sys.executable, "-c", probe, str(bomb)]))
@@ -458,9 +459,9 @@ def test_an_empty_test_split_is_refused_by_name(tmp_path):
 
 
 def test_a_dataset_of_more_classes_than_the_bound_is_refused_before_training(tmp_path):
-    many = data.MAX_CLASSES + 1
-    with pytest.raises(DataError, match=f"{many:,} classes; mnist_dist trains on at most {data.MAX_CLASSES:,}"):
-        data.check_split(torch.zeros(2, 28, 28, dtype=torch.uint8), torch.tensor([0, many - 1]), "source",
+    many = sources.MAX_CLASSES + 1
+    with pytest.raises(DataError, match=f"{many:,} classes; mnist_dist trains on at most {sources.MAX_CLASSES:,}"):
+        sources.check_split(torch.zeros(2, 28, 28, dtype=torch.uint8), torch.tensor([0, many - 1]), "source",
                          tuple(map(str, range(many))))
 
 
@@ -470,7 +471,7 @@ def test_a_cache_directory_that_cannot_be_written_is_a_warning_and_the_data_stil
     def refuse(*args, **kwargs):  # what safetensors raises in a read-only directory, even for root
         raise SafetensorError("Error while serializing: I/O error: Read-only file system (os error 30)")
 
-    monkeypatch.setattr(data, "save_file", refuse)
+    monkeypatch.setattr(sources, "save_file", refuse)
     splits = load_splits("mnist-5k", cache_dir=tmp_path / "cache")
     assert len(splits["train"]) == 5000
     said = capsys.readouterr().out
@@ -484,5 +485,5 @@ def test_a_label_of_a_billion_is_refused_before_a_name_is_made_for_each_class(tm
     as_datasets(subset(20, 20), {"image": datasets.Image(), "label": datasets.Value("int64")},
                 labels).save_to_disk(tmp_path / "disk")
     with pytest.raises(DataError, match=f"label 1,000,000,000 in column 'label' makes 1,000,000,001 classes; "
-                                        f"mnist_dist trains on at most {data.MAX_CLASSES:,}"):
+                                        f"mnist_dist trains on at most {sources.MAX_CLASSES:,}"):
         load_splits(str(tmp_path / "disk"), cache_dir=tmp_path / "cache", label_column="label")

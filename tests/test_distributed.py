@@ -122,7 +122,7 @@ def test_three_process_accuracy_counts_each_of_1001_test_images_once(tmp_path, s
     assert r["world_size"] == 3 and r["test_samples"] == 1001
     # the saved model, evaluated in one process, gives the accuracy the 3 processes reported
     model, _ = load_model(out)
-    from mnist_dist.data import find_idx_files, load_idx
+    from mnist_dist.sources import find_idx_files, load_idx
 
     test = load_idx(find_idx_files(small_subset))["test"]
     expected = evaluate(model, [(test.images, test.labels)])

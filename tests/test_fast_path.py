@@ -14,7 +14,7 @@ from mnist_dist.data import DeviceBatches, Split, normalize
 from mnist_dist.distributed import agree_to_stop
 from mnist_dist.graphs import EpochGraph, graph_step, graph_unsupported
 from mnist_dist.model import MLP
-from mnist_dist.train import NonFiniteGuard, make_optimizer, train_step
+from mnist_dist.steps import NonFiniteGuard, make_optimizer, train_step
 
 from .helpers import check, launch, mnist5k, results, train_cli
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from mnist_dist import checkpoint, data
 from mnist_dist.config import TrainConfig, parse_args
+from mnist_dist.resume import Resume
 from mnist_dist.evaluation import evaluate
 from mnist_dist.graphs import graph_unsupported
 from mnist_dist.model import load_model
@@ -90,9 +91,9 @@ def test_bad_model_selection_flags_are_refused_naming_the_flag(tmp_path, capsys)
 def test_a_resume_with_another_validation_fraction_is_refused(tmp_path):
     config = parse_args(["--dataset", "mnist-5k"]).to_dict()
     older = {"config": {k: v for k, v in config.items() if k != "val_fraction"}}
-    checkpoint.check_compatible(older, config, tmp_path)  # trained before the flag existed: no validation split
+    Resume(tmp_path, older).check_compatible(config)  # trained before the flag existed: no validation split
     with pytest.raises(checkpoint.CheckpointError, match="--val-fraction=0.1, but .* was trained with 0.0"):
-        checkpoint.check_compatible(older, {**config, "val_fraction": 0.1}, tmp_path)
+        Resume(tmp_path, older).check_compatible({**config, "val_fraction": 0.1})
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import json
 import sys
 from pathlib import Path
 
-from mnist_dist import config, train
+from mnist_dist import config, reporting, train
 
 OUT = Path(sys.argv[1])
-results_of = train.results_of
+results_of = reporting.results_of
 
 
 def noted(cfg, accelerator, state, *args, **kwargs):
@@ -18,5 +18,5 @@ def noted(cfg, accelerator, state, *args, **kwargs):
     return results_of(cfg, accelerator, state, *args, **kwargs)
 
 
-train.results_of = noted
+reporting.results_of = noted
 sys.exit(train.main(config.parse_args(sys.argv[2:])))

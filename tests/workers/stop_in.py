@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from mnist_dist import checkpoint, config, train
+from mnist_dist import checkpoint, config, reporting, selection, steps, train
 
 WHERE, NTH = os.environ["STOP_IN"].split(":")
 calls = 0
@@ -26,13 +26,13 @@ def stop_on_nth_call(real):
 
 
 if WHERE == "stretch":
-    train.EagerSteps.run = stop_on_nth_call(train.EagerSteps.run)
+    steps.EagerSteps.run = stop_on_nth_call(steps.EagerSteps.run)
 elif WHERE == "batch":
-    train.train_step = stop_on_nth_call(train.train_step)
+    steps.train_step = stop_on_nth_call(steps.train_step)
 elif WHERE == "checkpoint":  # the Nth checkpoint, before it is written
     checkpoint.save = stop_on_nth_call(checkpoint.save)
 elif WHERE == "outputs":  # the outputs of a finished run, before they are written
-    train.write_outputs = stop_on_nth_call(train.write_outputs)
+    reporting.write_outputs = stop_on_nth_call(reporting.write_outputs)
 else:
-    train.Scorer.score = stop_on_nth_call(train.Scorer.score)
+    selection.Scorer.score = stop_on_nth_call(selection.Scorer.score)
 sys.exit(train.main(config.parse_args(sys.argv[1:])))

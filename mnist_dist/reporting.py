@@ -1,0 +1,251 @@
+"""What a run tells people and keeps: the progress bar and the lines it says, the trackers and
+metrics.jsonl (`Reporter`), and at the end results.json, the model and its pictures (`write_outputs`).
+
+Only the main process says or writes anything; collectives (the loss sums, each process's peak memory)
+are taken by every process.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from tqdm.auto import tqdm
+
+from . import checkpoint, runs, tracking
+from .checkpoint import CheckpointError, DiskError
+from .config import TrainConfig
+from .distributed import any_process, compiled_with, per_process, threads_from, threads_reproducible
+from .model import CONFIG_NAME, MLP, WEIGHTS_NAME, model_config, parameter_count
+from .resources import MEMORY_MEASURED, model_flops_per_second, peak_memory_mib
+from .selection import RunData
+from .resume import Resume
+from .train_state import TrainState
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a stalled peer); the message names the step."""
+
+
+class Reporter:
+    """What the main process tells people and trackers: a progress bar at a terminal, one line per
+    epoch, Accelerate's trackers and metrics.jsonl. The other processes stay quiet."""
+
+    def __init__(self, accelerator, output_dir: str, total_steps: int, resumed_at: int | None):
+        self.accelerator, self.main = accelerator, accelerator.is_main_process
+        self.metrics_log = tracking.MetricsLog(output_dir, self.main, resumed_at)
+        if resumed_at is not None:
+            tracking.replay(accelerator, self.metrics_log.records())
+        # the bar is for people at a terminal; batch logs (SLURM) get the one line per epoch
+        self.bar = tqdm(total=total_steps, initial=resumed_at or 0, unit="step", dynamic_ncols=True,
+                        disable=not (self.main and sys.stderr.isatty()))
+
+    def say(self, text: str) -> None:
+        if self.main:
+            self.bar.write(text)
+
+    def log(self, values: dict, step: int) -> None:
+        self.accelerator.log(values, step=step)  # main process only
+        self.metrics_log.write(step, values)
+
+    def evaluation(self, split: str, scored: dict, step: int, values: dict, line: tuple[str, str] | None = None) -> None:
+        """An evaluation of `split` at `step`: its accuracy and loss logged as {split}/accuracy and {split}/loss
+        with `values` (the epoch's, the best accuracy so far) and, given `line` (what comes before and after
+        them), said: "{before}  {split}_loss L  {split}_accuracy A  {after}"."""
+        self.log({f"{split}/accuracy": scored["accuracy"], f"{split}/loss": scored["loss"], **values}, step)
+        if line:
+            before, after = line
+            self.say(f"{before}  {split}_loss {scored['loss']:.4f}  {split}_accuracy {scored['accuracy']:.4f}  {after}")
+
+    def advance(self, steps: int) -> None:
+        self.bar.update(steps)
+
+    def log_windows(self, windows: list, state: TrainState, optimizer, steps_per_epoch: int, seconds: float) -> None:
+        """Log the --log-every windows just closed (`TrainState.add_steps`): loss over every process, and
+        the mean gradient norm (the same on every process: gradients are all-reduced before it)."""
+        if not windows:
+            return
+        mine = torch.tensor([w[1] for w in windows], dtype=torch.float32, device=self.accelerator.device)
+        totals = self.accelerator.reduce(mine, reduction="sum").tolist()
+        rate = (state.samples_seen + state.epoch_samples) / (state.train_seconds + seconds)
+        for (step, _, samples, grad_norm), total in zip(windows, totals):
+            norm = {"train/grad_norm": grad_norm} if grad_norm is not None else {}
+            self.log({"train/loss": total / samples, "train/lr": optimizer.param_groups[0]["lr"],
+                      "train/samples_per_second": rate, "train/epoch": step / steps_per_epoch, **norm}, step)
+        self.bar.set_postfix(loss=f"{totals[-1] / windows[-1][2]:.4f}", samples_s=f"{rate:,.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def results_of(cfg: TrainConfig, accelerator, state: TrainState, metrics: dict, *, timings: dict, data_path: str,
+               splits: RunData, model_cfg: dict, total_steps: int) -> dict:
+    """results.json: the run's final test metrics, its history and what it ran on (a collective: each
+    process's peak memory). Every test_* number is the final model's; the history's per-epoch numbers are
+    the validation split's (val_*) where there is one, else the test set's (test_*)."""
+    world, train_len, stats = accelerator.num_processes, len(splits.train), splits.stats
+    reason = "early_stopping" if state.stopped_early else "max_steps" if cfg.max_steps == total_steps else "epochs"
+    samples_seen = state.samples_seen + state.epoch_samples  # epoch_samples: a cut-short epoch's
+    peak_memory = per_process(accelerator, peak_memory_mib(accelerator.device))  # MiB, by rank
+    return {
+        "dataset": cfg.dataset, "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"],
+        "test_samples": metrics["samples"], "stopped": {"reason": reason, "step": state.global_step},
+        "train_samples": train_len, "epochs": len(state.history), "steps": state.global_step,
+        "samples_seen": samples_seen, "world_size": world, "per_process_batch_size": cfg.batch_size,
+        "global_batch_size": cfg.global_batch(world), "mixed_precision": accelerator.mixed_precision,
+        "torch_compile": compiled_with(accelerator),  # Accelerate's dynamo_backend, lower case; "no" when off
+        "data_path": data_path,  # resolved: --data-path auto picks one
+        "device_type": accelerator.device.type, "train_seconds": state.train_seconds,
+        "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
+        "cpu_threads_from": threads_from(cfg) if accelerator.device.type == "cpu" else None,
+        # MKL in strict reproducibility mode: the same weights at any thread count (distributed.threads_reproducible)
+        "cpu_threads_reproducible": threads_reproducible() if accelerator.device.type == "cpu" else None,
+        "samples_per_second": samples_seen / state.train_seconds,
+        # 6 x parameters x samples / train_seconds (resources.model_flops_per_second)
+        "model_flops_per_second": model_flops_per_second(parameter_count(model_cfg), samples_seen, state.train_seconds),
+        "peak_memory_mib": peak_memory, "peak_memory_measured": MEMORY_MEASURED.get(accelerator.device.type,
+                                                                                   MEMORY_MEASURED["cpu"]),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),  # --deterministic
+        "seconds_to_first_step": state.seconds_to_first_step,
+        "timings": timings,  # this process's wall time by phase, seconds (train and eval: across resumes)
+        "normalization": {"mean": stats[0], "std": stats[1]},
+        "per_class_accuracy": dict(zip(model_cfg["class_names"], metrics["per_class_accuracy"])),
+        "confusion_matrix": metrics["confusion_matrix"],  # [true class][predicted class], counts
+        "history": state.history, "config": cfg.to_dict(),
+    }
+
+
+def write_outputs(accelerator, model, output_dir: str, results: dict, *, test_set, stats, model_cfg: dict,
+                  report: Reporter) -> None:
+    """The model, config.json, the pictures (also to the trackers) and, last, results.json, whose
+    presence marks a finished run. All processes call this; the main process writes."""
+    bad = non_finite(results)
+    if bad:  # before anything is written: results.json is strict JSON
+        raise TrainingError(f"the final evaluation gave a non-finite {bad} (the model's outputs overflow); nothing was "
+                            f"written to {output_dir}. Lower --lr, or resume an earlier checkpoint with fewer steps")
+    failure = None
+    try:
+        write_model_and_pictures(accelerator, model, Path(output_dir), results, test_set, stats, model_cfg, report)
+    # torch and safetensors report a full disk as RuntimeError too; ValueError: a non-finite number for JSON
+    except (OSError, RuntimeError, SafetensorError, ValueError) as err:
+        failure = checkpoint.write_failure(Path(output_dir), err)
+    if any_process(accelerator, failure is not None):  # the main process writes; every process stops alike
+        raise DiskError(failure or f"the main process could not write the outputs to {output_dir}")
+
+
+def non_finite(value, name: str = "") -> str | None:
+    """The name of the first NaN or infinite number in `value` (nested dicts and lists), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else name or "number"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next((bad for key, item in items if (bad := non_finite(item, f"{name}.{key}" if name else str(key)))), None)
+
+
+def write_model_and_pictures(accelerator, model, output_dir: Path, results: dict, test_set, stats, model_cfg: dict,
+                             report: Reporter) -> None:
+    """`write_outputs` without the translation of a full disk into an error."""
+    began = time.perf_counter()
+    accelerator.wait_for_everyone()
+    # the plain module, never its torch.compile wrapper: that one's weights are saved as "_orig_mod.fc1.weight"
+    # (pytorch/pytorch#101107), and unwrapping it while keeping the wrapper puts the bare module inside it
+    plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    accelerator.save_model(plain_model, output_dir)  # model.safetensors, written by the main process
+    if not accelerator.is_main_process:
+        return
+    checkpoint.write_json(output_dir / CONFIG_NAME, model_cfg)
+    from . import plots  # matplotlib and torchvision: about 1 s of start-up that only the main process needs, at the end
+
+    epochs = results["epochs"]
+    title = f"{results['dataset']}, {epochs} epoch{'s' if epochs != 1 else ''}, recipe {results['config']['recipe']}"
+    pictures = {"training_curves": plots.training_curves(results["history"], output_dir / "training_curves.png",
+                                                         title, results["config"]["label_smoothing"]),
+                **plots.test_pictures(output_dir, results["confusion_matrix"], model_cfg["class_names"], plain_model,
+                                      test_set, stats, title)}
+    tracking.log_images(accelerator, pictures, results["steps"])
+    results["timings"]["outputs"] = time.perf_counter() - began  # model file, pictures, W&B images
+    # last, naming the model files it describes: a kill before it leaves the earlier results.json, which
+    # `runs.check_results` then finds out of step with them
+    results["model_sha256"] = runs.weights_sha256(output_dir / WEIGHTS_NAME)
+    if results.get("best", {}).get("model_dir"):
+        results["best"]["model_sha256"] = runs.weights_sha256(output_dir / checkpoint.BEST_DIR / WEIGHTS_NAME)
+    checkpoint.write_json(output_dir / runs.RESULTS_NAME, results)
+    checkpoint.rotate_after_outputs(output_dir, results["config"]["keep_checkpoints"])  # a spared one may go now
+    report.say(f"mnist_dist: test_accuracy {results['test_accuracy']:.4f}; wrote {output_dir}/results.json and "
+               f"{', '.join(p.name for p in pictures.values())}")
+
+
+def saved_model_config(model: MLP, cfg: TrainConfig, stats: tuple[float, float], class_names) -> dict:
+    """config.json, saved beside every model: what rebuilds it, how its inputs are scaled, and its test set."""
+    return model_config(
+        model, normalization={"mean": stats[0], "std": stats[1], "pixel_scale": 255}, dataset=cfg.dataset,
+        data_dir=str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
+        image_column=cfg.image_column, label_column=cfg.label_column, class_names=list(class_names),
+    )
+
+
+def run_summary(results: dict) -> dict:
+    """The W&B run summary: the final test accuracy and, with a validation split, the best model's."""
+    best = results.get("best") or {}
+    return {"final_test_accuracy": results["test_accuracy"], "stopped": results["stopped"]["reason"],
+            **({"best_val_accuracy": best["val_accuracy"], "best_step": best["step"]} if best else {}),
+            **({"best_model_test_accuracy": best["test_accuracy"]} if "test_accuracy" in best else {})}
+
+
+def as_flags(values: dict) -> str:
+    """{"dataset": "mnist-5k", "cpu": True} -> "--dataset mnist-5k --cpu", as on a command line."""
+    flags = [f"--{'' if value else 'no-'}{name}" if isinstance(value, bool) else f"--{name} {value}"
+             for name, value in ((name.replace("_", "-"), value) for name, value in values.items())]
+    return " ".join(flags)
+
+
+def banner(cfg: TrainConfig, accelerator, config: dict, splits: RunData, data_path: str, resumed: Resume | None,
+           state: TrainState) -> str:
+    """What this run is, said just before it trains; a resumed run on another world size says so too."""
+    world, n = accelerator.num_processes, cfg.gradient_accumulation_steps
+    saved = resumed and resumed.state
+    val = f" / {len(splits.validation)} validation ({splits.validation_source})" if splits.validation else ""
+    text = (f"mnist_dist: {len(splits.train)} train{val} / {len(splits.test)} test samples, {world} process(es) on "
+            f"{accelerator.device.type}, global batch {cfg.global_batch(world)}"
+            + (f" ({world} x {cfg.batch_size} x {n} accumulated)" if n > 1 else "")
+            + f", precision {accelerator.mixed_precision}, "
+            + (f"torch.compile {config['torch_compile']}, " if config["torch_compile"] != "no" else "")
+            + f"data path {data_path}; {cfg.output_dir}"
+            + (f", resuming from {resumed.path} (step {state.global_step})" if resumed else ""))
+    was_n = saved["config"].get("gradient_accumulation_steps", 1) if saved else n
+    if saved and saved["world_size"] != world:
+        was = f"{saved['global_batch_size'] // saved['world_size'] // was_n}" + (f" x {was_n}" if was_n > 1 else "")
+        text += (f"\nmnist_dist: the world size changed from {saved['world_size']} to {world}: each process now takes "
+                 + (f"{cfg.batch_size} samples per " + ("step" if n == 1 else f"batch, {n} batches per step"))
+                 + f" (was {was}), so the global batch ({cfg.global_batch(world)}), the data order and the "
+                 "trajectory stay the same, up to the order in which floating-point sums are added")
+    return text
+
+
+def say_finished(accelerator, plan: runs.Plan) -> dict:
+    """--resume auto on a finished run: say so (main process), change nothing, return its results."""
+    results = plan.finished
+    early = runs.stopped_early(results)
+    if accelerator.is_main_process:
+        further = ("it stopped early (--early-stopping-patience)" if early else "to train further, raise --epochs or "
+                   "--max-steps with --resume auto (--schedule constant only: a schedule is laid over all the steps)")
+        print(f"mnist_dist: {plan.output_dir} holds a finished run ({results['steps']} steps, test accuracy "
+              f"{results['test_accuracy']:.4f}); nothing to resume. {further[0].upper()}{further[1:]}; to start "
+              "over, use --overwrite.")
+    return results
+
+
+def non_finite_message(step: int, epoch: int, output_dir: str) -> str:
+    """What a non-finite loss at `step` means, and where the last good checkpoint is."""
+    try:
+        saved = checkpoint.complete_checkpoints(output_dir)[-1:]
+        where = (f"the checkpoints in {checkpoint.checkpoints_root(output_dir)} hold the last good state (step "
+                 f"{checkpoint.read_state(saved[0])['global_step']})" if saved else "no checkpoint was saved before it")
+    except CheckpointError:
+        where = f"see {checkpoint.checkpoints_root(output_dir)} for the last good state"
+    return (f"non-finite training loss or gradients at step {step} (epoch {epoch + 1}); the weights are those "
+            f"of step {step - 1}, nothing after it was applied or saved. Lower --lr or try --mixed-precision no; "
+            f"{where}.")
