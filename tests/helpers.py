@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import io
 import json
@@ -10,10 +11,12 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from safetensors.torch import load_file
 
 from mnist_dist import data, sources
 
@@ -182,3 +185,116 @@ def read_wandb_run(run_dir: Path) -> dict:
         elif kind == "summary":
             run["summary"].update({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.summary.update})
     return run
+
+
+# ---------------------------------------------------------------- runs compared, started, stopped
+
+COMPARED = ("test_accuracy", "test_loss", "test_samples", "steps", "samples_seen", "stopped", "epochs")
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether the model.safetensors in directories `a` and `b` hold bit-identical weights."""
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
+
+
+def same_results(a, b) -> None:
+    ra, rb = results(a), results(b)
+    for key in COMPARED:
+        assert ra[key] == rb[key], key
+    for ha, hb in zip(ra["history"], rb["history"], strict=True):
+        assert (ha["train_loss"], ha["test_accuracy"], ha["test_loss"], ha["samples"]) == (
+            hb["train_loss"], hb["test_accuracy"], hb["test_loss"], hb["samples"]
+        )
+
+
+def close_weights(a, b, atol: float) -> float:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    worst = max((wa[name] - wb[name]).abs().max().item() for name in wa)
+    assert worst <= atol, f"weights differ by up to {worst}"
+    return worst
+
+
+def train_cmd(world: int, *flags: str, launcher: str = "accelerate.commands.launch") -> list[str]:
+    if world == 1:
+        return [sys.executable, "-m", "mnist_dist.train", "--cpu", *flags]
+    if launcher == "torch.distributed.run":
+        launch_flags = ["--nproc_per_node", str(world), "--master_port", str(_free_port())]
+    else:  # accelerate launch, and mnist_dist.launch, which takes its flags
+        launch_flags = ["--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"),
+                        "--num_processes", str(world), "--main_process_port", str(_free_port())]
+    return [sys.executable, "-m", launcher, *launch_flags, "-m", "mnist_dist.train", "--cpu", *flags]
+
+
+def start(world: int, *flags: str, env: dict | None = None, launcher: str = "accelerate.commands.launch"
+          ) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1", **(env or {})}
+    return subprocess.Popen(
+        train_cmd(world, *flags, launcher=launcher), cwd=REPO, env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def wait_for_checkpoint(out, min_step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = [int(p.rsplit("_", 1)[1]) for p in glob.glob(f"{out}/checkpoints/step_*") if not p.endswith(".tmp")]
+        if steps and max(steps) >= min_step:
+            return
+        assert proc.poll() is None, f"training ended early:\n{proc.communicate()[0][-3000:]}"
+        time.sleep(0.002)
+    raise AssertionError(f"no checkpoint at step >= {min_step} within {timeout} s")
+
+
+def stopped_in(where: str, *flags: str) -> subprocess.CompletedProcess:
+    """A one-process run that gets SIGUSR1 as its nth stretch of steps (between two checks) or its nth
+    evaluation begins: `where` is "stretch:n" or "evaluation:n"."""
+    return run([sys.executable, str(REPO / "tests" / "workers" / "stop_in.py"), "--cpu", *flags],
+               env={"STOP_IN": where})
+
+
+def snapshot(directory) -> dict:
+    """Every file under `directory` with its size and modification time."""
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- Hugging Face datasets
+
+
+def subset(n_train=300, n_test=200) -> dict:
+    source = mnist5k()
+    return {"train": data.Split(source["train"].images[:n_train], source["train"].labels[:n_train]),
+            "test": data.Split(source["test"].images[:n_test], source["test"].labels[:n_test])}
+
+
+def as_datasets(splits: dict, columns: dict, labels=None):
+    """`splits` as a DatasetDict with `columns` {name: feature}: each Image column gets the digits, the
+    other column the labels (`labels(split)` if given)."""
+    import datasets
+    from PIL import Image
+
+    rows = {}
+    for name, split in splits.items():
+        images = [Image.fromarray(a) for a in split.images.reshape(-1, 28, 28).numpy()]
+        values = (labels(split) if labels else split.labels).tolist()
+        rows[name] = {c: images if isinstance(f, datasets.Image) else values for c, f in columns.items()}
+    return datasets.DatasetDict({n: datasets.Dataset.from_dict(r, features=datasets.Features(columns))
+                                 for n, r in rows.items()})
+
+
+def hub_layout(directory: Path, splits: dict) -> Path:
+    """What `hf download ylecun/mnist --repo-type dataset --local-dir DIR` leaves: parquet files named by
+    split, with an Image and a ClassLabel column."""
+    import datasets
+
+    dataset = as_datasets(splits, {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(data.DIGITS))})
+    (directory / "mnist").mkdir(parents=True)
+    for name, split in dataset.items():
+        split.to_parquet(directory / "mnist" / f"{name}-00000-of-00001.parquet")
+    return directory
+
+
+def same_data(loaded: dict, expected: dict) -> bool:
+    return all(torch.equal(loaded[s].images, expected[s].images) and torch.equal(loaded[s].labels, expected[s].labels)
+               for s in ("train", "test"))

@@ -2,7 +2,6 @@
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -18,19 +17,14 @@ from mnist_dist.stopping import EXIT_PREEMPTED
 from mnist_dist.resume import Resume
 from mnist_dist.steps import NonFiniteGuard, make_optimizer, train_step
 
-from .helpers import check, launch, results, run, train_cli, train_here
-from .test_checkpoint import close_weights, same_results, stopped_in, train_cmd
+from .helpers import (check, close_weights, launch, results, run, same_results, same_weights, stopped_in, train_cli,
+    train_cmd, train_here)
 
 RUN = ["--dataset", "mnist-5k", "--epochs", "2", "--report-to", "none"]  # 40 steps of 128 an epoch, the last of 8
 
 
 def weights(output_dir):
     return load_file(output_dir / "model.safetensors")
-
-
-def same_weights(a, b) -> bool:
-    wa, wb = weights(a), weights(b)
-    return wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
 
 
 def logged(output_dir, key: str) -> dict[int, float]:

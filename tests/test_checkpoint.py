@@ -1,6 +1,5 @@
 """Checkpoints, exact resume and preemption, with real processes killed and signalled mid-run."""
 
-import glob
 import json
 import os
 import random
@@ -20,43 +19,11 @@ from mnist_dist.config import TrainConfig, parse_args
 from mnist_dist.resume import Resume
 from mnist_dist.stopping import EXIT_PREEMPTED
 
-from .helpers import (REPO, _free_port, check, launch, mnist5k, results, run, train_cli, train_here, unmeasured,
-                      write_dataset)
+from .helpers import (COMPARED, REPO, _free_port, check, close_weights, launch, mnist5k, results, run, same_results,
+    same_weights, start, stopped_in, train_cli, train_cmd, train_here, unmeasured, wait_for_checkpoint, write_dataset)
 
 pytestmark = pytest.mark.slow  # the quick loop (-m "not slow") leaves these out
 RUN = ["--dataset", "mnist-5k", "--epochs", "2", "--checkpoint-every", "7", "--seed", "5"]
-COMPARED = ("test_accuracy", "test_loss", "test_samples", "steps", "samples_seen", "stopped", "epochs")
-
-
-def train_cmd(world: int, *flags: str, launcher: str = "accelerate.commands.launch") -> list[str]:
-    if world == 1:
-        return [sys.executable, "-m", "mnist_dist.train", "--cpu", *flags]
-    if launcher == "torch.distributed.run":
-        launch_flags = ["--nproc_per_node", str(world), "--master_port", str(_free_port())]
-    else:  # accelerate launch, and mnist_dist.launch, which takes its flags
-        launch_flags = ["--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"),
-                        "--num_processes", str(world), "--main_process_port", str(_free_port())]
-    return [sys.executable, "-m", launcher, *launch_flags, "-m", "mnist_dist.train", "--cpu", *flags]
-
-
-def start(world: int, *flags: str, env: dict | None = None, launcher: str = "accelerate.commands.launch"
-          ) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1", **(env or {})}
-    return subprocess.Popen(
-        train_cmd(world, *flags, launcher=launcher), cwd=REPO, env=env, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-
-
-def wait_for_checkpoint(out, min_step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        steps = [int(p.rsplit("_", 1)[1]) for p in glob.glob(f"{out}/checkpoints/step_*") if not p.endswith(".tmp")]
-        if steps and max(steps) >= min_step:
-            return
-        assert proc.poll() is None, f"training ended early:\n{proc.communicate()[0][-3000:]}"
-        time.sleep(0.002)
-    raise AssertionError(f"no checkpoint at step >= {min_step} within {timeout} s")
 
 
 def kill_launch(proc: subprocess.Popen) -> None:
@@ -69,28 +36,11 @@ def kill_launch(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def same_weights(a, b) -> None:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert (wa[name] == wb[name]).all(), f"{name} differs"
-
-
-def same_results(a, b) -> None:
-    ra, rb = results(a), results(b)
-    for key in COMPARED:
-        assert ra[key] == rb[key], key
-    for ha, hb in zip(ra["history"], rb["history"], strict=True):
-        assert (ha["train_loss"], ha["test_accuracy"], ha["test_loss"], ha["samples"]) == (
-            hb["train_loss"], hb["test_accuracy"], hb["test_loss"], hb["samples"]
-        )
-
-
 def resume_matches(world: int, out, ref) -> subprocess.CompletedProcess:
     """`--resume auto` in `out` finishes with the weights and results of the uninterrupted `ref`."""
     proc = check(run(train_cmd(world, *RUN, "--output-dir", str(out), "--resume", "auto")))
     assert "resuming from" in proc.stdout
-    same_weights(out, ref)
+    assert same_weights(out, ref)
     same_results(out, ref)
     return proc
 
@@ -245,7 +195,7 @@ def test_torchrun_restarts_the_group_after_a_kill_9_and_the_run_resumes_by_itsel
     assert proc.returncode == 0, output[-3000:]
     assert len(re.findall(r"resuming from \S+step_000000\d\d \(step (\d+)\)", output)) == 1
     assert results(out)["world_size"] == 2
-    same_weights(out, ref)
+    assert same_weights(out, ref)
     same_results(out, ref)
 
 
@@ -368,7 +318,7 @@ def test_run_killed_mid_epoch_resumes_bit_identical(extra, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     check(run(train_cmd(1, *flags, "--output-dir", str(out), "--resume", "auto")))
-    same_weights(out, tmp_path / "reference")
+    assert same_weights(out, tmp_path / "reference")
     same_results(out, tmp_path / "reference")
 
 
@@ -378,13 +328,6 @@ def test_resume_that_would_stretch_a_schedule_is_refused(tmp_path):
     ckpt = checkpoint.complete_checkpoints(tmp_path)[-1]
     proc = check(train_here(*flags[:-4], "--max-steps", "9", "--output-dir", str(tmp_path / "o"), "--resume", str(ckpt)), rc=2)
     assert f"--max-steps=9, but {ckpt} was trained with 5" in proc.stderr
-
-
-def stopped_in(where: str, *flags: str) -> subprocess.CompletedProcess:
-    """A one-process run that gets SIGUSR1 as its nth stretch of steps (between two checks) or its nth
-    evaluation begins: `where` is "stretch:n" or "evaluation:n"."""
-    return run([sys.executable, str(REPO / "tests" / "workers" / "stop_in.py"), "--cpu", *flags],
-               env={"STOP_IN": where})
 
 
 def test_run_stopped_at_an_epoch_end_resumes_to_identical_weights(tmp_path):
@@ -398,7 +341,7 @@ def test_run_stopped_at_an_epoch_end_resumes_to_identical_weights(tmp_path):
     state = checkpoint.read_state(saved)
     assert (state["batch_in_epoch"], state["global_step"]) == (40, 120)
     check(run(train_cmd(1, *flags, "--output-dir", str(out), "--resume", "auto")))
-    same_weights(out, tmp_path / "reference")
+    assert same_weights(out, tmp_path / "reference")
     same_results(out, tmp_path / "reference")
 
 
@@ -413,7 +356,7 @@ def test_a_stop_during_an_evaluation_ends_the_run_after_it_without_another_epoch
     state = checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])
     assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (1, 0, 40)  # evaluated
     check(run(train_cmd(1, *flags, "--output-dir", str(out), "--resume", "auto")))
-    same_weights(out, tmp_path / "reference")
+    assert same_weights(out, tmp_path / "reference")
     same_results(out, tmp_path / "reference")
 
 # ---------------------------------------------------------------- damaged, re-saved, other data, full disk
@@ -435,7 +378,7 @@ def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint(finished, tmp_p
     proc = check(train_cli(*RUN, "--cpu", "--output-dir", str(out), "--resume", "auto"))  # as `finished` ran
     assert f"warning: skipping {newer}: {weights}: damaged checkpoint file" in proc.stdout
     assert f"resuming from {older}" in proc.stdout
-    same_weights(out, finished)  # the steps after the older checkpoint, taken again
+    assert same_weights(out, finished)  # the steps after the older checkpoint, taken again
 
 
 def test_damaged_random_states_are_an_error_naming_the_file(finished, tmp_path):
@@ -480,7 +423,7 @@ def test_a_resave_killed_between_its_two_renames_keeps_the_step_and_resumes_bit_
     assert killed.returncode == -signal.SIGKILL and "kill_in_resave: killed after renaming" in killed.stdout
     assert not stopped.exists() and checkpoint.complete_checkpoints(out) == [stopped.with_name(stopped.name + ".old")]
     check(run(train_cmd(1, *flags, "--output-dir", str(out), "--resume", "auto")))
-    same_weights(out, tmp_path / "reference")
+    assert same_weights(out, tmp_path / "reference")
     same_results(out, tmp_path / "reference")
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000120"]
 
@@ -521,13 +464,6 @@ def cut_on_2(tmp_path_factory):
     check(run(train_cmd(2, *RESIZE, "--output-dir", str(whole))))
     check(run(train_cmd(2, *RESIZE, "--max-steps", "30", "--output-dir", str(cut))))
     return whole, cut
-
-
-def close_weights(a, b, atol: float) -> float:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    worst = max((wa[name] - wb[name]).abs().max().item() for name in wa)
-    assert worst <= atol, f"weights differ by up to {worst}"
-    return worst
 
 
 def same_losses(resumed: dict, ref: dict) -> None:
@@ -607,11 +543,11 @@ def test_the_weights_do_not_depend_on_the_thread_count_even_across_a_kill_and_re
     check(run(train_cmd(1, *THREADED, "--data-path", "dataloader", "--cpu-threads", "2", "--output-dir", str(two))))
     assert (results(one)["cpu_threads"], results(two)["cpu_threads"]) == (1, 2)
     assert results(two)["cpu_threads_reproducible"] is True
-    same_weights(one, two)
+    assert same_weights(one, two)
     # the device path (the same batches) killed at 2 threads and resumed at 1
     flags = [*THREADED, "--data-path", "device"]
     proc = run([sys.executable, str(REPO / "tests" / "workers" / "stop_in.py"), "--cpu", *flags, "--cpu-threads", "2",
                 "--output-dir", str(cut)], env={"STOP_IN": "checkpoint:3", "STOP_SIGNAL": "SIGKILL"})
     assert proc.returncode == -signal.SIGKILL
     check(run(train_cmd(1, *flags, "--cpu-threads", "1", "--output-dir", str(cut), "--resume", "auto")))
-    same_weights(cut, one)
+    assert same_weights(cut, one)

@@ -16,7 +16,8 @@ from mnist_dist import data, sources
 from mnist_dist.data import DataError
 from mnist_dist.sources import find_idx_files, load_splits, read_idx
 
-from .helpers import REPO, check, mnist5k, results, run, train_cli, write_dataset, write_idx
+from .helpers import (REPO, as_datasets, check, hub_layout, mnist5k, results, run, same_data, subset, train_cli,
+    write_dataset, write_idx)
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -193,42 +194,6 @@ def test_unreadable_cache_file_is_rebuilt(tmp_path, capsys):
 UNREACHABLE_HUB = {"HF_HUB_OFFLINE": None, "HF_ENDPOINT": "http://127.0.0.1:9"}
 
 
-def subset(n_train=300, n_test=200) -> dict:
-    source = mnist5k()
-    return {"train": data.Split(source["train"].images[:n_train], source["train"].labels[:n_train]),
-            "test": data.Split(source["test"].images[:n_test], source["test"].labels[:n_test])}
-
-
-def as_datasets(splits: dict, columns: dict, labels=None):
-    """`splits` as a DatasetDict with `columns` {name: feature}: each Image column gets the digits, the
-    other column the labels (`labels(split)` if given)."""
-    import datasets
-    from PIL import Image
-
-    rows = {}
-    for name, split in splits.items():
-        images = [Image.fromarray(a) for a in split.images.reshape(-1, 28, 28).numpy()]
-        values = (labels(split) if labels else split.labels).tolist()
-        rows[name] = {c: images if isinstance(f, datasets.Image) else values for c, f in columns.items()}
-    return datasets.DatasetDict({n: datasets.Dataset.from_dict(r, features=datasets.Features(columns))
-                                 for n, r in rows.items()})
-
-
-def hub_layout(directory: Path, splits: dict) -> Path:
-    """What `hf download ylecun/mnist --repo-type dataset --local-dir DIR` leaves: parquet files named by
-    split, with an Image and a ClassLabel column."""
-    import datasets
-
-    dataset = as_datasets(splits, {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(data.DIGITS))})
-    (directory / "mnist").mkdir(parents=True)
-    for name, split in dataset.items():
-        split.to_parquet(directory / "mnist" / f"{name}-00000-of-00001.parquet")
-    return directory
-
-
-def same_data(loaded: dict, expected: dict) -> bool:
-    return all(torch.equal(loaded[s].images, expected[s].images) and torch.equal(loaded[s].labels, expected[s].labels)
-               for s in ("train", "test"))
 
 
 def test_a_hub_download_directory_decodes_to_the_same_pixels_and_labels(tmp_path, capsys):

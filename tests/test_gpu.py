@@ -6,7 +6,7 @@ They use `--report-to none`: what they check is the device, not the tracker.
 import pytest
 import torch
 
-from .helpers import check, launch_gpus, results, train_cli
+from .helpers import REPO, check, launch_gpus, results, same_results, same_weights, train_cli, wait_for_checkpoint
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
@@ -58,9 +58,6 @@ def test_gpu_run_stopped_by_a_signal_resumes_to_identical_weights(tmp_path):
     import subprocess
     import sys
 
-    from .helpers import REPO
-    from .test_checkpoint import same_results, same_weights, wait_for_checkpoint
-
     flags = ["--dataset", "mnist-5k", "--epochs", "2", "--checkpoint-every", "7", "--mixed-precision", "bf16", "--report-to", "none"]
     check(train_cli(*flags, "--output-dir", str(tmp_path / "reference")))
     out = tmp_path / "out"
@@ -73,7 +70,7 @@ def test_gpu_run_stopped_by_a_signal_resumes_to_identical_weights(tmp_path):
     assert proc.wait(timeout=60) == 75
     check(train_cli(*flags, "--output-dir", str(out), "--resume", "auto"))
     assert results(out)["device_type"] == "cuda"
-    same_weights(out, tmp_path / "reference")
+    assert same_weights(out, tmp_path / "reference")
     same_results(out, tmp_path / "reference")
 
 
@@ -126,8 +123,6 @@ def test_graph_run_resumed_from_a_mid_epoch_checkpoint_ends_where_the_whole_run_
 @gpu
 @pytest.mark.parametrize("accumulate", ["1", "2"])
 def test_two_deterministic_gpu_runs_of_the_device_path_end_bit_identical(accumulate, tmp_path):
-    from .test_accumulation import same_weights
-
     flags = ["--dataset", "mnist-5k", "--epochs", "2", "--data-path", "device", "--deterministic", "--report-to", "none",
              "--gradient-accumulation-steps", accumulate, "--batch-size", str(128 // int(accumulate))]
     for name in ("a", "b"):

@@ -12,9 +12,7 @@ import pytest
 from mnist_dist import checkpoint
 from mnist_dist.config import TrainConfig, parse_args
 
-from .helpers import REPO, check, results, run, train_here
-from .test_checkpoint import same_results, same_weights
-from .test_runs import snapshot as every_file
+from .helpers import REPO, check, results, run, same_results, same_weights, train_here, snapshot as every_file
 
 
 def snapshot(directory) -> dict:
@@ -49,7 +47,7 @@ def test_resume_auto_alone_continues_the_run_as_it_was_launched(whole, tmp_path)
     assert ("continuing with the checkpoint's settings for the flags not given: --dataset mnist-5k --hidden-size 32 "
             "--epochs 2 --lr 0.002 --seed 3") in proc.stdout
     assert "--cpu" in proc.stdout and "resuming from" in proc.stdout and "(step 30)" in proc.stdout
-    same_weights(out, whole)
+    assert same_weights(out, whole)
     same_results(out, whole)
     # the precision the checkpoint ran with, resolved ("no"), where the first launch left it to Accelerate (None)
     assert results(out)["config"] == {**results(whole)["config"], "output_dir": str(out), "resume": "auto",
@@ -158,7 +156,7 @@ def test_resume_auto_falls_back_past_a_hand_edited_checkpoint_with_a_warning(who
     proc = check(train_here("--resume", "auto", "--output-dir", str(out)))
     assert f"warning: skipping {out / 'checkpoints' / 'step_00000040'}" in proc.stdout
     assert "batch_in_epoch" in proc.stdout and "(step 30)" in proc.stdout
-    same_weights(out, whole)
+    assert same_weights(out, whole)
 
 
 def test_a_state_that_looped_forever_before_now_ends_and_evaluates_no_epoch_twice(whole, tmp_path):
@@ -199,7 +197,7 @@ def test_a_limit_the_run_was_launched_with_is_kept_unless_lifted_with_none(whole
     assert "holds a finished run (30 steps" in check(train_here("--resume", "auto", "--output-dir", str(out))).stdout
     check(train_here("--resume", "auto", "--output-dir", str(out), "--max-steps", "none"))
     assert results(out)["steps"] == 80 and results(out)["config"]["max_steps"] is None
-    same_weights(out, whole)
+    assert same_weights(out, whole)
 
 
 def test_a_checkpoint_whose_profile_directory_became_a_file_still_reads(whole, tmp_path):

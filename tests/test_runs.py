@@ -16,15 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from mnist_dist import checkpoint, config, evaluate, runs
 
-from .helpers import REPO, check, in_process, results, train_cli, train_here
+from .helpers import REPO, check, in_process, results, snapshot, train_cli, train_here
 
 SHORT = ["--dataset", "mnist-5k", "--cpu", "--max-steps", "3", "--report-to", "none"]
-
-
-def snapshot(directory) -> dict:
-    """Every file under `directory` with its size and modification time."""
-    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def test_a_new_run_into_the_directory_of_another_is_refused_and_changes_nothing(tmp_path):

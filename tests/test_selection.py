@@ -16,8 +16,8 @@ from mnist_dist.evaluation import evaluate
 from mnist_dist.graphs import graph_unsupported
 from mnist_dist.model import load_model
 
-from .helpers import REPO, check, launch, launch_script, mnist5k, results, run, train_cli, train_here
-from .test_data import as_datasets, subset
+from .helpers import (REPO, as_datasets, check, launch, launch_script, mnist5k, results, run, same_weights, subset,
+    train_cli, train_here)
 
 RUN = ["--dataset", "mnist-5k", "--report-to", "none", "--val-fraction", "0.1"]
 # 4,500 training samples: 36 steps an epoch; validation every 12 steps, stopped after 2 without a rise of 1%
@@ -39,11 +39,6 @@ def accuracy_on(model_dir, split: data.Split) -> float:
     model, config = load_model(model_dir)
     stats = (config["normalization"]["mean"], config["normalization"]["std"])
     return evaluate(model, [(split.images, split.labels)], normalization=stats)["accuracy"]
-
-
-def same_weights(a, b) -> bool:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    return wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
 
 
 def test_the_held_out_split_takes_the_same_share_of_each_class_chosen_by_the_seed():

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import REPO, check, results, run, train_cli
+from .helpers import REPO, check, close_weights, results, run, same_results, same_weights, train_cli, train_cmd
 from .slurm_cluster import Cluster
-from .test_checkpoint import close_weights, same_results, same_weights, train_cmd
 
 pytestmark = pytest.mark.slow  # the quick loop (-m "not slow") leaves these out
 SCRIPT = REPO / "slurm" / "train.sh"
@@ -102,7 +101,7 @@ def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(cluste
     assert state == "COMPLETED", log[-3000:]
     assert "Restarts=1" in info
     assert "USR1 received" in log and "requeueing job" in log and "resuming from" in log
-    same_weights(out, reference)
+    assert same_weights(out, reference)
     same_results(out, reference)
 
 

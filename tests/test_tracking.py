@@ -8,8 +8,8 @@ import pytest
 
 from mnist_dist import checkpoint
 
-from .helpers import check, launch, read_wandb_run, results, run, train_cli, unmeasured
-from .test_checkpoint import start, train_cmd, wait_for_checkpoint
+from .helpers import (check, launch, read_wandb_run, results, run, start, train_cli, train_cmd, unmeasured,
+    wait_for_checkpoint)
 
 pytestmark = pytest.mark.slow  # the quick loop (-m "not slow") leaves these out
 RUN = ["--dataset", "mnist-5k", "--epochs", "2", "--log-every", "10"]
