@@ -63,12 +63,13 @@ class TrainConfig:
         "auto", "'dataloader': Accelerate-prepared PyTorch DataLoaders (the reference); 'device': the dataset kept "
         "on the device as uint8 and each process's batches cut from it by index (same batches); 'graph': the "
         "device path with each whole epoch replayed from one CUDA graph (one CUDA process, constant schedule, "
-        "precision no or bf16; same batches); 'auto': graph where it can run, else device on a GPU, dataloader "
-        "on a CPU", choices=DATA_PATH_CHOICES)
+        "precision no or bf16; same batches); 'auto': graph where it can run, else device (docs/training.md)",
+        choices=DATA_PATH_CHOICES)
     val_fraction: float = _field(0.0, "fraction of the training split held out as the validation split (0..0.5; 0: "
                                  "none, train on all of it): the same samples of each class, chosen by --seed, on "
                                  "every process and resume. A dataset with a validation split uses that instead")
-    num_workers: int = _field(0, "DataLoader worker processes per training process (0: load in the main process)")
+    num_workers: int = _field(0, "DataLoader worker processes per training process, on --data-path dataloader (0: "
+                                  "load in the main process)")
     normalization: str = _field("half", "input scaling: 'half' maps pixels 0..255 to [-1, 1] (mean 0.5, std 0.5, "
                                 "as the tutorials do); 'dataset' standardizes with the training set's pixel mean "
                                 "and std (saved with the model)", choices=("half", "dataset"))
@@ -81,7 +82,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = _field(
         1, "batches each process adds the gradients of before one optimizer step (Accelerate's accumulate: one "
         "all-reduce per step); the global batch is processes x --batch-size x this")
-    eval_batch_size: int = _field(1024, "test samples per process per evaluation batch")
+    eval_batch_size: int = _field(1024, "samples per process per evaluation batch (test and validation)")
     recipe: str = _field("record", "preset for the optimisation flags: 'record' (the defaults: constant lr 1e-3) "
                          "or 'tuned' (--schedule onecycle --lr 3e-3 --warmup-fraction 0.15 --label-smoothing 0.1 "
                          "--normalization dataset); flags given explicitly override it", choices=tuple(RECIPES))
@@ -119,7 +120,8 @@ class TrainConfig:
                                  "run is deterministic without it")
     cpu: bool = _field(False, "train on the CPU even if a GPU is present (also makes `accelerate launch` use gloo)")
     cpu_threads: int | None = _field(None, "torch threads of each CPU process; default: $OMP_NUM_THREADS, else "
-                                     "its share of the allowed cores idle at start (benchmarks/README.md)")
+                                     "its share of the allowed cores idle at start; capped at the allowed cores. The weights "
+                                     "do not depend on it (docs/training.md)")
     # output
     output_dir: str | None = _field(None, "the run's directory (results.json, the model, checkpoints); one run per "
                                     "directory. Default: a new outputs/run-YYYYMMDD-HHMMSS, with outputs/latest "
@@ -147,7 +149,8 @@ class TrainConfig:
     # checkpoints
     checkpoint_every: int | None = _field(None, "optimizer steps between checkpoints, besides the one at each "
                                           "epoch end (steps); default: epoch ends only ('none' says so on a resume)")
-    keep_checkpoints: int = _field(2, "complete checkpoints to keep in OUTPUT_DIR/checkpoints (newest first)")
+    keep_checkpoints: int = _field(2, "how many of the newest complete checkpoints OUTPUT_DIR/checkpoints keeps (the "
+                                      "one behind a finished run's results.json too, until new outputs are written)")
     resume: str | None = _field(None, "'auto': the newest checkpoint of the run in --output-dir (default "
                                 "outputs/latest) that loads; a finished run is left alone, a run without "
                                 "checkpoints starts again. Or a checkpoint directory. Every flag not given is "
