@@ -120,8 +120,8 @@ class TrainConfig:
                                  "run is deterministic without it")
     cpu: bool = _field(False, "train on the CPU even if a GPU is present (also makes `accelerate launch` use gloo)")
     cpu_threads: int | None = _field(None, "torch threads of each CPU process; default: $OMP_NUM_THREADS, else "
-                                     "its share of the allowed cores idle at start; capped at the allowed cores. The weights "
-                                     "do not depend on it (docs/training.md)")
+                                     "its share of the allowed cores idle at start; capped at the allowed cores. With MKL's "
+                                     "strict mode (x86) the weights do not depend on it (docs/training.md)")
     # output
     output_dir: str | None = _field(None, "the run's directory (results.json, the model, checkpoints); one run per "
                                     "directory. Default: a new outputs/run-YYYYMMDD-HHMMSS, with outputs/latest "

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = launch_command_parser().parse_args(argv)
     if args.max_restarts:  # the agent would restart a group that a signal stopped
-        print("mnist_dist.launch: error: --max_restarts: restarts are torchrun's (see the README); "
+        print("mnist_dist.launch: error: --max_restarts: restarts are torchrun's (docs/resume.md, Fault tolerance); "
               "mnist_dist.launch stops on a signal", file=sys.stderr)
         return EXIT_USAGE
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):

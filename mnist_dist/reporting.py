@@ -52,11 +52,13 @@ class Reporter:
         self.accelerator.log(values, step=step)  # main process only
         self.metrics_log.write(step, values)
 
-    def evaluation(self, split: str, scored: dict, step: int, values: dict, line: tuple[str, str] | None = None) -> None:
+    def evaluation(self, split: str, scored: dict, step: int, values: dict, line: tuple[str, str] | None = None,
+                   logged_before: bool = False) -> None:
         """An evaluation of `split` at `step`: its accuracy and loss logged as {split}/accuracy and {split}/loss
-        with `values` (the epoch's, the best accuracy so far) and, given `line` (what comes before and after
-        them), said: "{before}  {split}_loss L  {split}_accuracy A  {after}"."""
-        self.log({f"{split}/accuracy": scored["accuracy"], f"{split}/loss": scored["loss"], **values}, step)
+        (unless `logged_before`) with `values` (the epoch's, the best accuracy so far) and, given `line` (what
+        comes before and after them), said: "{before}  {split}_loss L  {split}_accuracy A  {after}"."""
+        scores = {} if logged_before else {f"{split}/accuracy": scored["accuracy"], f"{split}/loss": scored["loss"]}
+        self.log({**scores, **values}, step)
         if line:
             before, after = line
             self.say(f"{before}  {split}_loss {scored['loss']:.4f}  {split}_accuracy {scored['accuracy']:.4f}  {after}")

@@ -33,11 +33,13 @@ class Resume:
 
     path: Path
     state: dict
+    stamp: tuple | None = None  # training_state.json's inode and time when read: whether it is still that file
 
     @classmethod
     def read(cls, path: str | Path) -> "Resume":
         """The checkpoint at `path`, its files checked to be all there (`checkpoint.read_state`)."""
-        return cls(Path(path), checkpoint.read_state(path))
+        stamp = state_stamp(Path(path))
+        return cls(Path(path), checkpoint.read_state(path), stamp)
 
     @property
     def run_id(self) -> str:
@@ -170,13 +172,23 @@ def checkpoint_to_continue(cfg: TrainConfig) -> Path | None:
 
 
 def chosen(plan: runs.Plan, read: Resume | None) -> Resume | None:
-    """The checkpoint the run's plan resumes from: the one `continued` read, unless the plan chose another
-    (an older one that loads, a path resolved), which is read now."""
+    """The checkpoint the run's plan resumes from: the one `continued` read (before the run's directory was
+    locked) if it is still that file, else the one the plan chose (an older one that loads), read now."""
     if not plan.resume_from:
         return None
-    if read is not None and read.path.resolve() == Path(plan.resume_from).resolve():
-        return replace(read, path=Path(plan.resume_from))
-    return Resume.read(plan.resume_from)
+    path = Path(plan.resume_from)
+    if read is not None and read.path.resolve() == path.resolve() and read.stamp == state_stamp(path):
+        return replace(read, path=path)
+    return Resume.read(path)
+
+
+def state_stamp(path: Path) -> tuple | None:
+    """(inode, modification time in ns) of the checkpoint's training_state.json, or None without one."""
+    try:
+        found = (path / STATE_NAME).stat()
+    except OSError:
+        return None
+    return found.st_ino, found.st_mtime_ns
 
 
 def _describe(data: dict) -> str:

@@ -123,11 +123,11 @@ class ModelSelection:
         inside = state.batch_in_epoch < steps_per_epoch and state.global_step < total_steps
         return self.active and bool(self.cfg.eval_every) and state.global_step % self.cfg.eval_every == 0 and inside
 
-    def validate(self, model, state, report) -> dict:
-        """Score the model on the validation split at this step (once a step: again, the scores of the
-        first time), keep it if it is the best, and note whether patience ran out; return the scores."""
+    def validate(self, model, state, report) -> dict | None:
+        """Score the model on the validation split at this step, keep it if it is the best, and note whether
+        patience ran out; return the scores. None: this step was validated already (`state.last_validation`)."""
         if state.last_validation and state.last_validation["step"] == state.global_step:
-            return state.last_validation
+            return None
         metrics = self.scorer.score(model, VALIDATION)
         state.validated(metrics, self.cfg.early_stopping_min_delta, self.cfg.early_stopping_patience)
         if self.keep_best and state.best_step == state.global_step:

@@ -127,7 +127,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, resumed: Resume | None, 
     if accelerator.is_main_process:  # only now: bad data, flags and checkpoints have all been refused
         runs.clear(plan)
     hosts = process_hosts(accelerator)  # to name a peer that stalls
-    run_id = tracking.start_run(cfg, accelerator, config, plan.continues and resumed.run_id, len(train_set))
+    run_id = tracking.start_run(cfg, accelerator, config, resumed.run_id if plan.continues else None, len(train_set))
     report = Reporter(accelerator, cfg.output_dir, total_steps, state.global_step if resumed else None)
     selection.write_best(state)  # resumed: the checkpoint's best model, into this run's best/ (a fresh run: none)
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -221,11 +221,12 @@ def end_epoch(accelerator, state: TrainState, model, scorer: Scorer, selection: 
         state.history.pop()  # this epoch's first part, up to an earlier run's --max-steps
     seconds = state.train_seconds - sum(h["seconds"] for h in state.history)
     began = time.perf_counter()
-    if selection.active:
+    if selection.active:  # None: validated at this step already (an --eval-every point), and logged then
         split, scored = "val", selection.validate(model, state, report)
-        best = {"val/best_accuracy": state.best_val_accuracy}
+        logged, scored = scored is None, scored or state.last_validation
+        best = {} if logged else {"val/best_accuracy": state.best_val_accuracy}
     else:
-        split, scored, best = "test", scorer.score(model, "test"), {}
+        split, scored, best, logged = "test", scorer.score(model, "test"), {}, False
     memory = per_process(accelerator, peak_memory_mib(accelerator.device))  # MiB, by rank
     flops = model_flops_per_second(sum(p.numel() for p in model.parameters()), state.epoch_samples, seconds)
     state.history.append({"epoch": state.epoch + 1, "train_loss": train_loss, f"{split}_accuracy": scored["accuracy"],
@@ -237,7 +238,7 @@ def end_epoch(accelerator, state: TrainState, model, scorer: Scorer, selection: 
             f"peak memory {max(memory):,.0f} MiB)")
     report.evaluation(split, scored, state.global_step, {
         **best, "train/epoch_loss": train_loss, "epoch": state.epoch + 1, "epoch_seconds": seconds,
-        "perf/model_flops_per_second": flops, "perf/peak_memory_mib": max(memory)}, said)
+        "perf/model_flops_per_second": flops, "perf/peak_memory_mib": max(memory)}, said, logged_before=logged)
     if state.batch_in_epoch == steps_per_epoch:
         state.samples_seen += state.epoch_samples
         state.epoch, state.batch_in_epoch, state.epoch_loss_sum, state.epoch_samples = state.epoch + 1, 0, 0.0, 0
@@ -250,7 +251,8 @@ def validate_inside_epoch(selection: ModelSelection, model, state: TrainState, r
     """An --eval-every validation, logged; returns the seconds it took (not training time)."""
     began = time.perf_counter()
     scored = selection.validate(model, state, report)
-    report.evaluation("val", scored, state.global_step, {"val/best_accuracy": state.best_val_accuracy})
+    if scored is not None:
+        report.evaluation("val", scored, state.global_step, {"val/best_accuracy": state.best_val_accuracy})
     seconds = time.perf_counter() - began
     state.validation_seconds += seconds
     return seconds

@@ -146,7 +146,7 @@ def test_a_second_ctrl_c_to_the_launcher_ends_two_processes_at_once(tmp_path):
     assert checkpoint.resolve("auto", out) is not None  # the newest complete checkpoint loads: --resume auto works
 
 
-# each launcher the README lists, the signal, the launcher's exit status (the README's table)
+# each launcher docs/resume.md lists, the signal, the launcher's exit status (its table)
 LAUNCHER_STATUS = [
     ("mnist_dist.launch", signal.SIGTERM, EXIT_PREEMPTED),
     ("mnist_dist.launch", signal.SIGUSR1, EXIT_PREEMPTED),

@@ -75,7 +75,8 @@ def test_the_pages_show_commands_of_every_entry_point():
 
 
 @pytest.mark.parametrize("page, module, argv", ALL, ids=[f"{p}:{m}:{' '.join(a)[:60]}" for p, m, a in ALL])
-def test_each_command_in_the_readme_and_docs_parses(page, module, argv, capsys):
+def test_each_command_in_the_readme_and_docs_parses(page, module, argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the checks of paths (--profile, --output-dir) see no earlier run's files
     try:
         parse(module, argv)
     except SystemExit as exit:

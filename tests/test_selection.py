@@ -144,6 +144,8 @@ def test_early_stopping_ends_the_run_as_finished_after_the_patience_runs_out(sto
     assert steps[-3] == best  # the best, then two evaluations that did not beat it by more than 1%
     assert all(val[s] <= val[best] + 0.01 for s in steps[-2:])
     assert val[best] > max(val[t] for t in steps if t < best) + 0.01
+    records = [json.loads(line) for line in (stopped_early / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in records if "val/accuracy" in r]) == len(val)  # each validation logged once
     proc = check(train_cli(*EARLY, "--cpu", "--output-dir", str(stopped_early), "--resume", "auto"))
     assert "holds a finished run" in proc.stdout and "It stopped early (--early-stopping-patience)" in proc.stdout
 
