@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import types
@@ -32,6 +33,10 @@ DATA_PATH_CHOICES = ("auto", "dataloader", "device", "graph")
 OPTIONAL_COUNTS = ("max_steps", "checkpoint_every", "eval_every", "early_stopping_patience")
 MAX_VAL_FRACTION = 0.5  # of the training split: past it, more is held out than trained on
 MAX_HIDDEN = 65_536  # units: 51M weights, 0.8 GB with Adam's moments and the gradients in fp32
+MAX_LAYERS = 8  # hidden layers of an MLP: the tutorial's question is one to three
+BUILT_IN_MODELS = ("mlp", "cnn")  # model.ARCHITECTURES' names for --model; 'package.module:function' is yours
+ACTIVATION_CHOICES = ("relu", "tanh", "sigmoid", "gelu")
+MLP_DEFAULTS = {"hidden_sizes": "256", "activation": "relu", "dropout": 0.0, "batch_norm": False}
 MAX_BATCH = 1_048_576  # samples: past any dataset this package reads
 # classes of a dataset: the confusion matrix in results.json is classes^2 counts (4M at this bound, ~10 MB of
 # JSON, 32 MiB as int64), and 2,048 is past any 28x28 dataset we know (EMNIST 62, Omniglot 1,623)
@@ -74,7 +79,20 @@ class TrainConfig:
                                 "as the tutorials do); 'dataset' standardizes with the training set's pixel mean "
                                 "and std (saved with the model)", choices=("half", "dataset"))
     # model
-    hidden_size: int = _field(256, f"width of the MLP's hidden layer (units, at most {MAX_HIDDEN:,})")
+    model: str = _field("mlp", "'mlp' (the record's; --hidden-sizes, --activation, --dropout, --batch-norm shape it), "
+                        "'cnn' (two convolutions), or 'package.module:function' of yours: it gets the input shape "
+                        "(1, 28, 28), the number of classes and --model-args, and returns a torch.nn.Module (this "
+                        "imports and runs that code, at training and wherever the model is loaded; docs/models.md)")
+    hidden_sizes: str = _field("256", f"mlp: units of each hidden layer, comma-separated ('512,256': two layers; "
+                               f"1 to {MAX_LAYERS} layers of 1 to {MAX_HIDDEN:,} units)", parse="sizes")
+    activation: str = _field("relu", "mlp: the hidden layers' activation", choices=ACTIVATION_CHOICES)
+    dropout: float = _field(0.0, "mlp: dropout after each hidden layer's activation (probability, [0, 1))")
+    batch_norm: bool = _field(False, "mlp: BatchNorm after each hidden layer, before its activation")
+    sync_batch_norm: bool = _field(False, "BatchNorm statistics over every process's batch (torch.nn.SyncBatchNorm, "
+                                   "GPUs only); without it each process normalizes with its own batch, and DDP "
+                                   "broadcasts the first process's running statistics")
+    model_args: str | None = _field(None, "the keyword arguments of --model package.module:function, as a JSON "
+                                    "object ('{\"width\": 64}'); default: none")
     # optimisation
     epochs: int = _field(10, "passes over the training set (epochs)")
     batch_size: int = _field(128, "training samples per process per batch; the global batch of an optimizer "
@@ -169,7 +187,7 @@ class TrainConfig:
                 self._refuse(f.name, f"must be {kind}{' or null' if f.default is None else ''}")
             if choices and value not in choices and not (value is None and f.default is None):
                 self._refuse(f.name, f"unknown {f.name.replace('_', ' ')}; choose one of {', '.join(choices)}")
-        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_batch_size", "hidden_size",
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_batch_size",
                      "log_every", "keep_checkpoints", "max_steps", "checkpoint_every", "eval_every",
                      "early_stopping_patience"):
             value = getattr(self, name)
@@ -194,7 +212,7 @@ class TrainConfig:
              or not os.path.exists(os.path.join(self.profile, "trace.json")),
              "holds an earlier profile (trace.json); choose another directory, or replace it with --overwrite"),
             ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2**32, "must be an integer from 0 to 2**32 - 1"),
-            ("hidden_size", self.hidden_size <= MAX_HIDDEN, f"must be at most {MAX_HIDDEN:,}"),
+            ("dropout", math.isfinite(self.dropout) and 0 <= self.dropout < 1, "must be in [0, 1) (a probability)"),
             ("batch_size", self.batch_size <= MAX_BATCH, f"must be at most {MAX_BATCH:,}"),
             ("eval_batch_size", self.eval_batch_size <= MAX_BATCH, f"must be at most {MAX_BATCH:,}"),
             ("timeout", isinstance(self.timeout, int) and self.timeout >= 1, "must be an integer >= 1 (seconds)"),
@@ -204,7 +222,31 @@ class TrainConfig:
         ]:
             if not ok:
                 self._refuse(name, why)
+        self._check_model()
         return self
+
+    def _check_model(self) -> None:
+        """--model names a built-in or a callable; the MLP's flags go with the MLP, --model-args with yours."""
+        import re
+
+        yours = re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", self.model) is not None
+        if self.model not in BUILT_IN_MODELS and not yours:
+            self._refuse("model", f"unknown model; choose {', '.join(BUILT_IN_MODELS)} or package.module:function")
+        sizes = self.hidden_sizes.split(",")
+        if not (len(sizes) <= MAX_LAYERS and all(s.isdigit() and 1 <= int(s) <= MAX_HIDDEN for s in sizes)):
+            self._refuse("hidden_sizes", f"must be 1 to {MAX_LAYERS} comma-separated integers from 1 to {MAX_HIDDEN:,}")
+        for name, default in MLP_DEFAULTS.items():
+            if self.model != "mlp" and getattr(self, name) != default:
+                self._refuse(name, f"shapes --model mlp, and this run has --model {self.model}")
+        if self.model_args is not None and not yours:
+            self._refuse("model_args", "are the arguments of --model package.module:function")
+        if self.model_args is not None:
+            try:
+                args = json.loads(self.model_args)
+            except ValueError as err:
+                self._refuse("model_args", f"not JSON ({err})")
+            if not isinstance(args, dict):
+                self._refuse("model_args", "must be a JSON object of keyword arguments")
 
     def _refuse(self, name: str, why: str):
         raise ConfigError(f"--{name.replace('_', '-')}={shown(getattr(self, name))}: {why}")
@@ -262,6 +304,18 @@ def _count_or_none(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{text!r}: must be an integer or 'none'") from None
 
 
+def _sizes(text: str) -> str:
+    """--hidden-sizes as written down: '512, 256' -> '512,256'."""
+    return ",".join(part.strip() for part in text.split(","))
+
+
+def upgraded(saved: dict) -> dict:
+    """A config saved before --hidden-sizes (its `hidden_size`), as this version names it."""
+    if "hidden_size" in saved and "hidden_sizes" not in saved:
+        saved = {**{k: v for k, v in saved.items() if k != "hidden_size"}, "hidden_sizes": str(saved["hidden_size"])}
+    return saved
+
+
 def _flag_type(hint):
     """The scalar type of a field's type hint such as `int | None`."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
@@ -281,7 +335,8 @@ class LaunchedParser(argparse.ArgumentParser):
 def build_parser(prog: str = "python -m mnist_dist.train", defaults: bool = True) -> argparse.ArgumentParser:
     """The flags of TrainConfig; with `defaults=False` a parse returns only the flags given."""
     parser = LaunchedParser(
-        prog=prog, description="Train the MNIST MLP (784-256-10) with Hugging Face Accelerate on CPU, one GPU or many.",
+        prog=prog, description="Train an MNIST classifier (the record: an MLP 784-256-10) with Hugging Face Accelerate "
+                                "on CPU, one GPU or many.",
     )
     hints = typing.get_type_hints(TrainConfig)
     for f in flags():
@@ -296,6 +351,8 @@ def build_parser(prog: str = "python -m mnist_dist.train", defaults: bool = True
             help += f" (default: {f.default})"
         if f.name in OPTIONAL_COUNTS:  # "none" lifts, on a resume, a limit the checkpoint's run was launched with
             kind = _count_or_none
+        if f.metadata.get("parse") == "sizes":
+            kind = _sizes
         parser.add_argument(flag, type=kind, default=f.default if defaults else argparse.SUPPRESS,
                             choices=f.metadata.get("choices"), help=help.replace("%", "%%"))
     return parser

@@ -52,6 +52,11 @@ def graph_unsupported(cfg: TrainConfig, device: torch.device, world: int, precis
         (cfg.optimizer != "adam" or cfg.weight_decay != 0, f"replays plain Adam, and this run has --optimizer "
                                                             f"{cfg.optimizer} --weight-decay {cfg.weight_decay}: "
                                                             "--data-path device runs it"),
+        (cfg.model != "mlp" or cfg.dropout or cfg.batch_norm,
+         f"replays the MLP without dropout or BatchNorm, and this run has --model {cfg.model} --dropout {cfg.dropout} "
+         f"--batch-norm {cfg.batch_norm}: the steps that warm the capture up would draw dropout's random numbers and "
+         "move BatchNorm's statistics (and a model of yours may hold ops a CUDA graph cannot capture); "
+         "--data-path device runs it"),
         (cfg.eval_every is not None, f"replays whole epochs, and --eval-every {cfg.eval_every} validates inside "
                                      "them: --data-path device runs it"),
         (precision == "fp16", "does not support --mixed-precision fp16, whose grad scaler checks for overflow on "

@@ -1,52 +1,234 @@
-"""The model of record: a 784-256-10 MLP with a ReLU. Plain PyTorch, no distributed code.
+"""The models, in one registry: the MLP of record (784-256-10, ReLU) with its tutorial variants, a small CNN,
+and any `nn.Module` a callable of yours builds. Plain PyTorch, no distributed code.
 
-A trained model is `model.safetensors` (the weights) and `config.json` (what `build_model` needs,
-plus the input normalization) in one directory, which `load_model(dir)` reads.
+A trained model is `model.safetensors` (the weights) and `config.json` in one directory: the architecture's
+name, its options, the input size, the number of classes and the input normalization, which is all
+`build_model` needs; `load_model(dir)` reads both. Adding a model is one class and one `ARCHITECTURES` entry
+(docs/models.md).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from .config import MAX_CLASSES, MAX_HIDDEN
+from .config import MAX_CLASSES, MAX_HIDDEN, MAX_LAYERS, ConfigError
 from .readback import UnreadableFile, read_json, shown
 
 WEIGHTS_NAME = "model.safetensors"
-INPUT_SIZE = 28 * 28  # pixels: every dataset here is 28x28 grayscale
+IMAGE_SHAPE = (1, 28, 28)  # channels, height, width: every dataset here is 28x28 grayscale
+INPUT_SIZE = 28 * 28  # the pixels a model takes, flattened: [batch, 784] normalized
 CONFIG_NAME = "config.json"
+ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": F.gelu}
+IMPORTED = "import"  # the architecture name config.json gives a model built by a callable of yours
 
 
 class MLP(nn.Module):
-    def __init__(self, input_size: int = 784, hidden_size: int = 256, num_classes: int = 10):
+    """Fully connected layers fc1 ... fcN (the record: one hidden layer of 256, ReLU), each hidden one
+    optionally followed by BatchNorm (bn1 ...) and dropout."""
+
+    def __init__(self, input_size: int = INPUT_SIZE, hidden_sizes: tuple[int, ...] = (256,), num_classes: int = 10,
+                 activation: str = "relu", dropout: float = 0.0, batch_norm: bool = False):
         super().__init__()
-        self.fc1 = nn.Linear(input_size, hidden_size)
-        self.fc2 = nn.Linear(hidden_size, num_classes)
+        widths = [input_size, *hidden_sizes, num_classes]
+        for i, (inputs, outputs) in enumerate(zip(widths, widths[1:]), 1):  # fc1, fc2: the record's names
+            setattr(self, f"fc{i}", nn.Linear(inputs, outputs))
+            if batch_norm and i < len(widths) - 1:
+                setattr(self, f"bn{i}", nn.BatchNorm1d(outputs))
+        self.layers, self.activation, self.dropout = len(widths) - 1, ACTIVATIONS[activation], dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [batch, 784] normalized pixels -> [batch, 10] logits
-        return self.fc2(torch.relu(self.fc1(x)))
+        # x: [batch, 784] normalized pixels -> [batch, classes] logits
+        for i in range(1, self.layers):
+            x = getattr(self, f"fc{i}")(x)
+            if hasattr(self, f"bn{i}"):
+                x = getattr(self, f"bn{i}")(x)
+            x = self.activation(x)
+            if self.dropout:
+                x = F.dropout(x, self.dropout, self.training)
+        return getattr(self, f"fc{self.layers}")(x)
 
 
-def model_config(model: MLP, **extra) -> dict:
-    """What config.json holds: the architecture, plus whatever the caller adds (normalization, classes)."""
-    return {"architecture": "mlp", "input_size": model.fc1.in_features, "hidden_size": model.fc1.out_features,
-            "num_classes": model.fc2.out_features, **extra}
+class CNN(nn.Module):
+    """A small convolutional net in the spirit of pytorch/examples' MNIST one, cheaper: two 3x3 convolutions
+    (16, 32 channels, padded), each followed by ReLU and 2x2 max pooling (28 -> 14 -> 7), dropout, a 128-unit
+    layer and the logits."""
+
+    def __init__(self, num_classes: int = 10, dropout: float = 0.25):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(32 * 7 * 7, 128), nn.Linear(128, num_classes)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(-1, *IMAGE_SHAPE)  # [batch, 784] -> [batch, 1, 28, 28]
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.dropout(x.flatten(1), self.dropout, self.training)
+        x = F.dropout(F.relu(self.fc1(x)), self.dropout, self.training)
+        return self.fc2(x)
 
 
-def parameter_count(config: dict) -> int:
-    """Weights and biases of the MLP that `config` (`model_config`) describes."""
-    inputs, hidden, classes = config["input_size"], config["hidden_size"], config["num_classes"]
-    return inputs * hidden + hidden + hidden * classes + classes
+@dataclass(frozen=True)
+class Architecture:
+    """A registry entry: how to build the model from (input shape, classes, options), which flags make its
+    options (for config.json), and how to check options read back from a file."""
+
+    build: Callable[[tuple[int, ...], int, dict], nn.Module]
+    options: Callable[[object], dict]  # a TrainConfig -> the options config.json records
+    check: Callable[[dict], str | None]  # options -> what is wrong with them, or None
 
 
-def build_model(config: dict) -> MLP:
-    return MLP(config["input_size"], config["hidden_size"], config["num_classes"])
+def _mlp_options(cfg) -> dict:
+    return {"hidden_sizes": [int(h) for h in cfg.hidden_sizes.split(",")], "activation": cfg.activation,
+            "dropout": cfg.dropout, "batch_norm": cfg.batch_norm}
+
+
+def _check_mlp(options: dict) -> str | None:
+    sizes = options.get("hidden_sizes")
+    if not (isinstance(sizes, list) and 1 <= len(sizes) <= MAX_LAYERS
+            and all(type(h) is int and 1 <= h <= MAX_HIDDEN for h in sizes)):
+        return f"hidden_sizes must be 1 to {MAX_LAYERS} integers from 1 to {MAX_HIDDEN:,}"
+    if options.get("activation") not in ACTIVATIONS:
+        return f"activation must be one of {', '.join(ACTIVATIONS)}"
+    if not (type(options.get("dropout")) in (int, float) and 0 <= options["dropout"] < 1):
+        return "dropout must be a number in [0, 1)"
+    if type(options.get("batch_norm")) is not bool:
+        return "batch_norm must be true or false"
+    return None
+
+
+def _check_cnn(options: dict) -> str | None:
+    return None if not options else f"takes no options, got {', '.join(options)}"
+
+
+def _imported_options(cfg) -> dict:
+    return {"callable": cfg.model, "args": model_args(cfg.model_args)}
+
+
+def _check_imported(options: dict) -> str | None:
+    if not (isinstance(options.get("callable"), str) and CALLABLE.fullmatch(options["callable"])):
+        return "callable must be 'package.module:function'"
+    return None if isinstance(options.get("args"), dict) else "args must be a JSON object"
+
+
+def build_imported(input_shape: tuple[int, ...], num_classes: int, options: dict) -> nn.Module:
+    """The module that `options["callable"]` ('package.module:function') returns for (input shape, classes,
+    **args): this imports and runs that code, as HF's trust_remote_code does."""
+    name = options["callable"]
+    module_name, _, attribute = name.partition(":")
+    try:
+        found = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"--model {name}: cannot import it ({type(err).__name__}: {err})") from None
+    try:
+        built = found(input_shape, num_classes, **options["args"])
+    except Exception as err:  # your code, with --model-args it may not take
+        raise ConfigError(f"--model {name}: failed to build with --model-args {options['args']} "
+                          f"({type(err).__name__}: {err})") from None
+    if not isinstance(built, nn.Module):
+        raise ConfigError(f"--model {name}: returned a {type(built).__name__}, not a torch.nn.Module")
+    return built
+
+
+ARCHITECTURES = {
+    "mlp": Architecture(lambda shape, classes, o: MLP(math.prod(shape), tuple(o["hidden_sizes"]), classes,
+                                                      o["activation"], o["dropout"], o["batch_norm"]),
+                        _mlp_options, _check_mlp),
+    "cnn": Architecture(lambda shape, classes, o: CNN(classes), lambda cfg: {}, _check_cnn),
+    IMPORTED: Architecture(build_imported, _imported_options, _check_imported),
+}
+CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # --model package.module:function
+
+
+def architecture_of(model_flag: str) -> str:
+    """The registry name `--model` gives: a built-in name, or IMPORTED for 'package.module:function'."""
+    return IMPORTED if CALLABLE.fullmatch(model_flag) else model_flag
+
+
+def model_args(text: str | None) -> dict:
+    """--model-args: a JSON object (the keyword arguments of your callable); None is {}."""
+    import json
+
+    return {} if text is None else json.loads(text)
+
+
+def new_model(cfg, class_names, stats: tuple[float, float], device: torch.device) -> tuple[nn.Module, dict]:
+    """(the model `cfg` asks for, the config.json saved beside it) for images of IMAGE_SHAPE, the classes
+    `class_names` and inputs scaled with `stats` (mean, std on the 0..1 scale), to train on `device`. The
+    output of one batch is checked (a model of yours may return the wrong shape); with --sync-batch-norm
+    its BatchNorm layers become torch's SyncBatchNorm, which runs on GPUs only."""
+    name, num_classes = architecture_of(cfg.model), len(class_names)
+    entry = {"architecture": name, "input_size": INPUT_SIZE, "num_classes": num_classes,
+             "options": ARCHITECTURES[name].options(cfg)}
+    model = build_model(entry)
+    check_output(model, num_classes, cfg.model)
+    entry |= {"parameters": parameter_count(model),  # said, not read back
+              "normalization": {"mean": stats[0], "std": stats[1], "pixel_scale": 255}, "dataset": cfg.dataset,
+              "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
+              "image_column": cfg.image_column, "label_column": cfg.label_column, "class_names": list(class_names)}
+    if cfg.sync_batch_norm and device.type != "cuda":
+        raise ConfigError(f"--sync-batch-norm: torch's SyncBatchNorm runs on GPUs only, and this run is on the "
+                          f"{device.type}; without it each process normalizes with its own batch")
+    return (nn.SyncBatchNorm.convert_sync_batchnorm(model) if cfg.sync_batch_norm else model), entry
+
+
+def check_output(model: nn.Module, num_classes: int, named: str) -> None:
+    """Refuse a model whose output for a batch of two images is not [2, num_classes] logits."""
+    was = model.training
+    model.eval()  # no running statistics updated, no random numbers drawn: the run's RNG stays as seeded
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, INPUT_SIZE))
+    except Exception as err:  # a model of yours can fail in any way
+        raise ConfigError(f"--model {named}: fails on a batch of 2 images of [2, {INPUT_SIZE}] "
+                         f"({type(err).__name__}: {err})") from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"--model {named}: returns {got} for 2 images, not [2, {num_classes}] (one logit per class)")
+
+
+def model_options(config: dict) -> dict:
+    """The options of `config`; a config.json written before the registry (an MLP's `hidden_size`) too."""
+    if "options" in config:
+        return config["options"]
+    return {"hidden_sizes": [config.get("hidden_size")], "activation": "relu", "dropout": 0.0, "batch_norm": False}
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe(config: dict) -> str:
+    """The model of a config.json in a few words: 'mlp 512-256 tanh, batch norm, dropout 0.2', 'cnn', ..."""
+    name, options = config["architecture"], model_options(config)
+    if name == "mlp":
+        extras = (["batch norm"] if options["batch_norm"] else []) + ([f"dropout {options['dropout']:g}"]
+                                                                      if options["dropout"] else [])
+        return f"mlp {'-'.join(map(str, options['hidden_sizes']))} {options['activation']}" + "".join(
+            f", {e}" for e in extras)
+    if name == IMPORTED:
+        return f"{options['callable']}({', '.join(f'{k}={v!r}' for k, v in options['args'].items())})"
+    return name
+
+
+def build_model(config: dict) -> nn.Module:
+    """The untrained model `config` (a checked config.json) describes."""
+    return ARCHITECTURES[config["architecture"]].build(IMAGE_SHAPE, config["num_classes"], model_options(config))
 
 
 def check_config(config, path: Path) -> None:
@@ -57,10 +239,16 @@ def check_config(config, path: Path) -> None:
             raise ValueError(f"{path}: not a mnist_dist model config: {key!r} ({value}) {what}")
 
     need(isinstance(config, dict), "architecture", "the file must hold a JSON object")
-    need(config.get("architecture") == "mlp", "architecture", "must be 'mlp'")
+    need(config.get("architecture") in ARCHITECTURES, "architecture", f"must be one of {', '.join(ARCHITECTURES)}")
     need(config.get("input_size") == INPUT_SIZE, "input_size", f"must be {INPUT_SIZE} (28x28 pixels)")
-    for key, most in (("hidden_size", MAX_HIDDEN), ("num_classes", MAX_CLASSES)):
-        need(type(config.get(key)) is int and 1 <= config[key] <= most, key, f"must be an integer from 1 to {most:,}")
+    need(type(config.get("num_classes")) is int and 1 <= config["num_classes"] <= MAX_CLASSES, "num_classes",
+         f"must be an integer from 1 to {MAX_CLASSES:,}")
+    if "options" not in config:  # written before the registry: an MLP of one hidden layer
+        need(type(config.get("hidden_size")) is int and 1 <= config["hidden_size"] <= MAX_HIDDEN, "hidden_size",
+             f"must be an integer from 1 to {MAX_HIDDEN:,}")
+    options = model_options(config)
+    wrong = ARCHITECTURES[config["architecture"]].check(options) if isinstance(options, dict) else "not an object"
+    need(wrong is None, "options", f"do not fit {config['architecture']}: {wrong}")
     names = config.get("class_names")
     need(names is None or isinstance(names, list) and len(names) == config["num_classes"]
          and all(isinstance(n, str) for n in names) and len(set(names)) == len(names), "class_names",
@@ -73,9 +261,10 @@ def check_config(config, path: Path) -> None:
         need(config.get(key) is None or isinstance(config[key], str), key, "must be a string or null")
 
 
-def load_model(path: str | Path) -> tuple[MLP, dict]:
+def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     """(model in eval mode, config) from a model directory (a run's output dir or a checkpoint), or from
-    its model.safetensors with config.json beside it. Raises FileNotFoundError or ValueError naming the file."""
+    its model.safetensors with config.json beside it. Raises FileNotFoundError or ValueError naming the file.
+    A config.json naming a callable of yours ('import') imports and runs it."""
     path = Path(path)
     if path.is_file() or path.suffix == ".safetensors":
         directory, weights_path = path.parent, path
@@ -103,7 +292,7 @@ def load_model(path: str | Path) -> tuple[MLP, dict]:
         model.load_state_dict(weights)
     except RuntimeError as err:
         raise ValueError(f"{weights_path}: weights do not match {config_path}: {err}") from err
-    bad = [name for name, t in weights.items() if not torch.isfinite(t).all()]
+    bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:  # its every prediction would be NaN
         raise ValueError(f"{weights_path}: {bad[0]} holds NaN or infinite weights (a run that diverged)")
     return model.eval(), config

@@ -20,8 +20,8 @@ from . import checkpoint, runs, tracking
 from .checkpoint import CheckpointError, DiskError
 from .config import TrainConfig
 from .distributed import any_process, compiled_with, per_process, threads_from, threads_reproducible
-from .model import CONFIG_NAME, MLP, WEIGHTS_NAME, model_config, parameter_count
-from .resources import MEMORY_MEASURED, model_flops_per_second, peak_memory_mib
+from .model import CONFIG_NAME, WEIGHTS_NAME, describe
+from .resources import FLOPS_COUNTED_BY, MEMORY_MEASURED, model_flops_per_second, peak_memory_mib
 from .selection import RunData
 from .resume import Resume
 from .train_state import TrainState
@@ -35,8 +35,9 @@ class Reporter:
     """What the main process tells people and trackers: a progress bar at a terminal, one line per
     epoch, Accelerate's trackers and metrics.jsonl. The other processes stay quiet."""
 
-    def __init__(self, accelerator, output_dir: str, total_steps: int, resumed_at: int | None):
-        self.accelerator, self.main = accelerator, accelerator.is_main_process
+    def __init__(self, accelerator, output_dir: str, total_steps: int, resumed_at: int | None,
+                 flops_per_sample: float):
+        self.accelerator, self.main, self.flops_per_sample = accelerator, accelerator.is_main_process, flops_per_sample
         self.metrics_log = tracking.MetricsLog(output_dir, self.main, resumed_at)
         if resumed_at is not None:
             tracking.replay(accelerator, self.metrics_log.records())
@@ -63,6 +64,10 @@ class Reporter:
             before, after = line
             self.say(f"{before}  {split}_loss {scored['loss']:.4f}  {split}_accuracy {scored['accuracy']:.4f}  {after}")
 
+    def flops_per_second(self, samples: int, seconds: float) -> float:
+        """Training FLOP/s of `samples` trained in `seconds` (`resources.training_flops_per_sample`)."""
+        return model_flops_per_second(self.flops_per_sample, samples, seconds)
+
     def advance(self, steps: int) -> None:
         self.bar.update(steps)
 
@@ -85,7 +90,7 @@ class Reporter:
 
 
 def results_of(cfg: TrainConfig, accelerator, state: TrainState, metrics: dict, *, timings: dict, data_path: str,
-               splits: RunData, model_cfg: dict, total_steps: int) -> dict:
+               splits: RunData, total_steps: int, flops_per_sample: float) -> dict:
     """results.json: the run's final test metrics, its history and what it ran on (a collective: each
     process's peak memory). Every test_* number is the final model's; the history's per-epoch numbers are
     the validation split's (val_*) where there is one, else the test set's (test_*)."""
@@ -107,15 +112,15 @@ def results_of(cfg: TrainConfig, accelerator, state: TrainState, metrics: dict, 
         # MKL in strict reproducibility mode: the same weights at any thread count (distributed.threads_reproducible)
         "cpu_threads_reproducible": threads_reproducible() if accelerator.device.type == "cpu" else None,
         "samples_per_second": samples_seen / state.train_seconds,
-        # 6 x parameters x samples / train_seconds (resources.model_flops_per_second)
-        "model_flops_per_second": model_flops_per_second(parameter_count(model_cfg), samples_seen, state.train_seconds),
+        "flops_per_sample": flops_per_sample, "flops_counted_by": FLOPS_COUNTED_BY,  # training: forward and backward
+        "model_flops_per_second": model_flops_per_second(flops_per_sample, samples_seen, state.train_seconds),
         "peak_memory_mib": peak_memory, "peak_memory_measured": MEMORY_MEASURED.get(accelerator.device.type,
                                                                                    MEMORY_MEASURED["cpu"]),
         "deterministic": torch.are_deterministic_algorithms_enabled(),  # --deterministic
         "seconds_to_first_step": state.seconds_to_first_step,
         "timings": timings,  # this process's wall time by phase, seconds (train and eval: across resumes)
         "normalization": {"mean": stats[0], "std": stats[1]},
-        "per_class_accuracy": dict(zip(model_cfg["class_names"], metrics["per_class_accuracy"])),
+        "per_class_accuracy": dict(zip(splits.train.class_names, metrics["per_class_accuracy"])),
         "confusion_matrix": metrics["confusion_matrix"],  # [true class][predicted class], counts
         "history": state.history, "config": cfg.to_dict(),
     }
@@ -180,15 +185,6 @@ def write_model_and_pictures(accelerator, model, output_dir: Path, results: dict
                f"{', '.join(p.name for p in pictures.values())}")
 
 
-def saved_model_config(model: MLP, cfg: TrainConfig, stats: tuple[float, float], class_names) -> dict:
-    """config.json, saved beside every model: what rebuilds it, how its inputs are scaled, and its test set."""
-    return model_config(
-        model, normalization={"mean": stats[0], "std": stats[1], "pixel_scale": 255}, dataset=cfg.dataset,
-        data_dir=str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
-        image_column=cfg.image_column, label_column=cfg.label_column, class_names=list(class_names),
-    )
-
-
 def run_summary(results: dict) -> dict:
     """The W&B run summary: the final test accuracy and, with a validation split, the best model's."""
     best = results.get("best") or {}
@@ -205,7 +201,7 @@ def as_flags(values: dict) -> str:
 
 
 def banner(cfg: TrainConfig, accelerator, config: dict, splits: RunData, data_path: str, resumed: Resume | None,
-           state: TrainState) -> str:
+           state: TrainState, *, model_cfg: dict, flops_per_sample: float) -> str:
     """What this run is, said just before it trains; a resumed run on another world size says so too."""
     world, n = accelerator.num_processes, cfg.gradient_accumulation_steps
     saved = resumed and resumed.state
@@ -216,7 +212,9 @@ def banner(cfg: TrainConfig, accelerator, config: dict, splits: RunData, data_pa
             + f", precision {accelerator.mixed_precision}, "
             + (f"torch.compile {config['torch_compile']}, " if config["torch_compile"] != "no" else "")
             + f"data path {data_path}; {cfg.output_dir}"
-            + (f", resuming from {resumed.path} (step {state.global_step})" if resumed else ""))
+            + (f", resuming from {resumed.path} (step {state.global_step})" if resumed else "")
+            + f"\nmnist_dist: model {describe(model_cfg)}: {model_cfg['parameters']:,} parameters, "
+            f"{flops_per_sample / 1e6:,.2f} MFLOP to train on a sample")
     was_n = saved["config"].get("gradient_accumulation_steps", 1) if saved else n
     if saved and saved["world_size"] != world:
         was = f"{saved['global_batch_size'] // saved['world_size'] // was_n}" + (f" x {was_n}" if was_n > 1 else "")

@@ -4,15 +4,19 @@ where a stretch of steps spends its time. No distributed code."""
 from __future__ import annotations
 
 import atexit
+import copy
 import sys
 from pathlib import Path
 
 import psutil
 import torch
 from accelerate.utils import ProfileKwargs
+from torch.utils.flop_counter import FlopCounterMode
 
 from .steps import StepRunner
 
+# how `training_flops_per_sample` counts, as results.json names it
+FLOPS_COUNTED_BY = "torch.utils.flop_counter.FlopCounterMode, forward and backward of one batch"
 # what `peak_memory_mib` measures on each kind of device, as results.json names it
 MEMORY_MEASURED = {"cuda": "torch.cuda.max_memory_allocated", "cpu": "peak resident set of the process"}
 
@@ -30,11 +34,19 @@ def peak_memory_mib(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def model_flops_per_second(parameters: int, samples: int, seconds: float) -> float:
-    """Training FLOP/s estimated as 6 x parameters x samples / seconds: a multiply-add (2 FLOPs) per weight
-    and sample forward, twice that backward (the estimate of nanoGPT's and PaLM's MFU). For the MLP it
-    counts the bias additions as multiply-adds, 0.1% of its parameters."""
-    return 6 * parameters * samples / seconds
+def training_flops_per_sample(model: torch.nn.Module, input_size: int) -> float:
+    """FLOPs of training on one sample, forward and backward, as torch's FlopCounterMode counts them (matrix
+    products and convolutions) on a batch of two, run through a copy of `model` in eval mode: no running
+    statistics move, no random numbers are drawn, the model itself is untouched."""
+    twin = copy.deepcopy(model).eval()
+    with FlopCounterMode(display=False) as counter:
+        twin(torch.zeros(2, input_size)).float().sum().backward()
+    return counter.get_total_flops() / 2
+
+
+def model_flops_per_second(flops_per_sample: float, samples: int, seconds: float) -> float:
+    """Training FLOP/s: `training_flops_per_sample` x samples / seconds."""
+    return flops_per_sample * samples / seconds
 
 
 class ProfiledSteps(StepRunner):

@@ -85,6 +85,12 @@ class Scorer:
             for name, split in splits.items()
         }
 
+    @classmethod
+    def for_run(cls, accelerator, splits: RunData, data_path: str, cfg: TrainConfig) -> "Scorer":
+        """A scorer of the run's test set and, if it has one, its validation split."""
+        named = {"test": splits.test, **({VALIDATION: splits.validation} if splits.validation else {})}
+        return cls(accelerator, named, data_path, cfg.eval_batch_size, cfg.num_workers, splits.stats)
+
     def score(self, model, split: str) -> dict:
         """Accuracy, loss, per-class accuracy and confusion matrix of `model` on `split`, all processes."""
         batches = self.batches[split]

@@ -33,15 +33,15 @@ from accelerate.utils import set_seed  # noqa: E402
 from . import checkpoint, data, reporting, resume, runs, sources, tracking  # noqa: E402
 from .checkpoint import CheckpointError, DiskError  # noqa: E402
 from .clock import since_process_start  # noqa: E402
-from .data import VALIDATION, DataError, DeviceBatches, normalize  # noqa: E402
+from .data import DataError, DeviceBatches, normalize  # noqa: E402
 from .distributed import (  # noqa: E402
     LaunchError, agree_to_stop, any_process, build_accelerator, compiled_with, core_watch, decided_by_main, lost_peer,
     peers_message, per_process, process_hosts, use_output_dir,
 )
 from .graphs import EpochGraph, resolve_data_path  # noqa: E402
-from .model import MLP  # noqa: E402
+from .model import INPUT_SIZE, new_model  # noqa: E402
 from .reporting import Reporter, TrainingError  # noqa: E402
-from .resources import ProfiledSteps, model_flops_per_second, peak_memory_mib  # noqa: E402
+from .resources import ProfiledSteps, peak_memory_mib, training_flops_per_sample  # noqa: E402
 from .resume import Resume  # noqa: E402
 from .selection import EvaluationError, ModelSelection, Scorer, load_run_data  # noqa: E402
 from .steps import (  # noqa: E402
@@ -104,8 +104,8 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, resumed: Resume | None, 
 
     began = time.perf_counter()
     set_seed(cfg.seed, deterministic=cfg.deterministic)  # the same initial weights everywhere (DDP broadcasts them too)
-    model = MLP(train_set.images.shape[1], cfg.hidden_size, len(train_set.class_names))
-    model_cfg = reporting.saved_model_config(model, cfg, stats, train_set.class_names)
+    model, model_cfg = new_model(cfg, train_set.class_names, stats, accelerator.device)  # checked on one batch
+    flops_per_sample = training_flops_per_sample(model, INPUT_SIZE)  # counted once, on a copy
     data_path = resolve_data_path(cfg, accelerator)
     optimizer = make_optimizer(model.parameters(), cfg.lr, accelerator.device, cfg.optimizer, cfg.weight_decay)
     loader = data.train_loader(train_set, cfg.batch_size, cfg.num_workers, cfg.seed)
@@ -118,8 +118,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, resumed: Resume | None, 
     runner = make_runner(cfg, data_path, accelerator, model, optimizer, scheduler=scheduler, guard=guard,
                          train_set=train_set, train_loader=train_loader, stats=stats)
     watch = core_watch(cfg, accelerator.device)  # None unless a lone CPU process took its threads from idle cores
-    scorer = Scorer(accelerator, {"test": test_set, **({VALIDATION: val_set} if val_set else {})}, data_path,
-                    cfg.eval_batch_size, cfg.num_workers, stats)
+    scorer = Scorer.for_run(accelerator, run_data, data_path, cfg)
     selection = ModelSelection(cfg, accelerator, scorer, model_cfg, val_set is not None)
     if resumed:
         selection.resumed(model, state, resumed)  # its best model, checked
@@ -128,10 +127,11 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, resumed: Resume | None, 
         runs.clear(plan)
     hosts = process_hosts(accelerator)  # to name a peer that stalls
     run_id = tracking.start_run(cfg, accelerator, config, resumed.run_id if plan.continues else None, len(train_set))
-    report = Reporter(accelerator, cfg.output_dir, total_steps, state.global_step if resumed else None)
+    report = Reporter(accelerator, cfg.output_dir, total_steps, state.global_step if resumed else None, flops_per_sample)
     selection.write_best(state)  # resumed: the checkpoint's best model, into this run's best/ (a fresh run: none)
     epochs = math.ceil(total_steps / steps_per_epoch)
-    report.say(reporting.banner(cfg, accelerator, config, run_data, data_path, resumed, state))
+    report.say(reporting.banner(cfg, accelerator, config, run_data, data_path, resumed, state, model_cfg=model_cfg,
+                                flops_per_sample=flops_per_sample))
     step_batch = cfg.global_batch(world)  # samples per optimizer step, all processes
     checkpoint_extra = {"world_size": world, "global_batch_size": step_batch, "config": config, "run_id": run_id,
                         **resume.began_with(resumed, cfg), "data": run_data.fingerprint}
@@ -197,7 +197,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, resumed: Resume | None, 
     timings |= {"train": state.train_seconds, "capture": runner.capture_seconds,  # capture: part of train
                 "eval": sum(h["eval_seconds"] for h in state.history) + state.validation_seconds}
     results = reporting.results_of(cfg, accelerator, state, metrics, timings=timings, data_path=data_path,
-                                   splits=run_data, model_cfg=model_cfg, total_steps=total_steps)
+                                   splits=run_data, total_steps=total_steps, flops_per_sample=flops_per_sample)
     results |= selection.results(model, state, run_data)
     reporting.write_outputs(accelerator, model, cfg.output_dir, results, test_set=test_set, stats=stats,
                             model_cfg=model_cfg, report=report)
@@ -228,7 +228,7 @@ def end_epoch(accelerator, state: TrainState, model, scorer: Scorer, selection: 
     else:
         split, scored, best, logged = "test", scorer.score(model, "test"), {}, False
     memory = per_process(accelerator, peak_memory_mib(accelerator.device))  # MiB, by rank
-    flops = model_flops_per_second(sum(p.numel() for p in model.parameters()), state.epoch_samples, seconds)
+    flops = report.flops_per_second(state.epoch_samples, seconds)
     state.history.append({"epoch": state.epoch + 1, "train_loss": train_loss, f"{split}_accuracy": scored["accuracy"],
                           f"{split}_loss": scored["loss"], "seconds": seconds,
                           "eval_seconds": time.perf_counter() - began, "samples": state.epoch_samples,

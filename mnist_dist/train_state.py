@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import MAX_BATCH, NOT_INHERITED, ConfigError, TrainConfig, flags
+from .config import MAX_BATCH, NOT_INHERITED, ConfigError, TrainConfig, flags, upgraded
 from .readback import UnreadableFile, read_json, shown
 
 STATE_NAME = "training_state.json"
@@ -191,6 +191,7 @@ def check_state(state: dict, file: Path) -> None:
     need(isinstance(state["data"], dict) and all(isinstance(state["data"].get(s), dict) and is_count(
         state["data"][s].get("samples"), 1) for s in ("train", "test")), "data", "must give each split's samples")
     need(isinstance(state["config"], dict), "config", "must be an object")
+    state["config"] = upgraded(state["config"])  # a checkpoint of an earlier version names its flags so
     try:
         # where the run was and what to do with it are never taken from a checkpoint (a --profile
         # directory may since have become a file): not checked either

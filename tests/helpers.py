@@ -43,6 +43,11 @@ def write_dataset(directory: Path, train: tuple, test: tuple, gz: bool = True) -
     return directory
 
 
+def legacy_model_config(hidden_size: int = 256, **extra) -> dict:
+    """config.json as mnist_dist wrote it for the MLP before the model registry (2026-12-06): it still loads."""
+    return {"architecture": "mlp", "input_size": 784, "hidden_size": hidden_size, "num_classes": 10, **extra}
+
+
 def mnist5k() -> dict[str, data.Split]:
     return sources.load_idx(sources.find_idx_files(MNIST_5K))
 

@@ -168,7 +168,7 @@ def test_the_graph_path_refuses_accumulation_and_clipping_and_says_what_runs_the
 def test_clipping_bounds_the_norm_the_optimizer_steps_with_and_returns_the_norm_before():
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
-    model = MLP(hidden_size=16)
+    model = MLP(hidden_sizes=(16,))
     model, optimizer = accelerator.prepare(model, make_optimizer(model.parameters(), 1e-3, accelerator.device))
     seen = []
     optimizer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(torch.nn.utils.get_total_norm(

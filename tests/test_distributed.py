@@ -80,7 +80,7 @@ def test_every_test_image_counts_exactly_once(shard_report):
 
 def test_distributed_evaluation_equals_single_process_evaluation(shard_report):
     torch.manual_seed(0)
-    model = MLP(hidden_size=16)
+    model = MLP(hidden_sizes=(16,))
     test_set = indexed(N_TEST)
     batches = [(test_set.images[i : i + 100], test_set.labels[i : i + 100]) for i in range(0, N_TEST, 100)]
     expected = evaluate(model, batches)
@@ -108,8 +108,10 @@ def test_two_process_run_trains_on_all_processes_and_tests_on_all_10000_digits(t
     assert len(r["peak_memory_mib"]) == 2 and min(r["peak_memory_mib"]) > 50
     assert r["peak_memory_measured"] == "peak resident set of the process"
     assert all(len(h["peak_memory_mib"]) == 2 for h in r["history"])
-    parameters = 784 * 256 + 256 + 256 * 10 + 10
-    assert r["model_flops_per_second"] == pytest.approx(6 * parameters * 15000 / r["train_seconds"])
+    # FlopCounterMode's count of one sample: forward 2 x 784 x 256 + 2 x 256 x 10 multiply-adds, backward the
+    # same for the weights' gradients and 2 x 256 x 10 for the hidden layer's (the pixels need none)
+    assert r["flops_per_sample"] == 4 * 784 * 256 + 6 * 256 * 10 == 818_176
+    assert r["model_flops_per_second"] == pytest.approx(r["flops_per_sample"] * 15000 / r["train_seconds"])
     # only the main process reports: one summary line per epoch
     assert proc.stdout.count("epoch 1/3:") + proc.stderr.count("epoch 1/3:") == 1
 

@@ -27,7 +27,7 @@ def accelerator():
 def prepared(accelerator, hidden_size=8, lr=1e-3, seed=0):
     """An MLP, its fused Adam and their guard, prepared as training prepares them."""
     torch.manual_seed(seed)
-    model = MLP(hidden_size=hidden_size)
+    model = MLP(hidden_sizes=(hidden_size,))
     model, optimizer = accelerator.prepare(model, make_optimizer(model.parameters(), lr, accelerator.device))
     return model, optimizer, NonFiniteGuard(accelerator, optimizer)
 

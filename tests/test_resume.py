@@ -19,8 +19,10 @@ def snapshot(directory) -> dict:
     """Every file a run wrote under `directory`, with size and time (the lock a resume takes aside)."""
     return {name: stamp for name, stamp in every_file(directory).items() if not name.startswith(".lock")}
 
+# the flags a checkpoint written before the model registry lacks (it had hidden_size)
+MODEL_FLAGS = ("model", "hidden_sizes", "activation", "dropout", "batch_norm", "sync_batch_norm", "model_args")
 # flags that differ from the defaults everywhere they can: a resume given none of them must find them all
-FLAGS = ["--dataset", "mnist-5k", "--cpu", "--seed", "3", "--hidden-size", "32", "--epochs", "2", "--lr", "2e-3",
+FLAGS = ["--dataset", "mnist-5k", "--cpu", "--seed", "3", "--hidden-sizes", "32", "--epochs", "2", "--lr", "2e-3",
          "--report-to", "none", "--checkpoint-every", "10", "--keep-checkpoints", "10"]
 
 
@@ -44,7 +46,7 @@ def interrupted(whole, tmp_path, step: int):
 def test_resume_auto_alone_continues_the_run_as_it_was_launched(whole, tmp_path):
     out = interrupted(whole, tmp_path, 30)
     proc = check(train_here("--resume", "auto", "--output-dir", str(out)))
-    assert ("continuing with the checkpoint's settings for the flags not given: --dataset mnist-5k --hidden-size 32 "
+    assert ("continuing with the checkpoint's settings for the flags not given: --dataset mnist-5k --hidden-sizes 32 "
             "--epochs 2 --lr 0.002 --seed 3") in proc.stdout
     assert "--cpu" in proc.stdout and "resuming from" in proc.stdout and "(step 30)" in proc.stdout
     assert same_weights(out, whole)
@@ -52,6 +54,20 @@ def test_resume_auto_alone_continues_the_run_as_it_was_launched(whole, tmp_path)
     # the precision the checkpoint ran with, resolved ("no"), where the first launch left it to Accelerate (None)
     assert results(out)["config"] == {**results(whole)["config"], "output_dir": str(out), "resume": "auto",
                                       "mixed_precision": "no"}
+
+
+def test_a_checkpoint_written_before_the_model_registry_resumes_to_the_same_weights(whole, tmp_path):
+    out = interrupted(whole, tmp_path, 30)
+    for step in checkpoint.complete_checkpoints(out):  # as mnist_dist wrote them until 2026-12-06
+        state = json.loads((step / checkpoint.STATE_NAME).read_text())
+        config = {k: v for k, v in state["config"].items() if k not in MODEL_FLAGS}
+        edited(step, "config", {**config, "hidden_size": 32})
+        model_config = json.loads((step / "config.json").read_text())
+        old = {k: v for k, v in model_config.items() if k not in ("options", "parameters")}
+        (step / "config.json").write_text(json.dumps({**old, "hidden_size": 32}))
+    proc = check(train_here("--resume", "auto", "--output-dir", str(out)))
+    assert "--hidden-sizes 32" in proc.stdout and "model mlp 32 relu" in proc.stdout
+    assert same_weights(out, whole)
 
 
 def test_a_flag_given_on_resume_wins_and_one_that_shapes_the_run_is_refused(whole, tmp_path):
@@ -144,9 +160,9 @@ def test_a_bad_config_in_the_training_state_is_refused_naming_the_flag(whole, tm
     damaged = tmp_path / "step"
     shutil.copytree(whole / "checkpoints" / "step_00000050", damaged)
     config = json.loads((damaged / checkpoint.STATE_NAME).read_text())["config"]
-    edited(damaged, "config", {**config, "hidden_size": -1})
+    edited(damaged, "config", {**config, "epochs": -1})
     proc = check(train_here("--resume", str(damaged), "--output-dir", str(tmp_path / "o")), rc=2)
-    assert "damaged, field 'config': --hidden-size=-1: must be an integer >= 1" in proc.stderr
+    assert "damaged, field 'config': --epochs=-1: must be an integer >= 1" in proc.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -156,7 +156,7 @@ def test_output_dir_that_is_a_file_or_unwritable_is_refused_before_the_data_is_r
 @pytest.mark.parametrize("flag, value, message", [
     ("--seed", "-1", "--seed=-1: must be an integer from 0 to 2**32 - 1"),
     ("--seed", str(2**32), f"--seed={2**32}: must be an integer from 0 to 2**32 - 1"),
-    ("--hidden-size", "1000000000", "--hidden-size=1000000000: must be at most 65,536"),
+    ("--hidden-sizes", "1000000000", "--hidden-sizes='1000000000': must be 1 to 8 comma-separated integers from 1 to 65,536"),
     ("--batch-size", "100000000", "--batch-size=100000000: must be at most 1,048,576"),
     ("--timeout", "0", "--timeout=0: must be an integer >= 1"),
 ])

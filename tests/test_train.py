@@ -65,7 +65,7 @@ def test_timings_split_the_run_into_phases_that_fit_in_its_wall_time(recipe_run)
 def test_saved_model_reproduces_the_reported_accuracy(recipe_run):
     out, r, _ = recipe_run
     model, config = load_model(out)
-    assert config["hidden_size"] == 256 and config["normalization"] == {"mean": 0.5, "std": 0.5, "pixel_scale": 255}
+    assert config["options"]["hidden_sizes"] == [256] and config["normalization"] == {"mean": 0.5, "std": 0.5, "pixel_scale": 255}
     test = load_idx(find_idx_files(MNIST_5K))["test"]
     metrics = evaluate(model, [(test.images[i : i + 1000], test.labels[i : i + 1000]) for i in range(0, 10000, 1000)])
     assert metrics["accuracy"] == r["test_accuracy"]
@@ -115,7 +115,7 @@ def test_fp16_from_the_accelerate_config_on_cpu_is_an_error_too(tmp_path):
         (["--lr", "nan"], "--lr=nan: must be a finite number > 0"),
         (["--epochs", "0"], "--epochs=0: must be an integer >= 1"),
         (["--max-steps", "0"], "--max-steps=0: must be an integer >= 1"),
-        (["--hidden-size", "-3"], "--hidden-size=-3: must be an integer >= 1"),
+        (["--hidden-sizes", "-3"], "--hidden-sizes='-3': must be 1 to 8 comma-separated integers from 1 to 65,536"),
         (["--num-workers", "-1"], "--num-workers=-1: must be an integer >= 0"),
         (["--dataset", ""], "--dataset='': must not be empty"),
         (["--mixed-precision", "fp8"], "argument --mixed-precision: invalid choice: 'fp8'"),
@@ -139,7 +139,7 @@ def test_validate_refuses_bad_values_when_called_from_python():
 
 def test_help_lists_every_flag_with_its_default():
     text = build_parser().format_help()
-    for flag in ["--epochs", "--batch-size", "--lr", "--hidden-size", "--seed", "--mixed-precision", "--dataset",
+    for flag in ["--epochs", "--batch-size", "--lr", "--hidden-sizes", "--seed", "--mixed-precision", "--dataset",
                  "--data-dir", "--output-dir", "--cpu", "--max-steps"]:
         assert flag in text
     options = [a for a in build_parser()._actions if a.dest != "help"]
@@ -159,7 +159,8 @@ def test_help_is_answered_before_torch_is_imported(cli):
 
 def test_defaults_are_the_recipe_of_record():
     cfg = parse_args([])
-    assert (cfg.hidden_size, cfg.lr, cfg.batch_size, cfg.epochs, cfg.dataset) == (256, 1e-3, 128, 10, "mnist")
+    assert (cfg.model, cfg.hidden_sizes, cfg.activation, cfg.lr, cfg.batch_size, cfg.epochs, cfg.dataset) == (
+        "mlp", "256", "relu", 1e-3, 128, 10, "mnist")
 
 
 # ---------------------------------------------------------------- accelerate_configs

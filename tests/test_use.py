@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from PIL import Image
 
 from mnist_dist import checkpoint, evaluate, predict
-from mnist_dist.model import MLP, model_config
+from mnist_dist.model import MLP
 
-from .helpers import REPO, check, in_process, launch, mnist5k, run
+from .helpers import REPO, check, in_process, launch, legacy_model_config, mnist5k, run
 
 SAMPLE = range(10)  # the fixed sample: the first ten real test digits
 
@@ -200,7 +200,7 @@ def test_missing_model_is_named(tmp_path):
 
 
 def test_config_that_does_not_match_the_weights_is_named(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(model_config(MLP(hidden_size=128))))
+    (tmp_path / "config.json").write_text(json.dumps(legacy_model_config(128)))
     save_file(MLP().state_dict(), str(tmp_path / "model.safetensors"))
     for cli in (evaluate_here, predict_here):
         args = ["--model", str(tmp_path)] + (["x.png"] if cli is predict_here else [])
@@ -228,7 +228,7 @@ CONFIG_EDITS = [("hidden_size", -1, "must be an integer from 1 to 65,536"),
 @pytest.mark.parametrize("key, value, message", CONFIG_EDITS, ids=[f"{k}={v}" for k, v, _ in CONFIG_EDITS])
 def test_every_field_of_config_json_is_checked_before_the_model_is_built(tmp_path, key, value, message):
     model = MLP()
-    config = model_config(model, normalization={"mean": 0.5, "std": 0.5}, class_names=list("0123456789"))
+    config = legacy_model_config(normalization={"mean": 0.5, "std": 0.5}, class_names=list("0123456789"))
     (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
     save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
     for cli in (evaluate_here, predict_here):

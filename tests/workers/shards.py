@@ -39,7 +39,7 @@ def main() -> None:
     accelerator = build_accelerator(cfg)
     train_set, test_set = indexed(n_train), indexed(n_test)
     torch.manual_seed(0)
-    model = MLP(hidden_size=16)
+    model = MLP(hidden_sizes=(16,))
     model, loader, test_loader = accelerator.prepare(model, train_loader(train_set, batch, 0, cfg.seed),
                                                      eval_loader(test_set, batch))
 
