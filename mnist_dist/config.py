@@ -1,6 +1,6 @@
 """One source of configuration: the `TrainConfig` dataclass.
 
-Every field is a command-line flag (`hidden_size` -> `--hidden-size`) whose help text
+Every field is a command-line flag (`hidden_sizes` -> `--hidden-sizes`) whose help text
 is the field's `help` metadata, with its unit. The resolved config goes into
 results.json, so a run can always be read back and repeated.
 """

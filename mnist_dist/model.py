@@ -108,7 +108,7 @@ def _check_mlp(options: dict) -> str | None:
     return None
 
 
-def _check_cnn(options: dict) -> str | None:
+def no_options(options: dict) -> str | None:
     return None if not options else f"takes no options, got {', '.join(options)}"
 
 
@@ -147,7 +147,7 @@ ARCHITECTURES = {
     "mlp": Architecture(lambda shape, classes, o: MLP(math.prod(shape), tuple(o["hidden_sizes"]), classes,
                                                       o["activation"], o["dropout"], o["batch_norm"]),
                         _mlp_options, _check_mlp),
-    "cnn": Architecture(lambda shape, classes, o: CNN(classes), lambda cfg: {}, _check_cnn),
+    "cnn": Architecture(lambda shape, classes, o: CNN(classes), lambda cfg: {}, no_options),
     IMPORTED: Architecture(build_imported, _imported_options, _check_imported),
 }
 CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # --model package.module:function

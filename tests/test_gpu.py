@@ -43,6 +43,27 @@ def test_the_graph_path_validates_at_epoch_ends_and_keeps_the_best_model(tmp_pat
     assert r["best"]["val_accuracy"] == max(h["val_accuracy"] for h in r["history"])
 
 
+@gpu
+@pytest.mark.parametrize("flags, data_path", [
+    ([], "graph"),
+    (["--hidden-sizes", "512,512", "--batch-norm", "--dropout", "0.2"], "device"),
+    (["--model", "cnn"], "device"),
+], ids=["mlp", "mlp-batch-norm-dropout", "cnn"])
+def test_each_built_in_model_trains_on_one_gpu_on_the_path_auto_chooses(flags, data_path, tmp_path):
+    check(train_cli("--dataset", "mnist-5k", *flags, "--report-to", "none", "--output-dir", str(tmp_path)))
+    r = results(tmp_path)
+    assert r["device_type"] == "cuda" and r["data_path"] == data_path and r["test_accuracy"] >= 0.88
+    assert r["flops_per_sample"] > 0 and r["model_flops_per_second"] > 0
+
+
+@two_gpus
+def test_sync_batch_norm_trains_two_gpus_as_one_ddp_run(tmp_path):
+    check(launch_gpus(2, "--dataset", "mnist-5k", "--batch-norm", "--sync-batch-norm", "--epochs", "2",
+                      "--report-to", "none", "--output-dir", str(tmp_path)))
+    r = results(tmp_path)
+    assert r["world_size"] == 2 and r["config"]["sync_batch_norm"] is True and r["test_accuracy"] >= 0.85
+
+
 @two_gpus
 def test_two_gpus_train_as_one_ddp_run(tmp_path):
     check(launch_gpus(2, "--dataset", "mnist-5k", "--report-to", "none", "--output-dir", str(tmp_path)))

@@ -76,3 +76,140 @@ def test_the_parameter_count_is_the_models():
         model, config = new_model(TrainConfig(hidden_sizes=str(hidden)), list("0123456789"), (0.5, 0.5),
                                   torch.device("cpu"))
         assert config["parameters"] == sum(p.numel() for p in model.parameters()) == 784 * hidden + hidden + hidden * 10 + 10
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def test_the_mlp_options_shape_its_layers():
+    model = MLP(hidden_sizes=(512, 256), activation="tanh", dropout=0.2, batch_norm=True)
+    assert [(m.in_features, m.out_features) for m in (model.fc1, model.fc2, model.fc3)] == [(784, 512), (512, 256),
+                                                                                              (256, 10)]
+    assert model.bn1.num_features == 512 and model.bn2.num_features == 256 and not hasattr(model, "bn3")
+    assert model(torch.zeros(4, 784)).shape == (4, 10)
+    model.eval()  # dropout off, BatchNorm on its running statistics: the same logits twice
+    x = torch.randn(4, 784)
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+
+
+def test_the_record_mlp_keeps_the_names_of_its_weights():  # checkpoints written before the registry load
+    assert list(MLP().state_dict()) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+
+
+def test_training_flops_are_counted_for_a_convolution_at_every_position():
+    from mnist_dist.model import CNN
+    from mnist_dist.resources import training_flops_per_sample
+
+    # forward, 2 FLOPs a multiply-add: conv1 16 x 28 x 28 positions x 9, conv2 32 x 14 x 14 x 16 x 9, fc1 1568 x 128,
+    # fc2 128 x 10; backward: the same again for the weights' gradients, and for the inputs' but the pixels'
+    forward = [2 * 16 * 784 * 9, 2 * 32 * 196 * 144, 2 * 1568 * 128, 2 * 128 * 10]
+    model = CNN()
+    assert training_flops_per_sample(model, 784) == 2 * sum(forward) + sum(forward[1:]) == 7_082_496
+    assert 6 * sum(p.numel() for p in model.parameters()) < 7_082_496 / 5  # what 6 x parameters would have said
+    assert all(p.grad is None for p in model.parameters())  # counted on a copy
+
+
+def new(**flags):
+    from mnist_dist.config import TrainConfig
+    from mnist_dist.model import new_model
+
+    return new_model(TrainConfig(**flags).validate(), list("0123456789"), (0.5, 0.5), torch.device("cpu"))
+
+
+def test_a_model_of_yours_is_built_with_its_arguments_and_recorded_for_loading_again(tmp_path):
+    from mnist_dist.model import build_model
+
+    model, config = new(model="examples.custom_model:build", model_args='{"width": 64}')
+    assert config["architecture"] == "import" and config["options"] == {"callable": "examples.custom_model:build",
+                                                                         "args": {"width": 64}}
+    assert model.hidden.out_features == 64 and type(build_model(config)) is type(model)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"model": "examples.no_such_module:build"}, "--model examples.no_such_module:build: cannot import it "
+                                                 "(ModuleNotFoundError"),
+    ({"model": "examples.custom_model:nothing"}, "--model examples.custom_model:nothing: cannot import it (AttributeError"),
+    ({"model": "examples.custom_model:build", "model_args": '{"depth": 2}'}, "failed to build with --model-args "
+                                                                             "{'depth': 2} (TypeError"),
+    ({"model": "tests.models:not_a_module"}, "--model tests.models:not_a_module: returned a dict, not a torch.nn.Module"),
+    ({"model": "tests.models:wrong_output"}, "--model tests.models:wrong_output: returns [2, 11] for 2 images, not [2, 10]"),
+])
+def test_a_model_of_yours_that_cannot_train_is_refused_naming_it(flags, message):
+    from mnist_dist.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        new(**flags)
+    assert message in str(err.value)
+
+
+def test_sync_batch_norm_is_refused_on_a_cpu_naming_why():
+    from mnist_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--sync-batch-norm: torch's SyncBatchNorm runs on GPUs only, and this run is "
+                                          "on the cpu"):
+        new(batch_norm=True, sync_batch_norm=True)
+
+
+def test_a_config_json_naming_an_unknown_architecture_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**legacy_model_config(), "architecture": "resnet"}))
+    save_file(MLP().state_dict(), tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: not a mnist_dist model config: 'architecture' "
+                                         "\\('resnet'\\) must be one of mlp, cnn, import"):
+        load_model(tmp_path)
+
+
+def test_the_graph_path_names_why_it_cannot_replay_a_model():
+    from mnist_dist.config import TrainConfig
+    from mnist_dist.graphs import graph_unsupported
+
+    cuda = torch.device("cuda")
+    assert graph_unsupported(TrainConfig(), cuda, 1, "no") is None
+    for flags in ({"model": "cnn"}, {"dropout": 0.1}, {"batch_norm": True}, {"model": "examples.custom_model:build"}):
+        assert "replays the MLP without dropout or BatchNorm" in graph_unsupported(TrainConfig(**flags), cuda, 1, "no")
+
+
+@pytest.mark.slow
+def test_a_model_of_yours_trains_stops_resumes_bit_identically_and_is_evaluated_and_predicted(tmp_path):
+    import sys
+
+    from PIL import Image
+
+    from mnist_dist.stopping import EXIT_PREEMPTED
+
+    from .helpers import REPO, check, mnist5k, results, run, same_weights, train_cli
+
+    flags = ["--dataset", "mnist-5k", "--cpu", "--model", "examples.custom_model:build", "--model-args", '{"width": 32}',
+             "--epochs", "2", "--log-every", "10", "--report-to", "none"]
+    check(train_cli(*flags, "--output-dir", str(tmp_path / "whole")))
+    out = tmp_path / "out"
+    # SIGTERM as the third stretch of steps begins; a script's own directory is on sys.path, not the repository
+    stop = {"STOP_IN": "stretch:3", "STOP_SIGNAL": "SIGTERM", "PYTHONPATH": str(REPO)}
+    check(run([sys.executable, str(REPO / "tests" / "workers" / "stop_in.py"), *flags, "--output-dir", str(out)],
+              env=stop), rc=EXIT_PREEMPTED)
+    check(train_cli("--resume", "auto", "--output-dir", str(out)))
+    assert same_weights(out, tmp_path / "whole")
+    assert results(out)["test_accuracy"] > 0.8  # a linear skip and 32 GELU units, 80 steps
+
+    evaluated = check(run([sys.executable, "-m", "mnist_dist.evaluate", "--model", str(out), "--cpu"]))
+    assert f"test_accuracy {results(out)['test_accuracy']:.4f}" in evaluated.stdout
+    digit = mnist5k()["test"]
+    Image.fromarray(digit.images[0].reshape(28, 28).numpy()).save(tmp_path / "digit.png")
+    predicted = check(run([sys.executable, "-m", "mnist_dist.predict", str(tmp_path / "digit.png"), "--model", str(out)]))
+    assert predicted.stdout.startswith(f"{tmp_path / 'digit.png'}: {digit.labels[0].item()}")
+
+
+@pytest.mark.slow
+def test_batch_norm_and_dropout_resume_bit_identically_on_the_same_number_of_processes(tmp_path):
+    from mnist_dist.stopping import EXIT_PREEMPTED
+
+    from .helpers import check, results, same_weights, stopped_in, train_cli
+
+    flags = ["--dataset", "mnist-5k", "--hidden-sizes", "64,32", "--batch-norm", "--dropout", "0.2", "--epochs", "2",
+             "--log-every", "10", "--report-to", "none"]
+    check(train_cli(*flags, "--cpu", "--output-dir", str(tmp_path / "whole")))
+    out = tmp_path / "out"
+    check(stopped_in("stretch:4", *flags, "--output-dir", str(out)), rc=EXIT_PREEMPTED)  # mid-epoch: step 30
+    check(train_cli("--resume", "auto", "--output-dir", str(out)))
+    # dropout's masks come from the checkpoint's RNG state, BatchNorm's running statistics from its weights
+    assert same_weights(out, tmp_path / "whole")
+    assert results(out)["config"]["batch_norm"] is True
