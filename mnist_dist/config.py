@@ -37,6 +37,7 @@ MAX_LAYERS = 8  # hidden layers of an MLP: the tutorial's question is one to thr
 BUILT_IN_MODELS = ("mlp", "cnn")  # model.ARCHITECTURES' names for --model; 'package.module:function' is yours
 ACTIVATION_CHOICES = ("relu", "tanh", "sigmoid", "gelu")
 MLP_DEFAULTS = {"hidden_sizes": "256", "activation": "relu", "dropout": 0.0, "batch_norm": False}
+AUGMENT_AMOUNTS = {"augment_rotation": 10.0, "augment_translation": 2.0, "augment_scale": 0.1}
 MAX_BATCH = 1_048_576  # samples: past any dataset this package reads
 # classes of a dataset: the confusion matrix in results.json is classes^2 counts (4M at this bound, ~10 MB of
 # JSON, 32 MiB as int64), and 2,048 is past any 28x28 dataset we know (EMNIST 62, Omniglot 1,623)
@@ -91,6 +92,13 @@ class TrainConfig:
     sync_batch_norm: bool = _field(False, "BatchNorm statistics over every process's batch (torch.nn.SyncBatchNorm, "
                                    "GPUs only); without it each process normalizes with its own batch, and DDP "
                                    "broadcasts the first process's running statistics")
+    augment: bool = _field(False, "a random affine transform of each training image, drawn from --seed, the epoch "
+                           "and the sample, on the device (the test and validation images never)")
+    augment_rotation: float = _field(10.0, "--augment: the most each image is turned, either way (degrees, 0 to 180)")
+    augment_translation: float = _field(2.0, "--augment: the most each image is shifted in x and in y (pixels, 0 "
+                                        "to 14)")
+    augment_scale: float = _field(0.1, "--augment: the most each image is scaled up or down (fraction of its "
+                                  "size, [0, 0.5))")
     model_args: str | None = _field(None, "the keyword arguments of --model package.module:function, as a JSON "
                                     "object ('{\"width\": 64}'); default: none")
     # optimisation
@@ -213,6 +221,9 @@ class TrainConfig:
              "holds an earlier profile (trace.json); choose another directory, or replace it with --overwrite"),
             ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2**32, "must be an integer from 0 to 2**32 - 1"),
             ("dropout", math.isfinite(self.dropout) and 0 <= self.dropout < 1, "must be in [0, 1) (a probability)"),
+            ("augment_rotation", 0 <= self.augment_rotation <= 180, "must be from 0 to 180 (degrees)"),
+            ("augment_translation", 0 <= self.augment_translation <= 14, "must be from 0 to 14 (pixels)"),
+            ("augment_scale", 0 <= self.augment_scale < 0.5, "must be in [0, 0.5) (a fraction)"),
             ("batch_size", self.batch_size <= MAX_BATCH, f"must be at most {MAX_BATCH:,}"),
             ("eval_batch_size", self.eval_batch_size <= MAX_BATCH, f"must be at most {MAX_BATCH:,}"),
             ("timeout", isinstance(self.timeout, int) and self.timeout >= 1, "must be an integer >= 1 (seconds)"),
@@ -235,6 +246,9 @@ class TrainConfig:
         sizes = self.hidden_sizes.split(",")
         if not (len(sizes) <= MAX_LAYERS and all(s.isdigit() and 1 <= int(s) <= MAX_HIDDEN for s in sizes)):
             self._refuse("hidden_sizes", f"must be 1 to {MAX_LAYERS} comma-separated integers from 1 to {MAX_HIDDEN:,}")
+        for name, default in AUGMENT_AMOUNTS.items():
+            if not self.augment and getattr(self, name) != default:
+                self._refuse(name, "is an amount of --augment, which this run does not have")
         for name, default in MLP_DEFAULTS.items():
             if self.model != "mlp" and getattr(self, name) != default:
                 self._refuse(name, f"shapes --model mlp, and this run has --model {self.model}")

@@ -57,6 +57,8 @@ def graph_unsupported(cfg: TrainConfig, device: torch.device, world: int, precis
          f"--batch-norm {cfg.batch_norm}: the steps that warm the capture up would draw dropout's random numbers and "
          "move BatchNorm's statistics (and a model of yours may hold ops a CUDA graph cannot capture); "
          "--data-path device runs it"),
+        (cfg.augment, "replays each epoch's batches as it captured them, and --augment transforms every batch anew: "
+                      "--data-path device runs it"),
         (cfg.eval_every is not None, f"replays whole epochs, and --eval-every {cfg.eval_every} validates inside "
                                      "them: --data-path device runs it"),
         (precision == "fp16", "does not support --mixed-precision fp16, whose grad scaler checks for overflow on "

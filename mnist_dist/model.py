@@ -61,21 +61,21 @@ class MLP(nn.Module):
 
 class CNN(nn.Module):
     """A small convolutional net in the spirit of pytorch/examples' MNIST one, cheaper: two 3x3 convolutions
-    (16, 32 channels, padded), each followed by ReLU and 2x2 max pooling (28 -> 14 -> 7), dropout, a 128-unit
-    layer and the logits."""
+    (16, 32 channels, padded), each followed by BatchNorm, ReLU and 2x2 max pooling (28 -> 14 -> 7), a
+    128-unit layer, dropout and the logits."""
 
     def __init__(self, num_classes: int = 10, dropout: float = 0.25):
         super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
+        self.conv1, self.bn1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
         self.fc1, self.fc2 = nn.Linear(32 * 7 * 7, 128), nn.Linear(128, num_classes)
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.view(-1, *IMAGE_SHAPE)  # [batch, 784] -> [batch, 1, 28, 28]
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = F.dropout(x.flatten(1), self.dropout, self.training)
-        x = F.dropout(F.relu(self.fc1(x)), self.dropout, self.training)
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        x = F.dropout(F.relu(self.fc1(x.flatten(1))), self.dropout, self.training)
         return self.fc2(x)
 
 

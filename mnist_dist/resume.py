@@ -21,7 +21,7 @@ from .train_state import STATE_NAME, CheckpointError, TrainState
 # config fields that shape the trajectory: a resumed run must use the same values
 # (the batch: the global batch must match, see `Resume.batch_for_world`)
 MUST_MATCH = ("dataset", "model", "hidden_sizes", "activation", "dropout", "batch_norm", "sync_batch_norm",
-              "model_args", "lr", "seed", "mixed_precision", "schedule", "warmup_fraction",
+              "model_args", "augment", "augment_rotation", "augment_translation", "augment_scale", "lr", "seed", "mixed_precision", "schedule", "warmup_fraction",
               "label_smoothing", "normalization", "optimizer", "weight_decay", "max_grad_norm", "val_fraction",
               "early_stopping_min_delta")
 # a schedule is laid out over all steps: the run's length must not change under it

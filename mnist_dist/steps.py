@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from .clock import since_process_start
 from .config import TrainConfig
-from .data import DeviceBatches, normalize
+from .augment import epoch_draws, transform
+from .data import DeviceBatches, epoch_order, normalize
 from .distributed import local_real, threads_for_rows
 
 
@@ -118,9 +119,14 @@ class EagerSteps(StepRunner):
         accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self.epoch_batches = iter(())
         self.seconds_to_first_step: float | None = None
+        self.augment: tuple[torch.Tensor, torch.Tensor] | None = None  # --augment: (epoch order, draws) on the device
 
     def begin_epoch(self, epoch: int, start: int) -> None:
         """Batches from optimizer step `start` of `epoch` on."""
+        if self.cfg.augment:  # which sample each batch row is, and each sample's draws (augment.epoch_draws)
+            device, seed = self.accelerator.device, self.cfg.seed
+            self.augment = (epoch_order(self.train_len, seed, epoch).to(device),
+                            epoch_draws(self.train_len, seed, epoch).to(device))
         start *= self.cfg.gradient_accumulation_steps
         if isinstance(self.batches, DeviceBatches):
             self.epoch_batches = self.batches.epoch(epoch, start)
@@ -144,13 +150,25 @@ class EagerSteps(StepRunner):
                 real = local_real(index, len(labels), self.train_len, batch_size, self.accelerator)  # fillers last
                 with threads_for_rows(real, self.accelerator.device):  # the same bits at any thread count
                     self.losses[index], norm = train_step(self.accelerator, self.model, self.optimizer, self.guard,
-                                                          normalize(images[:real], *self.stats), labels[:real], scale,
+                                                          self.inputs(images[:real], index), labels[:real], scale,
                                                           self.cfg.label_smoothing, self.cfg.max_grad_norm)
             self.norms.append(norm)  # a reference: no copy, no kernel
             if self.scheduler is not None:
                 self.scheduler.step()
             if self.seconds_to_first_step is None:
                 self.seconds_to_first_step = since_process_start()
+
+    def inputs(self, images: torch.Tensor, batch: int) -> torch.Tensor:
+        """This process's batch `batch` of the epoch (uint8, its real samples) as the model's inputs: normalized
+        and, with --augment, each sample transformed by its own draws."""
+        if self.augment is None:
+            return normalize(images, *self.stats)
+        order, draws = self.augment
+        first = (batch * self.accelerator.num_processes + self.accelerator.process_index) * self.cfg.batch_size
+        samples = order[first : first + len(images)]  # as data.DeviceBatches and Accelerate's sampler cut the epoch
+        pixels = transform(images.to(torch.float32).div(255), draws[samples], self.cfg.augment_rotation,
+                           self.cfg.augment_translation, self.cfg.augment_scale)
+        return pixels.sub_(self.stats[0]).div_(self.stats[1])
 
     def step_losses(self, start: int, stop: int) -> list[float]:
         """The loss sums of optimizer steps [start, stop), from their batches' (a host sync)."""
