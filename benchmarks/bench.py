@@ -6,6 +6,10 @@ over NCCL, or two CPU processes over gloo on a machine without GPUs), the tuned 
 
     python benchmarks/bench.py --data-dir /usr/share/datasets/fashion-mnist --fashion --epochs 4
     python benchmarks/bench.py --data-dir mnist_dist/datasets/mnist-5k --epochs 10 --json out.json
+    python benchmarks/bench.py --data-dir /usr/share/datasets/fashion-mnist --fashion --model cnn --epochs 3
+
+With `--model cnn` the baseline is pytorch/examples' MNIST loop (benchmarks/examples_loop.py: its
+DataLoader and transforms) training the same CNN, against mnist_dist's defaults and DataLoader path.
 
 Each pipeline runs in its own process on the same IDX files with the recipe of record
 (784-256-10 MLP, Adam 1e-3, batch 128 per process) on the GPU if there is one, else the CPU.
@@ -80,17 +84,22 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--skip-tutorial", action="store_true")
     parser.add_argument("--pairs", type=int, default=3, help="one process then two, this many times (0: none)")
+    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                        help="cnn: pytorch/examples' loop against mnist_dist's defaults and DataLoader path")
     args = parser.parse_args()
+    cnn = args.model == "cnn"
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if not args.skip_tutorial:
             root = torchvision_root(args.data_dir, args.fashion, tmp / "tv")
-            wall, out = timed([sys.executable, str(HERE / "tutorial.py"), str(root), str(args.epochs)]
+            baseline = HERE / ("examples_loop.py" if cnn else "tutorial.py")
+            wall, out = timed([sys.executable, str(baseline), str(root), str(args.epochs)]
                               + (["--fashion"] if args.fashion else []))
             r = json.loads(out.strip().splitlines()[-1])
-            rows.append(row("tutorial (torchvision, 2 workers)", r["epoch_seconds"], r["train_samples"],
+            name = "pytorch/examples loop, CNN (1 worker)" if cnn else "tutorial (torchvision, 2 workers)"
+            rows.append(row(name, r["epoch_seconds"], r["train_samples"],
                             r["test_accuracy"], r["seconds_to_first_step"], wall, r["steps_per_epoch"]))
         gpus = torch.cuda.device_count()
         runs = [("auto", 1, [], {}), ("dataloader", 1, [], {}), ("device", 1, [], {})]  # auto: the defaults
@@ -104,6 +113,8 @@ def main() -> None:
         if not gpus:  # `accelerate launch` gives each of N CPU processes cores/N threads: compare like with like
             threads = str(max(1, (os.cpu_count() or 2) // 2))
             runs.insert(3, ("device", 1, [], {"OMP_NUM_THREADS": threads}))
+        if cnn:  # the same CNN as the baseline's, through mnist_dist's defaults and its DataLoader path
+            runs = [("auto", 1, ["--model", "cnn"], {}), ("dataloader", 1, ["--model", "cnn"], {})]
         runs_done = 0
 
         def run(path: str, processes: int, extra: list[str], env: dict) -> dict:
@@ -131,7 +142,7 @@ def main() -> None:
         for path, processes, extra, env in runs:
             rows.append(run(path, processes, extra, env))
         pairs = []
-        if gpus != 1:
+        if gpus != 1 and not cnn:
             alone = {} if gpus else {"OMP_NUM_THREADS": "1"}
             for _ in range(args.pairs):
                 one, two = run("device", 1, [], alone), run("device", 2, [], {})

@@ -1,4 +1,5 @@
-"""mnist_dist: an MNIST MLP trained with Hugging Face Accelerate on CPUs, GPUs and cluster nodes."""
+"""mnist_dist: MNIST-like image classifiers (the record: an MLP) trained with Hugging Face Accelerate on CPUs,
+GPUs and cluster nodes."""
 
 import os
 

@@ -30,13 +30,17 @@ def transform(pixels: torch.Tensor, draws: torch.Tensor, rotation: float, transl
     """`pixels` ([batch, 784], 0..1) turned by up to `rotation` degrees, shifted by up to `translation`
     pixels in x and y and scaled by up to 1 +- `scale`, each sample by its row of `draws` ([batch, 4]);
     what moves in from outside the image is black (0)."""
+    if len(pixels) == 0:  # a process's share of an epoch's last step may be empty; affine_grid refuses that
+        return pixels
     spread = 2 * draws - 1  # [-1, 1)
     angle = spread[:, 0] * math.radians(rotation)
     zoom = 1 + spread[:, 3] * scale
     shift = spread[:, 1:3] * translation * 2 / IMAGE_SIDE  # affine_grid's coordinates span 2 over the image
-    # the grid says where each output pixel comes from: the inverse of rotating by `angle` and scaling by `zoom`
+    # the grid says where each output pixel comes from: for out = A in + shift (A turns by `angle` and scales
+    # by `zoom`), in = A^-1 out - A^-1 shift, so that the shift is the one drawn, whatever the turn
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos, sin, -shift[:, 0]], 1), torch.stack([-sin, cos, -shift[:, 1]], 1)], 1)
+    inverse = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)  # [batch, 2, 2]
+    theta = torch.cat([inverse, -(inverse @ shift.unsqueeze(2))], 2)
     images = pixels.view(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
     grid = F.affine_grid(theta.to(pixels.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False).flatten(1)

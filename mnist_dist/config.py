@@ -34,6 +34,7 @@ OPTIONAL_COUNTS = ("max_steps", "checkpoint_every", "eval_every", "early_stoppin
 MAX_VAL_FRACTION = 0.5  # of the training split: past it, more is held out than trained on
 MAX_HIDDEN = 65_536  # units: 51M weights, 0.8 GB with Adam's moments and the gradients in fp32
 MAX_LAYERS = 8  # hidden layers of an MLP: the tutorial's question is one to three
+MAX_MLP_WEIGHTS = 2**26  # 67M: with gradients and Adam's two moments, 1 GiB in fp32
 BUILT_IN_MODELS = ("mlp", "cnn")  # model.ARCHITECTURES' names for --model; 'package.module:function' is yours
 ACTIVATION_CHOICES = ("relu", "tanh", "sigmoid", "gelu")
 MLP_DEFAULTS = {"hidden_sizes": "256", "activation": "relu", "dropout": 0.0, "batch_norm": False}
@@ -244,13 +245,18 @@ class TrainConfig:
         if self.model not in BUILT_IN_MODELS and not yours:
             self._refuse("model", f"unknown model; choose {', '.join(BUILT_IN_MODELS)} or package.module:function")
         sizes = self.hidden_sizes.split(",")
-        if not (len(sizes) <= MAX_LAYERS and all(s.isdigit() and 1 <= int(s) <= MAX_HIDDEN for s in sizes)):
+        if not (len(sizes) <= MAX_LAYERS and all(s.isascii() and s.isdigit() and 1 <= int(s) <= MAX_HIDDEN
+                                                 for s in sizes)):
             self._refuse("hidden_sizes", f"must be 1 to {MAX_LAYERS} comma-separated integers from 1 to {MAX_HIDDEN:,}")
-        for name, default in AUGMENT_AMOUNTS.items():
-            if not self.augment and getattr(self, name) != default:
+        widths = [784, *map(int, sizes), 10]
+        if sum(a * b for a, b in zip(widths, widths[1:])) > MAX_MLP_WEIGHTS:
+            self._refuse("hidden_sizes", f"makes more than {MAX_MLP_WEIGHTS:,} weights (about 1 GiB to train in fp32)")
+        given = self.given_fields()  # given on the command line, or (from Python) unlike the defaults
+        for name in AUGMENT_AMOUNTS:
+            if not self.augment and name in given:
                 self._refuse(name, "is an amount of --augment, which this run does not have")
-        for name, default in MLP_DEFAULTS.items():
-            if self.model != "mlp" and getattr(self, name) != default:
+        for name in MLP_DEFAULTS:
+            if self.model != "mlp" and name in given:
                 self._refuse(name, f"shapes --model mlp, and this run has --model {self.model}")
         if self.model_args is not None and not yours:
             self._refuse("model_args", "are the arguments of --model package.module:function")

@@ -13,7 +13,9 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .data import MEAN, STD, normalize
+from .data import IMAGE_SIDE, MEAN, STD, normalize
+
+INPUT_SIZE = IMAGE_SIDE * IMAGE_SIDE  # pixels a model takes, flattened
 
 
 def _identity(x):
@@ -29,7 +31,9 @@ def evaluate_sums(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
     was_training = model.training
     model.eval()
     loss_sum, samples = 0.0, 0
-    num_classes = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features  # the logits'
+    # the logits' width, from one blank image: a process whose share is empty still adds a matrix of that size
+    blank = torch.zeros(1, INPUT_SIZE, device=next(model.parameters()).device)
+    num_classes = model(blank).shape[1]
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
     for images, labels in batches:
         logits = model(normalize(images, *normalization)).float()

@@ -52,11 +52,13 @@ def graph_unsupported(cfg: TrainConfig, device: torch.device, world: int, precis
         (cfg.optimizer != "adam" or cfg.weight_decay != 0, f"replays plain Adam, and this run has --optimizer "
                                                             f"{cfg.optimizer} --weight-decay {cfg.weight_decay}: "
                                                             "--data-path device runs it"),
-        (cfg.model != "mlp" or cfg.dropout or cfg.batch_norm,
-         f"replays the MLP without dropout or BatchNorm, and this run has --model {cfg.model} --dropout {cfg.dropout} "
-         f"--batch-norm {cfg.batch_norm}: the steps that warm the capture up would draw dropout's random numbers and "
-         "move BatchNorm's statistics (and a model of yours may hold ops a CUDA graph cannot capture); "
-         "--data-path device runs it"),
+        (cfg.model != "mlp", f"replays the MLP without dropout or BatchNorm, and this run has --model {cfg.model} "
+                             "(the CNN has both; a model of yours may hold ops a CUDA graph cannot capture): "
+                             "--data-path device runs it"),
+        (cfg.dropout or cfg.batch_norm, f"replays the MLP without dropout or BatchNorm, and this run has --dropout "
+                                        f"{cfg.dropout} --batch-norm {cfg.batch_norm}: the steps that warm the capture "
+                                        "up would draw dropout's random numbers and move BatchNorm's statistics; "
+                                        "--data-path device runs it"),
         (cfg.augment, "replays each epoch's batches as it captured them, and --augment transforms every batch anew: "
                       "--data-path device runs it"),
         (cfg.eval_every is not None, f"replays whole epochs, and --eval-every {cfg.eval_every} validates inside "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,7 @@ INPUT_SIZE = 28 * 28  # the pixels a model takes, flattened: [batch, 784] normal
 CONFIG_NAME = "config.json"
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": F.gelu}
 IMPORTED = "import"  # the architecture name config.json gives a model built by a callable of yours
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 class MLP(nn.Module):
@@ -131,8 +133,9 @@ def build_imported(input_shape: tuple[int, ...], num_classes: int, options: dict
         found = importlib.import_module(module_name)
         for part in attribute.split("."):
             found = getattr(found, part)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"--model {name}: cannot import it ({type(err).__name__}: {err})") from None
+    except Exception as err:  # ImportError, AttributeError, or whatever importing your module raised
+        raise ConfigError(f"--model {name}: cannot import it ({type(err).__name__}: {err}); run from the directory "
+                          "that holds its package, or install it") from None
     try:
         built = found(input_shape, num_classes, **options["args"])
     except Exception as err:  # your code, with --model-args it may not take
@@ -182,6 +185,9 @@ def new_model(cfg, class_names, stats: tuple[float, float], device: torch.device
     if cfg.sync_batch_norm and device.type != "cuda":
         raise ConfigError(f"--sync-batch-norm: torch's SyncBatchNorm runs on GPUs only, and this run is on the "
                           f"{device.type}; without it each process normalizes with its own batch")
+    if cfg.sync_batch_norm and not any(isinstance(m, BATCH_NORMS) for m in model.modules()):
+        raise ConfigError(f"--sync-batch-norm: --model {cfg.model} has no BatchNorm layer (--batch-norm adds them to "
+                          "the MLP)")
     return (nn.SyncBatchNorm.convert_sync_batchnorm(model) if cfg.sync_batch_norm else model), entry
 
 
@@ -281,7 +287,14 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     except UnreadableFile as err:
         raise ValueError(f"{config_path}: not a mnist_dist model config ({err.why})") from None
     check_config(config, config_path)
-    model = build_model(config)
+    if config["architecture"] == IMPORTED:  # as HF's trust_remote_code: the user sees what runs
+        print(f"mnist_dist: importing and running {config['options']['callable']}, as {config_path} names it",
+              file=sys.stderr)
+    try:
+        model = build_model(config)
+        check_output(model, config["num_classes"], model_options(config).get("callable", config["architecture"]))
+    except ConfigError as err:
+        raise ValueError(f"{config_path}: {err}") from None
     try:
         weights = load_file(weights_path)
     except Exception as err:  # safetensors raises its own error types for damaged files

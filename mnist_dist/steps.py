@@ -8,16 +8,35 @@ that the host looks at the device only where the loop checks (a log point, a che
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .clock import since_process_start
 from .config import TrainConfig
 from .augment import epoch_draws, transform
 from .data import DeviceBatches, epoch_order, normalize
 from .distributed import local_real, threads_for_rows
+
+PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@contextlib.contextmanager
+def batch_norm_frozen(model, rows: int):
+    """With fewer than 2 rows (a process's share of an epoch's last step, cut to its real samples) BatchNorm
+    has no batch statistics to take: its layers normalize those rows with their running statistics. torch's
+    SyncBatchNorm is left as it is: it takes the statistics of every process's rows, and waits for them."""
+    frozen = [m for m in model.modules() if isinstance(m, PLAIN_BATCH_NORMS) and m.training] if rows < 2 else []
+    for layer in frozen:
+        layer.eval()
+    try:
+        yield
+    finally:
+        for layer in frozen:
+            layer.train()
 
 
 class StepRunner(Protocol):
@@ -148,7 +167,8 @@ class EagerSteps(StepRunner):
             for index in batches:
                 images, labels = next(self.epoch_batches)
                 real = local_real(index, len(labels), self.train_len, batch_size, self.accelerator)  # fillers last
-                with threads_for_rows(real, self.accelerator.device):  # the same bits at any thread count
+                # the same bits at any thread count; BatchNorm on fewer than 2 rows: the running statistics
+                with threads_for_rows(real, self.accelerator.device), batch_norm_frozen(self.model, real):
                     self.losses[index], norm = train_step(self.accelerator, self.model, self.optimizer, self.guard,
                                                           self.inputs(images[:real], index), labels[:real], scale,
                                                           self.cfg.label_smoothing, self.cfg.max_grad_norm)

@@ -1,4 +1,4 @@
-"""Train the MNIST MLP with Hugging Face Accelerate on one CPU, one GPU, many GPUs or many nodes.
+"""Train an MNIST classifier (--model) with Hugging Face Accelerate on one CPU, one GPU, many GPUs or many nodes.
 
     python -m mnist_dist.train --dataset mnist-5k --cpu          # one process: laptop / debugging
     python -m mnist_dist.train                                   # one process, GPU if there is one

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from mnist_dist.model import MLP, build_model, load_model
 
-from .helpers import legacy_model_config
+from .helpers import legacy_model_config, mnist5k
 
 
 def test_default_model_maps_784_pixels_to_10_logits():
@@ -128,6 +128,8 @@ def test_a_model_of_yours_is_built_with_its_arguments_and_recorded_for_loading_a
 @pytest.mark.parametrize("flags, message", [
     ({"model": "examples.no_such_module:build"}, "--model examples.no_such_module:build: cannot import it "
                                                  "(ModuleNotFoundError"),
+    ({"model": "tests.broken_model:build"}, "--model tests.broken_model:build: cannot import it (RuntimeError: this "
+                                            "module needs a library"),
     ({"model": "examples.custom_model:nothing"}, "--model examples.custom_model:nothing: cannot import it (AttributeError"),
     ({"model": "examples.custom_model:build", "model_args": '{"depth": 2}'}, "failed to build with --model-args "
                                                                              "{'depth': 2} (TypeError"),
@@ -140,6 +142,16 @@ def test_a_model_of_yours_that_cannot_train_is_refused_naming_it(flags, message)
     with pytest.raises(ConfigError) as err:
         new(**flags)
     assert message in str(err.value)
+
+
+def test_the_evaluation_takes_the_number_of_classes_from_the_logits():
+    from mnist_dist.evaluation import evaluate
+
+    from .models import HeadFirst
+
+    test = mnist5k()["test"]
+    metrics = evaluate(HeadFirst((1, 28, 28), 10), [(test.images[:100], test.labels[:100])])
+    assert len(metrics["confusion_matrix"]) == 10 and metrics["samples"] == 100
 
 
 def test_sync_batch_norm_is_refused_on_a_cpu_naming_why():
@@ -213,3 +225,21 @@ def test_batch_norm_and_dropout_resume_bit_identically_on_the_same_number_of_pro
     # dropout's masks come from the checkpoint's RNG state, BatchNorm's running statistics from its weights
     assert same_weights(out, tmp_path / "whole")
     assert results(out)["config"]["batch_norm"] is True
+
+
+@pytest.mark.slow
+def test_an_augmented_batch_norm_run_on_two_processes_goes_on_on_one(tmp_path):
+    from .helpers import check, launch, results, train_cli
+
+    out = tmp_path / "out"
+    flags = ["--dataset", "mnist-5k", "--hidden-sizes", "64", "--batch-norm", "--augment", "--batch-size", "64",
+             "--report-to", "none", "--output-dir", str(out)]
+    # 79 batches of 64 an epoch: in its last step the second process has no sample, BatchNorm and --augment none
+    proc = check(launch(2, *flags, "--epochs", "1"))
+    assert results(out)["world_size"] == 2 and results(out)["steps"] == 40, proc.stdout
+    proc = check(train_cli("--resume", "auto", "--output-dir", str(out), "--epochs", "2"))
+    r = results(out)
+    # the global batch of 2 x 64 as 1 x 64 x 2 accumulated: each BatchNorm still normalizes 64 samples at a time
+    assert (r["world_size"], r["global_batch_size"], r["per_process_batch_size"], r["steps"]) == (1, 128, 64, 80)
+    assert r["config"]["gradient_accumulation_steps"] == 2 and "the world size changed from 2 to 1" in proc.stdout
+    assert r["test_accuracy"] > 0.8
