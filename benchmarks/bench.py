@@ -8,7 +8,7 @@ over NCCL, or two CPU processes over gloo on a machine without GPUs), the tuned 
     python benchmarks/bench.py --data-dir mnist_dist/datasets/mnist-5k --epochs 10 --json out.json
     python benchmarks/bench.py --data-dir /usr/share/datasets/fashion-mnist --fashion --model cnn --epochs 3
 
-With `--model cnn` the baseline is pytorch/examples' MNIST loop (benchmarks/examples_loop.py: its
+With `--model cnn` the baseline is pytorch/examples' MNIST loop (tutorial.py --pytorch-examples: its
 DataLoader and transforms) training the same CNN, against mnist_dist's defaults and DataLoader path.
 
 Each pipeline runs in its own process on the same IDX files with the recipe of record
@@ -94,9 +94,8 @@ def main() -> None:
         tmp = Path(tmp)
         if not args.skip_tutorial:
             root = torchvision_root(args.data_dir, args.fashion, tmp / "tv")
-            baseline = HERE / ("examples_loop.py" if cnn else "tutorial.py")
-            wall, out = timed([sys.executable, str(baseline), str(root), str(args.epochs)]
-                              + (["--fashion"] if args.fashion else []))
+            wall, out = timed([sys.executable, str(HERE / "tutorial.py"), str(root), str(args.epochs)]
+                              + (["--fashion"] if args.fashion else []) + (["--pytorch-examples"] if cnn else []))
             r = json.loads(out.strip().splitlines()[-1])
             name = "pytorch/examples loop, CNN (1 worker)" if cnn else "tutorial (torchvision, 2 workers)"
             rows.append(row(name, r["epoch_seconds"], r["train_samples"],

@@ -1,7 +1,11 @@
-"""The seed tutorial's pipeline, as the tutorial writes it: torchvision MNIST + ToTensor + Normalize,
-a DataLoader with 2 workers, a plain PyTorch loop. The baseline that benchmarks/bench.py compares with.
+"""The baselines that benchmarks/bench.py compares with, each a plain PyTorch loop over torchvision's
+dataset with ToTensor + Normalize:
+- the seed tutorial's pipeline, as the tutorial writes it: its MLP, Normalize(0.5, 0.5), a DataLoader with
+  2 workers;
+- with --pytorch-examples, pytorch/examples' MNIST loop (mnist/main.py: Normalize(0.1307, 0.3081), one
+  worker, pinned memory on a GPU) training mnist_dist's CNN with mnist_dist's recipe (Adam 1e-3, batch 128).
 
-    python benchmarks/tutorial.py TORCHVISION_ROOT EPOCHS [--fashion]   # prints one JSON line
+    python benchmarks/tutorial.py TORCHVISION_ROOT EPOCHS [--fashion] [--pytorch-examples]   # one JSON line
 """
 
 import json
@@ -15,19 +19,24 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from mnist_dist.clock import since_process_start  # as mnist_dist measures it: from the OS starting the process
+from mnist_dist.model import CNN
 
 
 def main() -> None:
     root, epochs = sys.argv[1], int(sys.argv[2])
     Dataset = datasets.FashionMNIST if "--fashion" in sys.argv else datasets.MNIST
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+    examples = "--pytorch-examples" in sys.argv
+    mean, std = (0.1307, 0.3081) if examples else (0.5, 0.5)
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
     train_set = Dataset(root, train=True, download=False, transform=transform)
     test_set = Dataset(root, train=False, download=False, transform=transform)
-    train_loader = DataLoader(train_set, batch_size=128, shuffle=True, num_workers=2)
-    test_loader = DataLoader(test_set, batch_size=1000, num_workers=2)
+    loader_kwargs = {"num_workers": 1, "pin_memory": device.type == "cuda"} if examples else {"num_workers": 2}
+    train_loader = DataLoader(train_set, batch_size=128, shuffle=True, **loader_kwargs)
+    test_loader = DataLoader(test_set, batch_size=1000, **loader_kwargs)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10)).to(device)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+    model = (CNN(len(train_set.classes)) if examples else mlp).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     epoch_seconds, first_step = [], None
     for _ in range(epochs):
