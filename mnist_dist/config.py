@@ -37,6 +37,7 @@ MAX_LAYERS = 8  # hidden layers of an MLP: the tutorial's question is one to thr
 MAX_MLP_WEIGHTS = 2**26  # 67M: with gradients and Adam's two moments, 1 GiB in fp32
 BUILT_IN_MODELS = ("mlp", "cnn")  # model.ARCHITECTURES' names for --model; 'package.module:function' is yours
 ACTIVATION_CHOICES = ("relu", "tanh", "sigmoid", "gelu")
+NORMALIZATION_CHOICES = ("half", "dataset", "none")  # data.SCALINGS, and 'dataset': measured on the training split
 MLP_DEFAULTS = {"hidden_sizes": "256", "activation": "relu", "dropout": 0.0, "batch_norm": False}
 AUGMENT_AMOUNTS = {"augment_rotation": 10.0, "augment_translation": 2.0, "augment_scale": 0.1}
 MAX_BATCH = 1_048_576  # samples: past any dataset this package reads
@@ -79,7 +80,8 @@ class TrainConfig:
                                   "load in the main process)")
     normalization: str = _field("half", "input scaling: 'half' maps pixels 0..255 to [-1, 1] (mean 0.5, std 0.5, "
                                 "as the tutorials do); 'dataset' standardizes with the training set's pixel mean "
-                                "and std (saved with the model)", choices=("half", "dataset"))
+                                "and std (saved with the model); 'none' keeps them in [0, 1]",
+                                choices=NORMALIZATION_CHOICES)
     # model
     model: str = _field("mlp", "'mlp' (the record's; --hidden-sizes, --activation, --dropout, --batch-norm shape it), "
                         "'cnn' (two convolutions), or 'package.module:function' of yours: it gets the input shape "

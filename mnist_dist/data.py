@@ -19,6 +19,8 @@ IMAGE_SIDE = 28  # pixels: every image is IMAGE_SIDE x IMAGE_SIDE, grayscale
 DIGITS = tuple(str(i) for i in range(10))
 # pixels go uint8 [0, 255] -> [0, 1] -> (x - MEAN) / STD, i.e. [-1, 1]
 MEAN, STD = 0.5, 0.5
+# --normalization's fixed scalings, (mean, std) on the 0..1 scale: 'none' leaves the pixels in [0, 1]
+SCALINGS = {"half": (MEAN, STD), "none": (0.0, 1.0)}
 VALIDATION = "validation"  # the split name `datasets` uses; a dataset that has it is validated on it
 
 

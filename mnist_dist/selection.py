@@ -46,7 +46,7 @@ def load_run_data(cfg: TrainConfig, accelerator) -> RunData:
         source = f"{100 * cfg.val_fraction:g}% of the training split, each class alike, chosen by --seed {cfg.seed}"
     check_selection_flags(cfg, val_set is not None)
     used = {"train": train_set, "test": splits["test"], **({VALIDATION: val_set} if val_set is not None else {})}
-    stats = data.pixel_stats(train_set.images) if cfg.normalization == "dataset" else (data.MEAN, data.STD)
+    stats = data.pixel_stats(train_set.images) if cfg.normalization == "dataset" else data.SCALINGS[cfg.normalization]
     return RunData(train_set, splits["test"], val_set, source, data.fingerprint(used, held_out), stats)
 
 

@@ -392,3 +392,15 @@ def test_a_ctrl_c_after_sigterm_is_a_stop_request_and_only_a_second_ctrl_c_ends_
         assert signals.reason() == "signal SIGTERM" and exits == []
         signal.raise_signal(signal.SIGINT)  # the second: at once
         assert exits == [128 + signal.SIGINT]
+
+
+def test_normalization_none_trains_on_pixels_in_0_to_1_and_saves_that_scaling(tmp_path):
+    from mnist_dist.data import SCALINGS, normalize
+
+    check(train_here("--dataset", "mnist-5k", "--cpu", "--normalization", "none", "--max-steps", "5", "--report-to",
+                     "none", "--output-dir", str(tmp_path)))
+    assert results(tmp_path)["normalization"] == {"mean": 0.0, "std": 1.0}
+    assert json.loads((tmp_path / "config.json").read_text())["normalization"] == {"mean": 0.0, "std": 1.0,
+                                                                                   "pixel_scale": 255}
+    inputs = normalize(torch.tensor([[0, 51, 255]], dtype=torch.uint8), *SCALINGS["none"])
+    assert inputs[0].tolist() == pytest.approx([0.0, 0.2, 1.0])  # float32
