@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,8 +39,9 @@ MAX_MLP_WEIGHTS = 2**26  # 67M: with gradients and Adam's two moments, 1 GiB in 
 BUILT_IN_MODELS = ("mlp", "cnn")  # model.ARCHITECTURES' names for --model; 'package.module:function' is yours
 ACTIVATION_CHOICES = ("relu", "tanh", "sigmoid", "gelu")
 NORMALIZATION_CHOICES = ("half", "dataset", "none")  # data.SCALINGS, and 'dataset': measured on the training split
-MLP_DEFAULTS = {"hidden_sizes": "256", "activation": "relu", "dropout": 0.0, "batch_norm": False}
-AUGMENT_AMOUNTS = {"augment_rotation": 10.0, "augment_translation": 2.0, "augment_scale": 0.1}
+MLP_FLAGS = ("hidden_sizes", "activation", "dropout", "batch_norm")  # they shape --model mlp only
+AUGMENT_AMOUNTS = ("augment_rotation", "augment_translation", "augment_scale")
+CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # --model package.module:function
 MAX_BATCH = 1_048_576  # samples: past any dataset this package reads
 # classes of a dataset: the confusion matrix in results.json is classes^2 counts (4M at this bound, ~10 MB of
 # JSON, 32 MiB as int64), and 2,048 is past any 28x28 dataset we know (EMNIST 62, Omniglot 1,623)
@@ -241,9 +243,7 @@ class TrainConfig:
 
     def _check_model(self) -> None:
         """--model names a built-in or a callable; the MLP's flags go with the MLP, --model-args with yours."""
-        import re
-
-        yours = re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", self.model) is not None
+        yours = CALLABLE.fullmatch(self.model) is not None
         if self.model not in BUILT_IN_MODELS and not yours:
             self._refuse("model", f"unknown model; choose {', '.join(BUILT_IN_MODELS)} or package.module:function")
         sizes = self.hidden_sizes.split(",")
@@ -257,7 +257,7 @@ class TrainConfig:
         for name in AUGMENT_AMOUNTS:
             if not self.augment and name in given:
                 self._refuse(name, "is an amount of --augment, which this run does not have")
-        for name in MLP_DEFAULTS:
+        for name in MLP_FLAGS:
             if self.model != "mlp" and name in given:
                 self._refuse(name, f"shapes --model mlp, and this run has --model {self.model}")
         if self.model_args is not None and not yours:

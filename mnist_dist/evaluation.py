@@ -13,9 +13,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .data import IMAGE_SIDE, MEAN, STD, normalize
-
-INPUT_SIZE = IMAGE_SIDE * IMAGE_SIDE  # pixels a model takes, flattened
+from .data import MEAN, STD, normalize
+from .model import INPUT_SIZE
 
 
 def _identity(x):

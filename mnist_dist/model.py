@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,13 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from .config import MAX_CLASSES, MAX_HIDDEN, MAX_LAYERS, ConfigError
+from .config import CALLABLE, MAX_CLASSES, MAX_HIDDEN, MAX_LAYERS, ConfigError
+from .data import IMAGE_SIDE
 from .readback import UnreadableFile, read_json, shown
 
 WEIGHTS_NAME = "model.safetensors"
 IMAGE_SHAPE = (1, 28, 28)  # channels, height, width: every dataset here is 28x28 grayscale
-INPUT_SIZE = 28 * 28  # the pixels a model takes, flattened: [batch, 784] normalized
+INPUT_SIZE = IMAGE_SIDE * IMAGE_SIDE  # the pixels a model takes, flattened: [batch, 784] normalized
 CONFIG_NAME = "config.json"
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": F.gelu}
 IMPORTED = "import"  # the architecture name config.json gives a model built by a callable of yours
@@ -153,7 +153,6 @@ ARCHITECTURES = {
     "cnn": Architecture(lambda shape, classes, o: CNN(classes), lambda cfg: {}, no_options),
     IMPORTED: Architecture(build_imported, _imported_options, _check_imported),
 }
-CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # --model package.module:function
 
 
 def architecture_of(model_flag: str) -> str:
