@@ -307,6 +307,12 @@ def flags() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("flag", True)]
 
 
+def flag_kinds() -> dict[str, type]:
+    """Each flag's scalar type by its field name: what its command-line value is (bool: a switch)."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: _flag_type(hints[f.name]) for f in flags()}
+
+
 def _has_type(value, kind: type, optional: bool) -> bool:
     """Whether `value` is of the flag type `kind` (an int passes as a float, a bool never as an int)."""
     if value is None:

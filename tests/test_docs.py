@@ -6,12 +6,13 @@ import shlex
 
 import pytest
 
-from mnist_dist import config, evaluate, predict
+from mnist_dist import config, evaluate, predict, sweep
+from mnist_dist.sweep_spec import read_spec
 
 from .helpers import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-ENTRY_POINTS = {"train", "evaluate", "predict", "launch"}
+ENTRY_POINTS = {"train", "evaluate", "predict", "launch", "sweep"}
 SHELL_OPERATORS = {"&&", "||", "|", ";", ">", ">>", "2>&1", "&"}
 
 
@@ -30,7 +31,8 @@ def snippets(text: str) -> list[str]:
 
 
 def commands(text: str) -> list[tuple[str, list[str]]]:
-    """(module, its arguments) for each `-m mnist_dist.MODULE ...` and `slurm/train.sh ...` in `text`."""
+    """(module, its arguments) for each `-m mnist_dist.MODULE ...`, `slurm/train.sh ...` and `slurm/sweep.sh ...`
+    in `text`."""
     found = []
     for snippet in snippets(text):
         try:
@@ -39,7 +41,8 @@ def commands(text: str) -> list[tuple[str, list[str]]]:
             continue
         for i, word in enumerate(words):
             named = re.fullmatch(r"mnist_dist\.(\w+)", word) if i and words[i - 1] == "-m" else None
-            module = named[1] if named else "train" if word == "slurm/train.sh" else None
+            scripts = {"slurm/train.sh": "train", "slurm/sweep.sh": "sweep"}
+            module = named[1] if named else scripts.get(word)
             if module:
                 rest = words[i + 1:]
                 cut = next((j for j, w in enumerate(rest) if w in SHELL_OPERATORS), len(rest))
@@ -58,6 +61,10 @@ def parse(module: str, argv: list[str]) -> None:
         evaluate.build_parser().parse_args(argv)
     elif module == "predict":
         predict.build_parser().parse_args(argv)
+    elif module == "sweep":  # and the SPEC, where it is one in the repository
+        spec = REPO / sweep.build_parser().parse_args(argv).spec
+        if spec.is_file():
+            read_spec(spec)
     elif module == "launch":
         from accelerate.commands.launch import launch_command_parser
 

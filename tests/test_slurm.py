@@ -161,6 +161,25 @@ def test_an_array_job_gives_each_task_its_own_directory_seed_and_log(cluster, tm
         assert (r["config"]["seed"], r["steps"]) == (task, 5)
 
 
+def test_two_array_tasks_are_two_workers_of_one_sweep(cluster, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("dir: sweep\nflags:\n  dataset: mnist-5k\n  cpu: true\n  max-steps: 5\n  val-fraction: 0.1\n"
+                    "  report-to: none\nspace:\n  hidden-sizes: [16, 32]\n  lr: [0.001, 0.002]\n")
+    args = ["sbatch", "--parsable", f"--chdir={tmp_path}", "--array=0-1", str(REPO / "slurm" / "sweep.sh"), str(spec)]
+    proc = cluster.run(*args, env=job_env())
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    logs = []
+    for task in (0, 1):
+        state, _ = wait_for_job(cluster, f"{job_id}_{task}")
+        logs.append((tmp_path / f"mnist_dist-sweep-{job_id}_{task}.out").read_text())
+        assert state == "COMPLETED", logs[-1][-3000:]
+    ran = [re.findall(r"trial (\d+) seed 0", log) for log in logs]
+    assert all(ran) and sorted(sum(ran, [])) == ["0", "1", "2", "3"], logs  # both worked, each trial once
+    assert "(array task 1)" in logs[1]
+    assert (tmp_path / "sweep" / "summary.md").read_text().count("**Chosen on validation:**") == 1
+
+
 def test_an_accelerate_config_file_is_passed_through_with_the_rendezvous_from_slurm(cluster, tmp_path):
     config = tmp_path / "bf16.yaml"
     config.write_text((REPO / "accelerate_configs" / "cpu.yaml").read_text().replace("mixed_precision: 'no'",

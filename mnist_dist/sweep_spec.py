@@ -1,0 +1,321 @@
+"""A sweep's SPEC file (YAML): what to train, what to vary, how to choose. Read and checked whole
+before any trial starts; every error names the SPEC's file and line.
+
+    dir: outputs/sweeps/scaling      # the sweep's directory: its study, trials and summary
+    flags:                           # mnist_dist.train flags of every trial (names without --)
+      dataset: mnist-5k
+      cpu: true
+      val-fraction: 0.1
+    space:                           # a list: a grid; {low, high, log, step}: a range (random or tpe)
+      normalization: [none, half, dataset]
+    seeds: 3                         # each point trains with seeds 0, 1, 2 (or a list); scored by the median
+    choose_on: val_accuracy          # or val_loss; the test set never chooses
+    processes: 1                     # training processes per trial; more go through mnist_dist.launch
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import config
+
+MAX_SPEC_BYTES = 2**20
+MAX_NODES = 10_000  # YAML nodes: a SPEC is tens of lines
+MAX_POINTS = 1_000  # grid points (before seeds): each is checked with the trainer's own parser
+MAX_SEEDS = 100
+KEYS = ("dir", "flags", "space", "seeds", "choose_on", "sampler", "trials", "processes", "accelerate_config")
+SAMPLERS = ("grid", "random", "tpe")
+METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}  # what a trial reports, from results.json's validation
+SET_BY_SWEEP = {"seed": "use `seeds`", "output_dir": "each trial runs in DIR/trials/N/seed-S",
+                "resume": "each trial runs with --resume auto", "overwrite": "a sweep never removes a trial's run"}
+
+
+class SpecError(ValueError):
+    """A SPEC that cannot run; the message names the file and line."""
+
+
+@dataclass
+class Spec:
+    path: Path
+    dir: Path
+    flags: dict  # flag name (dashes) -> YAML value
+    space: dict  # flag name -> list of values, or {"low", "high", "log", "step"}
+    seeds: list[int]
+    choose_on: str = "val_accuracy"
+    sampler: str = "grid"
+    trials: int | None = None  # random and tpe: points to try
+    processes: int = 1
+    accelerate_config: str | None = None
+    lines: dict = field(default_factory=dict, repr=False, compare=False)  # key path -> line number
+
+    @property
+    def direction(self) -> str:
+        return METRICS[self.choose_on]
+
+    def grid(self) -> list[dict]:
+        """Every point of a grid sampler's space, in the SPEC's order."""
+        names = list(self.space)
+        return [dict(zip(names, values)) for values in itertools.product(*(self.space[n] for n in names))]
+
+    def points(self) -> int:
+        return len(self.grid()) if self.sampler == "grid" else self.trials
+
+    def train_flags(self, params: dict) -> list[str]:
+        """mnist_dist.train's flags for the point `params`: the SPEC's flags, then the point's."""
+        return [arg for name, value in {**self.flags, **params}.items() for arg in as_flag(name, value)]
+
+    def trial_dir(self, number: int) -> Path:
+        """Where trial `number` keeps its lock, its error and each seed's run (seed-S/) and log (seed-S.log)."""
+        return self.dir / "trials" / f"{number:04d}"
+
+    def to_dict(self) -> dict:
+        """What makes the sweep: a directory is refused to a SPEC that differs in any of it."""
+        return {k: getattr(self, k) for k in ("flags", "space", "seeds", "choose_on", "sampler", "trials",
+                                               "processes", "accelerate_config")}
+
+
+def as_flag(name: str, value) -> list[str]:
+    """One flag on the command line: True -> --name, False -> --no-name, else --name value."""
+    if value is True:
+        return [f"--{name}"]
+    if value is False:
+        return [f"--no-{name}"]
+    return [f"--{name}", str(value)]
+
+
+def read_spec(path: str | Path) -> Spec:
+    """The SPEC at `path`, checked whole (SpecError naming the line otherwise)."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"{path}: larger than {MAX_SPEC_BYTES // 2**20} MiB; a SPEC is tens of lines")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: cannot read it ({err})") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        values = yaml.safe_load(text) if root is not None else None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise SpecError(f"{path}:{mark.line + 1 if mark else 1}: not YAML ({getattr(err, 'problem', err)})") from None
+    lines = {}
+    if root is not None:
+        note_lines(root, (), lines, set(), path)
+    return check_spec(path, values, lines)
+
+
+def note_lines(node, key: tuple, lines: dict, seen: set, path: Path) -> None:
+    """Each value's line by its key path, e.g. ('space', 'lr', 0). Aliases are refused: a SPEC is short,
+    and an alias of an alias grows without bound."""
+    if id(node) in seen or len(seen) > MAX_NODES:
+        raise SpecError(f"{path}:{node.start_mark.line + 1}: YAML aliases (*name) and SPECs over {MAX_NODES:,} "
+                        "values are refused; write each value out")
+    seen.add(id(node))
+    lines[key] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            lines[key + (k.value,)] = k.start_mark.line + 1
+            note_lines(v, key + (k.value,), lines, seen, path)
+            lines[key + (k.value,)] = k.start_mark.line + 1  # the key's line, for errors about the whole entry
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            note_lines(v, key + (i,), lines, seen, path)
+
+
+class Failure:
+    """Raises the SpecError of a key path, at the line the key is on: fail(("space", "lr", 1), "why")."""
+
+    def __init__(self, path: Path, lines: dict):
+        self.path, self.lines = path, lines
+
+    def __call__(self, key: tuple, why: str):
+        raise SpecError(f"{self.path}:{self.lines.get(key, 1)}: {'.'.join(map(str, key)) + ': ' if key else ''}{why}")
+
+
+def check_spec(path: Path, values, lines: dict) -> Spec:
+    fail = Failure(path, lines)
+    if not isinstance(values, dict):
+        fail((), "a SPEC is a mapping with `flags`, `space`, `seeds`, ... (see docs/experiments.md)")
+    for key in values:
+        if key not in KEYS:
+            fail((key,), f"unknown key; a SPEC has {', '.join(KEYS)}")
+    flags, space = check_flags_and_space(values, fail)
+    sampler, trials = check_sampler(values, space, fail)
+    processes = values.get("processes", 1)
+    if not (is_int(processes) and 1 <= processes <= 4096):
+        fail(("processes",), "training processes per trial: an integer from 1")
+    accelerate_config = values.get("accelerate_config")
+    if accelerate_config is not None and not (isinstance(accelerate_config, str) and os.path.isfile(accelerate_config)):
+        fail(("accelerate_config",), f"{accelerate_config!r}: not a file (an accelerate config, e.g. accelerate_configs/cpu.yaml)")
+    where = values.get("dir")
+    if where is not None and not (isinstance(where, str) and where):
+        fail(("dir",), "the sweep's directory: a path")
+    spec = Spec(path, Path(where or Path("outputs") / "sweeps" / path.stem), flags, space, check_seeds(values, fail),
+                check_metric(values, fail), sampler, trials, processes, accelerate_config, lines)
+    check_with_trainer(spec, fail)
+    return spec
+
+
+def check_flags_and_space(values: dict, fail: Failure) -> tuple[dict, dict]:
+    """`flags` (flag -> value) and `space` (flag -> a list, or a range as a dict)."""
+    flags, space = values.get("flags") or {}, values.get("space")
+    if not isinstance(flags, dict):
+        fail(("flags",), "must be a mapping of mnist_dist.train flags to values")
+    if not isinstance(space, dict) or not space:
+        fail(("space",), "must be a mapping of at least one mnist_dist.train flag to its values")
+    kinds = {name.replace("_", "-"): kind for name, kind in config.flag_kinds().items()}
+    for name, value in flags.items():
+        check_flag_name("flags", name, kinds, fail)
+        check_scalar(("flags", name), value, fail)
+    for name, axis in space.items():
+        check_flag_name("space", name, kinds, fail)
+        if name in flags:
+            fail(("space", name), "is in `flags` too; give it in one place")
+        space[name] = check_axis(name, axis, kinds[name], fail)
+    return flags, space
+
+
+def check_sampler(values: dict, space: dict, fail: Failure) -> tuple[str, int | None]:
+    """The sampler (grid by default where every entry is a list, else tpe), and the points to draw."""
+    sampler = values.get("sampler") or ("grid" if all(isinstance(v, list) for v in space.values()) else "tpe")
+    if sampler not in SAMPLERS:
+        fail(("sampler",), f"{sampler!r}: choose {', '.join(SAMPLERS)}")
+    ranges = [name for name, axis in space.items() if isinstance(axis, dict)]
+    if sampler == "grid" and ranges:
+        fail(("space", ranges[0]), "a range needs sampler: random or tpe (a grid takes lists)")
+    trials = values.get("trials")
+    if sampler == "grid" and trials is not None:
+        fail(("trials",), "a grid tries each of its points; `trials` is for random and tpe")
+    if sampler != "grid" and not (is_int(trials) and 1 <= trials <= MAX_POINTS):
+        where = ("trials",) if "trials" in values else ("sampler",) if "sampler" in values else ("space", ranges[0])
+        fail(where, f"the {sampler} sampler (ranges draw points) needs `trials`: points to try, 1 to {MAX_POINTS:,}")
+    return sampler, trials
+
+
+def check_seeds(values: dict, fail: Failure) -> list[int]:
+    seeds = values.get("seeds", 1)
+    if is_int(seeds) and 1 <= seeds <= MAX_SEEDS:
+        seeds = list(range(seeds))
+    if not (isinstance(seeds, list) and seeds and len(seeds) <= MAX_SEEDS and len(set(seeds)) == len(seeds)
+            and all(is_int(s) and 0 <= s < 2**32 for s in seeds)):
+        fail(("seeds",), f"a count (1 to {MAX_SEEDS}) or a list of distinct seeds from 0 to 2**32 - 1")
+    return seeds
+
+
+def check_metric(values: dict, fail: Failure) -> str:
+    choose_on = values.get("choose_on", "val_accuracy")
+    if isinstance(choose_on, str) and choose_on.startswith("test"):
+        fail(("choose_on",), f"{choose_on}: the test set never chooses; choose on {' or '.join(METRICS)}")
+    if choose_on not in METRICS:
+        fail(("choose_on",), f"{choose_on!r}: choose {' or '.join(METRICS)}")
+    return choose_on
+
+
+def check_flag_name(section: str, name, kinds: dict, fail) -> None:
+    if not isinstance(name, str) or name.replace("_", "-") not in kinds:
+        fail((section, name), "unknown mnist_dist.train flag (python -m mnist_dist.train --help lists them)")
+    if "_" in name:
+        fail((section, name), f"write flags as on the command line: {name.replace('_', '-')}")
+    if name.replace("-", "_") in SET_BY_SWEEP:
+        fail((section, name), f"set by the sweep: {SET_BY_SWEEP[name.replace('-', '_')]}")
+
+
+def check_scalar(key: tuple, value, fail) -> None:
+    if not isinstance(value, (str, int, float, bool)) or isinstance(value, float) and not math.isfinite(value):
+        fail(key, f"{value!r}: a flag takes one value (a string, number or true/false)")
+
+
+def check_axis(name: str, axis, kind: type, fail):
+    """A space entry: a non-empty list of values, or a numeric range."""
+    if isinstance(axis, list):
+        if not axis:
+            fail(("space", name), "an empty list: give the values to try")
+        for i, value in enumerate(axis):
+            check_scalar(("space", name, i), value, fail)
+        if len({str(v) for v in axis}) < len(axis):
+            fail(("space", name), "lists a value twice")
+        return axis
+    if not isinstance(axis, dict):
+        fail(("space", name), "a list of values (a grid), or a range {low, high} (random or tpe)")
+    if kind not in (int, float):
+        fail(("space", name), f"--{name} is not a number: give a list of values")
+    for key in axis:
+        if key not in ("low", "high", "log", "step"):
+            fail(("space", name, key), "unknown; a range has low, high, log, step")
+    low, high = as_number(axis.get("low")), as_number(axis.get("high"))
+    if low is None or high is None or not low < high:
+        fail(("space", name), "a range needs numbers low < high")
+    if kind is int and not (low == int(low) and high == int(high)):
+        fail(("space", name), f"--{name} takes integers: low and high must be integers")
+    if kind is int:
+        low, high = int(low), int(high)
+    log, step = axis.get("log", False), axis.get("step")
+    if not isinstance(log, bool) or log and low <= 0:
+        fail(("space", name, "log"), "true or false; a log range needs low > 0")
+    if step is not None and (as_number(step) is None or as_number(step) <= 0 or log):
+        fail(("space", name, "step"), "a number > 0, without log")
+    return {"low": low, "high": high, "log": log, "step": as_number(step) if step is not None else None,
+            "int": kind is int}
+
+
+def as_number(value) -> float | None:
+    """A YAML number, or a string YAML 1.1 leaves unparsed such as 1e-3."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_with_trainer(spec: Spec, fail) -> None:
+    """mnist_dist.train's own parser on the SPEC's flags, then on each value alone, then on each point:
+    a value the trainer would refuse is an error here, before any trial starts."""
+    refusal = trainer_refuses(spec.train_flags({}))
+    if refusal:
+        named = [name for name in spec.flags if f"--{name}" in refusal] or [None]
+        fail(("flags", named[0]) if named[0] else ("flags",), refusal)
+    ends = {name: axis if isinstance(axis, list) else [axis["low"], axis["high"]] for name, axis in spec.space.items()}
+    for name, values in ends.items():
+        for i, value in enumerate(values):
+            refusal = trainer_refuses(spec.train_flags({name: value}))
+            if refusal:
+                fail(("space", name, i) if isinstance(spec.space[name], list) else ("space", name), refusal)
+    points = list(itertools.islice(itertools.product(*ends.values()), MAX_POINTS + 1))
+    if len(points) > MAX_POINTS:
+        fail(("space",), f"more than {MAX_POINTS:,} points; split the sweep")
+    for values in points:
+        params = dict(zip(ends, values))
+        refusal = trainer_refuses(spec.train_flags(params))
+        if refusal:
+            fail(("space",), f"the point {params} is refused: {refusal}")
+        if parsed(spec.train_flags(params)).val_fraction <= 0:
+            fail(("choose_on",), "choosing on validation needs a validation split: add `val-fraction: 0.1` to flags")
+
+
+def trainer_refuses(argv: list[str]) -> str | None:
+    """What mnist_dist.train's parser says of `argv`, or None if it takes it."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            parsed(argv)
+    except SystemExit:
+        return err.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+    return None
+
+
+def parsed(argv: list[str]) -> config.TrainConfig:
+    return config.parse_args(argv)

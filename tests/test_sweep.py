@@ -1,0 +1,177 @@
+"""`python -m mnist_dist.sweep SPEC`: real Optuna studies of real training runs on a 1,000-digit subset."""
+
+import csv
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from mnist_dist import sweep
+from mnist_dist.sweep_spec import SpecError, read_spec
+
+from .helpers import REPO, in_process, read_wandb_run, results
+
+TRIAL_FLAGS = {"cpu": True, "epochs": 1, "val-fraction": 0.1, "report-to": "none"}
+
+
+def write_spec(tmp_path: Path, data_dir, space: dict, name="spec.yaml", **top) -> Path:
+    """A SPEC file as a user writes one (YAML), sweeping `space` on the subset."""
+    flags = {"data-dir": str(data_dir), **TRIAL_FLAGS, **top.pop("flags", {})}
+    lines = [f"dir: {top.pop('dir', tmp_path / 'sweep')}", "flags:"]
+    lines += [f"  {k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items()]
+    lines += ["space:"] + [f"  {k}: {v}" for k, v in space.items()]
+    lines += [f"{k}: {v}" for k, v in top.items()]
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def sweep_cli(spec: Path, *args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mnist_dist.sweep", str(spec), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO, **kw)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def study_of(directory: Path) -> optuna.Study:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(directory / sweep.JOURNAL)))
+    return optuna.load_study(study_name=sweep.STUDY_NAME, storage=storage)
+
+
+def csv_rows(directory: Path) -> list[dict]:
+    with open(directory / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+# --- a SPEC is checked whole before any trial starts ---------------------------------------------------------
+
+@pytest.mark.parametrize("space, top, line, says", [
+    ({"hidden-sizez": "[32, 64]"}, {}, 9, "unknown mnist_dist.train flag"),
+    ({"normalization": "[half, halff]"}, {}, 9, "invalid choice: 'halff'"),
+    ({"lr": "[0.001, -1]"}, {}, 9, "--lr=-1.0: must be a finite number > 0"),
+    ({"lr": "[]"}, {}, 9, "an empty list"),
+    ({"lr": "{low: 0.01, high: 0.001}"}, {"sampler": "tpe", "trials": 2}, 9, "low < high"),
+    ({"lr": "{low: 0.001, high: 0.01}"}, {}, 9, "sampler (ranges draw points) needs `trials`"),
+    ({"lr": "{low: 0.001, high: 0.01}"}, {"sampler": "grid"}, 9, "a range needs sampler: random or tpe"),
+    ({"lr": "[0.001]"}, {"choose_on": "test_accuracy"}, 10, "the test set never chooses"),
+    ({"lr": "[0.001]"}, {"choose_ob": "val_loss"}, 10, "unknown key"),
+    ({"seed": "[1, 2]"}, {}, 9, "set by the sweep: use `seeds`"),
+    ({"lr": "[0.001]"}, {"seeds": 0}, 10, "seeds: a count"),
+])
+def test_a_bad_spec_is_refused_naming_its_line_before_any_trial(tmp_path, space, top, line, says):
+    spec = write_spec(tmp_path, tmp_path, space, **top)
+    run = in_process(sweep.main, str(spec))
+    assert run.returncode == 2
+    assert f"{spec}:{line}: " in run.stderr and says in run.stderr, run.stderr
+    assert not (tmp_path / "sweep").exists()  # no study, no trial
+
+
+def test_choosing_on_validation_needs_a_validation_split(tmp_path):
+    spec = write_spec(tmp_path, tmp_path, {"lr": "[0.001]"}, flags={"val-fraction": 0})
+    with pytest.raises(SpecError, match=r"needs a validation split: add `val-fraction: 0.1`"):
+        read_spec(spec)
+
+
+def test_a_combination_the_trainer_refuses_is_an_error_too(tmp_path):
+    spec = write_spec(tmp_path, tmp_path, {"model": "[mlp, cnn]", "dropout": "[0.0, 0.2]"})
+    with pytest.raises(SpecError, match=r"spec.yaml:8: space: the point .*'model': 'cnn'.* refused: --dropout"):
+        read_spec(spec)
+
+
+def test_a_directory_holding_another_sweep_is_refused(tmp_path, small_subset):
+    first = write_spec(tmp_path, small_subset, {"lr": "[0.001]"})
+    sweep.claim_dir(read_spec(first))
+    other = write_spec(tmp_path, small_subset, {"lr": "[0.002]"}, name="other.yaml")
+    run = in_process(sweep.main, str(other))
+    assert run.returncode == 2 and "holds a sweep of another SPEC (it differs in space)" in run.stderr
+
+
+# --- sweeps of real runs ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_2x2_grid_on_two_workers_trains_each_point_once_and_chooses_the_best_median(tmp_path, small_subset):
+    spec = write_spec(tmp_path, small_subset, {"hidden-sizes": "[16, 64]", "lr": "[0.0003, 0.003]"}, seeds=2)
+    out = finish(sweep_cli(spec, "--workers", "2"))
+    directory = tmp_path / "sweep"
+    trials = study_of(directory).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert sorted((t.params["hidden-sizes"], t.params["lr"]) for t in trials) == [
+        (16, 0.0003), (16, 0.003), (64, 0.0003), (64, 0.003)]
+    assert "#0: trial" in out and "#1: trial" in out  # both workers trained
+    rows = csv_rows(directory)
+    assert len(rows) == 8 and {r["status"] for r in rows} == {"finished"}
+    for row in rows:  # each run trained with its trial's flags and seed
+        config = results(Path(row["run_dir"]))["config"]
+        assert (config["hidden_sizes"], config["lr"], config["seed"]) == (row["hidden-sizes"], float(row["lr"]), int(row["seed"]))
+    medians = {t: statistics.median(float(r["val_accuracy"]) for r in rows if r["trial"] == t) for t in {r["trial"] for r in rows}}
+    best = max(medians, key=medians.get)
+    chosen = [r for r in rows if r["trial"] == best]
+    summary = (directory / "summary.md").read_text()
+    assert f"**Chosen on validation:** hidden-sizes {chosen[0]['hidden-sizes']}, lr {chosen[0]['lr']} (trial {best})" in summary
+    test = statistics.median(float(r["test_accuracy"]) for r in chosen)
+    assert f"**Its test accuracy** (the test set chose nothing): median {test:.2%}" in summary
+    assert (directory / "metric.png").stat().st_size > 0
+    again = finish(sweep_cli(spec, "--workers", "2"))  # a finished sweep started again trains nothing
+    assert "trial" not in again.split("mnist_dist.sweep: chose")[0]
+    assert len(study_of(directory).get_trials()) == 4
+
+
+@pytest.mark.slow
+def test_a_killed_worker_started_again_continues_its_trial_and_runs_each_once(tmp_path, small_subset):
+    flags = {"epochs": 3, "checkpoint-every": 4, "batch-size": 32}
+    spec = write_spec(tmp_path, small_subset, {"lr": "[0.001, 0.002]"}, flags=flags)
+    first = sweep_cli(spec, start_new_session=True)
+    checkpoints = tmp_path / "sweep" / "trials" / "0000" / "seed-0" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not any(checkpoints.glob("step_*")) and first.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint after 120 s"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the worker and its run, as a lost node
+    first.communicate()
+    assert not (checkpoints.parent / "results.json").exists()
+    out = finish(sweep_cli(spec))
+    assert "trial 0 was left unfinished: continuing it" in out
+    trials = study_of(tmp_path / "sweep").get_trials()
+    assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
+    log = (checkpoints.parent.parent / "seed-0.log").read_text()
+    assert log.count("--resume auto") == 2 and "resuming from" in log  # started twice, the second continued
+    assert results(checkpoints.parent)["epochs"] == 3
+
+
+@pytest.mark.slow
+def test_a_failed_trial_is_recorded_with_its_error_and_the_sweep_goes_on(tmp_path, small_subset):
+    spec = write_spec(tmp_path, small_subset, {"model": "[tests.broken_model:build, mlp]"})
+    proc = sweep_cli(spec)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out  # one point trained
+    trials = study_of(tmp_path / "sweep").get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    rows = csv_rows(tmp_path / "sweep")
+    assert rows[0]["status"] == "fail" and "exited with 2" in rows[0]["error"]
+    assert "cannot import it" in (tmp_path / "sweep" / "trials" / "0000" / "error.txt").read_text()
+    assert "Trial 0 (model tests.broken_model:build) failed" in (tmp_path / "sweep" / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_two_process_trial_trains_every_process_with_its_flags_in_one_wandb_group(tmp_path, small_subset):
+    spec = write_spec(tmp_path, small_subset, {"hidden-sizes": "[24]", "lr": "[0.002]"}, processes=2,
+                      flags={"report-to": "wandb", "wandb-mode": "offline"})
+    finish(sweep_cli(spec))
+    run_dir = tmp_path / "sweep" / "trials" / "0000" / "seed-0"
+    got = results(run_dir)
+    assert got["world_size"] == 2  # DDP checks that both processes built the same 784-24-10 model
+    assert (got["config"]["hidden_sizes"], got["config"]["lr"]) == ("24", 0.002)
+    (wandb_dir,) = (run_dir / "wandb").glob("offline-run-*")
+    logged = read_wandb_run(wandb_dir)
+    assert logged["group"] == "sweep-sweep" and logged["name"] == "sweep-trial-0-seed-0"
+    assert (logged["config"]["hidden_sizes"], logged["config"]["lr"]) == ("24", 0.002)
