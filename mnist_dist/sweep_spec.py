@@ -101,6 +101,10 @@ def read_spec(path: str | Path) -> Spec:
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(f"{path}: cannot read it ({err})") from None
     try:
+        for count, event in enumerate(yaml.parse(text, Loader=yaml.SafeLoader)):
+            if isinstance(event, yaml.AliasEvent) or count > MAX_NODES:  # an alias of an alias grows without bound
+                raise SpecError(f"{path}:{event.start_mark.line + 1}: YAML aliases (*name) and SPECs over "
+                                f"{MAX_NODES:,} values are refused; write each value out")
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         values = yaml.safe_load(text) if root is not None else None
     except yaml.YAMLError as err:
@@ -108,26 +112,20 @@ def read_spec(path: str | Path) -> Spec:
         raise SpecError(f"{path}:{mark.line + 1 if mark else 1}: not YAML ({getattr(err, 'problem', err)})") from None
     lines = {}
     if root is not None:
-        note_lines(root, (), lines, set(), path)
+        note_lines(root, (), lines)
     return check_spec(path, values, lines)
 
 
-def note_lines(node, key: tuple, lines: dict, seen: set, path: Path) -> None:
-    """Each value's line by its key path, e.g. ('space', 'lr', 0). Aliases are refused: a SPEC is short,
-    and an alias of an alias grows without bound."""
-    if id(node) in seen or len(seen) > MAX_NODES:
-        raise SpecError(f"{path}:{node.start_mark.line + 1}: YAML aliases (*name) and SPECs over {MAX_NODES:,} "
-                        "values are refused; write each value out")
-    seen.add(id(node))
+def note_lines(node, key: tuple, lines: dict) -> None:
+    """Each value's line by its key path, e.g. ('space', 'lr', 0); a key's own line for the whole entry."""
     lines[key] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
+            note_lines(v, key + (k.value,), lines)
             lines[key + (k.value,)] = k.start_mark.line + 1
-            note_lines(v, key + (k.value,), lines, seen, path)
-            lines[key + (k.value,)] = k.start_mark.line + 1  # the key's line, for errors about the whole entry
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
-            note_lines(v, key + (i,), lines, seen, path)
+            note_lines(v, key + (i,), lines)
 
 
 class Failure:

@@ -67,6 +67,7 @@ def csv_rows(directory: Path) -> list[dict]:
     ({"lr": "[0.001]"}, {"choose_ob": "val_loss"}, 10, "unknown key"),
     ({"seed": "[1, 2]"}, {}, 9, "set by the sweep: use `seeds`"),
     ({"lr": "[0.001]"}, {"seeds": 0}, 10, "seeds: a count"),
+    ({"lr": "&rates [0.001]", "dropout": "*rates"}, {}, 10, "YAML aliases (*name)"),
 ])
 def test_a_bad_spec_is_refused_naming_its_line_before_any_trial(tmp_path, space, top, line, says):
     spec = write_spec(tmp_path, tmp_path, space, **top)
@@ -126,26 +127,40 @@ def test_a_2x2_grid_on_two_workers_trains_each_point_once_and_chooses_the_best_m
     assert len(study_of(directory).get_trials()) == 4
 
 
-@pytest.mark.slow
-def test_a_killed_worker_started_again_continues_its_trial_and_runs_each_once(tmp_path, small_subset):
-    flags = {"epochs": 3, "checkpoint-every": 4, "batch-size": 32}
-    spec = write_spec(tmp_path, small_subset, {"lr": "[0.001, 0.002]"}, flags=flags)
-    first = sweep_cli(spec, start_new_session=True)
-    checkpoints = tmp_path / "sweep" / "trials" / "0000" / "seed-0" / "checkpoints"
+def wait_for_checkpoint_after(checkpoints: Path, step: int, proc: subprocess.Popen) -> int:
+    """The step of the first checkpoint past `step` in `checkpoints` (the run goes on)."""
     deadline = time.monotonic() + 120
-    while not any(checkpoints.glob("step_*")) and first.poll() is None:
-        assert time.monotonic() < deadline, "no checkpoint after 120 s"
-        time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)  # the worker and its run, as a lost node
-    first.communicate()
+    while True:
+        steps = [int(p.name.split("_")[1]) for p in checkpoints.glob("step_*") if p.name.split("_")[1].isdigit()]
+        if steps and max(steps) > step:
+            return max(steps)
+        assert proc.poll() is None and time.monotonic() < deadline, f"no checkpoint past step {step}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_stopped_or_killed_worker_started_again_continues_its_trial_and_runs_each_once(tmp_path, small_subset):
+    flags = {"epochs": 4, "checkpoint-every": 10, "batch-size": 16, "hidden-sizes": "1024,1024"}
+    spec = write_spec(tmp_path, small_subset, {"lr": "[0.001, 0.002]"}, flags=flags)
+    checkpoints = tmp_path / "sweep" / "trials" / "0000" / "seed-0" / "checkpoints"
+    first = sweep_cli(spec, start_new_session=True)
+    wait_for_checkpoint_after(checkpoints, 0, first)
+    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in its terminal: every run saves a checkpoint and stops
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 75, out
+    saved = wait_for_checkpoint_after(checkpoints, 0, first)  # the one it stopped with
+    second = sweep_cli(spec, start_new_session=True)
+    wait_for_checkpoint_after(checkpoints, saved, second)
+    os.killpg(second.pid, signal.SIGKILL)  # the worker and its run, as a lost node
+    second.communicate()
     assert not (checkpoints.parent / "results.json").exists()
     out = finish(sweep_cli(spec))
     assert "trial 0 was left unfinished: continuing it" in out
     trials = study_of(tmp_path / "sweep").get_trials()
     assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
     log = (checkpoints.parent.parent / "seed-0.log").read_text()
-    assert log.count("--resume auto") == 2 and "resuming from" in log  # started twice, the second continued
-    assert results(checkpoints.parent)["epochs"] == 3
+    assert log.count("--resume auto") == 3 and log.count("resuming from") == 2  # started 3 times, continued twice
+    assert results(checkpoints.parent)["epochs"] == 4
 
 
 @pytest.mark.slow
