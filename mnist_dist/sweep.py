@@ -22,12 +22,13 @@ import socket
 import subprocess
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
 from .stopping import EXIT_PREEMPTED
-from .sweep_report import ERROR_NAME, describe, read_outcome, write_reports
+from .sweep_report import ERROR_NAME, describe, read_outcome, write_atomic, write_reports
 from .sweep_spec import Spec, SpecError, read_spec
 
 JOURNAL, SPEC_RECORD, ASK_LOCK, WORKER_LOCK = "study.journal", "sweep.json", ".ask.lock", ".worker.lock"
@@ -63,11 +64,10 @@ def make_sampler(spec: Spec):
 
 
 def enqueue_grid(spec: Spec, study) -> None:
-    """A grid's points, in the SPEC's order, as waiting trials that `ask` hands out one by one (the first
-    worker, under the ask lock). Optuna's GridSampler would stop the study from outside `optimize`."""
-    if spec.sampler == "grid" and not study.get_trials(deepcopy=False):
-        for params in spec.grid():
-            study.enqueue_trial(params)
+    """A grid's points not in the study yet, in the SPEC's order, as waiting trials that `ask` hands out one
+    by one (under the ask lock). Optuna's GridSampler would stop the study from outside `optimize`."""
+    for params in spec.grid():
+        study.enqueue_trial(params, skip_if_exists=True)  # a point that has a trial, in any state, has had its turn
 
 
 def distributions(spec: Spec) -> dict:
@@ -86,30 +86,32 @@ def distributions(spec: Spec) -> dict:
 
 
 def claim_dir(spec: Spec) -> None:
-    """The sweep's directory is this SPEC's: made for it, or made earlier by the same SPEC."""
+    """The sweep's directory is this SPEC's: made for it, or made earlier by the same SPEC (checked by one
+    worker at a time, under the ask lock, so that workers starting together agree)."""
     import json
 
     from .readback import UnreadableFile, read_json
 
     record = spec.dir / SPEC_RECORD
-    if spec.dir.exists() and not record.exists() and any(spec.dir.iterdir()):
-        raise SpecError(f"{spec.path}:{spec.lines.get(('dir',), 1)}: dir: {spec.dir} holds files of something "
-                        "other than a sweep; choose another dir")
+    existed = spec.dir.exists()
     spec.dir.mkdir(parents=True, exist_ok=True)
-    wanted = json.loads(json.dumps(spec.to_dict()))  # as it reads back: tuples become lists
-    if record.exists():
+    with FileLock(spec.dir / ASK_LOCK):
+        others = [p.name for p in spec.dir.iterdir() if p.name != ASK_LOCK]
+        if existed and not record.exists() and others:
+            raise SpecError(f"{spec.path}:{spec.lines.get(('dir',), 1)}: dir: {spec.dir} holds files of something "
+                            f"other than a sweep ({', '.join(sorted(others)[:3])}); choose another dir")
+        wanted = json.loads(json.dumps(spec.to_dict()))  # as it reads back: tuples become lists
+        if not record.exists():
+            write_atomic(record, json.dumps(wanted, indent=2) + "\n")
+            return
         try:
             there = read_json(record)
         except UnreadableFile as err:
             raise SpecError(f"{spec.dir}: {err}; move the directory away, or choose another dir") from None
-        differ = [key for key in wanted if there.get(key) != wanted[key]]
-        if differ:
-            raise SpecError(f"{spec.path}: dir: {spec.dir} holds a sweep of another SPEC (it differs in "
-                            f"{', '.join(differ)}); choose another dir for this one, or put the SPEC back")
-        return
-    tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(wanted, indent=2) + "\n")
-    os.replace(tmp, record)
+    differ = [key for key in wanted if there.get(key) != wanted[key]]
+    if differ:
+        raise SpecError(f"{spec.path}: dir: {spec.dir} holds a sweep of another SPEC (it differs in "
+                        f"{', '.join(differ)}); choose another dir for this one, or put the SPEC back")
 
 
 class Worker:
@@ -118,8 +120,18 @@ class Worker:
     def __init__(self, spec: Spec, study, name: str, stop: threading.Event):
         self.spec, self.study, self.name, self.stop = spec, study, name, stop
         self.process: subprocess.Popen | None = None  # the run in progress, for the stop signal
+        self.crashed: str | None = None  # what ended this worker, if not the end of the sweep
 
     def run(self) -> None:
+        try:
+            self.work()
+        except Exception as err:  # the storage, the disk, a bug: said, and the sweep's status says so
+            self.crashed = f"{type(err).__name__}: {err}"
+            traceback.print_exc()
+            print(f"{self.name}: stopped by an error ({self.crashed}); its trial stays unfinished for the next "
+                  "worker", file=sys.stderr, flush=True)
+
+    def work(self) -> None:
         while not self.stop.is_set():
             taken = self.next_trial()
             if taken is None:
@@ -137,12 +149,20 @@ class Worker:
         with FileLock(self.spec.dir / ASK_LOCK):  # one worker at a time looks and asks, on every machine
             for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 lock = self.trial_lock(trial.number)
-                if lock is not None:
-                    print(f"{self.name}: trial {trial.number} was left unfinished: continuing it", flush=True)
-                    return trial.number, trial.params, lock
-            enqueue_grid(self.spec, self.study)
-            if len(self.study.get_trials(deepcopy=False)) >= self.spec.points() and not self.study.get_trials(
-                    deepcopy=False, states=(TrialState.WAITING,)):
+                if lock is None:
+                    continue  # its worker is at it
+                if set(trial.params) != set(self.spec.space):  # its worker died inside `ask`
+                    self.study.tell(trial.number, state=TrialState.FAIL)
+                    lock.release()
+                    continue
+                print(f"{self.name}: trial {trial.number} was left unfinished: continuing it", flush=True)
+                return trial.number, trial.params, lock
+            if self.spec.sampler == "grid":
+                if not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                    enqueue_grid(self.spec, self.study)  # the first worker; or points a worker killed while it enqueued lost
+                if not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                    return None
+            elif len(self.study.get_trials(deepcopy=False)) >= self.spec.points():
                 return None
             trial = self.study.ask(distributions(self.spec))
             return trial.number, trial.params, self.trial_lock(trial.number)
@@ -159,24 +179,31 @@ class Worker:
 
     def run_trial(self, number: int, params: dict) -> None:
         """Each seed's run, then the trial's score (the median) to the study; a failure is recorded with its error."""
-        from optuna.trial import TrialState
-
         scores = []
         for seed in self.spec.seeds:
             try:
                 if not self.train(number, params, seed):
                     return  # stopped: the trial stays running, for the next worker to continue
             except TrialFailed as err:
-                (self.spec.trial_dir(number) / ERROR_NAME).write_text(f"{err}\n")
-                self.study.tell(number, state=TrialState.FAIL)
-                print(f"{self.name}: trial {number} failed: {str(err).splitlines()[0]}", flush=True)
+                self.fail(number, str(err))
                 return
             outcome = read_outcome(self.spec.trial_dir(number) / f"seed-{seed}")
+            if outcome is None:
+                self.fail(number, f"seed {seed}: the run ended without a results.json with a validation score")
+                return
             scores.append(outcome[self.spec.choose_on])
             print(f"{self.name}: trial {number} seed {seed} ({describe(params)}): {self.spec.choose_on} "
                   f"{outcome[self.spec.choose_on]:.4f}, {outcome['seconds_per_epoch']:.1f} s/epoch", flush=True)
         scores.sort()
         self.study.tell(number, (scores[(len(scores) - 1) // 2] + scores[len(scores) // 2]) / 2)
+
+    def fail(self, number: int, error: str) -> None:
+        """Record trial `number` as failed, with its error; the sweep goes on."""
+        from optuna.trial import TrialState
+
+        write_atomic(self.spec.trial_dir(number) / ERROR_NAME, error + "\n")
+        self.study.tell(number, state=TrialState.FAIL)
+        print(f"{self.name}: trial {number} failed: {error.splitlines()[0]}", flush=True)
 
     def train(self, number: int, params: dict, seed: int) -> bool:
         """One seed's run of the trial, to its end (True) or to a stop signal (False); TrialFailed otherwise."""
@@ -239,8 +266,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(spec: Spec, study, workers: int) -> bool:
-    """`workers` workers on this machine until the study has nothing left for them; False if a signal stopped them."""
+def run_workers(spec: Spec, study, workers: int) -> str:
+    """`workers` workers on this machine until the study has nothing left for them: 'done', 'stopped' (a
+    signal) or 'crashed' (an error ended a worker)."""
     stop = threading.Event()
     host = f"{socket.gethostname()}:{os.getpid()}"
     task = os.environ.get("SLURM_ARRAY_TASK_ID")
@@ -263,7 +291,8 @@ def run_workers(spec: Spec, study, workers: int) -> bool:
     for thread in threads:
         while thread.is_alive():
             thread.join(0.5)  # the main thread stays free for the signal handler
-    return not stop.is_set()
+    crashed = [worker.crashed for worker in team if worker.crashed]
+    return "stopped" if stop.is_set() else "crashed" if crashed else "done"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,12 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as err:
         print(f"mnist_dist.sweep: error: {err}", file=sys.stderr)
         return 2
-    finished = True if args.report else run_workers(spec, study, args.workers)
+    ended = "done" if args.report else run_workers(spec, study, args.workers)
     summary = write_reports(spec, study)
     print(summary.headline, flush=True)
-    if not finished:
+    if ended == "stopped":
         return EXIT_PREEMPTED
-    return 1 if summary.all_failed else 0
+    return 1 if ended == "crashed" or summary.all_failed else 0
 
 
 if __name__ == "__main__":

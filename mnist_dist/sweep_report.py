@@ -7,7 +7,9 @@ from __future__ import annotations
 import csv
 import io
 import os
+import socket
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,8 +119,8 @@ def summary_text(spec: Spec, study, rows: list[dict]) -> tuple[str, str]:
 
 
 def cell(value) -> str:
-    """A swept value as the summary shows it: a drawn float to 3 significant digits."""
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    """A swept value as the summary shows it: as the SPEC wrote it, a drawn float to 3 significant digits."""
+    return f"{value:.3g}" if isinstance(value, float) and len(str(value)) > 6 else str(value)
 
 
 def describe(params: dict) -> str:
@@ -148,14 +150,19 @@ def plot_metric(spec: Spec, rows: list[dict], path: Path) -> None:
         ax.set_ylabel(spec.choose_on)
     fig.suptitle(f"{spec.dir.name}: {spec.choose_on} on the validation split (dots: seeds; line: median)", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    tmp = temporary(path)
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     os.replace(tmp, path)
 
 
+def temporary(path: Path) -> Path:
+    """A name beside `path` that no other worker (thread, process, machine) writes at once."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Readers see the old file or the new one; workers on several machines may each write it."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = temporary(path)
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -20,8 +20,10 @@ import io
 import itertools
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -31,11 +33,14 @@ MAX_SPEC_BYTES = 2**20
 MAX_NODES = 10_000  # YAML nodes: a SPEC is tens of lines
 MAX_POINTS = 1_000  # grid points (before seeds): each is checked with the trainer's own parser
 MAX_SEEDS = 100
+MAX_DEPTH = 8  # YAML nesting: a SPEC nests 3 deep (space, a flag, a range)
+MAX_VALUE_CHARS = 4096  # a path or a --model-args object; under Python's 4,300-digit integers
 KEYS = ("dir", "flags", "space", "seeds", "choose_on", "sampler", "trials", "processes", "accelerate_config")
 SAMPLERS = ("grid", "random", "tpe")
 METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}  # what a trial reports, from results.json's validation
 SET_BY_SWEEP = {"seed": "use `seeds`", "output_dir": "each trial runs in DIR/trials/N/seed-S",
-                "resume": "each trial runs with --resume auto", "overwrite": "a sweep never removes a trial's run"}
+                "resume": "each trial runs with --resume auto", "overwrite": "a sweep never removes a trial's run",
+                "run_name": "each run is named DIR-trial-N-seed-S in W&B"}
 
 
 class SpecError(ValueError):
@@ -101,19 +106,31 @@ def read_spec(path: str | Path) -> Spec:
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(f"{path}: cannot read it ({err})") from None
     try:
-        for count, event in enumerate(yaml.parse(text, Loader=yaml.SafeLoader)):
-            if isinstance(event, yaml.AliasEvent) or count > MAX_NODES:  # an alias of an alias grows without bound
-                raise SpecError(f"{path}:{event.start_mark.line + 1}: YAML aliases (*name) and SPECs over "
-                                f"{MAX_NODES:,} values are refused; write each value out")
+        check_bounded(path, text)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         values = yaml.safe_load(text) if root is not None else None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise SpecError(f"{path}:{mark.line + 1 if mark else 1}: not YAML ({getattr(err, 'problem', err)})") from None
+    except ValueError as err:  # an integer past Python's 4,300 digits
+        raise SpecError(f"{path}: a value YAML cannot load ({err})") from None
     lines = {}
     if root is not None:
         note_lines(root, (), lines)
     return check_spec(path, values, lines)
+
+
+def check_bounded(path: Path, text: str) -> None:
+    """Refuse, before anything is built, what a SPEC never needs: aliases (an alias of an alias grows
+    without bound), more than MAX_NODES values, nesting deeper than MAX_DEPTH."""
+    depth = 0
+    for count, event in enumerate(yaml.parse(text, Loader=yaml.SafeLoader)):
+        depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+        if isinstance(event, yaml.AliasEvent) or count > MAX_NODES or depth > MAX_DEPTH:
+            raise SpecError(f"{path}:{event.start_mark.line + 1}: YAML aliases (*name), nesting deeper than "
+                            f"{MAX_DEPTH} and SPECs over {MAX_NODES:,} values are refused; write each value out")
+        if isinstance(event, yaml.ScalarEvent) and len(event.value) > MAX_VALUE_CHARS:
+            raise SpecError(f"{path}:{event.start_mark.line + 1}: a value over {MAX_VALUE_CHARS:,} characters")
 
 
 def note_lines(node, key: tuple, lines: dict) -> None:
@@ -134,8 +151,10 @@ class Failure:
     def __init__(self, path: Path, lines: dict):
         self.path, self.lines = path, lines
 
-    def __call__(self, key: tuple, why: str):
-        raise SpecError(f"{self.path}:{self.lines.get(key, 1)}: {'.'.join(map(str, key)) + ': ' if key else ''}{why}")
+    def __call__(self, key: tuple, why: str) -> NoReturn:
+        # a key YAML loads as something else (a date, a number) is found by its nearest enclosing entry
+        line = next((self.lines[key[:n]] for n in range(len(key), 0, -1) if key[:n] in self.lines), 1)
+        raise SpecError(f"{self.path}:{line}: {'.'.join(map(str, key)) + ': ' if key else ''}{why}")
 
 
 def check_spec(path: Path, values, lines: dict) -> Spec:
@@ -153,6 +172,8 @@ def check_spec(path: Path, values, lines: dict) -> Spec:
     accelerate_config = values.get("accelerate_config")
     if accelerate_config is not None and not (isinstance(accelerate_config, str) and os.path.isfile(accelerate_config)):
         fail(("accelerate_config",), f"{accelerate_config!r}: not a file (an accelerate config, e.g. accelerate_configs/cpu.yaml)")
+    if accelerate_config is not None and processes == 1:
+        fail(("accelerate_config",), "launches trials of 2 or more processes: give `processes` too")
     where = values.get("dir")
     if where is not None and not (isinstance(where, str) and where):
         fail(("dir",), "the sweep's directory: a path")
@@ -202,15 +223,17 @@ def check_seeds(values: dict, fail: Failure) -> list[int]:
     seeds = values.get("seeds", 1)
     if is_int(seeds) and 1 <= seeds <= MAX_SEEDS:
         seeds = list(range(seeds))
-    if not (isinstance(seeds, list) and seeds and len(seeds) <= MAX_SEEDS and len(set(seeds)) == len(seeds)
-            and all(is_int(s) and 0 <= s < 2**32 for s in seeds)):
+    if not (isinstance(seeds, list) and seeds and len(seeds) <= MAX_SEEDS
+            and all(is_int(s) and 0 <= s < 2**32 for s in seeds) and len(set(seeds)) == len(seeds)):
         fail(("seeds",), f"a count (1 to {MAX_SEEDS}) or a list of distinct seeds from 0 to 2**32 - 1")
     return seeds
 
 
 def check_metric(values: dict, fail: Failure) -> str:
     choose_on = values.get("choose_on", "val_accuracy")
-    if isinstance(choose_on, str) and choose_on.startswith("test"):
+    if not isinstance(choose_on, str):
+        fail(("choose_on",), f"choose {' or '.join(METRICS)}")
+    if choose_on.startswith("test"):
         fail(("choose_on",), f"{choose_on}: the test set never chooses; choose on {' or '.join(METRICS)}")
     if choose_on not in METRICS:
         fail(("choose_on",), f"{choose_on!r}: choose {' or '.join(METRICS)}")
@@ -226,18 +249,20 @@ def check_flag_name(section: str, name, kinds: dict, fail) -> None:
         fail((section, name), f"set by the sweep: {SET_BY_SWEEP[name.replace('-', '_')]}")
 
 
-def check_scalar(key: tuple, value, fail) -> None:
+def check_scalar(key: tuple, value, fail: Failure) -> None:
     if not isinstance(value, (str, int, float, bool)) or isinstance(value, float) and not math.isfinite(value):
         fail(key, f"{value!r}: a flag takes one value (a string, number or true/false)")
 
 
-def check_axis(name: str, axis, kind: type, fail):
+def check_axis(name: str, axis, kind: type, fail: Failure):
     """A space entry: a non-empty list of values, or a numeric range."""
     if isinstance(axis, list):
         if not axis:
             fail(("space", name), "an empty list: give the values to try")
         for i, value in enumerate(axis):
             check_scalar(("space", name, i), value, fail)
+        if kind is float:  # YAML 1.1 leaves 1e-3 a string: as a number, [1e-3, 0.001] lists one value twice
+            axis = [as_number(v) if as_number(v) is not None else v for v in axis]
         if len({str(v) for v in axis}) < len(axis):
             fail(("space", name), "lists a value twice")
         return axis
@@ -260,6 +285,8 @@ def check_axis(name: str, axis, kind: type, fail):
         fail(("space", name, "log"), "true or false; a log range needs low > 0")
     if step is not None and (as_number(step) is None or as_number(step) <= 0 or log):
         fail(("space", name, "step"), "a number > 0, without log")
+    if step is not None and kind is int and as_number(step) != int(as_number(step)):
+        fail(("space", name, "step"), f"--{name} takes integers: an integer step")
     return {"low": low, "high": high, "log": log, "step": as_number(step) if step is not None else None,
             "int": kind is int}
 
@@ -270,7 +297,7 @@ def as_number(value) -> float | None:
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return number if math.isfinite(number) else None
 
@@ -279,12 +306,12 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_with_trainer(spec: Spec, fail) -> None:
+def check_with_trainer(spec: Spec, fail: Failure) -> None:
     """mnist_dist.train's own parser on the SPEC's flags, then on each value alone, then on each point:
     a value the trainer would refuse is an error here, before any trial starts."""
     refusal = trainer_refuses(spec.train_flags({}))
     if refusal:
-        named = [name for name in spec.flags if f"--{name}" in refusal] or [None]
+        named = [name for name in spec.flags if re.search(f"--{re.escape(name)}(?![\\w-])", refusal)] or [None]
         fail(("flags", named[0]) if named[0] else ("flags",), refusal)
     ends = {name: axis if isinstance(axis, list) else [axis["low"], axis["high"]] for name, axis in spec.space.items()}
     for name, values in ends.items():
@@ -301,7 +328,8 @@ def check_with_trainer(spec: Spec, fail) -> None:
         if refusal:
             fail(("space",), f"the point {params} is refused: {refusal}")
         if parsed(spec.train_flags(params)).val_fraction <= 0:
-            fail(("choose_on",), "choosing on validation needs a validation split: add `val-fraction: 0.1` to flags")
+            where = ("flags", "val-fraction") if "val-fraction" in spec.flags else ("flags",)
+            fail(where, "choosing on validation needs a validation split: set `val-fraction: 0.1` in flags")
 
 
 def trainer_refuses(argv: list[str]) -> str | None:

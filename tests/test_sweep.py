@@ -68,6 +68,15 @@ def csv_rows(directory: Path) -> list[dict]:
     ({"seed": "[1, 2]"}, {}, 9, "set by the sweep: use `seeds`"),
     ({"lr": "[0.001]"}, {"seeds": 0}, 10, "seeds: a count"),
     ({"lr": "&rates [0.001]", "dropout": "*rates"}, {}, 10, "YAML aliases (*name)"),
+    ({"lr": "[[[[[[[[[0.001]]]]]]]]]"}, {}, 9, "nesting deeper than 8"),
+    ({"lr": "[1e-3, 0.001]"}, {}, 9, "lists a value twice"),
+    ({"batch-size": "{low: 16, high: 64, step: 0.5}"}, {"sampler": "random", "trials": 2}, 9, "an integer step"),
+    ({"batch-size": "{low: 16, high: 1" + "0" * 400 + "}"}, {"sampler": "random", "trials": 2}, 9, "low < high"),
+    ({"lr": "[0.001]"}, {"seeds": "[[1], [2]]"}, 10, "seeds: a count"),
+    ({"lr": "[0.001]"}, {"choose_on": "[val_loss]"}, 10, "choose_on: choose val_accuracy or val_loss"),
+    ({"lr": "[0.001]"}, {"accelerate_config": "accelerate_configs/cpu.yaml"}, 10, "give `processes` too"),
+    ({"lr": "[0.001]"}, {"seeds": "1" * 5000}, 10, "a value over 4,096 characters"),
+    ({"run-name": "[a, b]"}, {}, 9, "each run is named"),
 ])
 def test_a_bad_spec_is_refused_naming_its_line_before_any_trial(tmp_path, space, top, line, says):
     spec = write_spec(tmp_path, tmp_path, space, **top)
@@ -79,7 +88,13 @@ def test_a_bad_spec_is_refused_naming_its_line_before_any_trial(tmp_path, space,
 
 def test_choosing_on_validation_needs_a_validation_split(tmp_path):
     spec = write_spec(tmp_path, tmp_path, {"lr": "[0.001]"}, flags={"val-fraction": 0})
-    with pytest.raises(SpecError, match=r"needs a validation split: add `val-fraction: 0.1`"):
+    with pytest.raises(SpecError, match=r"spec.yaml:6: flags.val-fraction: choosing on validation needs a validation split"):
+        read_spec(spec)
+
+
+def test_a_refused_flag_is_found_at_its_own_line(tmp_path):
+    spec = write_spec(tmp_path, tmp_path, {"lr": "[0.001]"}, flags={"augment": True, "augment-rotation": -5})
+    with pytest.raises(SpecError, match=r"spec.yaml:9: flags.augment-rotation: --augment-rotation=-5.0: must be"):
         read_spec(spec)
 
 
@@ -115,7 +130,7 @@ def test_a_2x2_grid_on_two_workers_trains_each_point_once_and_chooses_the_best_m
         config = results(Path(row["run_dir"]))["config"]
         assert (config["hidden_sizes"], config["lr"], config["seed"]) == (row["hidden-sizes"], float(row["lr"]), int(row["seed"]))
     medians = {t: statistics.median(float(r["val_accuracy"]) for r in rows if r["trial"] == t) for t in {r["trial"] for r in rows}}
-    best = max(medians, key=medians.get)
+    best = min(medians, key=lambda t: (-medians[t], int(t)))  # a tie goes to the first trial, as in summary.md
     chosen = [r for r in rows if r["trial"] == best]
     summary = (directory / "summary.md").read_text()
     assert f"**Chosen on validation:** hidden-sizes {chosen[0]['hidden-sizes']}, lr {chosen[0]['lr']} (trial {best})" in summary
@@ -145,7 +160,7 @@ def test_a_stopped_or_killed_worker_started_again_continues_its_trial_and_runs_e
     checkpoints = tmp_path / "sweep" / "trials" / "0000" / "seed-0" / "checkpoints"
     first = sweep_cli(spec, start_new_session=True)
     wait_for_checkpoint_after(checkpoints, 0, first)
-    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in its terminal: every run saves a checkpoint and stops
+    first.send_signal(signal.SIGTERM)  # as slurm/sweep.sh passes on USR1: the sweep stops its runs with a checkpoint
     out, _ = first.communicate(timeout=120)
     assert first.returncode == 75, out
     saved = wait_for_checkpoint_after(checkpoints, 0, first)  # the one it stopped with
@@ -178,7 +193,7 @@ def test_a_failed_trial_is_recorded_with_its_error_and_the_sweep_goes_on(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_two_process_trial_trains_every_process_with_its_flags_in_one_wandb_group(tmp_path, small_subset):
+def test_a_two_process_trial_builds_its_model_on_both_processes_and_logs_to_the_sweeps_wandb_group(tmp_path, small_subset):
     spec = write_spec(tmp_path, small_subset, {"hidden-sizes": "[24]", "lr": "[0.002]"}, processes=2,
                       flags={"report-to": "wandb", "wandb-mode": "offline"})
     finish(sweep_cli(spec))
