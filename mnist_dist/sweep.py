@@ -28,7 +28,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .stopping import EXIT_PREEMPTED
-from .sweep_report import ERROR_NAME, describe, read_outcome, write_atomic, write_reports
+from .sweep_report import ERROR_NAME, describe, median, read_outcome, write_atomic, write_reports
 from .sweep_spec import Spec, SpecError, read_spec
 
 JOURNAL, SPEC_RECORD, ASK_LOCK, WORKER_LOCK = "study.journal", "sweep.json", ".ask.lock", ".worker.lock"
@@ -194,8 +194,7 @@ class Worker:
             scores.append(outcome[self.spec.choose_on])
             print(f"{self.name}: trial {number} seed {seed} ({describe(params)}): {self.spec.choose_on} "
                   f"{outcome[self.spec.choose_on]:.4f}, {outcome['seconds_per_epoch']:.1f} s/epoch", flush=True)
-        scores.sort()
-        self.study.tell(number, (scores[(len(scores) - 1) // 2] + scores[len(scores) // 2]) / 2)
+        self.study.tell(number, median(scores))
 
     def fail(self, number: int, error: str) -> None:
         """Record trial `number` as failed, with its error; the sweep goes on."""
