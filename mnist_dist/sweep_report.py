@@ -135,7 +135,7 @@ def plot_metric(spec: Spec, rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     done = [r for r in rows if r["status"] == "finished"]
-    fig, axes = plt.subplots(1, len(spec.space), figsize=(4 * len(spec.space), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(spec.space), figsize=(max(6.0, 4.5 * len(spec.space)), 4), squeeze=False)
     for ax, name in zip(axes[0], spec.space):
         axis = spec.space[name]
         at = (lambda v: axis.index(v)) if isinstance(axis, list) else float
@@ -143,12 +143,13 @@ def plot_metric(spec: Spec, rows: list[dict], path: Path) -> None:
         medians = sorted({at(r[name]): median([s[spec.choose_on] for s in done if s[name] == r[name]]) for r in done}.items())
         ax.plot([x for x, _ in medians], [y for _, y in medians], marker="o", color="black", linewidth=1)
         if isinstance(axis, list):
-            ax.set_xticks(range(len(axis)), [str(v) for v in axis], rotation=30 if len(axis) > 4 else 0)
+            ax.set_xticks(range(len(axis)), [str(v) for v in axis], rotation=40 if len(axis) > 4 else 0,
+                          ha="right" if len(axis) > 4 else "center")
         elif axis["log"]:
             ax.set_xscale("log")
         ax.set_xlabel(name)
         ax.set_ylabel(spec.choose_on)
-    fig.suptitle(f"{spec.dir.name}: {spec.choose_on} on the validation split (dots: seeds; line: median)", fontsize=9)
+    fig.suptitle(f"{spec.dir.name}: {spec.choose_on}, validation split (dots: seeds; line: median)", fontsize=9)
     fig.tight_layout()
     tmp = temporary(path)
     fig.savefig(tmp, dpi=110, format="png")
