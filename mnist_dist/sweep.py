@@ -16,6 +16,7 @@ finished sweep started again runs nothing. At the end: trials.csv, summary.md an
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -25,8 +26,14 @@ import threading
 import traceback
 from pathlib import Path
 
+import optuna
 from filelock import FileLock, Timeout
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 
+from .readback import UnreadableFile, read_json
 from .stopping import EXIT_PREEMPTED
 from .sweep_report import ERROR_NAME, describe, median, read_outcome, write_atomic, write_reports
 from .sweep_spec import Spec, SpecError, read_spec
@@ -42,10 +49,6 @@ class TrialFailed(Exception):
 
 def open_study(spec: Spec):
     """The sweep directory's study, created by the first worker; a directory holding another sweep is refused."""
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
     claim_dir(spec)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = JournalStorage(JournalFileBackend(str(spec.dir / JOURNAL)))
@@ -54,8 +57,6 @@ def open_study(spec: Spec):
 
 
 def make_sampler(spec: Spec):
-    import optuna
-
     if spec.sampler in ("grid", "random"):  # a grid's points are enqueued (`enqueue_grid`): none is drawn
         # unseeded: two workers with one seed would draw the same points
         return optuna.samplers.RandomSampler()
@@ -71,8 +72,6 @@ def enqueue_grid(spec: Spec, study) -> None:
 
 
 def distributions(spec: Spec) -> dict:
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
     made = {}
     for name, axis in spec.space.items():
         if isinstance(axis, list):
@@ -88,10 +87,6 @@ def distributions(spec: Spec) -> dict:
 def claim_dir(spec: Spec) -> None:
     """The sweep's directory is this SPEC's: made for it, or made earlier by the same SPEC (checked by one
     worker at a time, under the ask lock, so that workers starting together agree)."""
-    import json
-
-    from .readback import UnreadableFile, read_json
-
     record = spec.dir / SPEC_RECORD
     existed = spec.dir.exists()
     spec.dir.mkdir(parents=True, exist_ok=True)
@@ -144,8 +139,6 @@ class Worker:
 
     def next_trial(self) -> tuple[int, dict, FileLock] | None:
         """A running trial whose worker is gone, else a new point from the sampler, else None; with its lock."""
-        from optuna.trial import TrialState
-
         with FileLock(self.spec.dir / ASK_LOCK):  # one worker at a time looks and asks, on every machine
             for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 lock = self.trial_lock(trial.number)
@@ -198,8 +191,6 @@ class Worker:
 
     def fail(self, number: int, error: str) -> None:
         """Record trial `number` as failed, with its error; the sweep goes on."""
-        from optuna.trial import TrialState
-
         write_atomic(self.spec.trial_dir(number) / ERROR_NAME, error + "\n")
         self.study.tell(number, state=TrialState.FAIL)
         print(f"{self.name}: trial {number} failed: {error.splitlines()[0]}", flush=True)
@@ -231,7 +222,7 @@ class Worker:
 
     def wait_while_locked(self, run_dir: Path) -> bool:
         """Wait for a run that a killed worker left behind (its lock still held) to end: two never share a directory."""
-        from .runs import LOCK_NAME
+        from .runs import LOCK_NAME  # here: runs imports torch, which the sweep's own process never needs
 
         if not (run_dir / LOCK_NAME).exists():
             return True

@@ -49,10 +49,10 @@ def shown(metric: str, value: float) -> str:
     return f"{value:.2%}" if "accuracy" in metric else f"{value:.4f}"
 
 
-def trial_rows(spec: Spec, study) -> list[dict]:
+def trial_rows(spec: Spec, trials: list) -> list[dict]:
     """One row per run: the trial, its seed, its point, its numbers (blank until the run is finished)."""
     rows = []
-    for trial in study.get_trials(deepcopy=False):
+    for trial in trials:
         where = spec.trial_dir(trial.number)
         error = (where / ERROR_NAME).read_text(errors="replace") if (where / ERROR_NAME).is_file() else ""
         for seed in spec.seeds:
@@ -67,25 +67,25 @@ def trial_rows(spec: Spec, study) -> list[dict]:
 
 def write_reports(spec: Spec, study) -> Summary:
     """trials.csv, summary.md and metric.png in the sweep's directory (each replaced whole); the headline."""
-    rows = trial_rows(spec, study)
+    trials = study.get_trials(deepcopy=False)  # read once: each read replays the study's journal
+    rows = trial_rows(spec, trials)
     columns = ["trial", "seed", "status", *spec.space, *OUTCOME_KEYS, "run_dir", "error", "flags"]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(spec.dir / CSV_NAME, text.getvalue())
-    summary, headline = summary_text(spec, study, rows)
+    summary, headline = summary_text(spec, trials, rows)
     write_atomic(spec.dir / SUMMARY_NAME, summary)
     if any(row["status"] == "finished" for row in rows):
         plot_metric(spec, rows, spec.dir / PLOT_NAME)
-    failed = [t for t in study.get_trials(deepcopy=False) if t.state.name == "FAIL"]
-    return Summary(headline, all_failed=bool(failed) and len(failed) == len(study.get_trials(deepcopy=False)))
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    return Summary(headline, all_failed=bool(failed) and len(failed) == len(trials))
 
 
-def summary_text(spec: Spec, study, rows: list[dict]) -> tuple[str, str]:
+def summary_text(spec: Spec, trials: list, rows: list[dict]) -> tuple[str, str]:
     """summary.md: each point's medians, best first, then the chosen point and its test accuracy."""
     metric = spec.choose_on
-    trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     counts = {state: sum(t.state.name == state for t in trials) for state in ("COMPLETE", "FAIL", "RUNNING")}
     lines = [f"# Sweep {spec.dir}", "",

@@ -309,14 +309,14 @@ def is_int(value) -> bool:
 def check_with_trainer(spec: Spec, fail: Failure) -> None:
     """mnist_dist.train's own parser on the SPEC's flags, then on each value alone, then on each point:
     a value the trainer would refuse is an error here, before any trial starts."""
-    refusal = trainer_refuses(spec.train_flags({}))
+    _, refusal = trainer_parse(spec.train_flags({}))
     if refusal:
         named = [name for name in spec.flags if re.search(f"--{re.escape(name)}(?![\\w-])", refusal)] or [None]
         fail(("flags", named[0]) if named[0] else ("flags",), refusal)
     ends = {name: axis if isinstance(axis, list) else [axis["low"], axis["high"]] for name, axis in spec.space.items()}
     for name, values in ends.items():
         for i, value in enumerate(values):
-            refusal = trainer_refuses(spec.train_flags({name: value}))
+            _, refusal = trainer_parse(spec.train_flags({name: value}))
             if refusal:
                 fail(("space", name, i) if isinstance(spec.space[name], list) else ("space", name), refusal)
     points = list(itertools.islice(itertools.product(*ends.values()), MAX_POINTS + 1))
@@ -324,24 +324,19 @@ def check_with_trainer(spec: Spec, fail: Failure) -> None:
         fail(("space",), f"more than {MAX_POINTS:,} points; split the sweep")
     for values in points:
         params = dict(zip(ends, values))
-        refusal = trainer_refuses(spec.train_flags(params))
+        cfg, refusal = trainer_parse(spec.train_flags(params))
         if refusal:
             fail(("space",), f"the point {params} is refused: {refusal}")
-        if parsed(spec.train_flags(params)).val_fraction <= 0:
+        if cfg.val_fraction <= 0:
             where = ("flags", "val-fraction") if "val-fraction" in spec.flags else ("flags",)
             fail(where, "choosing on validation needs a validation split: set `val-fraction: 0.1` in flags")
 
 
-def trainer_refuses(argv: list[str]) -> str | None:
-    """What mnist_dist.train's parser says of `argv`, or None if it takes it."""
+def trainer_parse(argv: list[str]) -> tuple[config.TrainConfig | None, str | None]:
+    """mnist_dist.train's parse of `argv`: (its config, None), or (None, what the parser refused)."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            parsed(argv)
+            return config.parse_args(argv), None
     except SystemExit:
-        return err.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
-    return None
-
-
-def parsed(argv: list[str]) -> config.TrainConfig:
-    return config.parse_args(argv)
+        return None, err.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
