@@ -226,6 +226,10 @@ def process_hosts(accelerator: Accelerator) -> list[str]:
     return gather_object([socket.gethostname()])
 
 
+class LostPeers(RuntimeError):
+    """A collective failed (`lost_peer`): the message names the step and the processes waited for."""
+
+
 def lost_peer(err: BaseException) -> bool:
     """Whether `err` is a collective that timed out or lost its connection (gloo's are plain RuntimeErrors)."""
     return isinstance(err, torch.distributed.DistError) or "gloo/transport" in str(err)

@@ -22,7 +22,7 @@ import time
 
 import psutil
 
-from .stopping import EXIT_PREEMPTED
+from .stopping import EXIT_OUTSIDE, EXIT_PREEMPTED
 
 EXIT_USAGE = 2  # the training processes refused the command (they said why)
 WAITING_NOTE_S = 10  # seconds at the rendezvous before a node says it is waiting, then every minute
@@ -55,15 +55,17 @@ def forward_stop(signum, frame) -> None:
 
 def exit_status(codes: list[int]) -> int:
     """The launch's status from its training processes' statuses: theirs (75 after a stop signal, 2
-    otherwise) when each process ended with it or was stopped by the launcher once one had (SIGTERM)."""
+    otherwise) when each process ended with it or was stopped by the launcher once one had (SIGTERM); 74
+    when every process was killed by a signal or failed for a cause outside the run (the disk, a lost peer)."""
     expected = EXIT_PREEMPTED if stop_signals else EXIT_USAGE
     if expected in codes and set(codes) <= {expected, -signal.SIGTERM}:
         return expected  # 75: the checkpoint is complete (saving it is collective); 2: the first said why
+    outside = all(code in (EXIT_OUTSIDE, EXIT_PREEMPTED) or code < 0 for code in codes)
     said = ", ".join(f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
                      else f"exit {code}" for code in sorted(codes))
     print(f"mnist_dist.launch: the training processes ended with {said}; errors they printed are above",
           file=sys.stderr)
-    return 1
+    return EXIT_OUTSIDE if outside else 1
 
 
 def note_while_waiting(args) -> None:

@@ -11,6 +11,10 @@ import signal
 # exit status of a run that stopped on SIGTERM/SIGUSR1 after saving a checkpoint: "try again"
 # (EX_TEMPFAIL); a scheduler or wrapper requeues the job and `--resume auto` continues it
 EXIT_PREEMPTED = 75
+# exit status of a run that failed for a cause outside it (EX_IOERR): the disk or the storage failed, or a
+# peer was lost. Its checkpoints are intact; `--resume auto` continues it once the cause is gone, and a
+# sweep leaves its trial for the next start instead of failing the point
+EXIT_OUTSIDE = 74
 
 
 class StopSignals:

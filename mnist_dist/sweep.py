@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -30,30 +31,87 @@ import optuna
 from filelock import FileLock, Timeout
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import TrialState
 
 from .readback import UnreadableFile, read_json
-from .stopping import EXIT_PREEMPTED
-from .sweep_report import ERROR_NAME, describe, median, read_outcome, write_atomic, write_reports
+from .stopping import EXIT_OUTSIDE, EXIT_PREEMPTED
+from .sweep_report import (
+    ERROR_NAME, INTERRUPTED_NAME, WORKER_LOCK, asked_whole, describe, median, point_key, points_of, read_outcome, write_atomic,
+    write_reports,
+)
 from .sweep_spec import Spec, SpecError, read_spec
 
-JOURNAL, SPEC_RECORD, ASK_LOCK, WORKER_LOCK = "study.journal", "sweep.json", ".ask.lock", ".worker.lock"
+JOURNAL, SPEC_RECORD, ASK_LOCK, POINT_NAME = "study.journal", "sweep.json", ".ask.lock", "point.json"
 STUDY_NAME = "sweep"
 LOG_TAIL_LINES = 20  # of a failed run's log, kept as the trial's error
+MAX_RECORD_BYTES = 2**20  # a journal line: Optuna writes a few hundred bytes per record
 
 
 class TrialFailed(Exception):
-    """A run of the trial ended with an error; the message says which and why."""
+    """A run of the trial failed for a reason of its point (its flags, its model, a non-finite loss): final."""
+
+
+class TrialInterrupted(Exception):
+    """A run of the trial was ended from outside (a signal, the disk, the storage, a lost peer): its checkpoints
+    stay, and the next start of the sweep continues it."""
 
 
 def open_study(spec: Spec):
     """The sweep directory's study, created by the first worker; a directory holding another sweep is refused."""
     claim_dir(spec)
+    journal = spec.dir / JOURNAL
+    check_journal(journal)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = JournalStorage(JournalFileBackend(str(spec.dir / JOURNAL)))
-    return optuna.create_study(study_name=STUDY_NAME, storage=storage, direction=spec.direction,
-                               sampler=make_sampler(spec), load_if_exists=True)
+    try:
+        storage = JournalStorage(JournalFileBackend(str(journal)))
+        return optuna.create_study(study_name=STUDY_NAME, storage=storage, direction=spec.direction,
+                                   sampler=make_sampler(spec), load_if_exists=True)
+    except Exception as err:  # records that parse but that Optuna cannot replay: named, never a traceback
+        raise SpecError(f"{journal}: Optuna cannot replay the study from it ({type(err).__name__}: {err}); "
+                        f"{REBUILD_HINT}") from None
+
+
+REBUILD_HINT = "the runs' results.json are intact: docs/experiments.md#a-damaged-journal says how to go on"
+
+
+def check_journal(journal: Path) -> None:
+    """Read each record once before Optuna replays them, holding Optuna's own journal lock (no worker appends
+    meanwhile): a torn last line (a crash or a full disk mid-append) is set aside, so the next record starts a
+    line of its own; any other damage is an error naming the line, before anything is appended."""
+    if not journal.is_file() or journal.stat().st_size == 0:
+        return
+    lock = JournalFileSymlinkLock(str(journal))
+    lock.acquire()
+    try:
+        with open(journal, "rb") as f:
+            good = 0  # bytes of whole records
+            for number, line in enumerate(iter(lambda: f.readline(MAX_RECORD_BYTES + 1), b""), start=1):
+                if len(line) > MAX_RECORD_BYTES:
+                    raise SpecError(f"{journal}:{number}: a line over {MAX_RECORD_BYTES // 2**20} MiB, not a record "
+                                    f"of Optuna's; {REBUILD_HINT}")
+                if not line.endswith(b"\n"):
+                    set_aside_torn(journal, good, line)
+                    return
+                try:
+                    record = json.loads(line)
+                except ValueError as err:
+                    raise SpecError(f"{journal}:{number}: a damaged record ({err}); {REBUILD_HINT}") from None
+                if not isinstance(record, dict) or "op_code" not in record:
+                    raise SpecError(f"{journal}:{number}: not a record of Optuna's journal; {REBUILD_HINT}")
+                good += len(line)
+    finally:
+        lock.release()
+
+
+def set_aside_torn(journal: Path, good: int, torn: bytes) -> None:
+    """Move a torn last record (its bytes) to a file beside the journal, and cut the journal after `good` bytes."""
+    aside = journal.with_name(f"{journal.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside.write_bytes(torn)
+    os.truncate(journal, good)
+    print(f"mnist_dist.sweep: warning: {journal} ended in a torn record ({len(torn)} bytes, from a crash or a full "
+          f"disk while it was written): set aside in {aside.name}; the study goes on from the record before it",
+          file=sys.stderr, flush=True)
 
 
 def make_sampler(spec: Spec):
@@ -64,11 +122,18 @@ def make_sampler(spec: Spec):
     return optuna.samplers.TPESampler(constant_liar=True)
 
 
-def enqueue_grid(spec: Spec, study) -> None:
-    """A grid's points not in the study yet, in the SPEC's order, as waiting trials that `ask` hands out one
-    by one (under the ask lock). Optuna's GridSampler would stop the study from outside `optimize`."""
-    for params in spec.grid():
-        study.enqueue_trial(params, skip_if_exists=True)  # a point that has a trial, in any state, has had its turn
+def points_to_queue(spec: Spec, trials: list) -> list[dict]:
+    """Points that no trial stands for, to be queued (asked in order by `ask`): the grid's points not in the
+    study yet, or whose trial a worker killed inside `ask` left half-made; and any point whose finished trial's
+    results were deleted, to be trained again. (Optuna's GridSampler would stop the study from outside `optimize`.)"""
+    standing = {point_key(spec, p.params) for p in points_of(spec, trials) if p.status != "gone"}
+    wanted = spec.grid() if spec.sampler == "grid" else [p.params for p in points_of(spec, trials) if p.status == "gone"]
+    queued = {}
+    for params in wanted:
+        key = point_key(spec, params)
+        if key not in standing:
+            queued.setdefault(key, params)
+    return list(queued.values())
 
 
 def distributions(spec: Spec) -> dict:
@@ -86,34 +151,53 @@ def distributions(spec: Spec) -> dict:
 
 def claim_dir(spec: Spec) -> None:
     """The sweep's directory is this SPEC's: made for it, or made earlier by the same SPEC (checked by one
-    worker at a time, under the ask lock, so that workers starting together agree)."""
-    record = spec.dir / SPEC_RECORD
-    existed = spec.dir.exists()
-    spec.dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(spec.dir / ASK_LOCK):
-        others = [p.name for p in spec.dir.iterdir() if p.name != ASK_LOCK]
-        if existed and not record.exists() and others:
-            raise SpecError(f"{spec.path}:{spec.lines.get(('dir',), 1)}: dir: {spec.dir} holds files of something "
-                            f"other than a sweep ({', '.join(sorted(others)[:3])}); choose another dir")
-        wanted = json.loads(json.dumps(spec.to_dict()))  # as it reads back: tuples become lists
-        if not record.exists():
-            write_atomic(record, json.dumps(wanted, indent=2) + "\n")
-            return
-        try:
-            there = read_json(record)
-        except UnreadableFile as err:
-            raise SpecError(f"{spec.dir}: {err}; move the directory away, or choose another dir") from None
+    worker at a time, under the ask lock, so that workers starting together agree). Nothing is created in a
+    directory that is refused."""
+    line = spec.lines.get(("dir",), 1)
+    try:
+        if spec.dir.exists() and not spec.dir.is_dir():
+            raise SpecError(f"{spec.path}:{line}: dir: {spec.dir} is a file, not a directory; choose another dir")
+        if spec.dir.is_dir():
+            check_only_a_sweep(spec, line)
+        spec.dir.mkdir(parents=True, exist_ok=True)
+        (spec.dir / ASK_LOCK).touch()  # an unwritable place fails here, not in an endless wait for the lock
+        with FileLock(spec.dir / ASK_LOCK):
+            check_only_a_sweep(spec, line)  # again, now that no other worker is making it
+            record = spec.dir / SPEC_RECORD
+            wanted = json.loads(json.dumps(spec.to_dict()))  # as it reads back: tuples become lists
+            if not record.exists():
+                write_atomic(record, json.dumps(wanted, indent=2) + "\n")
+                return
+            try:
+                there = read_json(record)
+            except UnreadableFile as err:
+                raise SpecError(f"{spec.dir}: {err}; move the directory away, or choose another dir") from None
+    except OSError as err:
+        raise SpecError(f"{spec.path}:{line}: dir: {spec.dir}: cannot make or write the sweep's directory there "
+                        f"({err.strerror or err}); choose another dir") from None
     differ = [key for key in wanted if there.get(key) != wanted[key]]
     if differ:
         raise SpecError(f"{spec.path}: dir: {spec.dir} holds a sweep of another SPEC (it differs in "
                         f"{', '.join(differ)}); choose another dir for this one, or put the SPEC back")
 
 
+def check_only_a_sweep(spec: Spec, line: int) -> None:
+    """A directory that exists is a sweep's (it has the SPEC's record) or holds nothing but what the first
+    worker is making; else it is someone else's and is refused."""
+    if (spec.dir / SPEC_RECORD).exists():
+        return
+    others = [p.name for p in spec.dir.iterdir() if p.name != ASK_LOCK and not p.name.startswith(SPEC_RECORD + ".")]
+    if others:
+        raise SpecError(f"{spec.path}:{line}: dir: {spec.dir} holds files of something other than a sweep "
+                        f"({', '.join(sorted(others)[:3])}); choose another dir")
+
+
 class Worker:
     """Trains trials, one at a time, until the study has none left for it (a thread; several share a study)."""
 
-    def __init__(self, spec: Spec, study, name: str, stop: threading.Event):
+    def __init__(self, spec: Spec, study, name: str, stop: threading.Event, left: dict[int, str]):
         self.spec, self.study, self.name, self.stop = spec, study, name, stop
+        self.left = left  # trial -> why its run was ended from outside: shared by the team, left for the next start
         self.process: subprocess.Popen | None = None  # the run in progress, for the stop signal
         self.crashed: str | None = None  # what ended this worker, if not the end of the sweep
 
@@ -138,27 +222,35 @@ class Worker:
                 lock.release()
 
     def next_trial(self) -> tuple[int, dict, FileLock] | None:
-        """A running trial whose worker is gone, else a new point from the sampler, else None; with its lock."""
+        """A running trial whose worker is gone, else a queued or new point, else None; with the trial's lock."""
         with FileLock(self.spec.dir / ASK_LOCK):  # one worker at a time looks and asks, on every machine
-            for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            trials = self.study.get_trials(deepcopy=False)
+            for trial in trials:
+                if trial.state != TrialState.RUNNING or trial.number in self.left:
+                    continue
                 lock = self.trial_lock(trial.number)
                 if lock is None:
                     continue  # its worker is at it
-                if set(trial.params) != set(self.spec.space):  # its worker died inside `ask`
+                if not asked_whole(self.spec, trial):  # its worker died inside `ask`: its point is queued again below
                     self.study.tell(trial.number, state=TrialState.FAIL)
                     lock.release()
                     continue
                 print(f"{self.name}: trial {trial.number} was left unfinished: continuing it", flush=True)
+                (self.spec.trial_dir(trial.number) / INTERRUPTED_NAME).unlink(missing_ok=True)
                 return trial.number, trial.params, lock
-            if self.spec.sampler == "grid":
-                if not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-                    enqueue_grid(self.spec, self.study)  # the first worker; or points a worker killed while it enqueued lost
-                if not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-                    return None
-            elif len(self.study.get_trials(deepcopy=False)) >= self.spec.points():
+            trials = self.study.get_trials(deepcopy=False)
+            queued = points_to_queue(self.spec, trials)
+            for params in queued:
+                self.study.enqueue_trial(params)
+            waiting = queued or any(t.state == TrialState.WAITING for t in trials)
+            standing = sum(p.status != "gone" for p in points_of(self.spec, trials))
+            if not waiting and (self.spec.sampler == "grid" or standing >= self.spec.points()):
                 return None
             trial = self.study.ask(distributions(self.spec))
-            return trial.number, trial.params, self.trial_lock(trial.number)
+            lock = self.trial_lock(trial.number)
+            # the point beside its runs: what a study rebuilt from the trial directories reads (`rebuild`)
+            write_atomic(self.spec.trial_dir(trial.number) / POINT_NAME, json.dumps(trial.params) + "\n")
+            return trial.number, trial.params, lock
 
     def trial_lock(self, number: int) -> FileLock | None:
         where = self.spec.trial_dir(number)
@@ -171,7 +263,8 @@ class Worker:
         return lock
 
     def run_trial(self, number: int, params: dict) -> None:
-        """Each seed's run, then the trial's score (the median) to the study; a failure is recorded with its error."""
+        """Each seed's run, then the trial's score (the median) to the study. A failure of the point's own is
+        recorded with its error; a run ended from outside leaves the trial to the next start."""
         scores = []
         for seed in self.spec.seeds:
             try:
@@ -179,6 +272,9 @@ class Worker:
                     return  # stopped: the trial stays running, for the next worker to continue
             except TrialFailed as err:
                 self.fail(number, str(err))
+                return
+            except TrialInterrupted as err:
+                self.leave(number, str(err))
                 return
             outcome = read_outcome(self.spec.trial_dir(number) / f"seed-{seed}")
             if outcome is None:
@@ -195,8 +291,20 @@ class Worker:
         self.study.tell(number, state=TrialState.FAIL)
         print(f"{self.name}: trial {number} failed: {error.splitlines()[0]}", flush=True)
 
+    def leave(self, number: int, why: str) -> None:
+        """Leave trial `number` running, for the next start of the sweep to continue from its checkpoints; this
+        start trains the other points and exits 1."""
+        self.left[number] = why
+        try:
+            write_atomic(self.spec.trial_dir(number) / INTERRUPTED_NAME, why + "\n")
+        except OSError as err:  # the disk that ended the run may refuse this too; the trial is left all the same
+            print(f"{self.name}: could not record why trial {number} stopped ({err})", file=sys.stderr, flush=True)
+        print(f"{self.name}: trial {number} was ended from outside ({why.splitlines()[0]}); left for the next start "
+              "of the sweep to continue from its checkpoint", flush=True)
+
     def train(self, number: int, params: dict, seed: int) -> bool:
-        """One seed's run of the trial, to its end (True) or to a stop signal (False); TrialFailed otherwise."""
+        """One seed's run of the trial, to its end (True) or to the sweep's stop signal (False); TrialFailed or
+        TrialInterrupted otherwise."""
         run_dir = self.spec.trial_dir(number) / f"seed-{seed}"
         if not self.wait_while_locked(run_dir):
             return False
@@ -215,9 +323,13 @@ class Worker:
             status = self.process.wait()
         if status == 0:
             return True
-        if status == EXIT_PREEMPTED or self.stop.is_set():
+        if self.stop.is_set():
             return False
         tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        if from_outside(status):
+            said = next((line.split("error: ", 1)[1] for line in reversed(tail) if "error: " in line), "")
+            raise TrialInterrupted(f"seed {seed}: mnist_dist.train {ended_how(status)}{': ' + said if said else ''} "
+                                   f"({log_path})")
         raise TrialFailed(f"seed {seed}: mnist_dist.train exited with {status} ({log_path}):\n" + "\n".join(tail))
 
     def wait_while_locked(self, run_dir: Path) -> bool:
@@ -239,6 +351,64 @@ class Worker:
         return False
 
 
+def from_outside(status: int) -> bool:
+    """Whether a run's exit status says nothing about its point: killed by a signal (the OOM killer, a lost
+    node, a person), stopped by one with a checkpoint (75), or failed for the disk, the storage or a lost peer (74)."""
+    return status < 0 or status > 128 or status in (EXIT_OUTSIDE, EXIT_PREEMPTED)
+
+
+def ended_how(status: int) -> str:
+    signum = -status if status < 0 else status - 128 if status > 128 else None
+    if signum in {s.value for s in signal.Signals}:
+        return f"was killed by {signal.Signals(signum).name}"
+    return "stopped with a checkpoint on a signal" if status == EXIT_PREEMPTED else f"exited with {status}"
+
+
+def rebuild(spec: Spec):
+    """A new study from the trial directories, the old journal set aside (damaged, or lost): each trial keeps its
+    number and directory; a trial whose runs all finished is complete with their median, one with an error.txt
+    failed, any other queued again (the next start continues its runs from their checkpoints). A number whose
+    point is unknown (no point.json) stays a failed trial without a point, so that the numbers line up."""
+    journal = spec.dir / JOURNAL
+    if journal.exists():
+        aside = journal.with_name(f"{JOURNAL}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(journal, aside)
+        print(f"mnist_dist.sweep: {journal} set aside as {aside.name}; rebuilding the study from {spec.dir / 'trials'}",
+              flush=True)
+    study = open_study(spec)
+    found = [int(p.name) for p in (spec.dir / "trials").glob("[0-9]*") if p.name.isdigit()]
+    made = distributions(spec)
+    for number in range(max(found, default=-1) + 1):
+        where = spec.trial_dir(number)
+        try:
+            params = read_json(where / POINT_NAME)
+        except (FileNotFoundError, UnreadableFile):
+            params = None
+        if not in_space(spec, made, params):
+            study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+            continue
+        runs = [read_outcome(where / f"seed-{seed}") for seed in spec.seeds]
+        if all(runs):
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=made,
+                                                      value=median([run[spec.choose_on] for run in runs])))
+        elif (where / ERROR_NAME).is_file():
+            study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params=params, distributions=made))
+        else:
+            study.enqueue_trial(params)
+    return study
+
+
+def in_space(spec: Spec, made: dict, params) -> bool:
+    """Whether a point.json holds a point of the SPEC's space (Optuna checks each value against its distribution)."""
+    if not (isinstance(params, dict) and set(params) == set(spec.space)):
+        return False
+    try:
+        optuna.trial.create_trial(params=params, distributions=made, value=0.0)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 def launcher(spec: Spec) -> list[str]:
     """How a trial's run starts: mnist_dist.train, or mnist_dist.launch of N processes that all get its flags."""
     if spec.processes == 1:
@@ -258,12 +428,13 @@ def free_port() -> int:
 
 def run_workers(spec: Spec, study, workers: int) -> str:
     """`workers` workers on this machine until the study has nothing left for them: 'done', 'stopped' (a
-    signal) or 'crashed' (an error ended a worker)."""
-    stop = threading.Event()
+    signal), 'left' (a run was ended from outside: its trial waits for the next start) or 'crashed' (an error
+    ended a worker)."""
+    stop, left = threading.Event(), {}
     host = f"{socket.gethostname()}:{os.getpid()}"
     task = os.environ.get("SLURM_ARRAY_TASK_ID")
     team = [Worker(spec, study, f"sweep worker {host}" + (f" (array task {task})" if task else "")
-                   + (f" #{i}" if workers > 1 else ""), stop) for i in range(workers)]
+                   + (f" #{i}" if workers > 1 else ""), stop, left) for i in range(workers)]
 
     def on_signal(signum, frame):
         stop.set()
@@ -282,7 +453,7 @@ def run_workers(spec: Spec, study, workers: int) -> str:
         while thread.is_alive():
             thread.join(0.5)  # the main thread stays free for the signal handler
     crashed = [worker.crashed for worker in team if worker.crashed]
-    return "stopped" if stop.is_set() else "crashed" if crashed else "done"
+    return "stopped" if stop.is_set() else "crashed" if crashed else "left" if left else "done"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="trials trained at once on this machine (default: 1)")
     parser.add_argument("--report", action="store_true", help="only write trials.csv, summary.md and metric.png "
                         "from the trials so far")
+    parser.add_argument("--rebuild", action="store_true", help="set the study's journal aside and rebuild the study "
+                        "from the trial directories (their point.json and results.json), then go on")
     return parser
 
 
@@ -301,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--workers {args.workers}: must be from 1 to 256")
     try:
         spec = read_spec(args.spec)
-        study = open_study(spec)
+        study = rebuild(spec) if args.rebuild else open_study(spec)
     except SpecError as err:
         print(f"mnist_dist.sweep: error: {err}", file=sys.stderr)
         return 2
@@ -310,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     print(summary.headline, flush=True)
     if ended == "stopped":
         return EXIT_PREEMPTED
-    return 1 if ended == "crashed" or summary.all_failed else 0
+    # 1: a worker crashed, a point is not trained yet (start again to continue it), or every point failed
+    return 0 if ended == "done" and summary.whole and summary.chose else 1
 
 
 if __name__ == "__main__":

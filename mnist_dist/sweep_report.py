@@ -14,18 +14,41 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from .readback import UnreadableFile, read_json
 from .sweep_spec import Spec, as_flag
 
 CSV_NAME, SUMMARY_NAME, PLOT_NAME = "trials.csv", "summary.md", "metric.png"
 OUTCOME_KEYS = ("val_accuracy", "val_loss", "test_accuracy", "seconds_per_epoch")
 ERROR_NAME = "error.txt"  # a failed trial's error, beside its runs
+INTERRUPTED_NAME = "interrupted.txt"  # why a trial's run was ended from outside (the next start continues it)
+WORKER_LOCK = ".worker.lock"  # a trial's: held by the worker training it, dropped by the OS when that worker dies
 
 
 @dataclass
 class Summary:
-    headline: str  # what the sweep chose, in a line
-    all_failed: bool
+    headline: str  # what the sweep chose, and among how many of its points, in a line
+    chose: bool  # a point was chosen
+    whole: bool  # every point was trained, or failed for a reason of its own
+
+
+@dataclass
+class Point:
+    """A trial that is a point of the space (one a worker died while asking is none), and what became of it."""
+    trial: object  # optuna's FrozenTrial
+    params: dict
+    runs: dict  # seed -> its outcome (read_outcome), None until that run finished
+    # finished | failed | interrupted (ended from outside) | unfinished (its worker is gone) | running (a worker
+    # trains it now) | waiting (queued) | gone (finished, then its results were deleted)
+    status: str
+    why: str = ""  # the failure's or the interruption's first line
+    metric: str = "val_accuracy"  # the SPEC's choose_on
+
+    @property
+    def score(self) -> float:
+        """The point's median metric over its seeds (finished points only)."""
+        return median([run[self.metric] for run in self.runs.values()])
 
 
 def read_outcome(run_dir: Path) -> dict | None:
@@ -49,73 +72,158 @@ def shown(metric: str, value: float) -> str:
     return f"{value:.2%}" if "accuracy" in metric else f"{value:.4f}"
 
 
-def trial_rows(spec: Spec, trials: list) -> list[dict]:
+def asked_whole(spec: Spec, trial) -> bool:
+    """Whether `trial` has a value for every swept flag: a worker killed inside Optuna's `ask` leaves some out."""
+    return set(trial.params) == set(spec.space)
+
+
+def point_key(spec: Spec, params: dict) -> tuple:
+    return tuple(str(params[name]) for name in spec.space)
+
+
+def first_line(path: Path) -> str:
+    text = path.read_text(errors="replace").strip() if path.is_file() else ""
+    return text.splitlines()[0] if text else ""
+
+
+def points_of(spec: Spec, trials: list) -> list[Point]:
+    """The trials that are points, each with its runs' outcomes and its status, derived from the study's state
+    and the runs' results.json (the truth: a finished trial whose results were deleted is `gone`)."""
+    made = []
+    for trial in trials:
+        state = trial.state.name
+        if state == "WAITING":  # queued, not asked yet: its point is Optuna's fixed_params
+            made.append(Point(trial, trial.system_attrs.get("fixed_params", {}), {}, "waiting", metric=spec.choose_on))
+            continue
+        if not asked_whole(spec, trial):
+            continue
+        where = spec.trial_dir(trial.number)
+        runs = {seed: read_outcome(where / f"seed-{seed}") for seed in spec.seeds}
+        if all(runs.values()):
+            status, why = "finished", ""
+        elif state == "FAIL":
+            status, why = "failed", first_line(where / ERROR_NAME)
+        elif state == "COMPLETE":
+            status, why = "gone", "its runs' results.json are gone: trained again as a new trial"
+        elif held(where / WORKER_LOCK):
+            status, why = "running", ""
+        elif (where / INTERRUPTED_NAME).is_file():
+            status, why = "interrupted", first_line(where / INTERRUPTED_NAME)
+        else:
+            status, why = "unfinished", "its worker is gone"
+        made.append(Point(trial, trial.params, runs, status, why, metric=spec.choose_on))
+    return made
+
+
+def held(lock_path: Path) -> bool:
+    """Whether a worker holds this lock now (on any machine that shares the directory)."""
+    if not lock_path.exists():
+        return False
+    lock = FileLock(lock_path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def trial_rows(spec: Spec, points: list[Point]) -> list[dict]:
     """One row per run: the trial, its seed, its point, its numbers (blank until the run is finished)."""
     rows = []
-    for trial in trials:
-        where = spec.trial_dir(trial.number)
-        error = (where / ERROR_NAME).read_text(errors="replace") if (where / ERROR_NAME).is_file() else ""
+    for point in points:
+        where = spec.trial_dir(point.trial.number)
         for seed in spec.seeds:
-            outcome = read_outcome(where / f"seed-{seed}")
-            status = "finished" if outcome else trial.state.name.lower()
-            rows.append({"trial": trial.number, "seed": seed, "status": status, **trial.params,
-                         **{k: (outcome or {}).get(k, "") for k in OUTCOME_KEYS},
-                         "run_dir": str(where / f"seed-{seed}"), "error": error.strip().splitlines()[0] if error else "",
-                         "flags": " ".join(spec.train_flags(trial.params) + as_flag("seed", seed))})
+            outcome = point.runs.get(seed)
+            rows.append({"trial": point.trial.number, "seed": seed, "status": "finished" if outcome else point.status,
+                         **point.params, **{k: (outcome or {}).get(k, "") for k in OUTCOME_KEYS},
+                         "run_dir": str(where / f"seed-{seed}"), "error": point.why,
+                         "flags": " ".join(spec.train_flags(point.params) + as_flag("seed", seed))})
     return rows
 
 
 def write_reports(spec: Spec, study) -> Summary:
     """trials.csv, summary.md and metric.png in the sweep's directory (each replaced whole); the headline."""
-    trials = study.get_trials(deepcopy=False)  # read once: each read replays the study's journal
-    rows = trial_rows(spec, trials)
+    points = points_of(spec, study.get_trials(deepcopy=False))  # read once: each read replays the study's journal
+    rows = trial_rows(spec, points)
     columns = ["trial", "seed", "status", *spec.space, *OUTCOME_KEYS, "run_dir", "error", "flags"]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(spec.dir / CSV_NAME, text.getvalue())
-    summary, headline = summary_text(spec, trials, rows)
-    write_atomic(spec.dir / SUMMARY_NAME, summary)
+    summary, text = summary_text(spec, points)
+    write_atomic(spec.dir / SUMMARY_NAME, text)
     if any(row["status"] == "finished" for row in rows):
         plot_metric(spec, rows, spec.dir / PLOT_NAME)
-    failed = [t for t in trials if t.state.name == "FAIL"]
-    return Summary(headline, all_failed=bool(failed) and len(failed) == len(trials))
+    return summary
 
 
-def summary_text(spec: Spec, trials: list, rows: list[dict]) -> tuple[str, str]:
-    """summary.md: each point's medians, best first, then the chosen point and its test accuracy."""
-    metric = spec.choose_on
-    complete = [t for t in trials if t.state.name == "COMPLETE"]
-    counts = {state: sum(t.state.name == state for t in trials) for state in ("COMPLETE", "FAIL", "RUNNING")}
+def tally(spec: Spec, points: list[Point]) -> tuple[list[Point], list[Point], dict[str, str]]:
+    """The finished points (one trial each), the points that failed for a reason of their own, and the others
+    (named -> status): of the grid's points, or of the `trials` a random or tpe sweep promised."""
+    finished, failed, others = {}, {}, {}
+    for point in points:
+        key = point_key(spec, point.params)
+        if point.status == "finished":
+            finished.setdefault(key, point)
+        elif point.status == "failed":
+            failed.setdefault(key, point)
+    failed = {key: point for key, point in failed.items() if key not in finished}
+    newest = {point_key(spec, p.params): p for p in points}  # a point's newest trial says where it stands
+    wanted = ([point_key(spec, params) for params in spec.grid()] if spec.sampler == "grid" else
+              [point_key(spec, p.params) for p in points])
+    for key in dict.fromkeys(wanted):
+        if key not in finished and key not in failed:
+            point = newest.get(key)
+            named = describe(dict(zip(spec.space, key)))
+            if point:
+                others[f"{named} ({point.status}{': ' + point.why if point.why else ''})"] = point.status
+            else:
+                others[f"{named} (not trained yet)"] = "waiting"
+    undrawn = spec.points() - len(finished) - len(failed) - len(others)
+    if spec.sampler != "grid" and undrawn > 0:
+        others[f"{undrawn} point(s) not drawn yet"] = "waiting"
+    return list(finished.values()), list(failed.values()), others
+
+
+def summary_text(spec: Spec, points: list[Point]) -> tuple[Summary, str]:
+    """summary.md: each finished point's medians, best first, the failed and untrained points named, then the
+    chosen point (among how many of the promised ones) and its test accuracy."""
+    metric, total = spec.choose_on, spec.points()
+    finished, failed, others = tally(spec, points)
+    whole = set(others.values()) <= {"running"}  # every point trained, failed for its own reason, or in training
     lines = [f"# Sweep {spec.dir}", "",
              f"SPEC `{spec.path}`; {spec.sampler} sampler; seeds {', '.join(map(str, spec.seeds))}; each point scored "
-             f"by its median `{metric}` over the seeds, on the validation split. {counts['COMPLETE']} of "
-             f"{spec.points()} points done, {counts['FAIL']} failed, {counts['RUNNING']} running "
-             f"({time.strftime('%Y-%m-%d %H:%M')}, {os.uname().nodename}).", ""]
-    best_first = sorted(complete, key=lambda t: (-t.value if spec.direction == "maximize" else t.value, t.number))
+             f"by its median `{metric}` over the seeds, on the validation split. {len(finished)} of {total} points "
+             f"trained, {len(failed)} failed for a reason of their own, {total - len(finished) - len(failed)} not "
+             f"trained ({time.strftime('%Y-%m-%d %H:%M')}, {os.uname().nodename}).", ""]
+    sign = -1 if spec.direction == "maximize" else 1
+    best_first = sorted(finished, key=lambda p: (sign * p.score, p.trial.number))
     lines += ["| " + " | ".join([*spec.space, f"{metric} (median)", "s/epoch (median)", "trial"]) + " |",
               "|" + " --- |" * (len(spec.space) + 3)]
-    for t in best_first:
-        seconds = [r["seconds_per_epoch"] for r in rows if r["trial"] == t.number and r["status"] == "finished"]
-        lines.append("| " + " | ".join([*(cell(t.params[n]) for n in spec.space), shown(metric, t.value),
-                                        f"{median(seconds):.2f}" if seconds else "", str(t.number)]) + " |")
-    for t in trials:
-        if t.state.name == "FAIL":
-            error = next(r["error"] for r in rows if r["trial"] == t.number)
-            lines.append(f"\nTrial {t.number} ({describe(t.params)}) failed: {error}")
+    for p in best_first:
+        seconds = median([run["seconds_per_epoch"] for run in p.runs.values()])
+        lines.append("| " + " | ".join([*(cell(p.params[n]) for n in spec.space), shown(metric, p.score),
+                                        f"{seconds:.2f}", str(p.trial.number)]) + " |")
+    for p in sorted(failed, key=lambda p: p.trial.number):
+        lines.append(f"\nTrial {p.trial.number} ({describe(p.params)}) failed: {p.why}")
+    if others:
+        lines.append("\nNot trained yet: " + "; ".join(others))
+    among = f"among {len(finished)} of {total} points" + (f" (not trained: {'; '.join(others)})" if others else "")
     if not best_first:
-        headline = f"mnist_dist.sweep: {spec.dir}: no point finished yet ({counts['FAIL']} failed)"
-        return "\n".join(lines + ["", headline]) + "\n", headline
+        headline = f"mnist_dist.sweep: {spec.dir}: nothing to choose {among}; {len(failed)} failed"
+        return Summary(headline, chose=False, whole=whole), "\n".join(lines + ["", headline]) + "\n"
     chosen = best_first[0]
-    tests = [r["test_accuracy"] for r in rows if r["trial"] == chosen.number]
-    headline = (f"mnist_dist.sweep: chose {describe(chosen.params)} (median {metric} {shown(metric, chosen.value)}); "
-                f"its test accuracy, median over {len(tests)} seed(s): {median(tests):.2%}; {spec.dir / SUMMARY_NAME}")
-    lines += ["", f"**Chosen on validation:** {describe(chosen.params)} (trial {chosen.number}), median {metric} "
-                  f"{shown(metric, chosen.value)}.", "",
+    tests = [run["test_accuracy"] for run in chosen.runs.values()]
+    headline = (f"mnist_dist.sweep: chose {among}: {describe(chosen.params)} (median {metric} "
+                f"{shown(metric, chosen.score)}); its test accuracy, median over {len(tests)} seed(s): "
+                f"{median(tests):.2%}; {spec.dir / SUMMARY_NAME}")
+    lines += ["", f"**Chosen on validation:** {describe(chosen.params)} (trial {chosen.trial.number}), "
+                  f"median {metric} {shown(metric, chosen.score)}; chose {among}.", "",
               f"**Its test accuracy** (the test set chose nothing): median {median(tests):.2%} "
               f"({', '.join(f'{a:.2%}' for a in tests)} for seeds {', '.join(map(str, spec.seeds))})."]
-    return "\n".join(lines) + "\n", headline
+    return Summary(headline, chose=True, whole=whole), "\n".join(lines) + "\n"
 
 
 def cell(value) -> str:

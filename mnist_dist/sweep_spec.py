@@ -177,7 +177,9 @@ def check_spec(path: Path, values, lines: dict) -> Spec:
     where = values.get("dir")
     if where is not None and not (isinstance(where, str) and where):
         fail(("dir",), "the sweep's directory: a path")
-    spec = Spec(path, Path(where or Path("outputs") / "sweeps" / path.stem), flags, space, check_seeds(values, fail),
+    # resolved first: `x/nothere/..` and `a/x/../../a` are the directories they name, checked as such
+    where = Path(os.path.realpath(where or Path("outputs") / "sweeps" / path.stem))
+    spec = Spec(path, where, flags, space, check_seeds(values, fail),
                 check_metric(values, fail), sampler, trials, processes, accelerate_config, lines)
     check_with_trainer(spec, fail)
     return spec
@@ -314,17 +316,19 @@ def check_with_trainer(spec: Spec, fail: Failure) -> None:
         named = [name for name in spec.flags if re.search(f"--{re.escape(name)}(?![\\w-])", refusal)] or [None]
         fail(("flags", named[0]) if named[0] else ("flags",), refusal)
     ends = {name: axis if isinstance(axis, list) else [axis["low"], axis["high"]] for name, axis in spec.space.items()}
+    if math.prod(len(values) for values in ends.values()) > MAX_POINTS:  # before a parse per value (~20 ms each)
+        fail(("space",), f"more than {MAX_POINTS:,} points; split the sweep")
+    checked = {}  # a one-flag space's points are its values: each parsed once
     for name, values in ends.items():
         for i, value in enumerate(values):
-            _, refusal = trainer_parse(spec.train_flags({name: value}))
+            cfg, refusal = trainer_parse(spec.train_flags({name: value}))
+            if len(ends) == 1:
+                checked[(value,)] = cfg, refusal
             if refusal:
                 fail(("space", name, i) if isinstance(spec.space[name], list) else ("space", name), refusal)
-    points = list(itertools.islice(itertools.product(*ends.values()), MAX_POINTS + 1))
-    if len(points) > MAX_POINTS:
-        fail(("space",), f"more than {MAX_POINTS:,} points; split the sweep")
-    for values in points:
+    for values in itertools.product(*ends.values()):
         params = dict(zip(ends, values))
-        cfg, refusal = trainer_parse(spec.train_flags(params))
+        cfg, refusal = checked.get(values) or trainer_parse(spec.train_flags(params))
         if refusal:
             fail(("space",), f"the point {params} is refused: {refusal}")
         if cfg.val_fraction <= 0:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from .config import ConfigError, TrainConfig, parse_args
-from .stopping import EXIT_PREEMPTED, StopSignals
+from .stopping import EXIT_OUTSIDE, EXIT_PREEMPTED, StopSignals
 
 if __name__ == "__main__":  # --help and bad flags are answered before torch loads (seconds)
     CLI_CONFIG = parse_args()
@@ -35,8 +35,8 @@ from .checkpoint import CheckpointError, DiskError  # noqa: E402
 from .clock import since_process_start  # noqa: E402
 from .data import DataError, DeviceBatches, normalize  # noqa: E402
 from .distributed import (  # noqa: E402
-    LaunchError, agree_to_stop, any_process, build_accelerator, compiled_with, core_watch, decided_by_main, lost_peer,
-    peers_message, per_process, process_hosts, use_output_dir,
+    LaunchError, LostPeers, agree_to_stop, any_process, build_accelerator, compiled_with, core_watch, decided_by_main,
+    lost_peer, peers_message, per_process, process_hosts, use_output_dir,
 )
 from .graphs import EpochGraph, resolve_data_path  # noqa: E402
 from .model import INPUT_SIZE, new_model  # noqa: E402
@@ -188,7 +188,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, resumed: Resume | None, 
     except RuntimeError as err:  # a collective timed out (a peer stalled) or its connection broke (a peer died)
         if not lost_peer(err):
             raise
-        raise TrainingError(peers_message(accelerator, hosts, cfg.timeout, state.global_step, err)) from err
+        raise LostPeers(peers_message(accelerator, hosts, cfg.timeout, state.global_step, err)) from err
     finally:
         report.close()
 
@@ -311,18 +311,21 @@ def main(cfg: TrainConfig, signals: StopSignals | None = None) -> int:
     """Train as `cfg` says (from `parse_args`); return the exit status."""
     try:
         train(cfg, signals)
-    except (ConfigError, DataError, LaunchError, CheckpointError, runs.RunDirError, TrainingError, DiskError,
+    except (ConfigError, DataError, LaunchError, CheckpointError, runs.RunDirError, TrainingError,
             EvaluationError) as err:
-        failed = isinstance(err, (TrainingError, DiskError, EvaluationError))  # 1: the training failed; 2: fix the command
+        failed = isinstance(err, (TrainingError, EvaluationError))  # 1: the training failed; 2: fix the command
         if failed or os.environ.get("RANK", "0") == "0":  # a bad command fails alike everywhere: said once
             print(f"mnist_dist.train: error: {err}", file=sys.stderr)
         return 1 if failed else 2
+    except (DiskError, LostPeers) as err:  # nothing the command did: the checkpoints stay, resume once it is mended
+        print(f"mnist_dist.train: error: {err}", file=sys.stderr)
+        return EXIT_OUTSIDE
     except RuntimeError as err:
         if not lost_peer(err):
             raise
         print(f"mnist_dist.train: error: the processes lost each other while starting or ending ({err}); "
               "see --timeout", file=sys.stderr)
-        return 1
+        return EXIT_OUTSIDE
     except Preempted:
         return EXIT_PREEMPTED
     finally:

@@ -1,15 +1,19 @@
 """`python -m mnist_dist.sweep SPEC`: real Optuna studies of real training runs on a 1,000-digit subset."""
 
 import csv
+import json
 import os
 import signal
 import statistics
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 
 from mnist_dist import sweep
@@ -187,7 +191,7 @@ def test_a_failed_trial_is_recorded_with_its_error_and_the_sweep_goes_on(tmp_pat
     trials = study_of(tmp_path / "sweep").get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
     rows = csv_rows(tmp_path / "sweep")
-    assert rows[0]["status"] == "fail" and "exited with 2" in rows[0]["error"]
+    assert rows[0]["status"] == "failed" and "exited with 2" in rows[0]["error"]
     assert "cannot import it" in (tmp_path / "sweep" / "trials" / "0000" / "error.txt").read_text()
     assert "Trial 0 (model tests.broken_model:build) failed" in (tmp_path / "sweep" / "summary.md").read_text()
 
@@ -205,3 +209,204 @@ def test_a_two_process_trial_builds_its_model_on_both_processes_and_logs_to_the_
     logged = read_wandb_run(wandb_dir)
     assert logged["group"] == "sweep-sweep" and logged["name"] == "sweep-trial-0-seed-0"
     assert (logged["config"]["hidden_sizes"], logged["config"]["lr"]) == ("24", 0.002)
+
+
+# --- a sweep chooses only from what it trained, and says among how many ---------------------------------------
+
+def fake_results(run_dir: Path, accuracy: float) -> None:
+    """A finished run's results.json as read_outcome reads it (the report's view of a run that finished)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps({
+        "validation": {"accuracy": accuracy, "loss": 1 - accuracy}, "test_accuracy": accuracy,
+        "train_seconds": 2.0, "epochs": 1}))
+
+
+def test_a_finished_trial_whose_results_were_deleted_is_not_chosen_and_its_point_is_trained_again(tmp_path):
+    spec = read_spec(write_spec(tmp_path, tmp_path, {"lr": "[0.001, 0.002]"}))
+    study = sweep.open_study(spec)
+    worker = sweep.Worker(spec, study, "test worker", threading.Event(), {})
+    for accuracy in (0.9, 0.8):  # trial 0 (lr 0.001) is the better one
+        number, params, lock = worker.next_trial()
+        fake_results(spec.trial_dir(number) / "seed-0", accuracy)
+        study.tell(number, accuracy)
+        lock.release()
+    shutil.rmtree(spec.trial_dir(0) / "seed-0")  # the chosen point's run, deleted after it finished
+    report = in_process(sweep.main, str(spec.path), "--report")
+    assert report.returncode == 1 and "Traceback" not in report.stderr
+    assert "chose among 1 of 2 points (not trained: lr 0.001 (gone: its runs' results.json are gone" in report.stdout
+    assert "lr 0.002 (median val_accuracy 80.00%)" in report.stdout
+    number, params, lock = worker.next_trial()  # the next start trains lr 0.001 again, as a new trial
+    assert (number, params) == (2, {"lr": 0.001})
+    assert worker.next_trial() is None  # while trial 2 trains, nothing else is left
+    lock.release()
+
+
+def test_a_point_whose_worker_died_inside_ask_is_asked_again_not_lost(tmp_path):
+    spec = read_spec(write_spec(tmp_path, tmp_path, {"lr": "[0.001, 0.002]"}))
+    study = sweep.open_study(spec)
+    worker = sweep.Worker(spec, study, "test worker", threading.Event(), {})
+    first, params, held = worker.next_trial()  # trial 0 is being trained: its lock stays held
+    assert params == {"lr": 0.001}
+    half = study.ask()  # the worker that took lr 0.002 died after Optuna made the trial, before its params
+    assert half.number == 1 and half.params == {}
+    number, params, lock = worker.next_trial()
+    assert (number, params) == (2, {"lr": 0.002})  # the lost point, asked again
+    assert study.get_trials()[1].state.name == "FAIL"
+    lock.release()
+    held.release()
+
+
+def test_a_trial_stopped_from_outside_is_left_for_the_next_start_not_failed(tmp_path):
+    spec = read_spec(write_spec(tmp_path, tmp_path, {"lr": "[0.001, 0.002]"}))
+    study = sweep.open_study(spec)
+    left = {}
+    worker = sweep.Worker(spec, study, "test worker", threading.Event(), left)
+    number, params, lock = worker.next_trial()
+    worker.leave(number, "seed 0: mnist_dist.train was killed by SIGKILL")
+    lock.release()
+    taken = worker.next_trial()  # this start goes on with the other point ...
+    assert taken[:2] == (1, {"lr": 0.002})
+    taken[2].release()
+    assert study.get_trials()[0].state.name == "RUNNING"
+    report = in_process(sweep.main, str(spec.path), "--report")
+    assert report.returncode == 1
+    assert "not trained: lr 0.001 (interrupted: seed 0: mnist_dist.train was killed by SIGKILL)" in report.stdout
+    again = sweep.Worker(spec, study, "next start", threading.Event(), {})  # ... and the next continues it
+    number, params, lock = again.next_trial()
+    assert (number, params) == (0, {"lr": 0.001})
+    lock.release()
+
+
+@pytest.mark.parametrize("status, outside", [(-signal.SIGKILL, True), (75, True), (74, True), (128 + 9, True),
+                                             (1, False), (2, False)])
+def test_only_a_failure_of_the_point_itself_is_final(status, outside):
+    assert sweep.from_outside(status) == outside
+
+
+# --- the sweep's directory and its journal ----------------------------------------------------------------------
+
+def test_dir_is_resolved_before_it_is_checked_and_a_users_files_are_never_touched(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.md").write_text("my own notes")
+    spec = write_spec(tmp_path, tmp_path, {"lr": "[0.001]"}, dir=mine / "nothere" / "..")
+    run = in_process(sweep.main, str(spec))
+    assert run.returncode == 2 and f"dir: {mine} holds files of something other than a sweep" in run.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["summary.md"] and (mine / "summary.md").read_text() == "my own notes"
+
+
+def test_dir_naming_another_sweep_through_dotdot_is_that_sweep(tmp_path):
+    first = write_spec(tmp_path, tmp_path, {"lr": "[0.001]"}, dir=tmp_path / "a")
+    sweep.claim_dir(read_spec(first))
+    other = write_spec(tmp_path, tmp_path, {"lr": "[0.002]"}, name="other.yaml", dir=tmp_path / "a" / "x" / ".." / ".." / "a")
+    run = in_process(sweep.main, str(other))
+    assert run.returncode == 2 and f"dir: {tmp_path / 'a'} holds a sweep of another SPEC" in run.stderr
+
+
+@pytest.mark.parametrize("where, says", [
+    ("/", "holds files of something other than a sweep"),
+    ("{file}", "is a file, not a directory"),
+    ("{file}/sweep", "cannot make or write the sweep's directory there"),
+    ("/proc/sweep", "cannot make or write the sweep's directory there"),
+    ("/sys/sweep", "cannot make or write the sweep's directory there"),
+])
+def test_a_dir_that_cannot_be_a_sweeps_is_a_clear_error_before_anything_is_made(tmp_path, where, says):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    spec = write_spec(tmp_path, tmp_path, {"lr": "[0.001]"}, dir=where.format(file=afile))
+    run = in_process(sweep.main, str(spec))
+    assert run.returncode == 2 and f"{spec}:1: dir: " in run.stderr and says in run.stderr, run.stderr
+    assert not Path("/.ask.lock").exists() and afile.read_text() == ""
+
+
+def journal_of(tmp_path) -> tuple[Path, Path]:
+    """A sweep directory whose study holds two trials; its SPEC and its journal."""
+    spec = write_spec(tmp_path, tmp_path, {"lr": "[0.001, 0.002]"})
+    study = sweep.open_study(read_spec(spec))
+    for params in sweep.points_to_queue(read_spec(spec), study.get_trials()):
+        study.enqueue_trial(params)
+    return spec, tmp_path / "sweep" / sweep.JOURNAL
+
+
+def test_a_journal_with_a_torn_last_record_is_repaired_before_anything_is_appended(tmp_path):
+    spec, journal = journal_of(tmp_path)
+    whole = journal.read_bytes()
+    journal.write_bytes(whole + b'{"op_code": 5, "worker_id": "x", "trial_id": 0, "torn-tail')  # a crash mid-append
+    run = in_process(sweep.main, str(spec), "--report")  # opens the study: the tail is set aside
+    repaired = journal.read_bytes()
+    assert "ended in a torn record" in run.stderr and repaired.startswith(whole) and b'torn-tail' not in repaired
+    (aside,) = journal.parent.glob("study.journal.torn-*")
+    assert aside.read_bytes().endswith(b'torn-tail')
+    study = sweep.open_study(read_spec(spec))
+    study.enqueue_trial({"lr": 0.003})  # appended on a line of its own
+    assert len(sweep.open_study(read_spec(spec)).get_trials()) == 3
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda lines: [lines[0], b'{"op_code": 5, "worker_id"\n', *lines[1:]], ":2: a damaged record"),
+    (lambda lines: [lines[0], bytes(range(256)) + b"\n", *lines[1:]], ":2: a damaged record"),
+    (lambda lines: [lines[0], b"[1, 2]\n", *lines[1:]], ":2: not a record of Optuna's journal"),
+    (lambda lines: [lines[0], b"x" * (sweep.MAX_RECORD_BYTES + 10) + b"\n", *lines[1:]], ":2: a line over 1 MiB"),
+])
+def test_a_damaged_journal_is_an_error_naming_its_line_and_is_left_as_it_was(tmp_path, damage, says):
+    spec, journal = journal_of(tmp_path)
+    journal.write_bytes(b"".join(damage(journal.read_bytes().splitlines(keepends=True))))
+    before = journal.read_bytes()
+    run = in_process(sweep.main, str(spec), "--report")
+    assert run.returncode == 2 and f"{journal}{says}" in run.stderr, run.stderr
+    assert "docs/experiments.md#a-damaged-journal" in run.stderr
+    assert journal.read_bytes() == before
+
+
+def test_a_spec_with_too_many_points_is_refused_before_each_value_is_parsed(tmp_path, monkeypatch):
+    from mnist_dist import sweep_spec
+
+    parsed = []
+    monkeypatch.setattr(sweep_spec, "trainer_parse", lambda argv: parsed.append(argv) or (None, None))
+    spec = write_spec(tmp_path, tmp_path, {"batch-size": "[" + ", ".join(map(str, range(1, 9001))) + "]"})
+    with pytest.raises(SpecError, match="more than 1,000 points"):
+        read_spec(spec)
+    assert len(parsed) == 1  # the SPEC's flags alone; not 9,000 values
+
+
+@pytest.mark.slow
+def test_a_run_killed_from_outside_leaves_its_trial_to_the_next_start_which_continues_it(tmp_path, small_subset):
+    flags = {"epochs": 2, "checkpoint-every": 10, "batch-size": 16, "hidden-sizes": "1024,1024"}
+    spec = write_spec(tmp_path, small_subset, {"lr": "[0.001, 0.002]"}, flags=flags)
+    checkpoints = tmp_path / "sweep" / "trials" / "0000" / "seed-0" / "checkpoints"
+    first = sweep_cli(spec)
+    wait_for_checkpoint_after(checkpoints, 0, first)
+    (run,) = [p for p in psutil.Process(first.pid).children(recursive=True) if "mnist_dist.train" in p.cmdline()]
+    run.kill()  # the training process alone, as the OOM killer does
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 1, out
+    assert "trial 0 was ended from outside (seed 0: mnist_dist.train was killed by SIGKILL" in out
+    assert "chose among 1 of 2 points (not trained: lr 0.001 (interrupted: seed 0: mnist_dist.train was killed" in out
+    assert [t.state.name for t in study_of(tmp_path / "sweep").get_trials()] == ["RUNNING", "COMPLETE"]
+    out = finish(sweep_cli(spec))
+    assert "trial 0 was left unfinished: continuing it" in out and "chose among 2 of 2 points: " in out
+    assert (checkpoints.parent.parent / "seed-0.log").read_text().count("resuming from") == 1
+    assert [t.state.name for t in study_of(tmp_path / "sweep").get_trials()] == ["COMPLETE", "COMPLETE"]
+    assert "chose among 2 of 2 points." in (tmp_path / "sweep" / "summary.md").read_text()
+
+
+def test_a_study_is_rebuilt_from_its_trial_directories_keeping_each_trials_number(tmp_path):
+    spec = read_spec(write_spec(tmp_path, tmp_path, {"lr": "[0.001, 0.002, 0.003]"}))
+    study = sweep.open_study(spec)
+    worker = sweep.Worker(spec, study, "test worker", threading.Event(), {})
+    taken = [worker.next_trial() for _ in range(3)]
+    fake_results(spec.trial_dir(0) / "seed-0", 0.9)  # trial 0 finished, trial 1 failed, trial 2 was training
+    study.tell(0, 0.9)
+    worker.fail(1, "seed 0: mnist_dist.train exited with 2")
+    for _, _, lock in taken:
+        lock.release()
+    (spec.dir / sweep.JOURNAL).write_bytes(b"\x00" * 100 + b"\n")  # the journal is lost
+    assert in_process(sweep.main, str(spec.path), "--report").returncode == 2
+    rebuilt = sweep.rebuild(spec)
+    assert [(t.number, t.state.name, t.params) for t in rebuilt.get_trials()][:2] == [
+        (0, "COMPLETE", {"lr": 0.001}), (1, "FAIL", {"lr": 0.002})]
+    assert rebuilt.get_trials()[0].value == 0.9
+    number, params, lock = sweep.Worker(spec, rebuilt, "next start", threading.Event(), {}).next_trial()
+    assert (number, params) == (2, {"lr": 0.003})  # continued in its own directory
+    lock.release()
+    assert len(list(spec.dir.glob("study.journal.set-aside-*"))) == 1
