@@ -180,6 +180,8 @@ def check_loads(path: Path) -> None:
             raise CheckpointError(f"{file}: damaged checkpoint file ({type(err).__name__}: {err})") from None
     if BEST_IN_CHECKPOINT in tensors and WEIGHTS_NAME in tensors:  # the best model is the same network
         check_same_shapes(path / BEST_IN_CHECKPOINT, tensors[BEST_IN_CHECKPOINT], tensors[WEIGHTS_NAME])
+    if BEST_IN_CHECKPOINT in tensors:
+        best_meta(path / BEST_IN_CHECKPOINT)  # its step and score, read back when the run resumes
 
 
 def check_same_shapes(file: Path, tensors: dict, like: dict) -> None:

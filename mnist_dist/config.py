@@ -17,7 +17,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from .readback import shown
+from .readback import MAX_DEPTH, nesting, shown
+
+# MKL's strict conditional numerical reproducibility: its matrix products give the same bits at any
+# thread count (measured: 1 and 2 threads differ without it, and run no slower with it; benchmarks/
+# README.md), so that a CPU run's weights do not follow the machine's load. Set here, in the module that
+# everything which computes imports first (not in __init__.py, which a directory named mnist_dist in the
+# working directory, a clone, turns into a namespace package that never runs); MKL reads it when it first
+# computes, which is after this. A value the user set wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 SCHEDULE_CHOICES = ("constant", "onecycle", "cosine")
@@ -263,8 +271,12 @@ class TrainConfig:
         if self.model_args is not None and not yours:
             self._refuse("model_args", "are the arguments of --model package.module:function")
         if self.model_args is not None:
+            # config.json holds the arguments 2 levels down, and mnist_dist reads back MAX_DEPTH levels at most
+            if nesting(self.model_args) > MAX_DEPTH - 2:
+                self._refuse("model_args", f"nests {nesting(self.model_args)} levels deep; the run's config.json "
+                             f"can hold {MAX_DEPTH - 2}")
             try:
-                args = json.loads(self.model_args)
+                args = json.loads(self.model_args, parse_constant=_not_a_number)
             except ValueError as err:
                 self._refuse("model_args", f"not JSON ({err})")
             if not isinstance(args, dict):
@@ -384,6 +396,10 @@ def build_parser(prog: str = "python -m mnist_dist.train", defaults: bool = True
         parser.add_argument(flag, type=kind, default=f.default if defaults else argparse.SUPPRESS,
                             choices=f.metadata.get("choices"), help=help.replace("%", "%%"))
     return parser
+
+
+def _not_a_number(name: str):
+    raise ValueError(f"{name} is not a number JSON files hold; the run's config.json could not")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

@@ -34,8 +34,10 @@ def read_gray(path: str | Path) -> torch.Tensor:
     path = Path(path)
     if path.is_dir():
         raise ImageError(f"{path}: a directory; give the image files in it ({path / '*.png'}, say)")
-    if not path.is_file():
+    if not path.exists():
         raise ImageError(f"{path}: no such file")
+    if not path.is_file():  # a FIFO would block the read, a device (/dev/zero) never end it
+        raise ImageError(f"{path}: not a regular file (a pipe, a device or a socket); give an image file")
     try:
         with warnings.catch_warnings():  # Pillow's bomb warning (89 MP): MAX_PIXELS is tighter and an error
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -132,7 +132,7 @@ def threads_for_rows(rows: int, device: torch.device):
 
 def threads_reproducible() -> bool:
     """Whether torch's CPU matrix products give the same bits at any thread count: MKL in its strict
-    reproducibility mode (MKL_CBWR, set in mnist_dist/__init__.py). Then the thread count may follow
+    reproducibility mode (MKL_CBWR, set in mnist_dist/config.py). Then the thread count may follow
     the machine's load without changing a run's weights."""
     return torch.backends.mkl.is_available() and "STRICT" in os.environ.get("MKL_CBWR", "").upper()
 

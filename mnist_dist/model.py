@@ -9,8 +9,10 @@ name, its options, the input size, the number of classes and the input normaliza
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,21 +131,51 @@ def build_imported(input_shape: tuple[int, ...], num_classes: int, options: dict
     **args): this imports and runs that code, as HF's trust_remote_code does."""
     name = options["callable"]
     module_name, _, attribute = name.partition(":")
-    try:
-        found = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            found = getattr(found, part)
-    except Exception as err:  # ImportError, AttributeError, or whatever importing your module raised
-        raise ConfigError(f"--model {name}: cannot import it ({type(err).__name__}: {err}); run from the directory "
-                          "that holds its package, or install it") from None
-    try:
-        built = found(input_shape, num_classes, **options["args"])
-    except Exception as err:  # your code, with --model-args it may not take
-        raise ConfigError(f"--model {name}: failed to build with --model-args {options['args']} "
-                          f"({type(err).__name__}: {err})") from None
+    with left_as_found(name):
+        try:
+            found = importlib.import_module(module_name)
+            for part in attribute.split("."):
+                found = getattr(found, part)
+        except YOUR_CODE_ENDS as err:  # ImportError, AttributeError, or whatever importing your module raised
+            raise ConfigError(f"--model {name}: cannot import it ({type(err).__name__}: {err}); run from the "
+                              "directory that holds its package, or install it") from None
+        try:
+            built = found(input_shape, num_classes, **options["args"])
+        except YOUR_CODE_ENDS as err:  # your code, with --model-args it may not take
+            raise ConfigError(f"--model {name}: failed to build with --model-args {options['args']} "
+                              f"({type(err).__name__}: {err})") from None
     if not isinstance(built, nn.Module):
         raise ConfigError(f"--model {name}: returned a {type(built).__name__}, not a torch.nn.Module")
     return built
+
+
+# how code of yours may end: an exception, sys.exit, or a KeyboardInterrupt it raises itself (a real Ctrl-C
+# during a run is the trainer's stop signal, not this)
+YOUR_CODE_ENDS = (Exception, SystemExit, KeyboardInterrupt)
+
+
+@contextlib.contextmanager
+def left_as_found(name: str):
+    """Code of yours must leave the process as it found it: torch's default dtype and the working directory
+    are put back and the model refused (the run's data, files and weights depend on them); the thread count
+    is put back with a warning (the run uses, and records, the count it chose)."""
+    dtype, cwd, threads = torch.get_default_dtype(), os.getcwd(), torch.get_num_threads()
+    try:
+        yield
+    finally:
+        changed = []
+        if torch.get_default_dtype() != dtype:
+            changed.append(f"torch's default dtype ({dtype} -> {torch.get_default_dtype()})")
+            torch.set_default_dtype(dtype)
+        if os.getcwd() != cwd:
+            changed.append(f"the working directory ({cwd} -> {os.getcwd()})")
+            os.chdir(cwd)
+        if torch.get_num_threads() != threads:
+            print(f"mnist_dist: warning: --model {name} set torch's threads to {torch.get_num_threads()}; the run "
+                  f"keeps its {threads}", file=sys.stderr)
+            torch.set_num_threads(threads)
+    if changed:
+        raise ConfigError(f"--model {name}: changed {' and '.join(changed)}; leave them as you found them")
 
 
 ARCHITECTURES = {
@@ -191,20 +223,46 @@ def new_model(cfg, class_names, stats: tuple[float, float], device: torch.device
 
 
 def check_output(model: nn.Module, num_classes: int, named: str) -> None:
-    """Refuse a model whose output for a batch of two images is not [2, num_classes] logits."""
-    was = model.training
-    model.eval()  # no running statistics updated, no random numbers drawn: the run's RNG stays as seeded
+    """Refuse a model that could not train: one without parameters to train, or whose output for 2 and for 3
+    images, in eval and in training mode, is not [batch, num_classes] floating-point logits (with a gradient,
+    in training mode). The model is left as it was: its buffers (BatchNorm's running statistics) are put
+    back and the random numbers its dropout draws come from a fork of the generator."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"--model {named}: has no parameters to train")
+    was, saved = model.training, {name: b.clone() for name, b in model.named_buffers()}
     try:
-        with torch.no_grad():
-            out = model(torch.zeros(2, INPUT_SIZE))
-    except Exception as err:  # a model of yours can fail in any way
-        raise ConfigError(f"--model {named}: fails on a batch of 2 images of [2, {INPUT_SIZE}] "
-                         f"({type(err).__name__}: {err})") from None
+        with torch.random.fork_rng(devices=[]):
+            for training, images in ((False, 2), (False, 3), (True, 3)):
+                with torch.set_grad_enabled(training):
+                    out = model.train(training)(torch.zeros(images, INPUT_SIZE))
+                check_logits(out, images, num_classes, training, named)
+    except ModelRefused:
+        raise
+    except YOUR_CODE_ENDS as err:  # a model of yours can fail in any way
+        raise ConfigError(f"--model {named}: fails on a batch of images of [batch, {INPUT_SIZE}] "
+                          f"({type(err).__name__}: {err})") from None
     finally:
         model.train(was)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(saved[name])
+
+
+def check_logits(out, images: int, num_classes: int, training: bool, named: str) -> None:
+    mode = "in training mode" if training else "in eval mode"
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (images, num_classes):
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(f"--model {named}: returns {got} for 2 images, not [2, {num_classes}] (one logit per class)")
+        raise ModelRefused(f"--model {named}: returns {got} for {images} images, not [{images}, {num_classes}] "
+                           f"(one logit per class; {mode})")
+    if not out.is_floating_point():
+        raise ModelRefused(f"--model {named}: returns {out.dtype} logits; they must be floating point")
+    if training and not out.requires_grad:
+        raise ModelRefused(f"--model {named}: returns logits without a gradient in training mode (detached, or "
+                           "not computed from its parameters)")
+
+
+class ModelRefused(ConfigError):
+    """What `check_logits` found wrong, passed through `check_output` as it is."""
 
 
 def model_options(config: dict) -> dict:

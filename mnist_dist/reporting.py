@@ -201,7 +201,7 @@ def as_flags(values: dict) -> str:
 
 
 def banner(cfg: TrainConfig, accelerator, config: dict, splits: RunData, data_path: str, resumed: Resume | None,
-           state: TrainState, *, model_cfg: dict, flops_per_sample: float) -> str:
+           state: TrainState, *, model_cfg: dict, flops_per_sample: float | None) -> str:
     """What this run is, said just before it trains; a resumed run on another world size says so too."""
     world, n = accelerator.num_processes, cfg.gradient_accumulation_steps
     saved = resumed and resumed.state
@@ -214,7 +214,8 @@ def banner(cfg: TrainConfig, accelerator, config: dict, splits: RunData, data_pa
             + f"data path {data_path}; {cfg.output_dir}"
             + (f", resuming from {resumed.path} (step {state.global_step})" if resumed else "")
             + f"\nmnist_dist: model {describe(model_cfg)}: {model_cfg['parameters']:,} parameters, "
-            f"{flops_per_sample / 1e6:,.2f} MFLOP to train on a sample")
+            + (f"{flops_per_sample / 1e6:,.2f} MFLOP to train on a sample" if flops_per_sample is not None else
+               "FLOPs not counted"))
     was_n = saved["config"].get("gradient_accumulation_steps", 1) if saved else n
     if saved and saved["world_size"] != world:
         was = f"{saved['global_batch_size'] // saved['world_size'] // was_n}" + (f" x {was_n}" if was_n > 1 else "")

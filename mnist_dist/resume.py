@@ -13,9 +13,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from accelerate.utils import set_seed
+from safetensors import safe_open
 
 from . import checkpoint, runs
 from .config import ConfigError, TrainConfig
+from .model import WEIGHTS_NAME
 from .train_state import STATE_NAME, CheckpointError, TrainState
 
 # config fields that shape the trajectory: a resumed run must use the same values
@@ -121,6 +123,20 @@ class Resume:
                 f"{self.path} was trained on other data: --dataset {was.get('dataset')} --data-dir "
                 f"{was.get('data_dir')} gave {_describe(self.state['data'])}, this run's --dataset {config['dataset']} "
                 f"--data-dir {config['data_dir']} gives {_describe(data)}; resume with the data it was trained on")
+
+    def check_model(self, model, named: str) -> None:
+        """Refuse a model that is not the checkpoint's network (`named`'s code changed since it was saved, say),
+        naming the first weight that differs, before loading it would call the checkpoint damaged."""
+        with safe_open(self.path / WEIGHTS_NAME, "pt") as f:
+            saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        plain = lambda shapes: {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in shapes.items()}
+        saved, now = plain(saved), plain({k: list(t.shape) for k, t in model.state_dict().items()})
+        if saved != now:
+            name = next(k for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k))
+            raise CheckpointError(
+                f"{self.path}: the model changed since this checkpoint was saved: {name} is {now.get(name, 'missing')} "
+                f"in what --model {named} builds now, {saved.get(name, 'missing')} in the checkpoint; resume with the "
+                "model's code as it was, or start over in another --output-dir")
 
     def restore(self, accelerator, optimizer, seed: int) -> TrainState:
         """Load the checkpoint into the prepared objects (all processes); return its TrainState."""

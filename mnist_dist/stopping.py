@@ -5,6 +5,7 @@ the CLI installs the handlers before the heavy imports, so a signal at any momen
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -15,6 +16,11 @@ EXIT_PREEMPTED = 75
 # peer was lost. Its checkpoints are intact; `--resume auto` continues it once the cause is gone, and a
 # sweep leaves its trial for the next start instead of failing the point
 EXIT_OUTSIDE = 74
+
+
+class StoppedAtOnce(BaseException):
+    """A stop signal inside `StopSignals.at_once`: the run ends where it is, with nothing to save. A
+    BaseException, so that code of a user's that catches Exception does not swallow it."""
 
 
 class StopSignals:
@@ -34,6 +40,7 @@ class StopSignals:
         self._previous = {}
         self._entered = 0
         self._launcher = os.getppid() if "LOCAL_RANK" in os.environ else None
+        self._at_once: str | None = None  # what runs now that a stop ends at once (`at_once`)
 
     def __enter__(self) -> "StopSignals":
         if not self._entered:  # installed once, and kept until the outermost `with` ends
@@ -49,6 +56,18 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+    @contextlib.contextmanager
+    def at_once(self, what: str):
+        """Within: a stop signal ends the run at once (StoppedAtOnce), for code that may never come back to a
+        check, such as a model of a user's being imported and built, before there is anything to save."""
+        if self.received:
+            raise StoppedAtOnce(f"{self.reason()} while {what}")
+        self._at_once = what
+        try:
+            yield
+        finally:
+            self._at_once = None
 
     def ignore_from_now(self) -> None:
         """Once the exit status is decided: further SIGTERM and SIGUSR1 change nothing. (Python's shutdown
@@ -66,6 +85,8 @@ class StopSignals:
                 os._exit(128 + signal.SIGINT)
             self._interrupted = True
         self.received = self.received or signum
+        if self._at_once:
+            raise StoppedAtOnce(f"{self.reason()} while {self._at_once}")
 
     def reason(self) -> str | None:
         """Why this process should stop, or None."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from .config import ConfigError, TrainConfig, parse_args
-from .stopping import EXIT_OUTSIDE, EXIT_PREEMPTED, StopSignals
+from .stopping import EXIT_OUTSIDE, EXIT_PREEMPTED, StopSignals, StoppedAtOnce
 
 if __name__ == "__main__":  # --help and bad flags are answered before torch loads (seconds)
     CLI_CONFIG = parse_args()
@@ -104,8 +104,11 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, resumed: Resume | None, 
 
     began = time.perf_counter()
     set_seed(cfg.seed, deterministic=cfg.deterministic)  # the same initial weights everywhere (DDP broadcasts them too)
-    model, model_cfg = new_model(cfg, train_set.class_names, stats, accelerator.device)  # checked on one batch
-    flops_per_sample = training_flops_per_sample(model, INPUT_SIZE)  # counted once, on a copy
+    with signals.at_once(f"building --model {cfg.model}"):  # code of yours may never return: a stop ends it
+        model, model_cfg = new_model(cfg, train_set.class_names, stats, accelerator.device)  # checked on batches
+        flops_per_sample = training_flops_per_sample(model, INPUT_SIZE)  # counted once, on a copy
+    if resumed:
+        resumed.check_model(model, cfg.model)
     data_path = resolve_data_path(cfg, accelerator)
     optimizer = make_optimizer(model.parameters(), cfg.lr, accelerator.device, cfg.optimizer, cfg.weight_decay)
     loader = data.train_loader(train_set, cfg.batch_size, cfg.num_workers, cfg.seed)
@@ -234,11 +237,13 @@ def end_epoch(accelerator, state: TrainState, model, scorer: Scorer, selection: 
                           "eval_seconds": time.perf_counter() - began, "samples": state.epoch_samples,
                           "peak_memory_mib": memory, "model_flops_per_second": flops})
     said = (f"epoch {state.epoch + 1}/{epochs}: train_loss {train_loss:.4f}",
-            f"({seconds:.2f} s, {state.epoch_samples / seconds:,.0f} samples/s, {flops / 1e9:,.2f} model GFLOP/s, "
-            f"peak memory {max(memory):,.0f} MiB)")
+            f"({seconds:.2f} s, {state.epoch_samples / seconds:,.0f} samples/s, "
+            + (f"{flops / 1e9:,.2f} model GFLOP/s, " if flops is not None else "")
+            + f"peak memory {max(memory):,.0f} MiB)")
     report.evaluation(split, scored, state.global_step, {
         **best, "train/epoch_loss": train_loss, "epoch": state.epoch + 1, "epoch_seconds": seconds,
-        "perf/model_flops_per_second": flops, "perf/peak_memory_mib": max(memory)}, said, logged_before=logged)
+        **({"perf/model_flops_per_second": flops} if flops is not None else {}), "perf/peak_memory_mib": max(memory)},
+        said, logged_before=logged)
     if state.batch_in_epoch == steps_per_epoch:
         state.samples_seen += state.epoch_samples
         state.epoch, state.batch_in_epoch, state.epoch_loss_sum, state.epoch_samples = state.epoch + 1, 0, 0.0, 0
@@ -327,6 +332,9 @@ def main(cfg: TrainConfig, signals: StopSignals | None = None) -> int:
               "see --timeout", file=sys.stderr)
         return EXIT_OUTSIDE
     except Preempted:
+        return EXIT_PREEMPTED
+    except StoppedAtOnce as stop:
+        print(f"mnist_dist.train: stopped by {stop}; nothing was saved, nothing new to resume", file=sys.stderr)
         return EXIT_PREEMPTED
     finally:
         # free the DDP model, which holds the process group, while Python is fully alive: left

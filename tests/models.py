@@ -1,7 +1,11 @@
-"""Callables for --model package.module:function that a run must refuse (tests/test_model.py)."""
+"""Callables for --model package.module:function that a run must refuse or stop (tests/test_model.py)."""
 
 import math
+import os
+import sys
+import time
 
+import torch
 from torch import nn
 
 
@@ -23,3 +27,105 @@ class HeadFirst(nn.Module):
 
     def forward(self, x):
         return self.head(self.body(x).relu())
+
+
+class Net(nn.Module):
+    """A linear model whose forward a subclass bends in one way or another."""
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(math.prod(input_shape), num_classes)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class FixedBatch(Net):
+    def forward(self, x):
+        return self.fc(x)[:2]  # right for the 2-image check only
+
+
+class OtherShapeInTraining(Net):
+    def forward(self, x):
+        out = self.fc(x)
+        return out[:, :-1] if self.training else out
+
+
+class Detached(Net):
+    def forward(self, x):
+        return self.fc(x).detach()
+
+
+class IntegerLogits(Net):
+    def forward(self, x):
+        return self.fc(x).round().long()
+
+
+class NoParameters(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        return x[:, :self.num_classes] * 1.0
+
+
+class NoCopy(Net):
+    """Trains, but cannot be deep-copied (it holds a generator, as some data-holding modules do)."""
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__(input_shape, num_classes)
+        self.stream = (i for i in range(3))
+
+
+def fixed_batch(input_shape, num_classes):
+    return FixedBatch(input_shape, num_classes)
+
+
+def other_shape_in_training(input_shape, num_classes):
+    return OtherShapeInTraining(input_shape, num_classes)
+
+
+def detached(input_shape, num_classes):
+    return Detached(input_shape, num_classes)
+
+
+def integer_logits(input_shape, num_classes):
+    return IntegerLogits(input_shape, num_classes)
+
+
+def no_parameters(input_shape, num_classes):
+    return NoParameters(input_shape, num_classes)
+
+
+def no_copy(input_shape, num_classes):
+    return NoCopy(input_shape, num_classes)
+
+
+def float64_default(input_shape, num_classes):
+    torch.set_default_dtype(torch.float64)
+    return Net(input_shape, num_classes)
+
+
+def changes_directory(input_shape, num_classes):
+    os.chdir("/")
+    return Net(input_shape, num_classes)
+
+
+def sets_threads(input_shape, num_classes):
+    torch.set_num_threads(torch.get_num_threads() + 1)
+    return Net(input_shape, num_classes)
+
+
+def exits(input_shape, num_classes):
+    sys.exit(3)
+
+
+def interrupts(input_shape, num_classes):
+    raise KeyboardInterrupt
+
+
+def sleeps_forever(input_shape, num_classes):
+    print("mnist_dist test: building, forever", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(3600)

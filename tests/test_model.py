@@ -1,4 +1,8 @@
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -6,7 +10,7 @@ from safetensors.torch import save_file
 
 from mnist_dist.model import MLP, build_model, load_model
 
-from .helpers import legacy_model_config, mnist5k
+from .helpers import REPO, check, legacy_model_config, mnist5k, results, train_here
 
 
 def test_default_model_maps_784_pixels_to_10_logits():
@@ -135,13 +139,61 @@ def test_a_model_of_yours_is_built_with_its_arguments_and_recorded_for_loading_a
                                                                              "{'depth': 2} (TypeError"),
     ({"model": "tests.models:not_a_module"}, "--model tests.models:not_a_module: returned a dict, not a torch.nn.Module"),
     ({"model": "tests.models:wrong_output"}, "--model tests.models:wrong_output: returns [2, 11] for 2 images, not [2, 10]"),
+    ({"model": "tests.models:fixed_batch"}, "--model tests.models:fixed_batch: returns [2, 10] for 3 images, not [3, 10]"),
+    ({"model": "tests.models:other_shape_in_training"}, "returns [3, 9] for 3 images, not [3, 10] (one logit per "
+                                                         "class; in training mode)"),
+    ({"model": "tests.models:detached"}, "--model tests.models:detached: returns logits without a gradient"),
+    ({"model": "tests.models:integer_logits"}, "--model tests.models:integer_logits: returns torch.int64 logits"),
+    ({"model": "tests.models:no_parameters"}, "--model tests.models:no_parameters: has no parameters to train"),
+    ({"model": "tests.models:float64_default"}, "--model tests.models:float64_default: changed torch's default dtype "
+                                                "(torch.float32 -> torch.float64)"),
+    ({"model": "tests.models:changes_directory"}, "--model tests.models:changes_directory: changed the working "
+                                                  "directory"),
+    ({"model": "tests.models:exits"}, "--model tests.models:exits: failed to build with --model-args {} (SystemExit: 3)"),
+    ({"model": "tests.models:interrupts"}, "--model tests.models:interrupts: failed to build with --model-args {} "
+                                           "(KeyboardInterrupt"),
 ])
 def test_a_model_of_yours_that_cannot_train_is_refused_naming_it(flags, message):
     from mnist_dist.config import ConfigError
 
+    cwd, dtype = os.getcwd(), torch.get_default_dtype()
     with pytest.raises(ConfigError) as err:
         new(**flags)
     assert message in str(err.value)
+    assert (os.getcwd(), torch.get_default_dtype()) == (cwd, dtype)  # the process as it was
+
+
+def test_a_model_that_changes_the_thread_count_is_warned_and_the_run_keeps_its_own(capsys):
+    threads = torch.get_num_threads()
+    new(model="tests.models:sets_threads")
+    assert torch.get_num_threads() == threads
+    assert f"--model tests.models:sets_threads set torch's threads to {threads + 1}; the run keeps its {threads}" in \
+        capsys.readouterr().err
+
+
+def test_a_model_whose_flops_cannot_be_counted_trains_without_the_figure(tmp_path):
+    out = tmp_path / "out"
+    check(train_here("--dataset", "mnist-5k", "--cpu", "--model", "tests.models:no_copy", "--max-steps", "2",
+                     "--report-to", "none", "--output-dir", str(out)))
+    assert results(out)["flops_per_sample"] is None and results(out)["model_flops_per_second"] is None
+
+
+@pytest.mark.parametrize("model, says, sig", [
+    ("tests.models:sleeps_forever", "building, forever", signal.SIGTERM),
+    ("tests.sleepy_import:build", "importing, forever", signal.SIGINT),
+])
+def test_a_model_that_never_finishes_building_is_stopped_by_a_signal(tmp_path, model, says, sig):
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_dist.train", "--dataset", "mnist-5k", "--cpu", "--model", model,
+                             "--report-to", "none", "--output-dir", str(tmp_path / "out")], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stderr:  # until the model's code has begun
+        if says in line:
+            break
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert f"stopped by signal {signal.Signals(sig).name} while building --model {model}; nothing was saved" in err
+    assert "Traceback" not in err
 
 
 def test_the_evaluation_takes_the_number_of_classes_from_the_logits():

@@ -252,6 +252,34 @@ def test_a_best_model_of_the_wrong_shape_in_a_checkpoint_is_refused_before_best_
     check(in_process(evaluate.main, "--model", str(out / "best"), "--cpu"))
 
 
+def test_resume_auto_goes_back_past_a_checkpoint_whose_best_model_metadata_is_damaged(tmp_path):
+    out = tmp_path / "out"
+    flags = [*SHORT[:-4], "--report-to", "none", "--val-fraction", "0.1", "--eval-every", "1",
+             "--checkpoint-every", "2", "--output-dir", str(out)]
+    check(train_here(*flags, "--max-steps", "4"))
+    copy = out / "checkpoints" / "step_00000004" / checkpoint.BEST_IN_CHECKPOINT
+    save_file(load_file(copy), copy, metadata={"format": "pt", checkpoint.BEST_KEY: '{"step": "four"}'})
+    proc = check(train_here(*flags, "--max-steps", "6", "--resume", "auto"))
+    assert f"warning: skipping {copy.parent}: {copy}: damaged metadata" in proc.stdout
+    assert "resuming from" in proc.stdout and "step_00000002" in proc.stdout
+    assert results(out)["steps"] == 6
+
+
+def test_a_model_whose_code_changed_since_its_checkpoint_is_refused_saying_so(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    flags = [*SHORT[:-4], "--report-to", "none", "--model", "examples.custom_model:build", "--checkpoint-every", "2",
+             "--output-dir", str(out)]
+    check(train_here(*flags, "--max-steps", "2"))
+    import examples.custom_model
+
+    build = examples.custom_model.build  # the module edited: the same flags build a wider network
+    monkeypatch.setattr(examples.custom_model, "build", lambda shape, classes: build(shape, classes, width=17))
+    proc = check(train_here(*flags, "--max-steps", "4", "--resume", "auto"), rc=2)
+    assert (f"{out / 'checkpoints' / 'step_00000002'}: the model changed since this checkpoint was saved: "
+            "hidden.bias is [17] in what --model examples.custom_model:build builds now") in proc.stderr
+    assert "damaged" not in proc.stderr
+
+
 def test_results_json_out_of_step_with_its_model_is_never_reported_and_its_checkpoint_is_kept(tmp_path):
     out = tmp_path / "out"
     flags = [*SHORT[:3], "--report-to", "none", "--checkpoint-every", "1", "--keep-checkpoints", "1",

@@ -128,6 +128,11 @@ def test_fp16_from_the_accelerate_config_on_cpu_is_an_error_too(tmp_path):
         (["--model-args", '{"width": 3}'], "--model-args='{\"width\": 3}': are the arguments of --model package.module:function"),
         (["--model", "examples.custom_model:build", "--model-args", "{width: 3}"], "--model-args='{width: 3}': not JSON"),
         (["--model", "examples.custom_model:build", "--model-args", "[3]"], "must be a JSON object of keyword arguments"),
+        (["--model", "examples.custom_model:build", "--model-args", '{"width": NaN}'], "NaN is not a number JSON files hold"),
+        (["--model", "examples.custom_model:build", "--model-args", '{"w": -Infinity}'], "-Infinity is not a number JSON"),
+        (["--model", "examples.custom_model:build", "--model-args", '{"a":' * 31 + "1" + "}" * 31],
+         "nests 31 levels deep; the run's config.json can hold 30"),
+        (["--model", "examples.custom_model:build", "--model-args", "[" * 60000 + "]" * 60000], "nests 60000 levels deep"),
         (["--dataset", ""], "--dataset='': must not be empty"),
         (["--mixed-precision", "fp8"], "argument --mixed-precision: invalid choice: 'fp8'"),
         (["--data-path", "ring"], "argument --data-path: invalid choice: 'ring'"),
@@ -404,3 +409,11 @@ def test_normalization_none_trains_on_pixels_in_0_to_1_and_saves_that_scaling(tm
                                                                                    "pixel_scale": 255}
     inputs = normalize(torch.tensor([[0, 51, 255]], dtype=torch.uint8), *SCALINGS["none"])
     assert inputs[0].tolist() == pytest.approx([0.0, 0.2, 1.0])  # float32
+
+
+def test_a_directory_named_mnist_dist_in_the_working_directory_keeps_the_thread_count_out_of_the_weights(tmp_path):
+    (tmp_path / "mnist_dist").mkdir()  # a clone of the repository, run from its parent: a namespace package
+    probe = "import mnist_dist, mnist_dist.model, os; print(mnist_dist.__file__, os.environ.get('MKL_CBWR'))"
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    proc = check(subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True))
+    assert proc.stdout.split() == ["None", "AUTO,STRICT"]  # __init__.py did not run; MKL's strict mode is set

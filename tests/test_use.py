@@ -1,6 +1,7 @@
 """Using a trained model: `mnist_dist.evaluate`, `mnist_dist.predict` and the pictures a run leaves."""
 
 import json
+import os
 import struct
 import sys
 import zlib
@@ -301,3 +302,14 @@ def test_a_gpu_accelerate_config_on_a_machine_without_one_says_it_trains_on_the_
     assert proc.stderr.count("warning: the accelerate config asks for a GPU (use_cpu: false) but torch sees none: "
                              "training on the CPU, precision bf16") == 1, proc.stderr[-2000:]
     assert "1 process(es) on cpu" in proc.stdout
+
+
+@pytest.mark.parametrize("where", ["/dev/zero", "fifo"])
+def test_predict_on_a_pipe_or_a_device_says_what_it_is_without_reading_it(where, tmp_path, recipe_run):
+    if where == "fifo":
+        where = tmp_path / "fifo"
+        os.mkfifo(where)
+    out, _, _ = recipe_run
+    proc = in_process(predict.main, "--model", str(out), str(where))
+    assert proc.returncode == 2
+    assert f"{where}: not a regular file (a pipe, a device or a socket); give an image file" in proc.stderr
