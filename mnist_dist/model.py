@@ -229,7 +229,8 @@ def check_output(model: nn.Module, num_classes: int, named: str) -> None:
     back and the random numbers its dropout draws come from a fork of the generator."""
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"--model {named}: has no parameters to train")
-    was, saved = model.training, {name: b.clone() for name, b in model.named_buffers()}
+    was = model.training
+    saved = {name: b.clone() for name, b in model.named_buffers() if not nn.parameter.is_lazy(b)}
     try:
         with torch.random.fork_rng(devices=[]):
             for training, images in ((False, 2), (False, 3), (True, 3)):
@@ -245,7 +246,8 @@ def check_output(model: nn.Module, num_classes: int, named: str) -> None:
         model.train(was)
         with torch.no_grad():
             for name, buffer in model.named_buffers():
-                buffer.copy_(saved[name])
+                if name in saved and saved[name].shape == buffer.shape:
+                    buffer.copy_(saved[name])
 
 
 def check_logits(out, images: int, num_classes: int, training: bool, named: str) -> None:

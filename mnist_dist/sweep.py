@@ -37,7 +37,7 @@ from optuna.trial import TrialState
 from .readback import UnreadableFile, read_json
 from .stopping import EXIT_OUTSIDE, EXIT_PREEMPTED
 from .sweep_report import (
-    ERROR_NAME, INTERRUPTED_NAME, WORKER_LOCK, asked_whole, describe, median, point_key, points_of, read_outcome, write_atomic,
+    ERROR_NAME, INTERRUPTED_NAME, WORKER_LOCK, asked_whole, held, describe, median, point_key, points_of, read_outcome, write_atomic,
     write_reports,
 )
 from .sweep_spec import Spec, SpecError, read_spec
@@ -60,58 +60,93 @@ class TrialInterrupted(Exception):
 def open_study(spec: Spec):
     """The sweep directory's study, created by the first worker; a directory holding another sweep is refused."""
     claim_dir(spec)
-    journal = spec.dir / JOURNAL
-    check_journal(journal)
+    journal = Journal(spec.dir / JOURNAL)
+    journal.check()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        storage = JournalStorage(JournalFileBackend(str(journal)))
-        return optuna.create_study(study_name=STUDY_NAME, storage=storage, direction=spec.direction,
+        return optuna.create_study(study_name=STUDY_NAME, storage=JournalStorage(journal), direction=spec.direction,
                                    sampler=make_sampler(spec), load_if_exists=True)
+    except OSError as err:
+        raise SpecError(f"{journal.path}: cannot read or write it ({err.strerror or err})") from None
     except Exception as err:  # records that parse but that Optuna cannot replay: named, never a traceback
-        raise SpecError(f"{journal}: Optuna cannot replay the study from it ({type(err).__name__}: {err}); "
+        raise SpecError(f"{journal.path}: Optuna cannot replay the study from it ({type(err).__name__}: {err}); "
                         f"{REBUILD_HINT}") from None
 
 
 REBUILD_HINT = "the runs' results.json are intact: docs/experiments.md#a-damaged-journal says how to go on"
 
 
-def check_journal(journal: Path) -> None:
-    """Read each record once before Optuna replays them, holding Optuna's own journal lock (no worker appends
-    meanwhile): a torn last line (a crash or a full disk mid-append) is set aside, so the next record starts a
-    line of its own; any other damage is an error naming the line, before anything is appended."""
-    if not journal.is_file() or journal.stat().st_size == 0:
-        return
-    lock = JournalFileSymlinkLock(str(journal))
-    lock.acquire()
-    try:
-        with open(journal, "rb") as f:
-            good = 0  # bytes of whole records
-            for number, line in enumerate(iter(lambda: f.readline(MAX_RECORD_BYTES + 1), b""), start=1):
-                if len(line) > MAX_RECORD_BYTES:
-                    raise SpecError(f"{journal}:{number}: a line over {MAX_RECORD_BYTES // 2**20} MiB, not a record "
-                                    f"of Optuna's; {REBUILD_HINT}")
-                if not line.endswith(b"\n"):
-                    set_aside_torn(journal, good, line)
-                    return
-                try:
-                    record = json.loads(line)
-                except ValueError as err:
-                    raise SpecError(f"{journal}:{number}: a damaged record ({err}); {REBUILD_HINT}") from None
-                if not isinstance(record, dict) or "op_code" not in record:
-                    raise SpecError(f"{journal}:{number}: not a record of Optuna's journal; {REBUILD_HINT}")
-                good += len(line)
-    finally:
-        lock.release()
+class Journal(JournalFileBackend):
+    """Optuna's journal file (one JSON record a line, appended under Optuna's lock), whose every append first
+    sets aside a torn last record (a worker on any machine that died, or found the disk full, mid-append), so
+    that a record never continues another's line and so corrupts the study for every reader."""
 
+    def __init__(self, path: Path):
+        self.path, self.lock = path, JournalFileSymlinkLock(str(path))
+        super().__init__(str(path), lock_obj=self.lock)
 
-def set_aside_torn(journal: Path, good: int, torn: bytes) -> None:
-    """Move a torn last record (its bytes) to a file beside the journal, and cut the journal after `good` bytes."""
-    aside = journal.with_name(f"{journal.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
-    aside.write_bytes(torn)
-    os.truncate(journal, good)
-    print(f"mnist_dist.sweep: warning: {journal} ended in a torn record ({len(torn)} bytes, from a crash or a full "
-          f"disk while it was written): set aside in {aside.name}; the study goes on from the record before it",
-          file=sys.stderr, flush=True)
+    def append_logs(self, logs: list[dict]) -> None:
+        self.lock.acquire()
+        try:
+            self.mend_tail()
+            with open(self.path, "ab") as f:  # as Optuna's own append
+                f.write(("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode())
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            self.lock.release()
+
+    def check(self) -> None:
+        """Read each record once, under the lock, before Optuna replays them: a damaged one is an error naming
+        its line, before anything is appended; a torn last one is set aside."""
+        self.lock.acquire()
+        try:
+            with open(self.path, "rb") as f:
+                for number, line in enumerate(iter(lambda: f.readline(MAX_RECORD_BYTES + 1), b""), start=1):
+                    if len(line) > MAX_RECORD_BYTES:
+                        raise SpecError(f"{self.path}:{number}: a line over {MAX_RECORD_BYTES // 2**20} MiB, not a "
+                                        f"record of Optuna's; {REBUILD_HINT}")
+                    if not line.endswith(b"\n"):
+                        break  # the torn last line: mended below
+                    try:
+                        record = json.loads(line)
+                    except ValueError as err:
+                        raise SpecError(f"{self.path}:{number}: a damaged record ({err}); {REBUILD_HINT}") from None
+                    if not isinstance(record, dict) or "op_code" not in record:
+                        raise SpecError(f"{self.path}:{number}: not a record of Optuna's journal; {REBUILD_HINT}")
+            self.mend_tail()
+        except OSError as err:
+            raise SpecError(f"{self.path}: cannot read or mend it ({err.strerror or err})") from None
+        finally:
+            self.lock.release()
+
+    def mend_tail(self) -> None:
+        """Move the bytes after the last line end (a record cut short) to a file beside the journal."""
+        with open(self.path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            start = end
+            while start > 0:  # back to the last line end, a block at a time
+                f.seek(max(0, start - 65536))
+                block = f.read(start - max(0, start - 65536))
+                cut = block.rfind(b"\n")
+                if cut >= 0:
+                    start = start - len(block) + cut + 1
+                    break
+                start -= len(block)
+            f.seek(start)
+            torn = f.read()
+        if not torn:
+            return
+        aside = self.path.with_name(f"{self.path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
+        try:
+            aside.write_bytes(torn)
+            kept = f"set aside in {aside.name}"
+        except OSError as err:  # the full disk that tore it, say: a record cut short is of no use to anyone
+            kept = f"dropped ({aside.name} could not be written: {err.strerror or err})"
+        os.truncate(self.path, start)
+        print(f"mnist_dist.sweep: warning: {self.path} ended in a torn record ({len(torn)} bytes, from a crash or a "
+              f"full disk while it was written): {kept}; the study goes on from the record before it",
+              file=sys.stderr, flush=True)
 
 
 def make_sampler(spec: Spec):
@@ -122,12 +157,13 @@ def make_sampler(spec: Spec):
     return optuna.samplers.TPESampler(constant_liar=True)
 
 
-def points_to_queue(spec: Spec, trials: list) -> list[dict]:
-    """Points that no trial stands for, to be queued (asked in order by `ask`): the grid's points not in the
-    study yet, or whose trial a worker killed inside `ask` left half-made; and any point whose finished trial's
-    results were deleted, to be trained again. (Optuna's GridSampler would stop the study from outside `optimize`.)"""
-    standing = {point_key(spec, p.params) for p in points_of(spec, trials) if p.status != "gone"}
-    wanted = spec.grid() if spec.sampler == "grid" else [p.params for p in points_of(spec, trials) if p.status == "gone"]
+def points_to_queue(spec: Spec, points: list) -> list[dict]:
+    """Points that no trial stands for (`points`: `points_of` the study's trials), to be queued (asked in order
+    by `ask`): the grid's points not in the study yet, or whose trial a worker killed inside `ask` left
+    half-made; and any point whose finished trial's results were deleted, to be trained again. (Optuna's
+    GridSampler would stop the study from outside `optimize`.)"""
+    standing = {point_key(spec, p.params) for p in points if p.status != "gone"}
+    wanted = spec.grid() if spec.sampler == "grid" else [p.params for p in points if p.status == "gone"]
     queued = {}
     for params in wanted:
         key = point_key(spec, params)
@@ -237,20 +273,29 @@ class Worker:
                     continue
                 print(f"{self.name}: trial {trial.number} was left unfinished: continuing it", flush=True)
                 (self.spec.trial_dir(trial.number) / INTERRUPTED_NAME).unlink(missing_ok=True)
+                self.record_point(trial.number, trial.params)  # its worker may have died before it did
                 return trial.number, trial.params, lock
-            trials = self.study.get_trials(deepcopy=False)
-            queued = points_to_queue(self.spec, trials)
+            points = points_of(self.spec, self.study.get_trials(deepcopy=False))
+            queued = points_to_queue(self.spec, points)
             for params in queued:
                 self.study.enqueue_trial(params)
-            waiting = queued or any(t.state == TrialState.WAITING for t in trials)
-            standing = sum(p.status != "gone" for p in points_of(self.spec, trials))
+            waiting = queued or any(p.status == "waiting" for p in points)
+            standing = sum(p.status != "gone" for p in points)
             if not waiting and (self.spec.sampler == "grid" or standing >= self.spec.points()):
                 return None
             trial = self.study.ask(distributions(self.spec))
             lock = self.trial_lock(trial.number)
-            # the point beside its runs: what a study rebuilt from the trial directories reads (`rebuild`)
-            write_atomic(self.spec.trial_dir(trial.number) / POINT_NAME, json.dumps(trial.params) + "\n")
+            if lock is None:  # a directory of another study's (a journal replaced by hand)
+                raise SpecError(f"{self.spec.trial_dir(trial.number)}: another worker holds it, though the study has "
+                                f"just made trial {trial.number}; {REBUILD_HINT}")
+            self.record_point(trial.number, trial.params)
             return trial.number, trial.params, lock
+
+    def record_point(self, number: int, params: dict) -> None:
+        """The point beside its runs: what a study rebuilt from the trial directories reads (`rebuild`)."""
+        where = self.spec.trial_dir(number) / POINT_NAME
+        if not where.is_file():
+            write_atomic(where, json.dumps(params) + "\n")
 
     def trial_lock(self, number: int) -> FileLock | None:
         where = self.spec.trial_dir(number)
@@ -351,10 +396,17 @@ class Worker:
         return False
 
 
+# signals a process's own code raises (a crash of the model's or a library's code): the point's failure
+CRASHES = {signal.SIGSEGV, signal.SIGABRT, signal.SIGILL, signal.SIGFPE, signal.SIGBUS}
+
+
 def from_outside(status: int) -> bool:
-    """Whether a run's exit status says nothing about its point: killed by a signal (the OOM killer, a lost
-    node, a person), stopped by one with a checkpoint (75), or failed for the disk, the storage or a lost peer (74)."""
-    return status < 0 or status > 128 or status in (EXIT_OUTSIDE, EXIT_PREEMPTED)
+    """Whether a run's exit status says nothing about its point: killed by a signal from outside (the OOM
+    killer, a lost node, a person), stopped by one with a checkpoint (75), or failed for the disk, the storage
+    or a lost peer (74; mnist_dist.launch's too when its processes were killed)."""
+    if status < 0:
+        return -status not in CRASHES
+    return status > 128 or status in (EXIT_OUTSIDE, EXIT_PREEMPTED)
 
 
 def ended_how(status: int) -> str:
@@ -367,35 +419,59 @@ def ended_how(status: int) -> str:
 def rebuild(spec: Spec):
     """A new study from the trial directories, the old journal set aside (damaged, or lost): each trial keeps its
     number and directory; a trial whose runs all finished is complete with their median, one with an error.txt
-    failed, any other queued again (the next start continues its runs from their checkpoints). A number whose
-    point is unknown (no point.json) stays a failed trial without a point, so that the numbers line up."""
-    journal = spec.dir / JOURNAL
-    if journal.exists():
-        aside = journal.with_name(f"{JOURNAL}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(journal, aside)
-        print(f"mnist_dist.sweep: {journal} set aside as {aside.name}; rebuilding the study from {spec.dir / 'trials'}",
-              flush=True)
-    study = open_study(spec)
-    found = [int(p.name) for p in (spec.dir / "trials").glob("[0-9]*") if p.name.isdigit()]
-    made = distributions(spec)
-    for number in range(max(found, default=-1) + 1):
-        where = spec.trial_dir(number)
-        try:
-            params = read_json(where / POINT_NAME)
-        except (FileNotFoundError, UnreadableFile):
-            params = None
-        if not in_space(spec, made, params):
-            study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
-            continue
-        runs = [read_outcome(where / f"seed-{seed}") for seed in spec.seeds]
-        if all(runs):
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=made,
-                                                      value=median([run[spec.choose_on] for run in runs])))
-        elif (where / ERROR_NAME).is_file():
-            study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params=params, distributions=made))
-        else:
-            study.enqueue_trial(params)
-    return study
+    failed, any other queued again (the next start continues its runs from their checkpoints). A number without
+    a point or runs (one abandoned inside `ask`) stays a failed trial without a point, so numbers line up. Done
+    under the ask lock, with no worker at work, into a new file that replaces the journal only when whole."""
+    claim_dir(spec)  # this SPEC's directory, or refused before anything moves
+    journal, trials = spec.dir / JOURNAL, sorted((spec.dir / "trials").glob("[0-9]*"))
+    with FileLock(spec.dir / ASK_LOCK):
+        busy = [p.name for p in trials if held(p / WORKER_LOCK)]
+        if busy:
+            raise SpecError(f"{spec.dir}: a worker trains trial(s) {', '.join(busy)} now; stop every worker of the "
+                            "sweep, then --rebuild")
+        made = distributions(spec)
+        points = {int(p.name): read_point(p / POINT_NAME) for p in trials if p.name.isdigit()}
+        unplaced = [f"{n:04d}" for n, params in points.items() if not in_space(spec, made, params)
+                    and (params is not None or any(spec.trial_dir(n).glob("seed-*")))]
+        if unplaced:
+            raise SpecError(f"{spec.dir}: trials {', '.join(unplaced)} have no point.json of this SPEC's space (made "
+                            "before mnist_dist recorded it, or damaged): --rebuild cannot place their runs")
+        fresh = journal.with_name(f"{JOURNAL}.rebuilding")
+        fresh.unlink(missing_ok=True)
+        study = optuna.create_study(study_name=STUDY_NAME, storage=JournalStorage(Journal(fresh)),
+                                    direction=spec.direction)
+        for number in range(max(points, default=-1) + 1):
+            add_rebuilt(spec, study, made, number, points.get(number))
+        if journal.exists():
+            aside = journal.with_name(f"{JOURNAL}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(journal, aside)
+            print(f"mnist_dist.sweep: {journal} set aside as {aside.name}", flush=True)
+        os.replace(fresh, journal)
+    print(f"mnist_dist.sweep: the study rebuilt from {len(points)} trial directories", flush=True)
+    return open_study(spec)
+
+
+def read_point(path: Path) -> dict | None:
+    try:
+        return read_json(path)
+    except (FileNotFoundError, UnreadableFile):
+        return None
+
+
+def add_rebuilt(spec: Spec, study, made: dict, number: int, params: dict | None) -> None:
+    """Trial `number` of a rebuilt study, as its directory says it stands."""
+    if params is None:  # no runs either: a trial abandoned inside `ask`, its point asked again
+        study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+        return
+    where = spec.trial_dir(number)
+    runs = [read_outcome(where / f"seed-{seed}") for seed in spec.seeds]
+    if all(runs):
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=made,
+                                                  value=median([run[spec.choose_on] for run in runs])))
+    elif (where / ERROR_NAME).is_file():
+        study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params=params, distributions=made))
+    else:
+        study.enqueue_trial(params)
 
 
 def in_space(spec: Spec, made: dict, params) -> bool:
@@ -479,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mnist_dist.sweep: error: {err}", file=sys.stderr)
         return 2
     ended = "done" if args.report else run_workers(spec, study, args.workers)
-    summary = write_reports(spec, study)
+    with FileLock(spec.dir / ASK_LOCK):  # no worker takes a trial while its lock is looked at (`held`)
+        summary = write_reports(spec, study)
     print(summary.headline, flush=True)
     if ended == "stopped":
         return EXIT_PREEMPTED

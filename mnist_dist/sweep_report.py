@@ -160,30 +160,37 @@ def write_reports(spec: Spec, study) -> Summary:
 
 
 def tally(spec: Spec, points: list[Point]) -> tuple[list[Point], list[Point], dict[str, str]]:
-    """The finished points (one trial each), the points that failed for a reason of their own, and the others
-    (named -> status): of the grid's points, or of the `trials` a random or tpe sweep promised."""
-    finished, failed, others = {}, {}, {}
+    """The finished points, the points that failed for a reason of their own, and the others (named -> status),
+    of what the sweep promised: a grid its points (a point trained twice counts once), random and tpe `trials`
+    draws, a trial each (one whose results are gone counts through the trial that trains its point again)."""
+    if spec.sampler == "grid":
+        key_of = lambda p: point_key(spec, p.params)  # noqa: E731
+        promised = [point_key(spec, params) for params in spec.grid()]
+    else:
+        again = {point_key(spec, p.params) for p in points if p.status != "gone"}
+        points = [p for p in points if p.status != "gone" or point_key(spec, p.params) not in again]
+        key_of = lambda p: p.trial.number  # noqa: E731
+        promised = [p.trial.number for p in points]
+    finished, failed, newest = {}, {}, {}
     for point in points:
-        key = point_key(spec, point.params)
+        key = key_of(point)
+        newest[key] = point  # a point's newest trial says where it stands
         if point.status == "finished":
             finished.setdefault(key, point)
         elif point.status == "failed":
             failed.setdefault(key, point)
     failed = {key: point for key, point in failed.items() if key not in finished}
-    newest = {point_key(spec, p.params): p for p in points}  # a point's newest trial says where it stands
-    wanted = ([point_key(spec, params) for params in spec.grid()] if spec.sampler == "grid" else
-              [point_key(spec, p.params) for p in points])
-    for key in dict.fromkeys(wanted):
-        if key not in finished and key not in failed:
-            point = newest.get(key)
-            named = describe(dict(zip(spec.space, key)))
-            if point:
-                others[f"{named} ({point.status}{': ' + point.why if point.why else ''})"] = point.status
-            else:
-                others[f"{named} (not trained yet)"] = "waiting"
-    undrawn = spec.points() - len(finished) - len(failed) - len(others)
-    if spec.sampler != "grid" and undrawn > 0:
-        others[f"{undrawn} point(s) not drawn yet"] = "waiting"
+    others = {}
+    for key in dict.fromkeys(promised):
+        if key in finished or key in failed:
+            continue
+        point = newest.get(key)
+        if point:
+            others[f"{describe(point.params)} ({point.status}{': ' + point.why if point.why else ''})"] = point.status
+        else:
+            others[f"{describe(dict(zip(spec.space, key)))} (not trained yet)"] = "waiting"
+    if spec.points() > len(promised):
+        others[f"{spec.points() - len(promised)} point(s) not drawn yet"] = "waiting"
     return list(finished.values()), list(failed.values()), others
 
 

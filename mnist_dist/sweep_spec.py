@@ -318,17 +318,17 @@ def check_with_trainer(spec: Spec, fail: Failure) -> None:
     ends = {name: axis if isinstance(axis, list) else [axis["low"], axis["high"]] for name, axis in spec.space.items()}
     if math.prod(len(values) for values in ends.values()) > MAX_POINTS:  # before a parse per value (~20 ms each)
         fail(("space",), f"more than {MAX_POINTS:,} points; split the sweep")
-    checked = {}  # a one-flag space's points are its values: each parsed once
+    checked = {}  # argv -> its parse: a one-flag space's points are its values, each parsed once
     for name, values in ends.items():
         for i, value in enumerate(values):
-            cfg, refusal = trainer_parse(spec.train_flags({name: value}))
-            if len(ends) == 1:
-                checked[(value,)] = cfg, refusal
+            argv = tuple(spec.train_flags({name: value}))
+            cfg, refusal = checked[argv] = trainer_parse(list(argv))
             if refusal:
                 fail(("space", name, i) if isinstance(spec.space[name], list) else ("space", name), refusal)
     for values in itertools.product(*ends.values()):
         params = dict(zip(ends, values))
-        cfg, refusal = checked.get(values) or trainer_parse(spec.train_flags(params))
+        argv = tuple(spec.train_flags(params))
+        cfg, refusal = checked[argv] if argv in checked else trainer_parse(list(argv))
         if refusal:
             fail(("space",), f"the point {params} is refused: {refusal}")
         if cfg.val_fraction <= 0:

@@ -39,7 +39,7 @@ from .distributed import (  # noqa: E402
     lost_peer, peers_message, per_process, process_hosts, use_output_dir,
 )
 from .graphs import EpochGraph, resolve_data_path  # noqa: E402
-from .model import INPUT_SIZE, new_model  # noqa: E402
+from .model import INPUT_SIZE, left_as_found, new_model  # noqa: E402
 from .reporting import Reporter, TrainingError  # noqa: E402
 from .resources import ProfiledSteps, peak_memory_mib, training_flops_per_sample  # noqa: E402
 from .resume import Resume  # noqa: E402
@@ -104,7 +104,8 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, resumed: Resume | None, 
 
     began = time.perf_counter()
     set_seed(cfg.seed, deterministic=cfg.deterministic)  # the same initial weights everywhere (DDP broadcasts them too)
-    with signals.at_once(f"building --model {cfg.model}"):  # code of yours may never return: a stop ends it
+    # code of yours may never return (a stop ends it there), and must leave the process as it found it
+    with signals.at_once(f"building --model {cfg.model}"), left_as_found(cfg.model):
         model, model_cfg = new_model(cfg, train_set.class_names, stats, accelerator.device)  # checked on batches
         flops_per_sample = training_flops_per_sample(model, INPUT_SIZE)  # counted once, on a copy
     if resumed:

@@ -163,6 +163,11 @@ def test_a_model_of_yours_that_cannot_train_is_refused_naming_it(flags, message)
     assert (os.getcwd(), torch.get_default_dtype()) == (cwd, dtype)  # the process as it was
 
 
+def test_a_model_with_lazy_layers_is_checked_and_built():
+    model, _ = new(model="tests.models:lazy")
+    assert model[0].weight.shape == (32, 784) and model[1].num_batches_tracked == 0  # the check left no trace
+
+
 def test_a_model_that_changes_the_thread_count_is_warned_and_the_run_keeps_its_own(capsys):
     threads = torch.get_num_threads()
     new(model="tests.models:sets_threads")

@@ -278,9 +278,28 @@ def test_a_trial_stopped_from_outside_is_left_for_the_next_start_not_failed(tmp_
 
 
 @pytest.mark.parametrize("status, outside", [(-signal.SIGKILL, True), (75, True), (74, True), (128 + 9, True),
-                                             (1, False), (2, False)])
+                                             (1, False), (2, False), (-signal.SIGSEGV, False)])
 def test_only_a_failure_of_the_point_itself_is_final(status, outside):
     assert sweep.from_outside(status) == outside
+
+
+@pytest.mark.parametrize("codes, status", [([-signal.SIGKILL, 74], 74), ([-signal.SIGKILL, -signal.SIGTERM], 74),
+                                           ([74, 74], 74), ([1, -signal.SIGTERM], 1), ([2, 2], 2)])
+def test_a_launch_whose_processes_were_killed_or_lost_a_peer_says_74(codes, status):
+    from mnist_dist import launch
+
+    assert launch.exit_status(codes) == status
+
+
+def test_a_random_sweep_that_drew_a_point_twice_has_all_it_promised(tmp_path):
+    spec = read_spec(write_spec(tmp_path, tmp_path, {"lr": "[0.1, 0.01]"}, sampler="random", trials=3))
+    study = sweep.open_study(spec)
+    for number, (lr, accuracy) in enumerate([(0.1, 0.5), (0.1, 0.6), (0.01, 0.7)]):
+        fake_results(spec.trial_dir(number) / "seed-0", accuracy)
+        study.add_trial(optuna.trial.create_trial(params={"lr": lr}, distributions=sweep.distributions(spec),
+                                                  value=accuracy))
+    report = in_process(sweep.main, str(spec.path), "--report")
+    assert report.returncode == 0 and "chose among 3 of 3 points: lr 0.01" in report.stdout
 
 
 # --- the sweep's directory and its journal ----------------------------------------------------------------------
@@ -323,8 +342,8 @@ def journal_of(tmp_path) -> tuple[Path, Path]:
     """A sweep directory whose study holds two trials; its SPEC and its journal."""
     spec = write_spec(tmp_path, tmp_path, {"lr": "[0.001, 0.002]"})
     study = sweep.open_study(read_spec(spec))
-    for params in sweep.points_to_queue(read_spec(spec), study.get_trials()):
-        study.enqueue_trial(params)
+    for lr in (0.001, 0.002):
+        study.enqueue_trial({"lr": lr})
     return spec, tmp_path / "sweep" / sweep.JOURNAL
 
 
@@ -410,3 +429,22 @@ def test_a_study_is_rebuilt_from_its_trial_directories_keeping_each_trials_numbe
     assert (number, params) == (2, {"lr": 0.003})  # continued in its own directory
     lock.release()
     assert len(list(spec.dir.glob("study.journal.set-aside-*"))) == 1
+
+
+def test_a_rebuild_waits_for_no_worker_and_places_every_run_or_refuses(tmp_path):
+    spec = read_spec(write_spec(tmp_path, tmp_path, {"lr": "[0.001, 0.002]"}))
+    worker = sweep.Worker(spec, sweep.open_study(spec), "test worker", threading.Event(), {})
+    number, params, lock = worker.next_trial()
+    journal = (spec.dir / sweep.JOURNAL).read_bytes()
+    with pytest.raises(SpecError, match="a worker trains trial\\(s\\) 0000 now; stop every worker"):
+        sweep.rebuild(spec)
+    lock.release()
+    (spec.trial_dir(number) / sweep.POINT_NAME).unlink()  # a trial of an older sweep, with runs
+    fake_results(spec.trial_dir(number) / "seed-0", 0.9)
+    with pytest.raises(SpecError, match="trials 0000 have no point.json of this SPEC's space"):
+        sweep.rebuild(spec)
+    assert (spec.dir / sweep.JOURNAL).read_bytes() == journal  # the study as it was
+    other = read_spec(write_spec(tmp_path, tmp_path, {"lr": "[0.003]"}, name="other.yaml"))
+    with pytest.raises(SpecError, match="holds a sweep of another SPEC"):
+        sweep.rebuild(other)
+    assert (spec.dir / sweep.JOURNAL).read_bytes() == journal
