@@ -62,7 +62,7 @@ class StopSignals:
         """Within: a stop signal ends the run at once (StoppedAtOnce), for code that may never come back to a
         check, such as a model of a user's being imported and built, before there is anything to save."""
         if self.received:
-            raise StoppedAtOnce(f"{self.reason()} while {what}")
+            raise StoppedAtOnce(f"{self.reason()} during start-up; nothing new to save (it came before {what})")
         self._at_once = what
         try:
             yield
@@ -86,7 +86,7 @@ class StopSignals:
             self._interrupted = True
         self.received = self.received or signum
         if self._at_once:
-            raise StoppedAtOnce(f"{self.reason()} while {self._at_once}")
+            raise StoppedAtOnce(f"{self.reason()} during start-up; nothing new to save (it came while {self._at_once})")
 
     def reason(self) -> str | None:
         """Why this process should stop, or None."""

@@ -335,7 +335,7 @@ def main(cfg: TrainConfig, signals: StopSignals | None = None) -> int:
     except Preempted:
         return EXIT_PREEMPTED
     except StoppedAtOnce as stop:
-        print(f"mnist_dist.train: stopped by {stop}; nothing was saved, nothing new to resume", file=sys.stderr)
+        print(f"mnist_dist: stopped by {stop}", file=sys.stderr)
         return EXIT_PREEMPTED
     finally:
         # free the DDP model, which holds the process group, while Python is fully alive: left

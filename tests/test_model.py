@@ -197,7 +197,8 @@ def test_a_model_that_never_finishes_building_is_stopped_by_a_signal(tmp_path, m
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 75, err
-    assert f"stopped by signal {signal.Signals(sig).name} while building --model {model}; nothing was saved" in err
+    assert (f"stopped by signal {signal.Signals(sig).name} during start-up; nothing new to save (it came while "
+            f"building --model {model})") in err
     assert "Traceback" not in err
 
 
