@@ -144,6 +144,20 @@ def write_outputs(accelerator, model, output_dir: str, results: dict, *, test_se
         raise DiskError(failure or f"the main process could not write the outputs to {output_dir}")
 
 
+def draw_pictures(accelerator, model, output_dir: Path, results: dict, test_set, stats, model_cfg: dict) -> dict:
+    """The run's pictures in `output_dir`, and to the trackers (main process): name -> path."""
+    from . import plots  # matplotlib and torchvision: about 1 s of start-up that only the main process needs, at the end
+
+    epochs = results["epochs"]
+    title = f"{results['dataset']}, {epochs} epoch{'s' if epochs != 1 else ''}, recipe {results['config']['recipe']}"
+    pictures = {"training_curves": plots.training_curves(results["history"], output_dir / "training_curves.png",
+                                                         title, results["config"]["label_smoothing"]),
+                **plots.test_pictures(output_dir, results["confusion_matrix"], model_cfg["class_names"], model,
+                                      test_set, stats, title)}
+    tracking.log_images(accelerator, pictures, results["steps"])
+    return pictures
+
+
 def non_finite(value, name: str = "") -> str | None:
     """The name of the first NaN or infinite number in `value` (nested dicts and lists), or None."""
     if isinstance(value, float):
@@ -164,15 +178,8 @@ def write_model_and_pictures(accelerator, model, output_dir: Path, results: dict
     if not accelerator.is_main_process:
         return
     checkpoint.write_json(output_dir / CONFIG_NAME, model_cfg)
-    from . import plots  # matplotlib and torchvision: about 1 s of start-up that only the main process needs, at the end
-
-    epochs = results["epochs"]
-    title = f"{results['dataset']}, {epochs} epoch{'s' if epochs != 1 else ''}, recipe {results['config']['recipe']}"
-    pictures = {"training_curves": plots.training_curves(results["history"], output_dir / "training_curves.png",
-                                                         title, results["config"]["label_smoothing"]),
-                **plots.test_pictures(output_dir, results["confusion_matrix"], model_cfg["class_names"], plain_model,
-                                      test_set, stats, title)}
-    tracking.log_images(accelerator, pictures, results["steps"])
+    pictures = (draw_pictures(accelerator, plain_model, output_dir, results, test_set, stats, model_cfg)
+                if results["config"]["pictures"] else {})
     results["timings"]["outputs"] = time.perf_counter() - began  # model file, pictures, W&B images
     # last, naming the model files it describes: a kill before it leaves the earlier results.json, which
     # `runs.check_results` then finds out of step with them
@@ -181,8 +188,8 @@ def write_model_and_pictures(accelerator, model, output_dir: Path, results: dict
         results["best"]["model_sha256"] = runs.weights_sha256(output_dir / checkpoint.BEST_DIR / WEIGHTS_NAME)
     checkpoint.write_json(output_dir / runs.RESULTS_NAME, results)
     checkpoint.rotate_after_outputs(output_dir, results["config"]["keep_checkpoints"])  # a spared one may go now
-    report.say(f"mnist_dist: test_accuracy {results['test_accuracy']:.4f}; wrote {output_dir}/results.json and "
-               f"{', '.join(p.name for p in pictures.values())}")
+    report.say(f"mnist_dist: test_accuracy {results['test_accuracy']:.4f}; wrote {output_dir}/results.json"
+               + (f" and {', '.join(p.name for p in pictures.values())}" if pictures else ""))
 
 
 def run_summary(results: dict) -> dict:

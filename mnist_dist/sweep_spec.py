@@ -74,8 +74,10 @@ class Spec:
         return len(self.grid()) if self.sampler == "grid" else self.trials
 
     def train_flags(self, params: dict) -> list[str]:
-        """mnist_dist.train's flags for the point `params`: the SPEC's flags, then the point's."""
-        return [arg for name, value in {**self.flags, **params}.items() for arg in as_flag(name, value)]
+        """mnist_dist.train's flags for the point `params`: no pictures (nobody looks at a trial's; the SPEC's
+        `pictures: true` draws them), the SPEC's flags, then the point's."""
+        return [arg for name, value in {"pictures": False, **self.flags, **params}.items()
+                for arg in as_flag(name, value)]
 
     def trial_dir(self, number: int) -> Path:
         """Where trial `number` keeps its lock, its error and each seed's run (seed-S/) and log (seed-S.log)."""

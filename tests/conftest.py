@@ -57,6 +57,6 @@ def recipe_run(tmp_path_factory):
     """The recipe of record, 10 epochs on mnist-5k, in one CPU process: (output dir, results, process)."""
     out = tmp_path_factory.mktemp("recipe")
     started = time.time()
-    proc = check(train_cli("--dataset", "mnist-5k", "--cpu", "--output-dir", str(out)))
+    proc = check(train_cli("--dataset", "mnist-5k", "--cpu", "--pictures", "--output-dir", str(out)))  # as a user runs it
     proc.wall_seconds = time.time() - started  # as this test process saw it, spawn to exit
     return out, results(out), proc

@@ -68,16 +68,21 @@ def in_process(main, *flags: str) -> SimpleNamespace:
     return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 
+# first on every training command of the helpers: pictures cost about 1 s a run, and the tests of the
+# pictures (test_use, test_tracking) ask for them with --pictures, which comes later and wins
+NO_PICTURES = "--no-pictures"
+
+
 def train_here(*flags: str) -> SimpleNamespace:
     """`python -m mnist_dist.train FLAGS`, in this process (see `in_process`)."""
     from mnist_dist import config, train
 
-    return in_process(lambda argv: train.main(config.parse_args(argv)), *flags)
+    return in_process(lambda argv: train.main(config.parse_args(argv)), NO_PICTURES, *flags)
 
 
 def train_cli(*flags: str, **kw) -> subprocess.CompletedProcess:
     """`python -m mnist_dist.train FLAGS` in a fresh process."""
-    return run([sys.executable, "-m", "mnist_dist.train", *flags], **kw)
+    return run([sys.executable, "-m", "mnist_dist.train", NO_PICTURES, *flags], **kw)
 
 
 def launch(num_processes: int, *flags: str, cpu_flag: bool = True, module: str = "mnist_dist.train",
@@ -89,7 +94,7 @@ def launch(num_processes: int, *flags: str, cpu_flag: bool = True, module: str =
         "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"),
         "--num_processes", str(num_processes),
         "--main_process_port", str(_free_port()),
-        "-m", module, *flags,
+        "-m", module, *([NO_PICTURES] if module == "mnist_dist.train" else []), *flags,
     ]
     if cpu_flag:
         args.append("--cpu")
@@ -114,7 +119,7 @@ def launch_gpus(num_processes: int, *flags: str, **kw) -> subprocess.CompletedPr
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO / "accelerate_configs" / "multi_gpu.yaml"),
         "--num_processes", str(num_processes), "--main_process_port", str(_free_port()),
-        "-m", "mnist_dist.train", *flags,
+        "-m", "mnist_dist.train", NO_PICTURES, *flags,
     ]
     return run(args, **kw)
 
@@ -222,13 +227,13 @@ def close_weights(a, b, atol: float) -> float:
 
 def train_cmd(world: int, *flags: str, launcher: str = "accelerate.commands.launch") -> list[str]:
     if world == 1:
-        return [sys.executable, "-m", "mnist_dist.train", "--cpu", *flags]
+        return [sys.executable, "-m", "mnist_dist.train", "--cpu", NO_PICTURES, *flags]
     if launcher == "torch.distributed.run":
         launch_flags = ["--nproc_per_node", str(world), "--master_port", str(_free_port())]
     else:  # accelerate launch, and mnist_dist.launch, which takes its flags
         launch_flags = ["--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"),
                         "--num_processes", str(world), "--main_process_port", str(_free_port())]
-    return [sys.executable, "-m", launcher, *launch_flags, "-m", "mnist_dist.train", "--cpu", *flags]
+    return [sys.executable, "-m", launcher, *launch_flags, "-m", "mnist_dist.train", "--cpu", NO_PICTURES, *flags]
 
 
 def start(world: int, *flags: str, env: dict | None = None, launcher: str = "accelerate.commands.launch"
@@ -254,7 +259,7 @@ def wait_for_checkpoint(out, min_step: int, proc: subprocess.Popen, timeout: flo
 def stopped_in(where: str, *flags: str) -> subprocess.CompletedProcess:
     """A one-process run that gets SIGUSR1 as its nth stretch of steps (between two checks) or its nth
     evaluation begins: `where` is "stretch:n" or "evaluation:n"."""
-    return run([sys.executable, str(REPO / "tests" / "workers" / "stop_in.py"), "--cpu", *flags],
+    return run([sys.executable, str(REPO / "tests" / "workers" / "stop_in.py"), "--cpu", NO_PICTURES, *flags],
                env={"STOP_IN": where})
 
 

@@ -130,8 +130,9 @@ def test_a_2x2_grid_on_two_workers_trains_each_point_once_and_chooses_the_best_m
     assert "#0: trial" in out and "#1: trial" in out  # both workers trained
     rows = csv_rows(directory)
     assert len(rows) == 8 and {r["status"] for r in rows} == {"finished"}
-    for row in rows:  # each run trained with its trial's flags and seed
+    for row in rows:  # each run trained with its trial's flags and seed, without pictures
         config = results(Path(row["run_dir"]))["config"]
+        assert not config["pictures"] and not list(Path(row["run_dir"]).glob("*.png"))
         assert (config["hidden_sizes"], config["lr"], config["seed"]) == (row["hidden-sizes"], float(row["lr"]), int(row["seed"]))
     medians = {t: statistics.median(float(r["val_accuracy"]) for r in rows if r["trial"] == t) for t in {r["trial"] for r in rows}}
     best = min(medians, key=lambda t: (-medians[t], int(t)))  # a tie goes to the first trial, as in summary.md

@@ -33,6 +33,7 @@ def without_timing(record):
 @pytest.mark.parametrize("world", [1, 2])
 def test_offline_wandb_makes_exactly_one_run_holding_the_logged_history(world, tmp_path):
     flags = [*RUN, "--output-dir", str(tmp_path)]
+    flags += ["--pictures"]  # sent to W&B as images
     check(launch(2, *flags, env=OFFLINE) if world == 2 else train_cli(*flags, "--cpu", env=OFFLINE))
     (run_dir,) = offline_runs(tmp_path)
     wandb_run = read_wandb_run(run_dir)
@@ -108,7 +109,7 @@ def test_metrics_jsonl_is_written_without_any_tracker(tmp_path):
 def test_tensorboard_gets_the_same_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    check(train_cli(*RUN, "--cpu", "--report-to", "tensorboard", "--output-dir", str(tmp_path)))
+    check(train_cli(*RUN, "--cpu", "--pictures", "--report-to", "tensorboard", "--output-dir", str(tmp_path)))
     # Accelerate writes the scalars to tensorboard/<project>/ and the hyperparameters to a subfolder
     acc = EventAccumulator(str(tmp_path / "tensorboard" / "mnist_dist"))
     acc.Reload()

@@ -15,7 +15,7 @@ from PIL import Image
 from mnist_dist import checkpoint, evaluate, predict
 from mnist_dist.model import MLP
 
-from .helpers import REPO, check, in_process, launch, legacy_model_config, mnist5k, run
+from .helpers import REPO, check, in_process, launch, legacy_model_config, mnist5k, results, run, train_here
 
 SAMPLE = range(10)  # the fixed sample: the first ten real test digits
 
@@ -181,6 +181,13 @@ def valid_png(path) -> bool:
     assert 300 <= width <= 3000 and 100 <= height <= 3000, (path, image.size)
     assert pixels.std() > 10, f"{path}: blank picture"
     return True
+
+
+def test_no_pictures_leaves_none(tmp_path):
+    out = tmp_path / "out"
+    check(train_here("--dataset", "mnist-5k", "--cpu", "--max-steps", "2", "--report-to", "none", "--no-pictures",
+                     "--output-dir", str(out)))
+    assert not list(out.glob("*.png")) and results(out)["config"]["pictures"] is False
 
 
 def test_training_leaves_pictures_of_the_run(recipe_run):
