@@ -47,8 +47,6 @@ MAX_MLP_WEIGHTS = 2**26  # 67M: with gradients and Adam's two moments, 1 GiB in 
 BUILT_IN_MODELS = ("mlp", "cnn")  # model.ARCHITECTURES' names for --model; 'package.module:function' is yours
 ACTIVATION_CHOICES = ("relu", "tanh", "sigmoid", "gelu")
 NORMALIZATION_CHOICES = ("half", "dataset", "none")  # data.SCALINGS, and 'dataset': measured on the training split
-MLP_FLAGS = ("hidden_sizes", "activation", "dropout", "batch_norm")  # they shape --model mlp only
-AUGMENT_AMOUNTS = ("augment_rotation", "augment_translation", "augment_scale")
 CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # --model package.module:function
 MAX_BATCH = 1_048_576  # samples: past any dataset this package reads
 # classes of a dataset: the confusion matrix in results.json is classes^2 counts (4M at this bound, ~10 MB of
@@ -60,8 +58,20 @@ class ConfigError(ValueError):
     """A flag or config value that cannot work; the message names the flag."""
 
 
-def _field(default, help: str, **metadata):
-    return field(default=default, metadata={"help": help, **metadata})
+# what a resume does with a flag, declared by each field (`_field(resume=...)`)
+RESUME_ROLES = {
+    "match": "it shapes the trajectory: a resume must give the checkpoint's value",
+    "match_scheduled": "a schedule is laid out over all steps: under one, a resume must give the checkpoint's value",
+    "not_inherited": "where the run is and what to do with it: never taken from the checkpoint",
+    "free": "taken from the checkpoint unless given; a resume may change it",
+}
+SHAPES = ("mlp", "augment")  # what some flags shape, and so go only with it: --model mlp, --augment
+
+
+def _field(default, help: str, *, resume: str, shapes: str | None = None, **metadata):
+    """A flag: its default, its help (with its unit), what a resume does with it and what it shapes."""
+    assert resume in RESUME_ROLES and shapes in (None, *SHAPES), (resume, shapes)
+    return field(default=default, metadata={"help": help, "resume": resume, "shapes": shapes, **metadata})
 
 
 @dataclass
@@ -70,133 +80,160 @@ class TrainConfig:
     dataset: str = _field("mnist", "'mnist' (Hub ylecun/mnist), 'fashion_mnist' (Hub zalando-datasets/fashion_mnist), "
                           "'mnist-5k' (5,000 real MNIST training digits + the real 10k test set, bundled, offline), "
                           "or any dataset of 28x28 grayscale images with train and test splits: a Hub id (owner/name) "
-                          "or a directory `datasets` reads (an `hf download` copy, save_to_disk)")
-    image_column: str | None = _field(None, "--dataset's image column (default: its only Image column)")
-    label_column: str | None = _field(None, "--dataset's label column (default: its only ClassLabel column)")
+                          "or a directory `datasets` reads (an `hf download` copy, save_to_disk)", resume="match")
+    image_column: str | None = _field(None, "--dataset's image column (default: its only Image column)", resume="free")
+    label_column: str | None = _field(None, "--dataset's label column (default: its only ClassLabel column)",
+                                      resume="free")
     data_dir: str | None = _field(None, "read the four MNIST-format IDX files (gzip or not) from this directory "
-                                  "instead of the Hub; also accepts the torchvision layout DIR/MNIST/raw")
+                                  "instead of the Hub; also accepts the torchvision layout DIR/MNIST/raw",
+                                  resume="free")
     cache_dir: str | None = _field(None, "where decoded datasets are cached as uint8 tensors (default: "
-                                   "$MNIST_DIST_CACHE, else $XDG_CACHE_HOME/mnist_dist, else ~/.cache/mnist_dist)")
+                                   "$MNIST_DIST_CACHE, else $XDG_CACHE_HOME/mnist_dist, else ~/.cache/mnist_dist)",
+                                   resume="free")
     data_path: str = _field(
         "auto", "'dataloader': Accelerate-prepared PyTorch DataLoaders (the reference); 'device': the dataset kept "
         "on the device as uint8 and each process's batches cut from it by index (same batches); 'graph': the "
         "device path with each whole epoch replayed from one CUDA graph (one CUDA process, constant schedule, "
         "precision no or bf16; same batches); 'auto': graph where it can run, else device (docs/training.md)",
-        choices=DATA_PATH_CHOICES)
+        choices=DATA_PATH_CHOICES, resume="free")
     val_fraction: float = _field(0.0, "fraction of the training split held out as the validation split (0..0.5; 0: "
                                  "none, train on all of it): the same samples of each class, chosen by --seed, on "
-                                 "every process and resume. A dataset with a validation split uses that instead")
+                                 "every process and resume. A dataset with a validation split uses that instead",
+                                 resume="match")
     num_workers: int = _field(0, "DataLoader worker processes per training process, on --data-path dataloader (0: "
-                                  "load in the main process)")
+                                  "load in the main process)", resume="free")
     normalization: str = _field("half", "input scaling: 'half' maps pixels 0..255 to [-1, 1] (mean 0.5, std 0.5, "
                                 "as the tutorials do); 'dataset' standardizes with the training set's pixel mean "
                                 "and std (saved with the model); 'none' keeps them in [0, 1]",
-                                choices=NORMALIZATION_CHOICES)
+                                choices=NORMALIZATION_CHOICES, resume="match")
     # model
     model: str = _field("mlp", "'mlp' (the record's; --hidden-sizes, --activation, --dropout, --batch-norm shape it), "
                         "'cnn' (two convolutions), or 'package.module:function' of yours: it gets the input shape "
                         "(1, 28, 28), the number of classes and --model-args, and returns a torch.nn.Module (this "
-                        "imports and runs that code, at training and wherever the model is loaded; docs/models.md)")
+                        "imports and runs that code, at training and wherever the model is loaded; docs/models.md)",
+                        resume="match")
     hidden_sizes: str = _field("256", f"mlp: units of each hidden layer, comma-separated ('512,256': two layers; "
-                               f"1 to {MAX_LAYERS} layers of 1 to {MAX_HIDDEN:,} units)", parse="sizes")
-    activation: str = _field("relu", "mlp: the hidden layers' activation", choices=ACTIVATION_CHOICES)
-    dropout: float = _field(0.0, "mlp: dropout after each hidden layer's activation (probability, [0, 1))")
-    batch_norm: bool = _field(False, "mlp: BatchNorm after each hidden layer, before its activation")
+                               f"1 to {MAX_LAYERS} layers of 1 to {MAX_HIDDEN:,} units)", parse="sizes",
+                               resume="match", shapes="mlp")
+    activation: str = _field("relu", "mlp: the hidden layers' activation", choices=ACTIVATION_CHOICES,
+                             resume="match", shapes="mlp")
+    dropout: float = _field(0.0, "mlp: dropout after each hidden layer's activation (probability, [0, 1))",
+                            resume="match", shapes="mlp")
+    batch_norm: bool = _field(False, "mlp: BatchNorm after each hidden layer, before its activation",
+                              resume="match", shapes="mlp")
     sync_batch_norm: bool = _field(False, "BatchNorm statistics over every process's batch (torch.nn.SyncBatchNorm, "
                                    "GPUs only); without it each process normalizes with its own batch, and DDP "
-                                   "broadcasts the first process's running statistics")
+                                   "broadcasts the first process's running statistics", resume="match")
     augment: bool = _field(False, "a random affine transform of each training image, drawn from --seed, the epoch "
-                           "and the sample, on the device (the test and validation images never)")
-    augment_rotation: float = _field(10.0, "--augment: the most each image is turned, either way (degrees, 0 to 180)")
+                           "and the sample, on the device (the test and validation images never)", resume="match")
+    augment_rotation: float = _field(10.0, "--augment: the most each image is turned, either way (degrees, 0 to 180)",
+                                     resume="match", shapes="augment")
     augment_translation: float = _field(2.0, "--augment: the most each image is shifted in x and in y (pixels, 0 "
-                                        "to 14)")
+                                        "to 14)", resume="match", shapes="augment")
     augment_scale: float = _field(0.1, "--augment: the most each image is scaled up or down (fraction of its "
-                                  "size, [0, 0.5))")
+                                  "size, [0, 0.5))", resume="match", shapes="augment")
     model_args: str | None = _field(None, "the keyword arguments of --model package.module:function, as a JSON "
-                                    "object ('{\"width\": 64}'); default: none")
+                                    "object ('{\"width\": 64}'); default: none", resume="match")
     # optimisation
-    epochs: int = _field(10, "passes over the training set (epochs)")
+    epochs: int = _field(10, "passes over the training set (epochs)", resume="match_scheduled")
     batch_size: int = _field(128, "training samples per process per batch; the global batch of an optimizer "
-                             "step is this times the world size times --gradient-accumulation-steps")
+                             "step is this times the world size times --gradient-accumulation-steps", resume="free")
     gradient_accumulation_steps: int = _field(
         1, "batches each process adds the gradients of before one optimizer step (Accelerate's accumulate: one "
-        "all-reduce per step); the global batch is processes x --batch-size x this")
-    eval_batch_size: int = _field(1024, "samples per process per evaluation batch (test and validation)")
+        "all-reduce per step); the global batch is processes x --batch-size x this", resume="free")
+    eval_batch_size: int = _field(1024, "samples per process per evaluation batch (test and validation)", resume="free")
     recipe: str = _field("record", "preset for the optimisation flags: 'record' (the defaults: constant lr 1e-3) "
                          "or 'tuned' (--schedule onecycle --lr 3e-3 --warmup-fraction 0.15 --label-smoothing 0.1 "
-                         "--normalization dataset); flags given explicitly override it", choices=tuple(RECIPES))
-    lr: float = _field(1e-3, "learning rate per optimizer step (the peak, with a schedule)")
+                         "--normalization dataset); flags given explicitly override it", choices=tuple(RECIPES),
+                         resume="free")
+    lr: float = _field(1e-3, "learning rate per optimizer step (the peak, with a schedule)", resume="match")
     schedule: str = _field("constant", "learning-rate schedule over all steps: 'constant', 'onecycle' (warm up to "
                            "--lr, then cosine down to --lr/1e4; torch OneCycleLR) or 'cosine' (from --lr down to 0)",
-                           choices=SCHEDULE_CHOICES)
-    warmup_fraction: float = _field(0.15, "onecycle: fraction of all steps spent rising to the peak --lr (0..1)")
-    label_smoothing: float = _field(0.0, "cross-entropy label smoothing for training (0: none; test loss never uses it)")
+                           choices=SCHEDULE_CHOICES, resume="match")
+    warmup_fraction: float = _field(0.15, "onecycle: fraction of all steps spent rising to the peak --lr (0..1)",
+                                    resume="match")
+    label_smoothing: float = _field(0.0, "cross-entropy label smoothing for training (0: none; test loss never uses it)",
+                                    resume="match")
     optimizer: str = _field("adam", "'adam' (--weight-decay: an L2 term added to the gradient) or 'adamw' (decoupled "
-                            "weight decay, torch's AdamW); fused where torch has a fused kernel", choices=("adam", "adamw"))
+                            "weight decay, torch's AdamW); fused where torch has a fused kernel", choices=("adam", "adamw"),
+                            resume="match")
     weight_decay: float = _field(0.0, "weight decay per optimizer step (AdamW: weights shrink by lr x this each step), "
-                                 "on every parameter, biases included (0: none)")
+                                 "on every parameter, biases included (0: none)", resume="match")
     max_grad_norm: float | None = _field(None, "clip the gradients' total L2 norm to this before each optimizer "
                                          "step (accelerator.clip_grad_norm_); default: no clipping. Either way "
                                          "the norm before clipping, averaged over each --log-every window, is "
-                                         "logged as train/grad_norm (not on the graph path)")
-    seed: int = _field(0, "seed for weight init and the per-epoch shuffle (same on every process; 0 to 2**32 - 1)")
+                                         "logged as train/grad_norm (not on the graph path)", resume="match")
+    seed: int = _field(0, "seed for weight init and the per-epoch shuffle (same on every process; 0 to 2**32 - 1)",
+                       resume="match")
     max_steps: int | None = _field(None, "stop after this many optimizer steps in total, then evaluate "
-                                   "(debugging); default: all epochs ('none' says so on a resume)")
+                                   "(debugging); default: all epochs ('none' says so on a resume)",
+                                   resume="match_scheduled")
     # model selection (they need a validation split: --val-fraction, or the dataset's own)
     eval_every: int | None = _field(None, "optimizer steps between validation evaluations, besides the one at each "
-                                    "epoch end (steps); default: epoch ends only")
+                                    "epoch end (steps); default: epoch ends only", resume="free")
     keep_best: bool | None = _field(None, "keep the model of the best validation accuracy in OUTPUT_DIR/best "
-                                    "(default: on when there is a validation split)")
+                                    "(default: on when there is a validation split)", resume="free")
     early_stopping_patience: int | None = _field(None, "stop after this many validation evaluations in a row "
-                                                 "without a better validation accuracy (evaluations); default: never")
+                                                 "without a better validation accuracy (evaluations); default: never",
+                                                 resume="free")
     early_stopping_min_delta: float = _field(0.0, "the least rise in validation accuracy (fraction 0..1) that counts "
-                                             "as better, for --early-stopping-patience and --keep-best")
+                                             "as better, for --early-stopping-patience and --keep-best", resume="match")
     # hardware
     mixed_precision: str | None = _field(None, "autocast precision; default: what `accelerate launch` was "
-                                         "configured with, else 'no'", choices=MIXED_PRECISION_CHOICES)
+                                         "configured with, else 'no'", choices=MIXED_PRECISION_CHOICES, resume="match")
     deterministic: bool = _field(False, "deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN and "
                                  "cuBLAS set so): two runs on one GPU end bit-identical, at some speed; a CPU "
-                                 "run is deterministic without it")
-    cpu: bool = _field(False, "train on the CPU even if a GPU is present (also makes `accelerate launch` use gloo)")
+                                 "run is deterministic without it", resume="free")
+    cpu: bool = _field(False, "train on the CPU even if a GPU is present (also makes `accelerate launch` use gloo)",
+                       resume="free")
     cpu_threads: int | None = _field(None, "torch threads of each CPU process; default: $OMP_NUM_THREADS, else "
                                      "its share of the allowed cores idle at start; capped at the allowed cores. With MKL's "
-                                     "strict mode (x86) the weights do not depend on it (docs/training.md)")
+                                     "strict mode (x86) the weights do not depend on it (docs/training.md)",
+                                     resume="free")
     # output
     output_dir: str | None = _field(None, "the run's directory (results.json, the model, checkpoints); one run per "
                                     "directory. Default: a new outputs/run-YYYYMMDD-HHMMSS, with outputs/latest "
                                     "pointing at it (it follows only these, not a run given --output-dir); "
-                                    "with --resume auto, outputs/latest")
+                                    "with --resume auto, outputs/latest", resume="not_inherited")
     profile: str | None = _field(None, "profile the third stretch of steps (from one check to the next: "
                                  "--log-every steps; an epoch on the graph path) with torch's profiler and write "
-                                 "PROFILE/trace.json (Chrome trace) and PROFILE/top_ops.txt (a directory); default: off")
+                                 "PROFILE/trace.json (Chrome trace) and PROFILE/top_ops.txt (a directory); default: off",
+                                 resume="not_inherited")
     pictures: bool = _field(True, "draw the run's pictures at its end (training_curves.png, confusion_matrix.png, "
                             "misclassified.png; the trackers get them too); --no-pictures for runs nobody looks at, "
-                            "such as sweep trials: about 1 s less a run (mnist_dist.evaluate draws them later)")
-    overwrite: bool = _field(False, "start over in an --output-dir that holds another run: its files are removed first")
+                            "such as sweep trials: about 1 s less a run (mnist_dist.evaluate draws them later)",
+                            resume="free")
+    overwrite: bool = _field(False, "start over in an --output-dir that holds another run: its files are removed first",
+                             resume="not_inherited")
     log_every: int = _field(50, "optimizer steps between loss reads (log, progress bar) and the processes' check "
-                            "for a stop signal or a non-finite step: the only host syncs in training (steps)")
+                            "for a stop signal or a non-finite step: the only host syncs in training (steps)",
+                            resume="free")
     timeout: int = _field(300, "seconds a process waits for the others at any collective (a stalled or lost "
-                          "peer) before the run stops with an error")
+                          "peer) before the run stops with an error", resume="free")
     # tracking
     report_to: str = _field("wandb", "experiment tracker: W&B, TensorBoard, both, or none (metrics.jsonl is "
-                            "written regardless)", choices=("wandb", "tensorboard", "all", "none"))
+                            "written regardless)", choices=("wandb", "tensorboard", "all", "none"), resume="free")
     wandb_project: str | None = _field(None, "W&B project (also the TensorBoard run name); default: "
-                                       "$WANDB_PROJECT, else mnist_dist")
+                                       "$WANDB_PROJECT, else mnist_dist", resume="free")
     wandb_entity: str | None = _field(None, "W&B entity (user or team); default: $WANDB_ENTITY, else the one "
-                                      "your W&B account sets")
-    run_name: str | None = _field(None, "W&B run name; default: $WANDB_NAME, else W&B picks one")
+                                      "your W&B account sets", resume="free")
+    run_name: str | None = _field(None, "W&B run name; default: $WANDB_NAME, else W&B picks one", resume="free")
     wandb_mode: str | None = _field(None, "W&B mode; default: $WANDB_MODE, else online when logged in, else "
-                                    "offline", choices=("online", "offline", "disabled"))
-    log_model: bool = _field(False, "log the final model.safetensors and config.json to W&B as a model artifact")
+                                    "offline", choices=("online", "offline", "disabled"), resume="free")
+    log_model: bool = _field(False, "log the final model.safetensors and config.json to W&B as a model artifact",
+                             resume="free")
     # checkpoints
     checkpoint_every: int | None = _field(None, "optimizer steps between checkpoints, besides the one at each "
-                                          "epoch end (steps); default: epoch ends only ('none' says so on a resume)")
+                                          "epoch end (steps); default: epoch ends only ('none' says so on a resume)",
+                                          resume="free")
     keep_checkpoints: int = _field(2, "how many of the newest complete checkpoints OUTPUT_DIR/checkpoints keeps (the "
-                                      "one behind a finished run's results.json too, until new outputs are written)")
+                                      "one behind a finished run's results.json too, until new outputs are written)",
+                                   resume="free")
     resume: str | None = _field(None, "'auto': the newest checkpoint of the run in --output-dir (default "
                                 "outputs/latest) that loads; a finished run is left alone, a run without "
                                 "checkpoints starts again. Or a checkpoint directory. Every flag not given is "
-                                "taken from the checkpoint: the run continues as it was launched")
+                                "taken from the checkpoint: the run continues as it was launched",
+                                resume="not_inherited")
     # not a flag: the fields given on the command line (`parse_args`), which a resume keeps while it takes
     # the others from the checkpoint; None (a config built in Python): the fields that differ from the defaults
     given: frozenset | None = field(default=None, repr=False, compare=False, metadata={"flag": False})
@@ -313,13 +350,18 @@ class TrainConfig:
         return dataclasses.replace(self, **taken, given=given), taken
 
 
-# where the run is and what to do with it: never taken from the checkpoint being resumed
-NOT_INHERITED = ("resume", "overwrite", "output_dir", "profile")
-
-
 def flags() -> list[dataclasses.Field]:
     """TrainConfig's fields that are command-line flags."""
     return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("flag", True)]
+
+
+def flags_where(**metadata) -> tuple[str, ...]:
+    """The names of the flags whose fields declare `metadata`, e.g. flags_where(resume="match")."""
+    return tuple(f.name for f in flags() if all(f.metadata.get(k) == v for k, v in metadata.items()))
+
+
+NOT_INHERITED = flags_where(resume="not_inherited")
+MLP_FLAGS, AUGMENT_AMOUNTS = flags_where(shapes="mlp"), flags_where(shapes="augment")
 
 
 def flag_kinds() -> dict[str, type]:

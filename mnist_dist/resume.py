@@ -16,18 +16,13 @@ from accelerate.utils import set_seed
 from safetensors import safe_open
 
 from . import checkpoint, runs
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, flags_where
 from .model import WEIGHTS_NAME
 from .train_state import STATE_NAME, CheckpointError, TrainState
 
-# config fields that shape the trajectory: a resumed run must use the same values
-# (the batch: the global batch must match, see `Resume.batch_for_world`)
-MUST_MATCH = ("dataset", "model", "hidden_sizes", "activation", "dropout", "batch_norm", "sync_batch_norm",
-              "model_args", "augment", "augment_rotation", "augment_translation", "augment_scale", "lr", "seed", "mixed_precision", "schedule", "warmup_fraction",
-              "label_smoothing", "normalization", "optimizer", "weight_decay", "max_grad_norm", "val_fraction",
-              "early_stopping_min_delta")
-# a schedule is laid out over all steps: the run's length must not change under it
-MUST_MATCH_SCHEDULED = ("epochs", "max_steps")
+# the flags a resumed run must give the checkpoint's value of, as their fields declare (config.RESUME_ROLES);
+# the batch: the global batch must match (`Resume.batch_for_world`)
+MUST_MATCH, MUST_MATCH_SCHEDULED = flags_where(resume="match"), flags_where(resume="match_scheduled")
 
 
 @dataclass

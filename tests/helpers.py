@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from mnist_dist import data, sources
+from mnist_dist.sweep import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_5K = sources.BUNDLED_DIRS["mnist-5k"]
@@ -93,7 +94,7 @@ def launch(num_processes: int, *flags: str, cpu_flag: bool = True, module: str =
         sys.executable, "-m", launcher,
         "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"),
         "--num_processes", str(num_processes),
-        "--main_process_port", str(_free_port()),
+        "--main_process_port", str(free_port()),
         "-m", module, *([NO_PICTURES] if module == "mnist_dist.train" else []), *flags,
     ]
     if cpu_flag:
@@ -107,7 +108,7 @@ def launch_script(num_processes: int, script: Path, *args: str, **kw) -> subproc
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
+        "--main_process_port", str(free_port()),
         str(script), *args,
     ]
     return run(cmd, env={"ACCELERATE_USE_CPU": "1"}, **kw)
@@ -118,18 +119,12 @@ def launch_gpus(num_processes: int, *flags: str, **kw) -> subprocess.CompletedPr
     args = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO / "accelerate_configs" / "multi_gpu.yaml"),
-        "--num_processes", str(num_processes), "--main_process_port", str(_free_port()),
+        "--num_processes", str(num_processes), "--main_process_port", str(free_port()),
         "-m", "mnist_dist.train", NO_PICTURES, *flags,
     ]
     return run(args, **kw)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # what a run measures of the machine rather than computes: times, rates, memory, FLOP/s
@@ -229,10 +224,10 @@ def train_cmd(world: int, *flags: str, launcher: str = "accelerate.commands.laun
     if world == 1:
         return [sys.executable, "-m", "mnist_dist.train", "--cpu", NO_PICTURES, *flags]
     if launcher == "torch.distributed.run":
-        launch_flags = ["--nproc_per_node", str(world), "--master_port", str(_free_port())]
+        launch_flags = ["--nproc_per_node", str(world), "--master_port", str(free_port())]
     else:  # accelerate launch, and mnist_dist.launch, which takes its flags
         launch_flags = ["--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"),
-                        "--num_processes", str(world), "--main_process_port", str(_free_port())]
+                        "--num_processes", str(world), "--main_process_port", str(free_port())]
     return [sys.executable, "-m", launcher, *launch_flags, "-m", "mnist_dist.train", "--cpu", NO_PICTURES, *flags]
 
 

@@ -19,7 +19,7 @@ from mnist_dist.config import TrainConfig, parse_args
 from mnist_dist.resume import Resume
 from mnist_dist.stopping import EXIT_PREEMPTED
 
-from .helpers import (COMPARED, REPO, _free_port, check, close_weights, launch, mnist5k, results, run, same_results,
+from .helpers import (COMPARED, REPO, check, free_port, close_weights, launch, mnist5k, results, run, same_results,
     same_weights, start, stopped_in, train_cli, train_cmd, train_here, unmeasured, wait_for_checkpoint, write_dataset)
 
 pytestmark = pytest.mark.slow  # the quick loop (-m "not slow") leaves these out
@@ -182,7 +182,7 @@ def test_torchrun_restarts_the_group_after_a_kill_9_and_the_run_resumes_by_itsel
     out = tmp_path / "out"
     # one restart allowed: the first one must succeed
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
-                "--master-port", str(_free_port()), "-m", "mnist_dist.train", "--cpu", *RUN, "--resume", "auto",
+                "--master-port", str(free_port()), "-m", "mnist_dist.train", "--cpu", *RUN, "--resume", "auto",
                 "--output-dir", str(out)]
     proc = subprocess.Popen(torchrun, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"},
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -18,7 +18,7 @@ from mnist_dist import checkpoint
 from mnist_dist.evaluation import evaluate
 from mnist_dist.model import MLP, load_model
 
-from .helpers import REPO, _free_port, check, launch, launch_script, results, train_cli, train_here
+from .helpers import REPO, check, free_port, launch, launch_script, results, train_cli, train_here
 from .workers.shards import EPOCHS, indexed
 
 N_TRAIN, N_TEST, BATCH = 1001, 1001, 64
@@ -208,7 +208,7 @@ def start_launch(out, *flags: str) -> subprocess.Popen:
     """`accelerate launch` of 2 CPU processes in the background, as a user starts one."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "accelerate_configs" / "cpu.yaml"), "--num_processes", "2", "--main_process_port",
-           str(_free_port()), "-m", "mnist_dist.train", "--cpu", "--dataset", "mnist-5k", "--report-to", "none",
+           str(free_port()), "-m", "mnist_dist.train", "--cpu", "--dataset", "mnist-5k", "--report-to", "none",
            "--output-dir", str(out), *flags]
     return subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -282,7 +282,7 @@ def test_a_bad_command_on_two_processes_says_its_error_once(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_a_node_waiting_for_the_others_says_where_and_a_signal_ends_its_wait(tmp_path):
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "mnist_dist.launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
            "--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
            "--rdzv_backend", "static", "--same_network", "--mixed_precision", "no", "--dynamo_backend", "no",

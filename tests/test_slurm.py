@@ -2,7 +2,6 @@
 
 import os
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from .helpers import REPO, check, close_weights, results, run, same_results, same_weights, train_cli, train_cmd
+from . import slurm_cluster
 from .slurm_cluster import Cluster
 
 pytestmark = pytest.mark.slow  # the quick loop (-m "not slow") leaves these out
@@ -19,11 +19,9 @@ FLAGS = ["--dataset", "mnist-5k", "--epochs", "2", "--report-to", "none"]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    installed = all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged"))
-    if not installed and os.geteuid() != 0:  # the helper installs the Debian packages as root
-        if os.environ.get("CI"):
-            pytest.fail("SLURM is not installed: .ci/run installs slurmctld slurmd slurm-client munge")
-        pytest.skip("needs SLURM (apt-get install slurmctld slurmd slurm-client munge) or root to install it")
+    if not slurm_cluster.installed():
+        needs = f"SLURM is not installed: apt-get install {' '.join(slurm_cluster.PACKAGES)} (as .ci/run does)"
+        pytest.fail(needs) if os.environ.get("CI") else pytest.skip(needs)
     with Cluster(tmp_path_factory.mktemp("slurm"), nodes=2) as c:
         yield c
 

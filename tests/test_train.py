@@ -417,3 +417,12 @@ def test_a_directory_named_mnist_dist_in_the_working_directory_keeps_the_thread_
     env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
     proc = check(subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True))
     assert proc.stdout.split() == ["None", "AUTO,STRICT"]  # __init__.py did not run; MKL's strict mode is set
+
+
+def test_every_flag_declares_what_a_resume_does_with_it():
+    from mnist_dist import config
+
+    assert all(f.metadata["resume"] in config.RESUME_ROLES for f in config.flags())
+    with pytest.raises(TypeError, match="resume"):  # a new flag without a role is refused where it is declared
+        config._field(1, "a flag that says nothing of resumes")
+    assert set(config.MLP_FLAGS) == {"hidden_sizes", "activation", "dropout", "batch_norm"}
