@@ -8,8 +8,11 @@ file that is damaged, of another format or at odds with itself, naming the file 
 
 from __future__ import annotations
 
+import copy
+import functools
 import itertools
 import math
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -144,7 +147,20 @@ def required_fields() -> list[str]:
 
 
 def read(file: Path) -> dict:
-    """The training state in `file` (a checkpoint's training_state.json), checked field by field."""
+    """The training state in `file` (a checkpoint's training_state.json), checked field by field: parsed and
+    checked once per version of the file (its inode, time and size), however often a start asks for it."""
+    try:
+        found = file.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{file.parent}: incomplete checkpoint (no {STATE_NAME})") from None
+    except OSError as err:
+        raise CheckpointError(f"damaged checkpoint: {file}: unreadable ({err.strerror or err})") from None
+    version = (found.st_ino, found.st_mtime_ns, found.st_size)
+    return copy.deepcopy(_read_version(Path(os.path.abspath(file)), version))  # callers may change their copy
+
+
+@functools.lru_cache(maxsize=64)  # a start reads a run's few checkpoints: its scan, then the newest again
+def _read_version(file: Path, version: tuple) -> dict:
     try:
         state = read_json(file)
     except FileNotFoundError:

@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -224,3 +225,19 @@ def test_a_checkpoint_whose_profile_directory_became_a_file_still_reads(whole, t
     state["config"]["profile"] = str(state_file)  # --profile is never taken from a checkpoint: not checked
     state_file.write_text(json.dumps(state))
     assert checkpoint.read_state(step)["config"]["profile"] == str(state_file)
+
+
+def test_resume_auto_reads_each_training_state_once_and_the_newest_at_most_twice(tmp_path, monkeypatch):
+    from mnist_dist import train_state
+
+    out = tmp_path / "out"
+    flags = ["--dataset", "mnist-5k", "--cpu", "--report-to", "none", "--checkpoint-every", "2", "--output-dir", str(out)]
+    check(train_here(*flags, "--max-steps", "4"))
+    parsed = []
+    read_json = train_state.read_json
+    monkeypatch.setattr(train_state, "read_json", lambda path: parsed.append(Path(path)) or read_json(path))
+    train_state._read_version.cache_clear()  # as a new process starts
+    check(train_here(*flags, "--max-steps", "6", "--resume", "auto"))
+    newest = out / "checkpoints" / "step_00000004" / train_state.STATE_NAME
+    assert 1 <= parsed.count(newest) <= 2
+    assert all(parsed.count(p) == 1 for p in set(parsed) if p != newest)
