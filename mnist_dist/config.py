@@ -394,13 +394,6 @@ def _sizes(text: str) -> str:
     return ",".join(part.strip() for part in text.split(","))
 
 
-def upgraded(saved: dict) -> dict:
-    """A config saved before --hidden-sizes (its `hidden_size`), as this version names it."""
-    if "hidden_size" in saved and "hidden_sizes" not in saved:
-        saved = {**{k: v for k, v in saved.items() if k != "hidden_size"}, "hidden_sizes": str(saved["hidden_size"])}
-    return saved
-
-
 def _flag_type(hint):
     """The scalar type of a field's type hint such as `int | None`."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:

@@ -46,10 +46,8 @@ class Resume:
 
     def began_with(self) -> dict:
         """The per-process batch and accumulation steps the run began with, which each of its checkpoints
-        keeps: a requeued job's unchanged command line gives them again, whatever the world size is now.
-        (accumulation_flag is newer than batch_size_flag: an older checkpoint's run accumulated nothing.)"""
-        return {"batch_size_flag": self.state["batch_size_flag"],
-                "accumulation_flag": self.state.get("accumulation_flag", 1)}
+        keeps: a requeued job's unchanged command line gives them again, whatever the world size is now."""
+        return {"batch_size_flag": self.state["batch_size_flag"], "accumulation_flag": self.state["accumulation_flag"]}
 
     def settings(self, cfg: TrainConfig) -> tuple[TrainConfig, dict]:
         """`cfg` with every flag not given taken from the checkpoint (`TrainConfig.continued`), and what was
@@ -104,8 +102,7 @@ class Resume:
         """Refuse to resume where the continuation could not be the same run (the batch: `batch_for_world`)."""
         scheduled = config.get("schedule", "constant") != "constant"
         for name in MUST_MATCH + (MUST_MATCH_SCHEDULED if scheduled else ()):
-            # a flag newer than the checkpoint: the run was trained with its default
-            was = self.state["config"].get(name, getattr(TrainConfig, name, None))
+            was = self.state["config"][name]
             if was != config.get(name):
                 raise CheckpointError(f"--{name.replace('_', '-')}={config.get(name)!r}, but {self.path} was trained "
                                       f"with {was!r}; resume with the same value")

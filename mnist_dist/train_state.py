@@ -13,21 +13,22 @@ import functools
 import itertools
 import math
 import os
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import MAX_BATCH, NOT_INHERITED, ConfigError, TrainConfig, flags, upgraded
+from .config import MAX_BATCH, NOT_INHERITED, ConfigError, TrainConfig, flags
 from .readback import UnreadableFile, read_json, shown
 
 STATE_NAME = "training_state.json"
-STATE_FORMAT = 3
+# bumped when a field is added or changes meaning: an older training state is refused by its format, never
+# read with guesses for what it lacks (its model.safetensors and config.json still load for evaluate and predict)
+STATE_FORMAT = 4
 # what every training_state.json holds besides TrainState's fields
-STATE_KEYS = ("format", "global_step", "world_size", "global_batch_size", "batch_size_flag", "config", "run_id", "data")
-# a TrainState field newer than format 3's first checkpoints: an older file may lack it (its default then)
-NEWER = {"newer": True}
+STATE_KEYS = ("format", "global_step", "world_size", "global_batch_size", "batch_size_flag", "accumulation_flag",
+              "config", "run_id", "data")
 PER_PROCESS = ("epoch_loss_sum", "window_loss_sum")  # saved as lists, one per process: epoch_loss_sums, ...
 HISTORY_NUMBERS = ("train_loss", "seconds", "eval_seconds")
 
@@ -49,18 +50,18 @@ class TrainState:
     epoch_loss_sum: float = 0.0  # this process's loss sum over them
     window_samples: int = 0  # real samples since the last --log-every point
     window_loss_sum: float = 0.0  # this process's loss sum over them
-    window_norm_sum: float = field(default=0.0, metadata=NEWER)  # the finite gradient norms of the window's steps, added (the same everywhere)
-    window_norm_steps: int = field(default=0, metadata=NEWER)  # how many
+    window_norm_sum: float = 0.0  # the finite gradient norms of the window's steps, added (the same everywhere)
+    window_norm_steps: int = 0  # how many
     train_seconds: float = 0.0  # training time across resumes, evaluation and checkpoints excluded (s)
     seconds_to_first_step: float | None = None  # from the OS starting the process (s)
     history: list[dict] = field(default_factory=list)  # one entry per evaluated epoch
     # model selection on the validation split (selection.py); accuracies are fractions 0..1
-    best_val_accuracy: float | None = field(default=None, metadata=NEWER)
-    best_step: int | None = field(default=None, metadata=NEWER)  # the step it was measured at
-    evals_since_best: int = field(default=0, metadata=NEWER)  # validation evaluations since then
-    last_validation: dict | None = field(default=None, metadata=NEWER)  # the newest: {"step", "accuracy", "loss", "samples"}
-    stopped_early: bool = field(default=False, metadata=NEWER)  # --early-stopping-patience ran out
-    validation_seconds: float = field(default=0.0, metadata=NEWER)  # the --eval-every evaluations inside epochs, across resumes (s)
+    best_val_accuracy: float | None = None
+    best_step: int | None = None  # the step it was measured at
+    evals_since_best: int = 0  # validation evaluations since then
+    last_validation: dict | None = None  # the newest: {"step", "accuracy", "loss", "samples"}
+    stopped_early: bool = False  # --early-stopping-patience ran out
+    validation_seconds: float = 0.0  # the --eval-every evaluations inside epochs, across resumes (s)
 
     def add_steps(self, losses: list[float], samples: list[int], log_every: int,
                   norms: list[float]) -> tuple[list, int | None]:
@@ -136,14 +137,12 @@ class TrainState:
             mine = [s[rank] for s in sums]
         else:  # added in float32, as the processes' sums are when an epoch ends
             mine = [float(np.sum(s, dtype=np.float32)) if rank == 0 else 0.0 for s in sums]
-        # the fields newer than the checkpoint (NEWER): their defaults
-        defaults = {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(cls)}
-        return cls(**{k: saved.get(k, defaults[k]) for k in names}, epoch_loss_sum=mine[0], window_loss_sum=mine[1])
+        return cls(**{k: saved[k] for k in names}, epoch_loss_sum=mine[0], window_loss_sum=mine[1])
 
 
 def required_fields() -> list[str]:
-    """The TrainState fields every training_state.json holds (the newer ones aside), as saved."""
-    return [f"{f.name}s" if f.name in PER_PROCESS else f.name for f in fields(TrainState) if not f.metadata.get("newer")]
+    """The TrainState fields every training_state.json holds, as saved."""
+    return [f"{f.name}s" if f.name in PER_PROCESS else f.name for f in fields(TrainState)]
 
 
 def read(file: Path) -> dict:
@@ -170,8 +169,12 @@ def _read_version(file: Path, version: tuple) -> dict:
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(f"{file}: not a mnist_dist training state")
     if state["format"] != STATE_FORMAT:
-        raise CheckpointError(f"{file}: written by another version of mnist_dist (format {shown(state['format'])}; "
-                              f"this one reads format {STATE_FORMAT}); resume it with that version")
+        older = type(state["format"]) is int and state["format"] < STATE_FORMAT
+        raise CheckpointError(
+            f"{file}: written by {'an earlier' if older else 'another'} mnist_dist (training state format "
+            f"{shown(state['format'])}; this one reads "
+            f"format {STATE_FORMAT}): finish the run with the version that wrote it, or start it again; its "
+            "model.safetensors and config.json still load for evaluate and predict")
     missing = [key for key in STATE_KEYS if key not in state]
     if missing:
         raise CheckpointError(f"{file}: damaged, it lacks {', '.join(missing)}")
@@ -192,9 +195,9 @@ def check_state(state: dict, file: Path) -> None:
 
     for key in ("global_step", "world_size", "global_batch_size", "batch_size_flag"):
         need(is_count(state[key], 1), key, "must be an integer >= 1")
-    need(is_count(state.get("accumulation_flag", 1), 1), "accumulation_flag", "must be an integer >= 1")
-    need(is_count(state.get("window_norm_steps", 0), 0), "window_norm_steps", "must be an integer >= 0")
-    need(is_number(state.get("window_norm_sum", 0.0), 0), "window_norm_sum", "must be a finite number >= 0")
+    need(is_count(state["accumulation_flag"], 1), "accumulation_flag", "must be an integer >= 1")
+    need(is_count(state["window_norm_steps"], 0), "window_norm_steps", "must be an integer >= 0")
+    need(is_number(state["window_norm_sum"], 0), "window_norm_sum", "must be a finite number >= 0")
     for key in ("epoch", "batch_in_epoch", "samples_seen", "epoch_samples", "window_samples"):
         need(is_count(state[key], 0), key, "must be an integer >= 0")
     for key in ("train_seconds", "seconds_to_first_step"):
@@ -207,19 +210,19 @@ def check_state(state: dict, file: Path) -> None:
     need(isinstance(state["data"], dict) and all(isinstance(state["data"].get(s), dict) and is_count(
         state["data"][s].get("samples"), 1) for s in ("train", "test")), "data", "must give each split's samples")
     need(isinstance(state["config"], dict), "config", "must be an object")
-    state["config"] = upgraded(state["config"])  # a checkpoint of an earlier version names its flags so
+    lacks = [f.name for f in flags() if f.name not in state["config"]]
+    need(not lacks, "config", f"must hold every flag, and lacks {', '.join(lacks)}")
     try:
         # where the run was and what to do with it are never taken from a checkpoint (a --profile
         # directory may since have become a file): not checked either
-        config = TrainConfig(**{f.name: state["config"][f.name] for f in flags()
-                                if f.name in state["config"] and f.name not in NOT_INHERITED})
+        config = TrainConfig(**{f.name: state["config"][f.name] for f in flags() if f.name not in NOT_INHERITED})
         config.validate()
     except ConfigError as err:
         raise CheckpointError(f"{file}: damaged, field 'config': {err}") from None
     _check_position(state, config, need)
     _check_history(state, need)
     _check_selection(state, need)
-    began = state["batch_size_flag"] * state.get("accumulation_flag", 1)  # of one process, when the run began
+    began = state["batch_size_flag"] * state["accumulation_flag"]  # of one process, when the run began
     need(state["batch_size_flag"] <= MAX_BATCH and state["global_batch_size"] % began == 0, "batch_size_flag",
          f"must be at most {MAX_BATCH:,}, and with accumulation_flag divide global_batch_size")
 
@@ -259,23 +262,22 @@ def _check_history(state: dict, need) -> None:
 
 
 def _check_selection(state: dict, need) -> None:
-    """The best validation accuracy, its step, the evaluations since and the newest one (newer than format 3's
-    first checkpoints: absent means none)."""
-    best, step, last = state.get("best_val_accuracy"), state.get("best_step"), state.get("last_validation")
+    """The best validation accuracy, its step, the evaluations since and the newest one."""
+    best, step, last = state["best_val_accuracy"], state["best_step"], state["last_validation"]
     need(best is None or is_number(best, 0) and best <= 1, "best_val_accuracy", "must be an accuracy from 0 to 1")
     need((step is None) == (best is None) and (step is None or is_count(step, 1) and step <= state["global_step"]),
          "best_step", "must be the step of best_val_accuracy, at most global_step")
-    since = state.get("evals_since_best", 0)
+    since = state["evals_since_best"]
     need(is_count(since, 0), "evals_since_best", "must be an integer >= 0")
-    stopped = state.get("stopped_early", False)
+    stopped = state["stopped_early"]
     need(type(stopped) is bool and (not stopped or since >= 1), "stopped_early",
          "must be true or false, and true only after an evaluation without a better accuracy")
     # with --early-stopping-min-delta a rise smaller than it is not a new best: the best may trail by that much
-    delta = state["config"].get("early_stopping_min_delta", 0.0)
+    delta = state["config"]["early_stopping_min_delta"]
     scored = [h.get("val_accuracy") for h in state["history"] if isinstance(h, dict)]
     need(best is None or all(is_number(a) and a <= best + delta for a in scored), "best_val_accuracy",
          "must be at least the history's validation accuracies (less --early-stopping-min-delta)")
-    need(is_number(state.get("validation_seconds", 0.0), 0), "validation_seconds", "must be a finite number >= 0")
+    need(is_number(state["validation_seconds"], 0), "validation_seconds", "must be a finite number >= 0")
     need(last is None or isinstance(last, dict) and is_count(last.get("step"), 1) and last["step"] <= state["global_step"]
          and all(is_number(last.get(k), 0) for k in ("accuracy", "loss")) and last["accuracy"] <= 1
          and is_count(last.get("samples"), 1) and last["step"] >= (step or 0), "last_validation",

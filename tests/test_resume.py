@@ -21,7 +21,6 @@ def snapshot(directory) -> dict:
     return {name: stamp for name, stamp in every_file(directory).items() if not name.startswith(".lock")}
 
 # the flags a checkpoint written before the model registry lacks (it had hidden_size)
-MODEL_FLAGS = ("model", "hidden_sizes", "activation", "dropout", "batch_norm", "sync_batch_norm", "model_args")
 # flags that differ from the defaults everywhere they can: a resume given none of them must find them all
 FLAGS = ["--dataset", "mnist-5k", "--cpu", "--seed", "3", "--hidden-sizes", "32", "--epochs", "2", "--lr", "2e-3",
          "--report-to", "none", "--checkpoint-every", "10", "--keep-checkpoints", "10"]
@@ -57,18 +56,14 @@ def test_resume_auto_alone_continues_the_run_as_it_was_launched(whole, tmp_path)
                                       "mixed_precision": "no"}
 
 
-def test_a_checkpoint_written_before_the_model_registry_resumes_to_the_same_weights(whole, tmp_path):
+def test_a_training_state_of_an_older_format_is_refused_by_name_saying_what_to_do(whole, tmp_path):
     out = interrupted(whole, tmp_path, 30)
-    for step in checkpoint.complete_checkpoints(out):  # as mnist_dist wrote them until 2026-12-06
-        state = json.loads((step / checkpoint.STATE_NAME).read_text())
-        config = {k: v for k, v in state["config"].items() if k not in MODEL_FLAGS}
-        edited(step, "config", {**config, "hidden_size": 32})
-        model_config = json.loads((step / "config.json").read_text())
-        old = {k: v for k, v in model_config.items() if k not in ("options", "parameters")}
-        (step / "config.json").write_text(json.dumps({**old, "hidden_size": 32}))
-    proc = check(train_here("--resume", "auto", "--output-dir", str(out)))
-    assert "--hidden-sizes 32" in proc.stdout and "model mlp 32 relu" in proc.stdout
-    assert same_weights(out, whole)
+    newest = checkpoint.complete_checkpoints(out)[-1]
+    edited(newest, "format", 3)  # as mnist_dist wrote them until 2026-12-08
+    proc = check(train_here("--resume", str(newest), "--output-dir", str(out)), rc=2)
+    assert (f"{newest / checkpoint.STATE_NAME}: written by an earlier mnist_dist (training state format 3; this one "
+            "reads format 4)") in proc.stderr
+    assert "its model.safetensors and config.json still load for evaluate and predict" in proc.stderr
 
 
 def test_a_flag_given_on_resume_wins_and_one_that_shapes_the_run_is_refused(whole, tmp_path):

@@ -85,8 +85,8 @@ def test_bad_model_selection_flags_are_refused_naming_the_flag(tmp_path, capsys)
 
 def test_a_resume_with_another_validation_fraction_is_refused(tmp_path):
     config = parse_args(["--dataset", "mnist-5k"]).to_dict()
-    older = {"config": {k: v for k, v in config.items() if k != "val_fraction"}}
-    Resume(tmp_path, older).check_compatible(config)  # trained before the flag existed: no validation split
+    older = {"config": {**config, "val_fraction": 0.0}}  # trained without a validation split
+    Resume(tmp_path, older).check_compatible({**config, "val_fraction": 0.0})
     with pytest.raises(checkpoint.CheckpointError, match="--val-fraction=0.1, but .* was trained with 0.0"):
         Resume(tmp_path, older).check_compatible({**config, "val_fraction": 0.1})
 
