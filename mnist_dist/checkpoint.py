@@ -158,7 +158,7 @@ def read_state(path: str | Path) -> dict:
         raise CheckpointError(f"--resume {path}: no such checkpoint directory")
     state = train_state.read(path / STATE_NAME)
     needed = ["model.safetensors", "optimizer.bin"] + [f"random_states_{r}.pkl" for r in range(state["world_size"])]
-    if state.get("best_step") is not None and state["config"].get("keep_best") is not False:  # --keep-best's copy
+    if state["best_step"] is not None and state["config"]["keep_best"] is not False:  # --keep-best's copy
         needed.append(BEST_IN_CHECKPOINT)
     missing = [name for name in needed if not (path / name).is_file()]
     if missing:

@@ -201,7 +201,8 @@ class TrainConfig:
                                  resume="not_inherited")
     pictures: bool = _field(True, "draw the run's pictures at its end (training_curves.png, confusion_matrix.png, "
                             "misclassified.png; the trackers get them too); --no-pictures for runs nobody looks at, "
-                            "such as sweep trials: about 1 s less a run (mnist_dist.evaluate draws them later)",
+                            "such as sweep trials: about 1 s less a run (mnist_dist.evaluate draws the test set's "
+                            "later)",
                             resume="free")
     overwrite: bool = _field(False, "start over in an --output-dir that holds another run: its files are removed first",
                              resume="not_inherited")

@@ -223,7 +223,7 @@ def banner(cfg: TrainConfig, accelerator, config: dict, splits: RunData, data_pa
             + f"\nmnist_dist: model {describe(model_cfg)}: {model_cfg['parameters']:,} parameters, "
             + (f"{flops_per_sample / 1e6:,.2f} MFLOP to train on a sample" if flops_per_sample is not None else
                "FLOPs not counted"))
-    was_n = saved["config"].get("gradient_accumulation_steps", 1) if saved else n
+    was_n = saved["config"]["gradient_accumulation_steps"] if saved else n
     if saved and saved["world_size"] != world:
         was = f"{saved['global_batch_size'] // saved['world_size'] // was_n}" + (f" x {was_n}" if was_n > 1 else "")
         text += (f"\nmnist_dist: the world size changed from {saved['world_size']} to {world}: each process now takes "

@@ -77,7 +77,7 @@ class Resume:
         b_new = "batch_size" in given and b != began["batch_size_flag"]
         n_new = "gradient_accumulation_steps" in given and n != began["accumulation_flag"]
         if global_batch % world:
-            was_steps = state["config"].get("gradient_accumulation_steps", 1)
+            was_steps = state["config"]["gradient_accumulation_steps"]
             fits = [k for k in range(1, global_batch + 1) if global_batch % k == 0]
             raise CheckpointError(
                 f"{path} was trained with a global batch of {global_batch} ({state['world_size']} processes x "
@@ -100,7 +100,7 @@ class Resume:
 
     def check_compatible(self, config: dict) -> None:
         """Refuse to resume where the continuation could not be the same run (the batch: `batch_for_world`)."""
-        scheduled = config.get("schedule", "constant") != "constant"
+        scheduled = config["schedule"] != "constant"
         for name in MUST_MATCH + (MUST_MATCH_SCHEDULED if scheduled else ()):
             was = self.state["config"][name]
             if was != config.get(name):
@@ -112,8 +112,8 @@ class Resume:
         if self.state["data"] != data:
             was = self.state["config"]
             raise CheckpointError(
-                f"{self.path} was trained on other data: --dataset {was.get('dataset')} --data-dir "
-                f"{was.get('data_dir')} gave {_describe(self.state['data'])}, this run's --dataset {config['dataset']} "
+                f"{self.path} was trained on other data: --dataset {was['dataset']} --data-dir "
+                f"{was['data_dir']} gave {_describe(self.state['data'])}, this run's --dataset {config['dataset']} "
                 f"--data-dir {config['data_dir']} gives {_describe(data)}; resume with the data it was trained on")
 
     def check_model(self, model, named: str) -> None:

@@ -24,7 +24,7 @@ from . import checkpoint
 from .config import TrainConfig
 from .model import WEIGHTS_NAME
 from .readback import UnreadableFile, read_json, shown
-from .train_state import steps_per_epoch
+from .train_state import CheckpointError, steps_per_epoch
 
 RUNS_ROOT = Path("outputs")
 LATEST = RUNS_ROOT / "latest"
@@ -104,10 +104,14 @@ def what_to_do(cfg: TrainConfig, output_dir: Path, resume_path: Path | None, res
     and what the flags ask."""
     there = left_behind(output_dir)
     if cfg.resume == "auto":
-        found = checkpoint.resolve("auto", output_dir)  # an error where checkpoints are there but none loads
         finished = finished_results(results, cfg)
-        if finished:
+        if finished:  # said finished, whether or not its checkpoints load here (another format's, say)
+            try:
+                found = checkpoint.resolve("auto", output_dir)
+            except CheckpointError:
+                found = None
             return {"resume_from": found and str(found), "continues": True, "finished": finished}
+        found = checkpoint.resolve("auto", output_dir)  # an error where checkpoints are there but none loads
         if found:
             check_steps_left(cfg, found)
             return {"resume_from": str(found), "continues": True}

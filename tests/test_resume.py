@@ -20,7 +20,6 @@ def snapshot(directory) -> dict:
     """Every file a run wrote under `directory`, with size and time (the lock a resume takes aside)."""
     return {name: stamp for name, stamp in every_file(directory).items() if not name.startswith(".lock")}
 
-# the flags a checkpoint written before the model registry lacks (it had hidden_size)
 # flags that differ from the defaults everywhere they can: a resume given none of them must find them all
 FLAGS = ["--dataset", "mnist-5k", "--cpu", "--seed", "3", "--hidden-sizes", "32", "--epochs", "2", "--lr", "2e-3",
          "--report-to", "none", "--checkpoint-every", "10", "--keep-checkpoints", "10"]

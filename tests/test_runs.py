@@ -265,6 +265,17 @@ def test_resume_auto_goes_back_past_a_checkpoint_whose_best_model_metadata_is_da
     assert results(out)["steps"] == 6
 
 
+def test_a_finished_run_whose_checkpoints_have_an_older_format_is_still_said_finished(tmp_path):
+    out = tmp_path / "out"
+    flags = [*SHORT, "--checkpoint-every", "2", "--output-dir", str(out)]
+    check(train_here(*flags))
+    for kept in checkpoint.complete_checkpoints(out):  # as an earlier mnist_dist wrote them
+        state = json.loads((kept / checkpoint.STATE_NAME).read_text())
+        (kept / checkpoint.STATE_NAME).write_text(json.dumps({**state, "format": 3}))
+    proc = check(train_here(*flags, "--resume", "auto"))
+    assert "holds a finished run (3 steps" in proc.stdout and "training state format 3" in proc.stdout
+
+
 def test_a_model_whose_code_changed_since_its_checkpoint_is_refused_saying_so(tmp_path, monkeypatch):
     out = tmp_path / "out"
     flags = [*SHORT[:-4], "--report-to", "none", "--model", "examples.custom_model:build", "--checkpoint-every", "2",

@@ -414,7 +414,7 @@ def test_normalization_none_trains_on_pixels_in_0_to_1_and_saves_that_scaling(tm
 def test_a_directory_named_mnist_dist_in_the_working_directory_keeps_the_thread_count_out_of_the_weights(tmp_path):
     (tmp_path / "mnist_dist").mkdir()  # a clone of the repository, run from its parent: a namespace package
     probe = "import mnist_dist, mnist_dist.model, os; print(mnist_dist.__file__, os.environ.get('MKL_CBWR'))"
-    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "PYTHONPATH")}  # as installed, no path above
     proc = check(subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True))
     assert proc.stdout.split() == ["None", "AUTO,STRICT"]  # __init__.py did not run; MKL's strict mode is set
 
@@ -426,3 +426,9 @@ def test_every_flag_declares_what_a_resume_does_with_it():
     with pytest.raises(TypeError, match="resume"):  # a new flag without a role is refused where it is declared
         config._field(1, "a flag that says nothing of resumes")
     assert set(config.MLP_FLAGS) == {"hidden_sizes", "activation", "dropout", "batch_norm"}
+
+
+def test_pictures_are_drawn_unless_no_pictures_and_a_resume_keeps_the_runs_choice():
+    assert parse_args([]).pictures is True and parse_args(["--no-pictures"]).pictures is False
+    cfg, taken = parse_args(["--resume", "auto"]).continued({**parse_args([]).to_dict(), "pictures": False})
+    assert cfg.pictures is False and taken == {"pictures": False}

@@ -15,7 +15,7 @@ from PIL import Image
 from mnist_dist import checkpoint, evaluate, predict
 from mnist_dist.model import MLP
 
-from .helpers import REPO, check, in_process, launch, legacy_model_config, mnist5k, results, run, train_here
+from .helpers import REPO, check, in_process, launch, legacy_model_config, mnist5k, results, run
 
 SAMPLE = range(10)  # the fixed sample: the first ten real test digits
 
@@ -184,9 +184,11 @@ def valid_png(path) -> bool:
 
 
 def test_no_pictures_leaves_none(tmp_path):
-    out = tmp_path / "out"
-    check(train_here("--dataset", "mnist-5k", "--cpu", "--max-steps", "2", "--report-to", "none", "--no-pictures",
-                     "--output-dir", str(out)))
+    from mnist_dist import config, train
+
+    out = tmp_path / "out"  # in_process: without the helpers' own --no-pictures
+    check(in_process(lambda argv: train.main(config.parse_args(argv)), "--dataset", "mnist-5k", "--cpu", "--max-steps",
+                     "2", "--report-to", "none", "--no-pictures", "--output-dir", str(out)))
     assert not list(out.glob("*.png")) and results(out)["config"]["pictures"] is False
 
 
