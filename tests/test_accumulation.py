@@ -116,7 +116,7 @@ def test_a_stop_inside_an_optimizer_step_checkpoints_after_it_and_resumes_to_ide
 
 
 def test_a_resume_whose_batches_cannot_make_the_global_batch_is_refused_listing_what_can(tmp_path):
-    state = {"world_size": 4, "global_batch_size": 512, "batch_size_flag": 128,
+    state = {"world_size": 4, "global_batch_size": 512, "batch_size_flag": 128, "accumulation_flag": 1,
              "config": {"batch_size": 128, "gradient_accumulation_steps": 1}}
 
     def cut(world, *flags):
