@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from accelerate.utils import set_seed
-from safetensors import safe_open
+from safetensors.torch import load_file
 
 from . import checkpoint, runs
 from .config import ConfigError, TrainConfig, flags_where
@@ -119,16 +119,13 @@ class Resume:
     def check_model(self, model, named: str) -> None:
         """Refuse a model that is not the checkpoint's network (`named`'s code changed since it was saved, say),
         naming the first weight that differs, before loading it would call the checkpoint damaged."""
-        with safe_open(self.path / WEIGHTS_NAME, "pt") as f:
-            saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-        plain = lambda shapes: {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in shapes.items()}
-        saved, now = plain(saved), plain({k: list(t.shape) for k, t in model.state_dict().items()})
-        if saved != now:
-            name = next(k for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k))
-            raise CheckpointError(
-                f"{self.path}: the model changed since this checkpoint was saved: {name} is {now.get(name, 'missing')} "
-                f"in what --model {named} builds now, {saved.get(name, 'missing')} in the checkpoint; resume with the "
-                "model's code as it was, or start over in another --output-dir")
+        weights = self.path / WEIGHTS_NAME
+        try:
+            checkpoint.check_same_shapes(weights, load_file(weights), model.state_dict())
+        except CheckpointError as err:
+            raise CheckpointError(f"the model changed since this checkpoint was saved: --model {named} builds another "
+                                  f"network now ({err}); resume with the model's code as it was, or start over in "
+                                  "another --output-dir") from None
 
     def restore(self, accelerator, optimizer, seed: int) -> TrainState:
         """Load the checkpoint into the prepared objects (all processes); return its TrainState."""

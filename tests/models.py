@@ -78,30 +78,6 @@ class NoCopy(Net):
         self.stream = (i for i in range(3))
 
 
-def fixed_batch(input_shape, num_classes):
-    return FixedBatch(input_shape, num_classes)
-
-
-def other_shape_in_training(input_shape, num_classes):
-    return OtherShapeInTraining(input_shape, num_classes)
-
-
-def detached(input_shape, num_classes):
-    return Detached(input_shape, num_classes)
-
-
-def integer_logits(input_shape, num_classes):
-    return IntegerLogits(input_shape, num_classes)
-
-
-def no_parameters(input_shape, num_classes):
-    return NoParameters(input_shape, num_classes)
-
-
-def no_copy(input_shape, num_classes):
-    return NoCopy(input_shape, num_classes)
-
-
 def float64_default(input_shape, num_classes):
     torch.set_default_dtype(torch.float64)
     return Net(input_shape, num_classes)

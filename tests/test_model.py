@@ -139,12 +139,12 @@ def test_a_model_of_yours_is_built_with_its_arguments_and_recorded_for_loading_a
                                                                              "{'depth': 2} (TypeError"),
     ({"model": "tests.models:not_a_module"}, "--model tests.models:not_a_module: returned a dict, not a torch.nn.Module"),
     ({"model": "tests.models:wrong_output"}, "--model tests.models:wrong_output: returns [2, 11] for 2 images, not [2, 10]"),
-    ({"model": "tests.models:fixed_batch"}, "--model tests.models:fixed_batch: returns [2, 10] for 3 images, not [3, 10]"),
-    ({"model": "tests.models:other_shape_in_training"}, "returns [3, 9] for 3 images, not [3, 10] (one logit per "
+    ({"model": "tests.models:FixedBatch"}, "--model tests.models:FixedBatch: returns [2, 10] for 3 images, not [3, 10]"),
+    ({"model": "tests.models:OtherShapeInTraining"}, "returns [3, 9] for 3 images, not [3, 10] (one logit per "
                                                          "class; in training mode)"),
-    ({"model": "tests.models:detached"}, "--model tests.models:detached: returns logits without a gradient"),
-    ({"model": "tests.models:integer_logits"}, "--model tests.models:integer_logits: returns torch.int64 logits"),
-    ({"model": "tests.models:no_parameters"}, "--model tests.models:no_parameters: has no parameters to train"),
+    ({"model": "tests.models:Detached"}, "--model tests.models:Detached: returns logits without a gradient"),
+    ({"model": "tests.models:IntegerLogits"}, "--model tests.models:IntegerLogits: returns torch.int64 logits"),
+    ({"model": "tests.models:NoParameters"}, "--model tests.models:NoParameters: has no parameters to train"),
     ({"model": "tests.models:float64_default"}, "--model tests.models:float64_default: changed torch's default dtype "
                                                 "(torch.float32 -> torch.float64)"),
     ({"model": "tests.models:changes_directory"}, "--model tests.models:changes_directory: changed the working "
@@ -178,7 +178,7 @@ def test_a_model_that_changes_the_thread_count_is_warned_and_the_run_keeps_its_o
 
 def test_a_model_whose_flops_cannot_be_counted_trains_without_the_figure(tmp_path):
     out = tmp_path / "out"
-    check(train_here("--dataset", "mnist-5k", "--cpu", "--model", "tests.models:no_copy", "--max-steps", "2",
+    check(train_here("--dataset", "mnist-5k", "--cpu", "--model", "tests.models:NoCopy", "--max-steps", "2",
                      "--report-to", "none", "--output-dir", str(out)))
     assert results(out)["flops_per_sample"] is None and results(out)["model_flops_per_second"] is None
 

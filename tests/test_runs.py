@@ -286,8 +286,9 @@ def test_a_model_whose_code_changed_since_its_checkpoint_is_refused_saying_so(tm
     build = examples.custom_model.build  # the module edited: the same flags build a wider network
     monkeypatch.setattr(examples.custom_model, "build", lambda shape, classes: build(shape, classes, width=17))
     proc = check(train_here(*flags, "--max-steps", "4", "--resume", "auto"), rc=2)
-    assert (f"{out / 'checkpoints' / 'step_00000002'}: the model changed since this checkpoint was saved: "
-            "hidden.bias is [17] in what --model examples.custom_model:build builds now") in proc.stderr
+    assert ("the model changed since this checkpoint was saved: --model examples.custom_model:build builds another "
+            f"network now ({out / 'checkpoints' / 'step_00000002' / 'model.safetensors'}: not this model's weights: "
+            "hidden.bias is [128] float32, the model's is [17] float32)") in proc.stderr
     assert "damaged" not in proc.stderr
 
 

@@ -16,7 +16,7 @@ import optuna
 import psutil
 import pytest
 
-from mnist_dist import sweep
+from mnist_dist import sweep, sweep_journal
 from mnist_dist.sweep_spec import SpecError, read_spec
 
 from .helpers import REPO, in_process, read_wandb_run, results
@@ -366,7 +366,7 @@ def test_a_journal_with_a_torn_last_record_is_repaired_before_anything_is_append
     (lambda lines: [lines[0], b'{"op_code": 5, "worker_id"\n', *lines[1:]], ":2: a damaged record"),
     (lambda lines: [lines[0], bytes(range(256)) + b"\n", *lines[1:]], ":2: a damaged record"),
     (lambda lines: [lines[0], b"[1, 2]\n", *lines[1:]], ":2: not a record of Optuna's journal"),
-    (lambda lines: [lines[0], b"x" * (sweep.MAX_RECORD_BYTES + 10) + b"\n", *lines[1:]], ":2: a line over 1 MiB"),
+    (lambda lines: [lines[0], b"x" * (sweep_journal.MAX_RECORD_BYTES + 10) + b"\n", *lines[1:]], ":2: a line over 1 MiB"),
 ])
 def test_a_damaged_journal_is_an_error_naming_its_line_and_is_left_as_it_was(tmp_path, damage, says):
     spec, journal = journal_of(tmp_path)
