@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from . import train_state
+from . import atomic, train_state
 from .distributed import any_process
 from .model import CONFIG_NAME, WEIGHTS_NAME
 from .readback import UnreadableFile, parse_json, shown
@@ -234,13 +234,7 @@ def resolve(resume: str | None, output_dir: str | Path) -> Path | None:
 def write_json(path: Path, obj: dict) -> None:
     """Write `obj` to `path` on disk for good: readers see the old file or the new one, never half of one.
     Strict JSON: a NaN or infinity raises ValueError before anything is written."""
-    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n", durable=True)
 
 
 def save_best(accelerator: Accelerator, output_dir: str | Path, tensors: dict, model_config: dict, meta: dict) -> None:
@@ -261,11 +255,8 @@ def _write_best(best: Path, tensors: dict, model_config: dict, metadata: dict) -
     if directory != best:
         _make_empty(directory)
         write_json(directory / CONFIG_NAME, model_config)
-    tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / WEIGHTS_NAME)
+    with atomic.replacing(directory / WEIGHTS_NAME, durable=True) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
     _fsync_dir(directory)
     if directory != best:
         os.replace(directory, best)

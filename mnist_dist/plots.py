@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from . import atomic  # noqa: E402
 from .data import IMAGE_SIDE  # noqa: E402
 from .evaluation import predict  # noqa: E402
 
@@ -23,10 +24,11 @@ DPI = 100  # pixels per inch of figure size
 
 def _save(fig, path: Path) -> Path:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)  # never a half-written picture
+    try:
+        with atomic.replacing(path) as tmp:  # never a half-written picture
+            fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import atomic
 from .config import MAX_CLASSES
 from .readback import parse_json, read_json
 from .data import DIGITS, IMAGE_SIDE, VALIDATION, DataError, Split
@@ -368,14 +369,9 @@ def _write_cache(path: Path, splits: dict[str, Split]) -> bool:
         tensors[f"{s}_images"], tensors[f"{s}_labels"] = split.images, split.labels
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # write-then-rename: a reader never sees a half-written cache file
-        # host and pid in the name: nodes sharing a file system may build the same entry at once
-        tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-        try:
+        # shared: nodes sharing a file system may build the same entry at once
+        with atomic.replacing(path, shared=True) as tmp:
             save_file(tensors, tmp, metadata={"class_names": json.dumps(splits["train"].class_names)})
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return True
     except (OSError, SafetensorError) as err:  # safetensors reports a read-only directory as its own error
         print(f"mnist_dist: warning: could not write the dataset cache {path} ({err}); the next run decodes again")

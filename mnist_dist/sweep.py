@@ -35,11 +35,11 @@ from optuna.trial import TrialState
 
 from .readback import UnreadableFile, read_json
 from .stopping import EXIT_OUTSIDE, EXIT_PREEMPTED
-from .sweep_report import (
-    ERROR_NAME, INTERRUPTED_NAME, WORKER_LOCK, asked_whole, held, describe, median, point_key, points_of, read_outcome, write_atomic,
-    write_reports,
-)
 from .sweep_journal import REBUILD_HINT, Journal
+from .sweep_report import (
+    ERROR_NAME, INTERRUPTED_NAME, WORKER_LOCK, asked_whole, describe, held, median, point_key, points_of, read_outcome,
+    write_atomic, write_reports,
+)
 from .sweep_spec import Spec, SpecError, read_spec
 
 JOURNAL, SPEC_RECORD, ASK_LOCK, POINT_NAME = "study.journal", "sweep.json", ".ask.lock", "point.json"

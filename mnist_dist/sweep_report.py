@@ -7,15 +7,14 @@ from __future__ import annotations
 import csv
 import io
 import os
-import socket
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from . import atomic
 from .readback import UnreadableFile, read_json
 from .sweep_spec import Spec, as_flag
 
@@ -266,19 +265,13 @@ def plot_metric(spec: Spec, rows: list[dict], path: Path) -> None:
         ax.set_ylabel(spec.choose_on)
     fig.suptitle(f"{spec.dir.name}: {spec.choose_on}, validation split (dots: seeds; line: median)", fontsize=9)
     fig.tight_layout()
-    tmp = temporary(path)
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def temporary(path: Path) -> Path:
-    """A name beside `path` that no other worker (thread, process, machine) writes at once."""
-    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with atomic.replacing(path, shared=True) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Readers see the old file or the new one; workers on several machines may each write it."""
-    tmp = temporary(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic.write_text(path, text, shared=True)

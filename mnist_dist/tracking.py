@@ -13,6 +13,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from . import atomic
 from .config import ConfigError, TrainConfig
 from .readback import MAX_LINE_BYTES, UnreadableFile, parse_json, read_json
 
@@ -183,9 +184,7 @@ class MetricsLog:
         if enabled and resume_step is not None and self.path.exists():
             # drop what the interrupted run logged after its checkpoint: it is about to be logged again
             self.kept = [r for r in read_records(self.path) if r["step"] <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(record) + "\n" for record in self.kept))
-            os.replace(tmp, self.path)
+            atomic.write_text(self.path, "".join(json.dumps(record) + "\n" for record in self.kept))
         elif enabled:
             self.path.write_text("")
 
