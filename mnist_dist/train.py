@@ -104,12 +104,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, resumed: Resume | None, 
 
     began = time.perf_counter()
     set_seed(cfg.seed, deterministic=cfg.deterministic)  # the same initial weights everywhere (DDP broadcasts them too)
-    # code of yours may never return (a stop ends it there), and must leave the process as it found it
-    with signals.at_once(f"building --model {cfg.model}"), left_as_found(cfg.model):
-        model, model_cfg = new_model(cfg, train_set.class_names, stats, accelerator.device)  # checked on batches
-        flops_per_sample = training_flops_per_sample(model, INPUT_SIZE)  # counted once, on a copy
-    if resumed:
-        resumed.check_model(model, cfg.model)
+    model, model_cfg, flops_per_sample = model_for_run(cfg, run_data, accelerator, resumed, signals)
     data_path = resolve_data_path(cfg, accelerator)
     optimizer = make_optimizer(model.parameters(), cfg.lr, accelerator.device, cfg.optimizer, cfg.weight_decay)
     loader = data.train_loader(train_set, cfg.batch_size, cfg.num_workers, cfg.seed)
@@ -296,6 +291,18 @@ def run_config(cfg: TrainConfig, accelerator, resumed: Resume | None) -> dict:
     if resumed:
         resumed.check_compatible(config)
     return config
+
+
+def model_for_run(cfg: TrainConfig, run_data, accelerator, resumed: Resume | None, signals: StopSignals):
+    """The model the run trains (checked on batches; a resume's must be its checkpoint's network), its
+    config.json and the FLOPs of training on a sample (counted once, on a copy)."""
+    # code of yours may never return (a stop ends it there), and must leave the process as it found it
+    with signals.at_once(f"building --model {cfg.model}"), left_as_found(cfg.model):
+        model, model_cfg = new_model(cfg, run_data.train.class_names, run_data.stats, accelerator.device)
+        flops_per_sample = training_flops_per_sample(model, INPUT_SIZE)
+    if resumed:
+        resumed.check_model(model, cfg.model)
+    return model, model_cfg, flops_per_sample
 
 
 def stop_reason(signals: StopSignals) -> str:
