@@ -98,3 +98,15 @@ def test_a_renamed_flag_is_found():
     (module, argv), = commands(page)
     with pytest.raises(SystemExit):
         parse(module, argv)
+
+
+def test_the_resume_roles_table_lists_each_flag_as_its_field_declares():
+    text = (REPO / "docs" / "resume.md").read_text()
+    rows = {line.split("|")[1].strip(): line.split("|")[2] for line in text.splitlines() if line.startswith("| must")
+            or line.startswith("| never")}
+    named = lambda row: set(re.findall(r"`--([\w-]+)`", row))  # noqa: E731
+    assert named(rows["must match the checkpoint"]) == {n.replace("_", "-") for n in config.flags_where(resume="match")}
+    assert named(rows["must match under a schedule (not `constant`)"]) == {
+        n.replace("_", "-") for n in config.flags_where(resume="match_scheduled")}
+    assert named(rows["never taken from the checkpoint"]) == {
+        n.replace("_", "-") for n in config.flags_where(resume="not_inherited")}
