@@ -22,7 +22,7 @@ import time
 
 import psutil
 
-from .stopping import EXIT_OUTSIDE, EXIT_PREEMPTED
+from .stopping import EXIT_OUTSIDE, EXIT_PREEMPTED, QuickExit
 
 EXIT_USAGE = 2  # the training processes refused the command (they said why)
 WAITING_NOTE_S = 10  # seconds at the rendezvous before a node says it is waiting, then every minute
@@ -129,4 +129,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    QuickExit().end(main)  # made before accelerate loads torch: no teardown of it once the workers have ended

@@ -5,9 +5,11 @@ the CLI installs the handlers before the heavy imports, so a signal at any momen
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
+import sys
 
 # exit status of a run that stopped on SIGTERM/SIGUSR1 after saving a checkpoint: "try again"
 # (EX_TEMPFAIL); a scheduler or wrapper requeues the job and `--resume auto` continues it
@@ -95,3 +97,32 @@ class StopSignals:
         if self._launcher is not None and os.getppid() != self._launcher:
             return f"the loss of its launcher (process {self._launcher})"
         return None
+
+
+class QuickExit:
+    """Ends the process as soon as the other atexit handlers (W&B's, multiprocessing's, the trackers') have
+    run, without the interpreter's teardown of torch, which takes 1-2 s and does nothing a finished run needs
+    (measured on the 2-core VM: a process that imported torch takes ~1 s from its last atexit handler to its
+    end; every file mnist_dist writes is closed by then). Made before torch is imported, so that its handler
+    runs last. `status`: the exit status (1 until set: an uncaught exception's)."""
+
+    def __init__(self):
+        self.status = 1
+        atexit.register(self._exit)
+
+    def end(self, main, then=None) -> None:
+        """Exit with the status `main()` returns (after `then()`), or with that of a SystemExit it raises."""
+        try:
+            self.status = main()
+        except SystemExit as err:  # sys.exit(code) on the way: its code, not 1
+            self.status = err.code if isinstance(err.code, int) else int(err.code is not None)
+            raise
+        if then is not None:
+            then()
+        sys.exit(self.status)
+
+    def _exit(self) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a closed pipe: nothing left to say
+                stream.flush()
+        os._exit(self.status)

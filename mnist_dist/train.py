@@ -14,11 +14,12 @@ from __future__ import annotations
 import sys
 
 from .config import ConfigError, TrainConfig, parse_args
-from .stopping import EXIT_OUTSIDE, EXIT_PREEMPTED, StopSignals, StoppedAtOnce
+from .stopping import EXIT_OUTSIDE, EXIT_PREEMPTED, QuickExit, StopSignals, StoppedAtOnce
 
 if __name__ == "__main__":  # --help and bad flags are answered before torch loads (seconds)
     CLI_CONFIG = parse_args()
     SIGNALS = StopSignals().__enter__()  # from here on a stop signal ends the run cleanly, exit 75
+    EXIT = QuickExit()  # no teardown of torch once the run has ended (seconds)
 
 import gc  # noqa: E402
 import math  # noqa: E402
@@ -353,6 +354,4 @@ def main(cfg: TrainConfig, signals: StopSignals | None = None) -> int:
 
 
 if __name__ == "__main__":
-    status = main(CLI_CONFIG, SIGNALS)
-    SIGNALS.ignore_from_now()
-    sys.exit(status)
+    EXIT.end(lambda: main(CLI_CONFIG, SIGNALS), then=SIGNALS.ignore_from_now)
