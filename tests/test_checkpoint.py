@@ -19,8 +19,8 @@ from mnist_dist.config import TrainConfig, parse_args
 from mnist_dist.resume import Resume
 from mnist_dist.stopping import EXIT_PREEMPTED
 
-from .helpers import (COMPARED, REPO, check, free_port, close_weights, launch, mnist5k, results, run, same_results,
-    same_weights, start, stopped_in, train_cli, train_cmd, train_here, unmeasured, wait_for_checkpoint, write_dataset)
+from .helpers import (COMPARED, REPO, check, close_weights, free_port, launch, mnist5k, results, run, same_results,
+    same_weights, start, stopped_in, train_cmd, train_here, unmeasured, wait_for_checkpoint, write_dataset)
 
 pytestmark = pytest.mark.slow  # the quick loop (-m "not slow") leaves these out
 RUN = ["--dataset", "mnist-5k", "--epochs", "2", "--checkpoint-every", "7", "--seed", "5"]
@@ -205,7 +205,7 @@ def test_torchrun_restarts_the_group_after_a_kill_9_and_the_run_resumes_by_itsel
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("finished")
-    check(train_cli(*RUN, "--cpu", "--output-dir", str(out)))
+    check(train_here(*RUN, "--cpu", "--output-dir", str(out)))
     return out
 
 
@@ -249,17 +249,17 @@ def test_resume_auto_skips_incomplete_checkpoints(finished, tmp_path):
 
 
 def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
-    check(train_cli("--dataset", "mnist-5k", "--cpu", "--max-steps", "3", "--resume", "auto", "--output-dir", str(tmp_path)))
+    check(train_here("--dataset", "mnist-5k", "--cpu", "--max-steps", "3", "--resume", "auto", "--output-dir", str(tmp_path)))
     assert results(tmp_path)["steps"] == 3
 
 
 def test_a_run_cut_short_by_max_steps_resumes_with_more_steps_as_if_never_cut(tmp_path):
     flags = ("--dataset", "mnist-5k", "--cpu", "--seed", "5")  # 40 steps an epoch
-    check(train_cli(*flags, "--max-steps", "50", "--output-dir", str(tmp_path / "whole")))
-    check(train_cli(*flags, "--max-steps", "25", "--output-dir", str(tmp_path / "cut")))
+    check(train_here(*flags, "--max-steps", "50", "--output-dir", str(tmp_path / "whole")))
+    check(train_here(*flags, "--max-steps", "25", "--output-dir", str(tmp_path / "cut")))
     cut = results(tmp_path / "cut")
     assert (cut["steps"], cut["samples_seen"], cut["epochs"]) == (25, 25 * 128, 1)  # evaluated where it stopped
-    proc = check(train_cli(*flags, "--max-steps", "50", "--output-dir", str(tmp_path / "cut"), "--resume", "auto"))
+    proc = check(train_here(*flags, "--max-steps", "50", "--output-dir", str(tmp_path / "cut"), "--resume", "auto"))
     assert "epoch 1/2:" in proc.stdout and "epoch 2/2:" in proc.stdout  # the rest of epoch 1, then epoch 2
     whole, resumed = results(tmp_path / "whole"), results(tmp_path / "cut")
     assert {k: resumed[k] for k in COMPARED} == {k: whole[k] for k in COMPARED}
@@ -286,7 +286,7 @@ def test_resume_with_a_batch_size_that_cannot_make_the_global_batch_is_refused(f
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
     # a learning rate of 1e30 blows the weights up within a few steps
-    proc = check(train_cli("--dataset", "mnist-5k", "--cpu", "--lr", "1e30", "--checkpoint-every", "1",
+    proc = check(train_here("--dataset", "mnist-5k", "--cpu", "--lr", "1e30", "--checkpoint-every", "1",
                            "--output-dir", str(tmp_path)), rc=1)
     assert "error: non-finite training loss or gradients at step" in proc.stderr
     step = int(proc.stderr.split("non-finite training loss or gradients at step ")[1].split()[0])
@@ -297,7 +297,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp
     assert not (tmp_path / "results.json").exists()
     # without per-step checkpoints the processes only compare notes every --log-every steps, yet the
     # error still names the first bad step: the device counted the steps it skipped since then
-    proc = check(train_cli("--dataset", "mnist-5k", "--cpu", "--lr", "1e30", "--log-every", "30",
+    proc = check(train_here("--dataset", "mnist-5k", "--cpu", "--lr", "1e30", "--log-every", "30",
                            "--output-dir", str(tmp_path / "later")), rc=1)
     assert f"non-finite training loss or gradients at step {step} " in proc.stderr
     assert "no checkpoint was saved before it" in proc.stderr and "hold the last good state" not in proc.stderr
@@ -324,7 +324,7 @@ def test_run_killed_mid_epoch_resumes_bit_identical(extra, tmp_path):
 
 def test_resume_that_would_stretch_a_schedule_is_refused(tmp_path):
     flags = ["--dataset", "mnist-5k", "--cpu", "--schedule", "cosine", "--max-steps", "5", "--output-dir", str(tmp_path)]
-    check(train_cli(*flags))
+    check(train_here(*flags))
     ckpt = checkpoint.complete_checkpoints(tmp_path)[-1]
     proc = check(train_here(*flags[:-4], "--max-steps", "9", "--output-dir", str(tmp_path / "o"), "--resume", str(ckpt)), rc=2)
     assert f"--max-steps=9, but {ckpt} was trained with 5" in proc.stderr
@@ -375,7 +375,7 @@ def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint(finished, tmp_p
     older, newer = checkpoint.complete_checkpoints(out)
     weights = newer / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    proc = check(train_cli(*RUN, "--cpu", "--output-dir", str(out), "--resume", "auto"))  # as `finished` ran
+    proc = check(train_here(*RUN, "--cpu", "--output-dir", str(out), "--resume", "auto"))  # as `finished` ran
     assert f"warning: skipping {newer}: {weights}: damaged checkpoint file" in proc.stdout
     assert f"resuming from {older}" in proc.stdout
     assert same_weights(out, finished)  # the steps after the older checkpoint, taken again
