@@ -17,8 +17,8 @@ from mnist_dist.stopping import EXIT_PREEMPTED
 from mnist_dist.resume import Resume
 from mnist_dist.steps import NonFiniteGuard, make_optimizer, train_step
 
-from .helpers import (check, close_weights, launch, results, run, same_results, same_weights, stopped_in, train_cli,
-    train_cmd, train_here)
+from .helpers import (check, close_weights, launch, results, run, same_results, same_weights, stopped_in, train_cmd,
+    train_here)
 
 RUN = ["--dataset", "mnist-5k", "--epochs", "2", "--report-to", "none"]  # 40 steps of 128 an epoch, the last of 8
 
@@ -41,7 +41,7 @@ def counts(count_dir) -> list[dict]:
 def whole_batches(tmp_path_factory):
     """The reference: 1 process, batch 128, no accumulation."""
     out = tmp_path_factory.mktemp("whole") / "run"
-    check(train_cli(*RUN, "--cpu", "--output-dir", str(out)))
+    check(train_here(*RUN, "--cpu", "--output-dir", str(out)))
     return out
 
 
@@ -51,7 +51,7 @@ def test_accumulating_2_batches_of_64_updates_as_2_processes_of_64_do_bit_for_bi
     normalised over the whole accumulated batch (transformers#34191), and the steps are counted whole."""
     accumulated, split = tmp_path / "accumulated", tmp_path / "split"
     # the DataLoader path here, the device path (auto) on 2 processes: the same batches
-    check(train_cli(*RUN, "--cpu", "--data-path", "dataloader", "--batch-size", "64",
+    check(train_here(*RUN, "--cpu", "--data-path", "dataloader", "--batch-size", "64",
                     "--gradient-accumulation-steps", "2", "--output-dir", str(accumulated)))
     proc = check(launch(2, *RUN, "--batch-size", "64", "--output-dir", str(split)))
     assert results(split)["world_size"] == 2
@@ -64,7 +64,7 @@ def test_accumulating_2_batches_of_64_updates_as_2_processes_of_64_do_bit_for_bi
         ref["steps"], ref["samples_seen"], ref["global_batch_size"])
     assert got["config"]["gradient_accumulation_steps"] == 2 and got["per_process_batch_size"] == 64
     assert logged(accumulated, "train/loss").keys() == logged(whole_batches, "train/loss").keys() == {50}
-    assert "global batch 128 (1 x 64 x 2 accumulated)" in check(train_cli(
+    assert "global batch 128 (1 x 64 x 2 accumulated)" in check(train_here(
         *RUN, "--cpu", "--batch-size", "64", "--gradient-accumulation-steps", "2", "--max-steps", "1",
         "--output-dir", str(tmp_path / "banner"))).stdout
 
@@ -104,13 +104,13 @@ def test_4_processes_resume_on_1_accumulating_4_batches_of_the_same_size(tmp_pat
 def test_a_stop_inside_an_optimizer_step_checkpoints_after_it_and_resumes_to_identical_weights(data_path, tmp_path):
     flags = [*RUN, "--batch-size", "64", "--gradient-accumulation-steps", "2", "--log-every", "5", "--seed", "1",
              "--data-path", data_path]
-    check(train_cli(*flags, "--cpu", "--output-dir", str(tmp_path / "reference")))
+    check(train_here(*flags, "--cpu", "--output-dir", str(tmp_path / "reference")))
     out = tmp_path / "out"
     # batch 13: the first of step 7's two; the processes look at the step 10 log point
     proc = check(stopped_in("batch:13", *flags, "--output-dir", str(out)), rc=EXIT_PREEMPTED)
     assert "stopped by signal SIGUSR1 after step 10" in proc.stdout
     assert checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])["global_step"] == 10
-    check(train_cli(*flags, "--cpu", "--output-dir", str(out), "--resume", "auto"))
+    check(train_here(*flags, "--cpu", "--output-dir", str(out), "--resume", "auto"))
     assert same_weights(out, tmp_path / "reference")
     same_results(out, tmp_path / "reference")
 
@@ -184,12 +184,12 @@ def test_clipping_bounds_the_norm_the_optimizer_steps_with_and_returns_the_norm_
 def test_a_tiny_max_grad_norm_logs_the_norms_before_it_and_clips_alike_on_2_processes(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     clip = ["--max-grad-norm", "1e-4", "--log-every", "10"]
-    check(train_cli(*RUN, "--cpu", *clip, "--batch-size", "64", "--gradient-accumulation-steps", "2",
+    check(train_here(*RUN, "--cpu", *clip, "--batch-size", "64", "--gradient-accumulation-steps", "2",
                     "--output-dir", str(one)))
     check(launch(2, *RUN, *clip, "--batch-size", "64", "--output-dir", str(two)))
     assert results(two)["world_size"] == 2
     assert same_weights(one, two)  # as unclipped (above): the same sums, and the clip sees the same norm
-    check(train_cli(*RUN, "--cpu", "--log-every", "10", "--output-dir", str(tmp_path / "unclipped")))
+    check(train_here(*RUN, "--cpu", "--log-every", "10", "--output-dir", str(tmp_path / "unclipped")))
     assert not same_weights(one, tmp_path / "unclipped")  # the clip changed the updates
     norms = logged(one, "train/grad_norm")
     assert norms.keys() == set(range(10, 81, 10)) and min(norms.values()) > 1e-4

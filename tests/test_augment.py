@@ -12,7 +12,7 @@ from mnist_dist.graphs import graph_unsupported
 from mnist_dist.steps import EagerSteps
 from mnist_dist.stopping import EXIT_PREEMPTED
 
-from .helpers import check, mnist5k, same_weights, stopped_in, train_cli, train_here
+from .helpers import check, mnist5k, same_weights, stopped_in, train_here
 
 SHORT = ["--dataset", "mnist-5k", "--cpu", "--augment", "--max-steps", "30", "--log-every", "10", "--report-to", "none"]
 
@@ -54,9 +54,9 @@ def test_the_dataloader_and_device_paths_train_on_the_same_augmented_batches(tmp
 @pytest.mark.slow
 def test_an_augmented_run_resumes_bit_identically(tmp_path):
     flags = [*SHORT[:-6], "--epochs", "2", "--log-every", "10", "--report-to", "none"]
-    check(train_cli(*flags, "--output-dir", str(tmp_path / "whole")))
+    check(train_here(*flags, "--output-dir", str(tmp_path / "whole")))
     check(stopped_in("stretch:3", *flags, "--output-dir", str(tmp_path / "out")), rc=EXIT_PREEMPTED)
-    check(train_cli("--resume", "auto", "--output-dir", str(tmp_path / "out")))
+    check(train_here("--resume", "auto", "--output-dir", str(tmp_path / "out")))
     assert same_weights(tmp_path / "out", tmp_path / "whole")
 
 

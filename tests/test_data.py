@@ -17,7 +17,7 @@ from mnist_dist.data import DataError
 from mnist_dist.sources import find_idx_files, load_splits, read_idx
 
 from .helpers import (REPO, as_datasets, check, hub_layout, mnist5k, results, run, same_data, subset, train_cli,
-    write_dataset, write_idx)
+    train_here, write_dataset, write_idx)
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -142,7 +142,7 @@ def test_bad_data_stops_the_cli_and_writes_nothing(tmp_path):
     broken.write_bytes(broken.read_bytes()[:200])
     cache, out = tmp_path / "cache", tmp_path / "out"
     proc = check(
-        train_cli("--data-dir", str(tmp_path / "d"), "--cache-dir", str(cache), "--output-dir", str(out), "--cpu"),
+        train_here("--data-dir", str(tmp_path / "d"), "--cache-dir", str(cache), "--output-dir", str(out), "--cpu"),
         rc=2,
     )
     assert f"error: {broken}: corrupt or truncated gzip file" in proc.stderr
@@ -369,7 +369,7 @@ def test_a_test_split_without_images_is_refused_naming_the_file(tmp_path):
     split = mnist5k()["train"]
     directory = write_dataset(tmp_path / "d", (split.images[:10], split.labels[:10]),
                               (torch.zeros(0, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.uint8)))
-    proc = check(train_cli("--cpu", "--data-dir", str(directory), "--output-dir", str(tmp_path / "o")), rc=2)
+    proc = check(train_here("--cpu", "--data-dir", str(directory), "--output-dir", str(tmp_path / "o")), rc=2)
     assert "t10k-images-idx3-ubyte.gz" in proc.stderr and "no samples" in proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -137,7 +137,7 @@ def test_two_processes_end_with_the_weights_of_one_process_on_the_same_global_ba
     # the last global batch of each epoch partial (40 real samples: 32 + 8 real, 24 fillers)
     common = ["--data-dir", str(small_subset), "--epochs", "2", "--seed", "3"]
     check(launch(2, *common, "--batch-size", "32", "--output-dir", str(tmp_path / "ddp")))
-    check(train_cli(*common, "--batch-size", "64", "--cpu", "--output-dir", str(tmp_path / "one")))
+    check(train_here(*common, "--batch-size", "64", "--cpu", "--output-dir", str(tmp_path / "one")))
     ddp, one = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     assert ddp.keys() == one.keys()
     # Same function, different summation order (DDP adds two half-batch gradients). Adam divides by

@@ -16,7 +16,7 @@ from mnist_dist.graphs import EpochGraph, graph_step, graph_unsupported
 from mnist_dist.model import MLP
 from mnist_dist.steps import NonFiniteGuard, make_optimizer, train_step
 
-from .helpers import check, launch, mnist5k, results, train_cli
+from .helpers import check, launch, mnist5k, results, train_here
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_graph_path_says_why_it_cannot_run():
 
 
 def test_asking_for_the_graph_path_on_a_cpu_is_refused_before_anything_is_written(tmp_path):
-    proc = check(train_cli("--dataset", "mnist-5k", "--cpu", "--data-path", "graph", "--output-dir", str(tmp_path / "out")), rc=2)
+    proc = check(train_here("--dataset", "mnist-5k", "--cpu", "--data-path", "graph", "--output-dir", str(tmp_path / "out")), rc=2)
     assert "--data-path graph needs a CUDA GPU" in proc.stderr
     assert not (tmp_path / "out").exists()
 
@@ -193,7 +193,7 @@ def test_tuned_recipe_sets_its_flags_and_explicit_flags_win():
 
 @pytest.mark.slow
 def test_tuned_recipe_beats_the_recipe_of_record_on_the_real_test_digits(tmp_path):
-    check(train_cli("--dataset", "mnist-5k", "--cpu", "--recipe", "tuned", "--output-dir", str(tmp_path)))
+    check(train_here("--dataset", "mnist-5k", "--cpu", "--recipe", "tuned", "--output-dir", str(tmp_path)))
     r = results(tmp_path)
     # measured: 94.9-95.2% over seeds 0-2, against 89.9% for the recipe of record (README)
     assert r["test_accuracy"] >= 0.94
@@ -210,7 +210,7 @@ def test_a_schedule_steps_once_per_optimizer_step_on_every_process(tmp_path, sma
     common = ["--data-dir", str(small_subset), "--epochs", "2", "--seed", "3", "--schedule", "onecycle",
               "--lr", "3e-3", "--report-to", "none"]
     check(launch(2, *common, "--batch-size", "32", "--output-dir", str(tmp_path / "ddp")))
-    check(train_cli(*common, "--batch-size", "64", "--cpu", "--output-dir", str(tmp_path / "one")))
+    check(train_here(*common, "--batch-size", "64", "--cpu", "--output-dir", str(tmp_path / "one")))
     ddp, one = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     for name in one:  # tolerance: see test_distributed's DDP equivalence test
         torch.testing.assert_close(ddp[name], one[name], rtol=1e-5, atol=5e-5)
