@@ -47,6 +47,9 @@ MAX_MLP_WEIGHTS = 2**26  # 67M: with gradients and Adam's two moments, 1 GiB in 
 BUILT_IN_MODELS = ("mlp", "cnn")  # model.ARCHITECTURES' names for --model; 'package.module:function' is yours
 ACTIVATION_CHOICES = ("relu", "tanh", "sigmoid", "gelu")
 NORMALIZATION_CHOICES = ("half", "dataset", "none")  # data.SCALINGS, and 'dataset': measured on the training split
+# what an evaluation reports (`metrics.summarize`) and which way is better: results.json, the histories, the
+# trackers ({split}/{name}) and sweeps (choose_on val_{name}) all take the names from here
+SCORES = {"loss": "minimize", "accuracy": "maximize"}
 CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # --model package.module:function
 MAX_BATCH = 1_048_576  # samples: past any dataset this package reads
 # classes of a dataset: the confusion matrix in results.json is classes^2 counts (4M at this bound, ~10 MB of

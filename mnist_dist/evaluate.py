@@ -17,6 +17,7 @@ import argparse
 import gc
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .stopping import QuickExit
@@ -49,7 +50,7 @@ def evaluate_model(args: argparse.Namespace) -> dict:
     from .checkpoint import write_json
     from .data import DataError
     from .distributed import check_coupled
-    from .evaluation import evaluate_shard
+    from .metrics import evaluate_shard
     from .model import load_model
 
     if args.batch_size < 1:
@@ -89,7 +90,8 @@ def evaluate_model(args: argparse.Namespace) -> dict:
         if accelerator.is_main_process:
             out = Path(args.output_dir) if args.output_dir else model_dir / "evaluation"
             out.mkdir(parents=True, exist_ok=True)
-            plots.test_pictures(out, report["confusion_matrix"], names, model, test, stats, f"{dataset}, {model_path}")
+            named = replace(test, class_names=tuple(names))  # the model's names: it may know more classes
+            plots.test_pictures(out, report["confusion_matrix"], model, named, stats, f"{dataset}, {model_path}")
             write_json(out / "evaluation.json", report)
             report["output_dir"] = str(out)
         return report
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mnist_dist.evaluate: error: {err}", file=sys.stderr)
         return 2
     finally:
-        gc.collect()  # free gloo's hold on the process group while Python is fully alive (see train.py)
+        gc.collect()  # free gloo's hold on the process group while Python is fully alive (see loop.main)
     if "output_dir" in report:  # the main process
         per_class = "  ".join(f"{name} {100 * acc:.1f}%" for name, acc in report["per_class_accuracy"].items()
                               if acc is not None)

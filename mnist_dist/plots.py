@@ -17,7 +17,7 @@ from torchvision.utils import make_grid  # noqa: E402
 
 from . import atomic  # noqa: E402
 from .data import IMAGE_SIDE  # noqa: E402
-from .evaluation import predict  # noqa: E402
+from .metrics import predict  # noqa: E402
 
 DPI = 100  # pixels per inch of figure size
 
@@ -87,9 +87,9 @@ def confusion_matrix(matrix: list[list[int]], class_names: list[str], path: Path
     return _save(fig, path)
 
 
-def misclassified_grid(images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, class_names: list[str],
-                       path: Path, limit: int = 64, columns: int = 8) -> Path:
-    """The first `limit` misclassified digits (uint8 [N, 784]) in a grid, each labelled predicted / true."""
+def misclassified_grid(split, predicted: torch.Tensor, path: Path, limit: int = 64, columns: int = 8) -> Path:
+    """The first `limit` misclassified images of `split` (a `data.Split`) in a grid, each labelled predicted / true."""
+    images, labels, class_names = split.images, split.labels, split.class_names
     wrong = (predicted != labels).nonzero().flatten()[:limit]
     side, pad = IMAGE_SIDE, 14  # pixels: the padding holds each tile's two-line label
     if len(wrong) == 0:
@@ -113,12 +113,11 @@ def misclassified_grid(images: torch.Tensor, labels: torch.Tensor, predicted: to
     return _save(fig, path)
 
 
-def test_pictures(output_dir: Path, matrix: list[list[int]], class_names: list[str], model, test_set,
-                  stats: tuple[float, float], title: str) -> dict[str, Path]:
+def test_pictures(output_dir: Path, matrix: list[list[int]], model, test_set, stats: tuple[float, float],
+                  title: str) -> dict[str, Path]:
     """confusion_matrix.png and misclassified.png of `model` on `test_set` (scaled by `stats`, as in training)."""
     predicted = predict(model, test_set.images.to(next(model.parameters()).device), stats).argmax(1).cpu()
     return {
-        "confusion_matrix": confusion_matrix(matrix, class_names, output_dir / "confusion_matrix.png", title),
-        "misclassified": misclassified_grid(test_set.images, test_set.labels, predicted, class_names,
-                                            output_dir / "misclassified.png"),
+        "confusion_matrix": confusion_matrix(matrix, test_set.class_names, output_dir / "confusion_matrix.png", title),
+        "misclassified": misclassified_grid(test_set, predicted, output_dir / "misclassified.png"),
     }

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from .digits import ImageError, load_digit
-    from .evaluation import predict
+    from .metrics import predict
     from .model import load_model
 
     try:

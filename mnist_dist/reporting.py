@@ -16,15 +16,19 @@ import torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from typing import TYPE_CHECKING
+
 from . import checkpoint, runs, tracking
 from .checkpoint import CheckpointError, DiskError
-from .config import TrainConfig
+from .config import SCORES
 from .distributed import any_process, compiled_with, per_process, threads_from, threads_reproducible
 from .model import CONFIG_NAME, WEIGHTS_NAME, describe
 from .resources import FLOPS_COUNTED_BY, MEMORY_MEASURED, model_flops_per_second, peak_memory_mib
-from .selection import RunData
 from .resume import Resume
 from .train_state import TrainState
+
+if TYPE_CHECKING:
+    from .loop import Run
 
 
 class TrainingError(RuntimeError):
@@ -55,14 +59,14 @@ class Reporter:
 
     def evaluation(self, split: str, scored: dict, step: int, values: dict, line: tuple[str, str] | None = None,
                    logged_before: bool = False) -> None:
-        """An evaluation of `split` at `step`: its accuracy and loss logged as {split}/accuracy and {split}/loss
-        (unless `logged_before`) with `values` (the epoch's, the best accuracy so far) and, given `line` (what
+        """An evaluation of `split` at `step`: its scores logged as {split}/loss, {split}/accuracy (`SCORES`;
+        unless `logged_before`) with `values` (the epoch's, the best accuracy so far) and, given `line` (what
         comes before and after them), said: "{before}  {split}_loss L  {split}_accuracy A  {after}"."""
-        scores = {} if logged_before else {f"{split}/accuracy": scored["accuracy"], f"{split}/loss": scored["loss"]}
+        scores = {} if logged_before else {f"{split}/{name}": scored[name] for name in SCORES}
         self.log({**scores, **values}, step)
         if line:
             before, after = line
-            self.say(f"{before}  {split}_loss {scored['loss']:.4f}  {split}_accuracy {scored['accuracy']:.4f}  {after}")
+            self.say("  ".join([before, *(f"{split}_{name} {scored[name]:.4f}" for name in SCORES), after]))
 
     def flops_per_second(self, samples: int, seconds: float) -> float:
         """Training FLOP/s of `samples` trained in `seconds` (`resources.training_flops_per_sample`)."""
@@ -89,23 +93,23 @@ class Reporter:
         self.bar.close()
 
 
-def results_of(cfg: TrainConfig, accelerator, state: TrainState, metrics: dict, *, timings: dict, data_path: str,
-               splits: RunData, total_steps: int, flops_per_sample: float) -> dict:
+def results_of(run: Run, state: TrainState, metrics: dict, timings: dict) -> dict:
     """results.json: the run's final test metrics, its history and what it ran on (a collective: each
     process's peak memory). Every test_* number is the final model's; the history's per-epoch numbers are
     the validation split's (val_*) where there is one, else the test set's (test_*)."""
+    cfg, accelerator, splits, flops_per_sample = run.cfg, run.accelerator, run.data, run.flops_per_sample
     world, train_len, stats = accelerator.num_processes, len(splits.train), splits.stats
-    reason = "early_stopping" if state.stopped_early else "max_steps" if cfg.max_steps == total_steps else "epochs"
+    reason = "early_stopping" if state.stopped_early else "max_steps" if cfg.max_steps == run.total_steps else "epochs"
     samples_seen = state.samples_seen + state.epoch_samples  # epoch_samples: a cut-short epoch's
     peak_memory = per_process(accelerator, peak_memory_mib(accelerator.device))  # MiB, by rank
     return {
-        "dataset": cfg.dataset, "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"],
+        "dataset": cfg.dataset, **{f"test_{name}": metrics[name] for name in SCORES},
         "test_samples": metrics["samples"], "stopped": {"reason": reason, "step": state.global_step},
         "train_samples": train_len, "epochs": len(state.history), "steps": state.global_step,
         "samples_seen": samples_seen, "world_size": world, "per_process_batch_size": cfg.batch_size,
         "global_batch_size": cfg.global_batch(world), "mixed_precision": accelerator.mixed_precision,
         "torch_compile": compiled_with(accelerator),  # Accelerate's dynamo_backend, lower case; "no" when off
-        "data_path": data_path,  # resolved: --data-path auto picks one
+        "data_path": run.data_path,  # resolved: --data-path auto picks one
         "device_type": accelerator.device.type, "train_seconds": state.train_seconds,
         "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
         "cpu_threads_from": threads_from(cfg) if accelerator.device.type == "cpu" else None,
@@ -126,35 +130,34 @@ def results_of(cfg: TrainConfig, accelerator, state: TrainState, metrics: dict, 
     }
 
 
-def write_outputs(accelerator, model, output_dir: str, results: dict, *, test_set, stats, model_cfg: dict,
-                  report: Reporter) -> None:
+def write_outputs(run: Run, results: dict, report: Reporter) -> None:
     """The model, config.json, the pictures (also to the trackers) and, last, results.json, whose
     presence marks a finished run. All processes call this; the main process writes."""
-    bad = non_finite(results)
+    output_dir, bad = run.cfg.output_dir, non_finite(results)
     if bad:  # before anything is written: results.json is strict JSON
         raise TrainingError(f"the final evaluation gave a non-finite {bad} (the model's outputs overflow); nothing was "
                             f"written to {output_dir}. Lower --lr, or resume an earlier checkpoint with fewer steps")
     failure = None
     try:
-        write_model_and_pictures(accelerator, model, Path(output_dir), results, test_set, stats, model_cfg, report)
+        write_model_and_pictures(run, Path(output_dir), results, report)
     # torch and safetensors report a full disk as RuntimeError too; ValueError: a non-finite number for JSON
     except (OSError, RuntimeError, SafetensorError, ValueError) as err:
         failure = checkpoint.write_failure(Path(output_dir), err)
-    if any_process(accelerator, failure is not None):  # the main process writes; every process stops alike
+    if any_process(run.accelerator, failure is not None):  # the main process writes; every process stops alike
         raise DiskError(failure or f"the main process could not write the outputs to {output_dir}")
 
 
-def draw_pictures(accelerator, model, output_dir: Path, results: dict, test_set, stats, model_cfg: dict) -> dict:
-    """The run's pictures in `output_dir`, and to the trackers (main process): name -> path."""
+def draw_pictures(run: Run, model, output_dir: Path, results: dict) -> dict:
+    """The run's pictures of the plain `model` in `output_dir`, and to the trackers (main process): name -> path."""
     from . import plots  # matplotlib and torchvision: about 1 s of start-up that only the main process needs, at the end
 
     epochs = results["epochs"]
     title = f"{results['dataset']}, {epochs} epoch{'s' if epochs != 1 else ''}, recipe {results['config']['recipe']}"
     pictures = {"training_curves": plots.training_curves(results["history"], output_dir / "training_curves.png",
                                                          title, results["config"]["label_smoothing"]),
-                **plots.test_pictures(output_dir, results["confusion_matrix"], model_cfg["class_names"], model,
-                                      test_set, stats, title)}
-    tracking.log_images(accelerator, pictures, results["steps"])
+                **plots.test_pictures(output_dir, results["confusion_matrix"], model, run.data.test, run.data.stats,
+                                      title)}
+    tracking.log_images(run.accelerator, pictures, results["steps"])
     return pictures
 
 
@@ -166,19 +169,18 @@ def non_finite(value, name: str = "") -> str | None:
     return next((bad for key, item in items if (bad := non_finite(item, f"{name}.{key}" if name else str(key)))), None)
 
 
-def write_model_and_pictures(accelerator, model, output_dir: Path, results: dict, test_set, stats, model_cfg: dict,
-                             report: Reporter) -> None:
+def write_model_and_pictures(run: Run, output_dir: Path, results: dict, report: Reporter) -> None:
     """`write_outputs` without the translation of a full disk into an error."""
-    began = time.perf_counter()
+    accelerator, began = run.accelerator, time.perf_counter()
     accelerator.wait_for_everyone()
     # the plain module, never its torch.compile wrapper: that one's weights are saved as "_orig_mod.fc1.weight"
     # (pytorch/pytorch#101107), and unwrapping it while keeping the wrapper puts the bare module inside it
-    plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    plain_model = accelerator.unwrap_model(run.model, keep_torch_compile=False)
     accelerator.save_model(plain_model, output_dir)  # model.safetensors, written by the main process
     if not accelerator.is_main_process:
         return
-    checkpoint.write_json(output_dir / CONFIG_NAME, model_cfg)
-    pictures = (draw_pictures(accelerator, plain_model, output_dir, results, test_set, stats, model_cfg)
+    checkpoint.write_json(output_dir / CONFIG_NAME, run.model_cfg)
+    pictures = (draw_pictures(run, plain_model, output_dir, results)
                 if results["config"]["pictures"] else {})
     results["timings"]["outputs"] = time.perf_counter() - began  # model file, pictures, W&B images
     # last, naming the model files it describes: a kill before it leaves the earlier results.json, which
@@ -207,9 +209,9 @@ def as_flags(values: dict) -> str:
     return " ".join(flags)
 
 
-def banner(cfg: TrainConfig, accelerator, config: dict, splits: RunData, data_path: str, resumed: Resume | None,
-           state: TrainState, *, model_cfg: dict, flops_per_sample: float | None) -> str:
+def banner(run: Run, resumed: Resume | None, state: TrainState) -> str:
     """What this run is, said just before it trains; a resumed run on another world size says so too."""
+    cfg, accelerator, splits, model_cfg, flops_per_sample = run.cfg, run.accelerator, run.data, run.model_cfg, run.flops_per_sample
     world, n = accelerator.num_processes, cfg.gradient_accumulation_steps
     saved = resumed and resumed.state
     val = f" / {len(splits.validation)} validation ({splits.validation_source})" if splits.validation else ""
@@ -217,8 +219,8 @@ def banner(cfg: TrainConfig, accelerator, config: dict, splits: RunData, data_pa
             f"{accelerator.device.type}, global batch {cfg.global_batch(world)}"
             + (f" ({world} x {cfg.batch_size} x {n} accumulated)" if n > 1 else "")
             + f", precision {accelerator.mixed_precision}, "
-            + (f"torch.compile {config['torch_compile']}, " if config["torch_compile"] != "no" else "")
-            + f"data path {data_path}; {cfg.output_dir}"
+            + (f"torch.compile {run.config['torch_compile']}, " if run.config["torch_compile"] != "no" else "")
+            + f"data path {run.data_path}; {cfg.output_dir}"
             + (f", resuming from {resumed.path} (step {state.global_step})" if resumed else "")
             + f"\nmnist_dist: model {describe(model_cfg)}: {model_cfg['parameters']:,} parameters, "
             + (f"{flops_per_sample / 1e6:,.2f} MFLOP to train on a sample" if flops_per_sample is not None else

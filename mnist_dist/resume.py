@@ -31,13 +31,12 @@ class Resume:
 
     path: Path
     state: dict
-    stamp: tuple | None = None  # training_state.json's inode and time when read: whether it is still that file
 
     @classmethod
     def read(cls, path: str | Path) -> "Resume":
-        """The checkpoint at `path`, its files checked to be all there (`checkpoint.read_state`)."""
-        stamp = state_stamp(Path(path))
-        return cls(Path(path), checkpoint.read_state(path), stamp)
+        """The checkpoint at `path`, its files checked to be all there (`checkpoint.read_state`; a file
+        read before and unchanged since is not parsed again: `train_state.read`)."""
+        return cls(Path(path), checkpoint.read_state(path))
 
     @property
     def run_id(self) -> str:
@@ -156,15 +155,12 @@ def began_with(resumed: Resume | None, cfg: TrainConfig) -> dict:
     return resumed.began_with()
 
 
-def continued(cfg: TrainConfig) -> tuple[TrainConfig, dict, Resume | None]:
-    """`cfg` as a resume runs it (`Resume.settings`), what was taken from the checkpoint, and the checkpoint
-    read. Every process calls this before the accelerator is built, which needs some of the settings
-    (--cpu, --mixed-precision, --timeout); it only reads."""
+def continued(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
+    """`cfg` as a resume runs it (`Resume.settings`), and what was taken from the checkpoint. Every process
+    calls this before the accelerator is built, which needs some of the settings (--cpu, --mixed-precision,
+    --timeout); it only reads."""
     path = checkpoint_to_continue(cfg)
-    if path is None:
-        return cfg, {}, None
-    resumed = Resume.read(path)
-    return *resumed.settings(cfg), resumed
+    return Resume.read(path).settings(cfg) if path is not None else (cfg, {})
 
 
 def checkpoint_to_continue(cfg: TrainConfig) -> Path | None:
@@ -175,26 +171,6 @@ def checkpoint_to_continue(cfg: TrainConfig) -> Path | None:
         found = checkpoint.complete_checkpoints(output_dir) if output_dir is not None else []
         return found[-1] if found else None
     return Path(cfg.resume)
-
-
-def chosen(plan: runs.Plan, read: Resume | None) -> Resume | None:
-    """The checkpoint the run's plan resumes from: the one `continued` read (before the run's directory was
-    locked) if it is still that file, else the one the plan chose (an older one that loads), read now."""
-    if not plan.resume_from:
-        return None
-    path = Path(plan.resume_from)
-    if read is not None and read.path.resolve() == path.resolve() and read.stamp == state_stamp(path):
-        return replace(read, path=path)
-    return Resume.read(path)
-
-
-def state_stamp(path: Path) -> tuple | None:
-    """(inode, modification time in ns) of the checkpoint's training_state.json, or None without one."""
-    try:
-        found = (path / STATE_NAME).stat()
-    except OSError:
-        return None
-    return found.st_ino, found.st_mtime_ns
 
 
 def _describe(data: dict) -> str:

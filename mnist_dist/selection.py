@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint, data, sources
-from .config import ConfigError, TrainConfig
+from .config import SCORES, ConfigError, TrainConfig
 from .data import VALIDATION, Split
 from .distributed import threads_for_rows
-from .evaluation import evaluate, evaluate_shard
+from .metrics import evaluate, evaluate_shard
 from .model import WEIGHTS_NAME, build_model
 
 
@@ -177,14 +177,14 @@ class ModelSelection:
         if last is None or last["step"] != state.global_step:
             last = self.scorer.score(model, VALIDATION)
         # samples: as counted over every process, each validation image once
-        validation = {"source": splits.validation_source, "samples": last["samples"], "accuracy": last["accuracy"],
-                      "loss": last["loss"]}
+        validation = {"source": splits.validation_source, "samples": last["samples"],
+                      **{name: last[name] for name in SCORES}}
         best = {"selected_on": "validation accuracy", "step": state.best_step, "val_accuracy": state.best_val_accuracy,
                 "model_dir": None}
         if self.best_weights is not None:
             best_model = build_model(self.model_cfg)
             best_model.load_state_dict(self.best_weights)
             test = self.scorer.score(best_model.to(self.accelerator.device), "test")
-            best |= {"model_dir": str(self.output_dir / checkpoint.BEST_DIR), "test_accuracy": test["accuracy"],
-                     "test_loss": test["loss"], "test_samples": test["samples"]}
+            best |= {"model_dir": str(self.output_dir / checkpoint.BEST_DIR), "test_samples": test["samples"],
+                     **{f"test_{name}": test[name] for name in SCORES}}
         return {"validation": validation, "best": best}

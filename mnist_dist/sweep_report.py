@@ -16,10 +16,11 @@ from filelock import FileLock, Timeout
 
 from . import atomic
 from .readback import UnreadableFile, read_json
-from .sweep_spec import Spec, as_flag
+from .config import SCORES
+from .sweep_spec import METRICS, Spec, as_flag
 
 CSV_NAME, SUMMARY_NAME, PLOT_NAME = "trials.csv", "summary.md", "metric.png"
-OUTCOME_KEYS = ("val_accuracy", "val_loss", "test_accuracy", "seconds_per_epoch")
+OUTCOME_KEYS = (*METRICS, "test_accuracy", "seconds_per_epoch")
 ERROR_NAME = "error.txt"  # a failed trial's error, beside its runs
 INTERRUPTED_NAME = "interrupted.txt"  # why a trial's run was ended from outside (the next start continues it)
 WORKER_LOCK = ".worker.lock"  # a trial's: held by the worker training it, dropped by the OS when that worker dies
@@ -55,7 +56,7 @@ def read_outcome(run_dir: Path) -> dict | None:
     set, and its training seconds per epoch; None while it has none (not yet finished)."""
     try:
         results = read_json(run_dir / "results.json")
-        outcome = {"val_accuracy": results["validation"]["accuracy"], "val_loss": results["validation"]["loss"],
+        outcome = {**{f"val_{name}": results["validation"][name] for name in SCORES},
                    "test_accuracy": results["test_accuracy"],
                    "seconds_per_epoch": results["train_seconds"] / max(results["epochs"], 1)}
     except (FileNotFoundError, UnreadableFile, KeyError, TypeError):

@@ -37,7 +37,7 @@ MAX_DEPTH = 8  # YAML nesting: a SPEC nests 3 deep (space, a flag, a range)
 MAX_VALUE_CHARS = 4096  # a path or a --model-args object; under Python's 4,300-digit integers
 KEYS = ("dir", "flags", "space", "seeds", "choose_on", "sampler", "trials", "processes", "accelerate_config")
 SAMPLERS = ("grid", "random", "tpe")
-METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}  # what a trial reports, from results.json's validation
+METRICS = {f"val_{name}": better for name, better in config.SCORES.items()}  # a trial's, from results.json's validation
 SET_BY_SWEEP = {"seed": "use `seeds`", "output_dir": "each trial runs in DIR/trials/N/seed-S",
                 "resume": "each trial runs with --resume auto", "overwrite": "a sweep never removes a trial's run",
                 "run_name": "each run is named DIR-trial-N-seed-S in W&B"}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import MAX_BATCH, NOT_INHERITED, ConfigError, TrainConfig, flags
+from .config import MAX_BATCH, NOT_INHERITED, SCORES, ConfigError, TrainConfig, flags
 from .readback import UnreadableFile, read_json, shown
 
 STATE_NAME = "training_state.json"
@@ -88,7 +88,7 @@ class TrainState:
     def validated(self, metrics: dict, min_delta: float, patience: int | None) -> None:
         """Note a validation evaluation at this step: a new best if it beats the best by more than
         `min_delta`; stopped early once `patience` evaluations in a row have not."""
-        self.last_validation = {"step": self.global_step, "accuracy": metrics["accuracy"], "loss": metrics["loss"],
+        self.last_validation = {"step": self.global_step, **{name: metrics[name] for name in SCORES},
                                 "samples": metrics["samples"]}
         if self.best_val_accuracy is None or metrics["accuracy"] > self.best_val_accuracy + min_delta:
             self.best_val_accuracy, self.best_step, self.evals_since_best = metrics["accuracy"], self.global_step, 0
@@ -256,7 +256,7 @@ def _check_history(state: dict, need) -> None:
     split = "val" if "validation" in state["data"] else "test"  # the split each epoch was scored on
     for number, entry in enumerate(history, 1):
         need(isinstance(entry, dict) and entry.get("epoch") == number and is_count(entry.get("samples"), 0)
-             and all(is_number(entry.get(k), 0) for k in (*HISTORY_NUMBERS, f"{split}_loss", f"{split}_accuracy"))
+             and all(is_number(entry.get(k), 0) for k in (*HISTORY_NUMBERS, *(f"{split}_{name}" for name in SCORES)))
              and entry[f"{split}_accuracy"] <= 1,
              "history", f"entry {number} must be epoch {number} with finite losses, {split} accuracy and times")
 
@@ -279,7 +279,7 @@ def _check_selection(state: dict, need) -> None:
          "must be at least the history's validation accuracies (less --early-stopping-min-delta)")
     need(is_number(state["validation_seconds"], 0), "validation_seconds", "must be a finite number >= 0")
     need(last is None or isinstance(last, dict) and is_count(last.get("step"), 1) and last["step"] <= state["global_step"]
-         and all(is_number(last.get(k), 0) for k in ("accuracy", "loss")) and last["accuracy"] <= 1
+         and all(is_number(last.get(k), 0) for k in SCORES) and last["accuracy"] <= 1
          and is_count(last.get("samples"), 1) and last["step"] >= (step or 0), "last_validation",
          "must be the step (at least best_step), accuracy, loss and samples of the newest validation")
     need((last is None) == (best is None), "last_validation", "must be given with best_val_accuracy, and only then")

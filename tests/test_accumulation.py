@@ -53,7 +53,7 @@ def test_accumulating_2_batches_of_64_updates_as_2_processes_of_64_do_bit_for_bi
     # the DataLoader path here, the device path (auto) on 2 processes: the same batches
     check(train_here(*RUN, "--cpu", "--data-path", "dataloader", "--batch-size", "64",
                     "--gradient-accumulation-steps", "2", "--output-dir", str(accumulated)))
-    proc = check(launch(2, *RUN, "--batch-size", "64", "--output-dir", str(split)))
+    check(launch(2, *RUN, "--batch-size", "64", "--output-dir", str(split)))
     assert results(split)["world_size"] == 2
     assert same_weights(accumulated, split)
     # against one batch of 128: only the order in which the float sums are added differs, as for DDP

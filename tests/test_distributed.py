@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from mnist_dist import checkpoint
-from mnist_dist.evaluation import evaluate
+from mnist_dist.metrics import evaluate
 from mnist_dist.model import MLP, load_model
 
 from .helpers import REPO, check, free_port, launch, launch_script, results, train_cli, train_here

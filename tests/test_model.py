@@ -203,7 +203,7 @@ def test_a_model_that_never_finishes_building_is_stopped_by_a_signal(tmp_path, m
 
 
 def test_the_evaluation_takes_the_number_of_classes_from_the_logits():
-    from mnist_dist.evaluation import evaluate
+    from mnist_dist.metrics import evaluate
 
     from .models import HeadFirst
 

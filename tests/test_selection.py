@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from mnist_dist import checkpoint, data
 from mnist_dist.config import TrainConfig, parse_args
 from mnist_dist.resume import Resume
-from mnist_dist.evaluation import evaluate
+from mnist_dist.metrics import evaluate
 from mnist_dist.graphs import graph_unsupported
 from mnist_dist.model import load_model
 

@@ -77,7 +77,7 @@ def csv_rows(directory: Path) -> list[dict]:
     ({"batch-size": "{low: 16, high: 64, step: 0.5}"}, {"sampler": "random", "trials": 2}, 9, "an integer step"),
     ({"batch-size": "{low: 16, high: 1" + "0" * 400 + "}"}, {"sampler": "random", "trials": 2}, 9, "low < high"),
     ({"lr": "[0.001]"}, {"seeds": "[[1], [2]]"}, 10, "seeds: a count"),
-    ({"lr": "[0.001]"}, {"choose_on": "[val_loss]"}, 10, "choose_on: choose val_accuracy or val_loss"),
+    ({"lr": "[0.001]"}, {"choose_on": "[val_loss]"}, 10, "choose_on: choose val_loss or val_accuracy"),
     ({"lr": "[0.001]"}, {"accelerate_config": "accelerate_configs/cpu.yaml"}, 10, "give `processes` too"),
     ({"lr": "[0.001]"}, {"seeds": "1" * 5000}, 10, "a value over 4,096 characters"),
     ({"run-name": "[a, b]"}, {}, 9, "each run is named"),

@@ -16,7 +16,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from mnist_dist.config import ConfigError, TrainConfig, build_parser, parse_args
 from mnist_dist.sources import find_idx_files, load_idx
 from mnist_dist.distributed import RECHECK_S, CoreWatch, core_watch, cpu_threads, threads_for
-from mnist_dist.evaluation import evaluate
+from mnist_dist.metrics import evaluate
 from mnist_dist.model import load_model
 
 from .helpers import MNIST_5K, REPO, check, results, run, train_cli, train_here

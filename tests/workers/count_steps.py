@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from mnist_dist import config, steps, train
+from mnist_dist import config, loop, steps, train
 
 counts = {"all_reduces": 0, "batches": 0}
 
@@ -20,9 +20,9 @@ def counting_all_reduce(state, bucket):
 
 
 def hook_model(real):
-    def make_runner(cfg, data_path, accelerator, model, *rest, **named):
-        model.register_comm_hook(None, counting_all_reduce)  # the prepared DDP model, before its first step
-        return real(cfg, data_path, accelerator, model, *rest, **named)
+    def make_runner(run, *rest):
+        run.model.register_comm_hook(None, counting_all_reduce)  # the prepared DDP model, before its first step
+        return real(run, *rest)
     return make_runner
 
 
@@ -33,7 +33,7 @@ def count_batches(real):
     return train_step
 
 
-train.make_runner = hook_model(train.make_runner)
+loop.make_runner = hook_model(loop.make_runner)
 steps.train_step = count_batches(steps.train_step)
 rc = train.main(config.parse_args(sys.argv[1:]))
 Path(os.environ["COUNT_DIR"], f"rank-{os.environ['RANK']}.json").write_text(json.dumps(counts))

@@ -11,11 +11,12 @@ OUT = Path(sys.argv[1])
 results_of = reporting.results_of
 
 
-def noted(cfg, accelerator, state, *args, **kwargs):
+def noted(run, state, *args):
+    accelerator = run.accelerator
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"rank-{accelerator.process_index}.json").write_text(json.dumps(
         {"world_size": accelerator.num_processes, "step": state.global_step, "stopped_early": state.stopped_early}))
-    return results_of(cfg, accelerator, state, *args, **kwargs)
+    return results_of(run, state, *args)
 
 
 reporting.results_of = noted

@@ -15,7 +15,7 @@ from accelerate.utils import gather_object
 from mnist_dist.config import TrainConfig
 from mnist_dist.data import DeviceBatches, Split, eval_loader, eval_shard, train_loader
 from mnist_dist.distributed import build_accelerator, local_real
-from mnist_dist.evaluation import evaluate, evaluate_shard
+from mnist_dist.metrics import evaluate, evaluate_shard
 from mnist_dist.model import MLP
 
 EPOCHS = 2
@@ -69,7 +69,7 @@ def main() -> None:
         with open(out, "w") as f:
             json.dump({"world_size": accelerator.num_processes, "epochs": epochs, "device_epochs": device_epochs,
                        "evaluated": evaluated, "metrics": metrics, "device_metrics": device_metrics}, f)
-    # destroy the process group, then free DDP's hold on it while Python is fully alive (as train.py does)
+    # destroy the process group, then free DDP's hold on it while Python is fully alive (as loop.main does)
     accelerator.end_training()
     del model, loader, test_loader
     accelerator.free_memory()

@@ -50,11 +50,12 @@ def evaluate_sums(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
 
 
 def summarize(sums: dict) -> dict:
-    """Accuracy (fraction 0..1), mean loss, per-class accuracy and the confusion matrix from `evaluate_sums`."""
+    """The scores (`config.SCORES`: mean loss, accuracy as a fraction 0..1), the samples, per-class accuracy
+    and the confusion matrix, from `evaluate_sums`."""
     if sums["samples"] == 0:
         raise ValueError("evaluate: no test samples")
     per_class = [row[i] / sum(row) if sum(row) else None for i, row in enumerate(sums["confusion"])]
-    return {"accuracy": sums["correct"] / sums["samples"], "loss": sums["loss_sum"] / sums["samples"],
+    return {"loss": sums["loss_sum"] / sums["samples"], "accuracy": sums["correct"] / sums["samples"],
             "samples": sums["samples"], "per_class_accuracy": per_class, "confusion_matrix": sums["confusion"]}
 
 
