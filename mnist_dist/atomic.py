@@ -7,6 +7,7 @@ process writes through it too.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import threading
@@ -37,3 +38,18 @@ def write_text(path: Path, text: str, *, durable: bool = False, shared: bool = F
     """`text` into `path`, whole or not at all (`replacing`)."""
     with replacing(path, durable=durable, shared=shared) as tmp:
         tmp.write_text(text)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """`obj` into `path`, whole and on disk for good. Strict JSON: a NaN or infinity raises ValueError before
+    anything is written."""
+    write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n", durable=True)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names in directory `path` (a rename into it) last through a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

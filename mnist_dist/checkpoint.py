@@ -10,7 +10,6 @@ never from a name, and loads every file before it trusts a checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -18,13 +17,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from . import atomic, train_state
+from . import train_state
+from .atomic import fsync_dir, write_json
 from .distributed import any_process
-from .model import CONFIG_NAME, WEIGHTS_NAME
-from .readback import UnreadableFile, parse_json, shown
-from .train_state import STATE_FORMAT, STATE_NAME, CheckpointError, is_count, is_number
+from .model import WEIGHTS_NAME
+from .readback import UnreadableFile, is_count, is_number, parse_json, shown
+from .train_state import STATE_FORMAT, STATE_NAME, CheckpointError
 
 BEST_DIR = "best"  # OUTPUT_DIR/best: the model of the best validation accuracy (--keep-best)
 BEST_IN_CHECKPOINT = "best.safetensors"  # a checkpoint's copy of best/model.safetensors as it was then
@@ -50,13 +50,13 @@ def save(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: in
     tmp = final.with_name(final.name + ".tmp")
     failure = None
     if accelerator.is_main_process:
-        failure = _written(tmp, _make_empty, tmp)
+        failure = written(tmp, make_empty, tmp)
     if not any_process(accelerator, failure is not None):  # every process waits here, whoever failed
-        failure = _written(tmp, accelerator.save_state, str(tmp))  # model, optimizer, RNG states, ...
+        failure = written(tmp, accelerator.save_state, str(tmp))  # model, optimizer, RNG states, ...
     if not any_process(accelerator, failure is not None) and accelerator.is_main_process:
-        failure = _written(tmp, _complete, tmp, final, state, model_config, best)
+        failure = written(tmp, _complete, tmp, final, state, model_config, best)
     if not failure and accelerator.is_main_process:
-        failure = _written(final.parent, rotate, output_dir, state["run_id"], keep, spare)
+        failure = written(final.parent, rotate, output_dir, state["run_id"], keep, spare)
     if any_process(accelerator, failure is not None):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -64,7 +64,7 @@ def save(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: in
     return final
 
 
-def _written(path: Path, write, *args) -> str | None:
+def written(path: Path, write, *args) -> str | None:
     """`write(*args)`, which writes under `path`; None when it worked, else what to tell the user."""
     try:
         write(*args)
@@ -73,7 +73,7 @@ def _written(path: Path, write, *args) -> str | None:
         return write_failure(path, err)
 
 
-def _make_empty(path: Path) -> None:
+def make_empty(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)  # left by a run killed mid-save
     path.mkdir(parents=True)
 
@@ -94,7 +94,7 @@ def _complete(tmp: Path, final: Path, state: dict, model_config: dict | None, be
         os.replace(final, old)
     os.replace(tmp, final)  # the directory appears complete, or not at all
     shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def rotate(output_dir: str | Path, run_id: str, keep: int | None, spare: int | None = None) -> None:
@@ -231,38 +231,6 @@ def resolve(resume: str | None, output_dir: str | Path) -> Path | None:
     return None
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Write `obj` to `path` on disk for good: readers see the old file or the new one, never half of one.
-    Strict JSON: a NaN or infinity raises ValueError before anything is written."""
-    atomic.write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n", durable=True)
-
-
-def save_best(accelerator: Accelerator, output_dir: str | Path, tensors: dict, model_config: dict, meta: dict) -> None:
-    """The weights of the best validation accuracy (`tensors`, on the CPU), with config.json, into
-    OUTPUT_DIR/best, which is never half-written: the first time it appears whole (a directory renamed into
-    place), later only its model.safetensors is replaced. `meta` ({"step", "val_accuracy"}) goes into the
-    file's metadata. All processes call this; the main process writes. Raises DiskError on every process
-    if it could not."""
-    best, failure = Path(output_dir) / BEST_DIR, None
-    if accelerator.is_main_process:
-        failure = _written(best, _write_best, best, tensors, model_config, {"format": "pt", BEST_KEY: json.dumps(meta)})
-    if any_process(accelerator, failure is not None):
-        raise DiskError(failure or f"the main process could not write {best}")
-
-
-def _write_best(best: Path, tensors: dict, model_config: dict, metadata: dict) -> None:
-    directory = best if best.is_dir() else best.with_name(best.name + ".tmp")
-    if directory != best:
-        _make_empty(directory)
-        write_json(directory / CONFIG_NAME, model_config)
-    with atomic.replacing(directory / WEIGHTS_NAME, durable=True) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-    _fsync_dir(directory)
-    if directory != best:
-        os.replace(directory, best)
-        _fsync_dir(best.parent)
-
-
 def best_meta(path: Path) -> dict:
     """The {"step", "val_accuracy"} that a best model's file (best/model.safetensors, or a checkpoint's
     copy) records; an unreadable file is an error naming it."""
@@ -279,25 +247,3 @@ def best_meta(path: Path) -> dict:
     if not (isinstance(meta, dict) and is_count(meta.get("step"), 1) and is_number(meta.get("val_accuracy"), 0)):
         raise CheckpointError(f"{path}: damaged metadata {shown(meta)}")
     return meta
-
-
-def load_best(path: Path, step: int, like: dict) -> dict:
-    """The weights in `path` (a checkpoint's copy of best/), which must be the best model of `step`, with
-    the names and shapes of `like` (the model's state dict): checked before they are written anywhere."""
-    held = best_meta(path)["step"]
-    if held != step:
-        raise CheckpointError(f"{path}: holds the best model of step {held}, but its training state says step {step}")
-    try:
-        weights = load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
-    check_same_shapes(path, weights, like)
-    return weights
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -47,7 +47,7 @@ def evaluate_model(args: argparse.Namespace) -> dict:
     from accelerate import Accelerator
 
     from . import data, plots, sources
-    from .checkpoint import write_json
+    from .atomic import write_json
     from .data import DataError
     from .distributed import check_coupled
     from .metrics import evaluate_shard

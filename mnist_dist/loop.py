@@ -189,7 +189,7 @@ def train_epoch(r: Run, state: TrainState, runner: StepRunner, selection: ModelS
     model.train()
     while state.batch_in_epoch < per_epoch and state.global_step < total and not state.stopped_early:
         start = state.batch_in_epoch
-        stop = start + state.steps_to_next_check(cfg, runner.logs_live, per_epoch, total)
+        stop = start + steps_to_next_check(r, state, runner.logs_live)
         runner.run(start, stop)  # steps [start, stop) of this epoch, no host sync between them
         real_samples = [step_samples(i, len(r.data.train), cfg.global_batch(r.accelerator.num_processes))
                         for i in range(start, stop)]
@@ -208,13 +208,30 @@ def train_epoch(r: Run, state: TrainState, runner: StepRunner, selection: ModelS
             r.watch.recheck(report.say)
         if selection.due(state, per_epoch, total):  # an --eval-every point
             timed_since += validate_inside_epoch(selection, model, state, report)  # not training time
-        if stop or state.checkpoint_due(cfg, per_epoch, total):
+        if stop or checkpoint_due(r, state):
             state.train_seconds += time.perf_counter() - timed_since
             path = save_checkpoint(r, state, selection, extra)
             timed_since = time.perf_counter()
             if stop:
                 preempt(r.signals, report, state.global_step, path)
     state.train_seconds += time.perf_counter() - timed_since
+
+
+def steps_to_next_check(r: Run, state: TrainState, logs_live: bool) -> int:
+    """Steps from here to the next point where the host looks: the epoch's end or the run's, a
+    checkpoint, a validation, or (where the runner logs live) a log point."""
+    cfg, step = r.cfg, state.global_step
+    ends = [r.steps_per_epoch - state.batch_in_epoch, r.total_steps - step]
+    # --eval-every is None without a validation split (refused with --eval-every)
+    for every in ([cfg.log_every] if logs_live else []) + [e for e in (cfg.checkpoint_every, cfg.eval_every) if e]:
+        ends.append(every - step % every)
+    return min(ends)
+
+
+def checkpoint_due(r: Run, state: TrainState) -> bool:
+    """A --checkpoint-every point inside an epoch (epoch ends always get one, after their evaluation)."""
+    inside = state.batch_in_epoch < r.steps_per_epoch and state.global_step < r.total_steps
+    return bool(r.cfg.checkpoint_every) and state.global_step % r.cfg.checkpoint_every == 0 and inside
 
 
 def finish(r: Run, state: TrainState, selection: ModelSelection, report: Reporter, epoch_test: dict | None,

@@ -10,6 +10,7 @@ name, its options, the input size, the number of classes and the input normaliza
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import math
 import os
@@ -20,6 +21,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
@@ -368,3 +370,18 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     if bad:  # its every prediction would be NaN
         raise ValueError(f"{weights_path}: {bad[0]} holds NaN or infinite weights (a run that diverged)")
     return model.eval(), config
+
+
+def weights_sha256(path: Path) -> str | None:
+    """The sha256 of the weights in the safetensors file at `path` (names, dtypes, shapes and values; not
+    the file's other metadata), or None where there is no readable one."""
+    try:
+        weights = load_file(path)
+    except (OSError, SafetensorError):
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].contiguous()
+        digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}\n".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

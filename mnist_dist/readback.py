@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from pathlib import Path
 
@@ -90,3 +91,13 @@ def _bounded_int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
         raise _LongInteger(f"an integer of {len(text.lstrip('-'))} digits")
     return int(text)
+
+
+def is_count(value, least: int) -> bool:
+    """Whether `value` is an integer (not a bool) of at least `least`."""
+    return type(value) is int and value >= least
+
+
+def is_number(value, least: float = -math.inf) -> bool:
+    """Whether `value` is a finite int or float of at least `least`."""
+    return type(value) in (int, float) and math.isfinite(value) and value >= least

@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 
 from typing import TYPE_CHECKING
 
-from . import checkpoint, runs, tracking
+from . import atomic, checkpoint, runs, tracking
 from .checkpoint import CheckpointError, DiskError
 from .config import SCORES
 from .distributed import any_process, compiled_with, per_process, threads_from, threads_reproducible
-from .model import CONFIG_NAME, WEIGHTS_NAME, describe
+from .model import CONFIG_NAME, WEIGHTS_NAME, describe, weights_sha256
 from .resources import FLOPS_COUNTED_BY, MEMORY_MEASURED, model_flops_per_second, peak_memory_mib
 from .resume import Resume
 from .train_state import TrainState
@@ -179,16 +179,16 @@ def write_model_and_pictures(run: Run, output_dir: Path, results: dict, report: 
     accelerator.save_model(plain_model, output_dir)  # model.safetensors, written by the main process
     if not accelerator.is_main_process:
         return
-    checkpoint.write_json(output_dir / CONFIG_NAME, run.model_cfg)
+    atomic.write_json(output_dir / CONFIG_NAME, run.model_cfg)
     pictures = (draw_pictures(run, plain_model, output_dir, results)
                 if results["config"]["pictures"] else {})
     results["timings"]["outputs"] = time.perf_counter() - began  # model file, pictures, W&B images
     # last, naming the model files it describes: a kill before it leaves the earlier results.json, which
     # `runs.check_results` then finds out of step with them
-    results["model_sha256"] = runs.weights_sha256(output_dir / WEIGHTS_NAME)
+    results["model_sha256"] = weights_sha256(output_dir / WEIGHTS_NAME)
     if results.get("best", {}).get("model_dir"):
-        results["best"]["model_sha256"] = runs.weights_sha256(output_dir / checkpoint.BEST_DIR / WEIGHTS_NAME)
-    checkpoint.write_json(output_dir / runs.RESULTS_NAME, results)
+        results["best"]["model_sha256"] = weights_sha256(output_dir / checkpoint.BEST_DIR / WEIGHTS_NAME)
+    atomic.write_json(output_dir / runs.RESULTS_NAME, results)
     checkpoint.rotate_after_outputs(output_dir, results["config"]["keep_checkpoints"])  # a spared one may go now
     report.say(f"mnist_dist: test_accuracy {results['test_accuracy']:.4f}; wrote {output_dir}/results.json"
                + (f" and {', '.join(p.name for p in pictures.values())}" if pictures else ""))

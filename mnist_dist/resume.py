@@ -138,16 +138,6 @@ class Resume:
             group["capturable"], group["fused"] = (optimizer.optimizer.defaults[k] for k in ("capturable", "fused"))
         return TrainState.from_checkpoint(self.state, accelerator.process_index, accelerator.num_processes)
 
-    def best_weights(self, state: TrainState, weights: dict) -> dict:
-        """The best model of `state.best_step` as the checkpoint keeps it, checked against `weights` (the
-        model's, which hold the checkpoint's own): a checkpoint of a run without --keep-best, taken at its
-        best step, has no copy, and its own weights are the best."""
-        copy = self.path / checkpoint.BEST_IN_CHECKPOINT
-        if copy.is_file() or state.best_step != state.global_step:
-            return checkpoint.load_best(copy, state.best_step, weights)
-        return weights
-
-
 def began_with(resumed: Resume | None, cfg: TrainConfig) -> dict:
     """What each checkpoint records of the batch the run began with: a fresh run's are its flags."""
     if resumed is None:

@@ -8,7 +8,6 @@ here knows of processes: the training loop has the main process call `claim` and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -22,7 +21,7 @@ from filelock import FileLock, Timeout
 
 from . import checkpoint
 from .config import TrainConfig
-from .model import WEIGHTS_NAME
+from .model import WEIGHTS_NAME, weights_sha256
 from .readback import UnreadableFile, read_json, shown
 from .train_state import CheckpointError, steps_per_epoch
 
@@ -252,25 +251,6 @@ def check_results(results, path: Path) -> None:
         if recorded is not None and recorded != weights_sha256(weights):
             raise UnreadableFile(str(path), f"describes another model than {weights} (writing the outputs was "
                                  "interrupted)")
-
-
-def weights_sha256(path: Path) -> str | None:
-    """The sha256 of the weights in the safetensors file at `path` (names, dtypes, shapes and values; not
-    the file's other metadata), or None where there is no readable one."""
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        weights = load_file(path)
-    except (OSError, SafetensorError):
-        return None
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        tensor = weights[name].contiguous()
-        digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}\n".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def stopped_early(results: dict) -> bool:

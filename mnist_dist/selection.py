@@ -8,16 +8,23 @@ all processes), so every process decides the same at the same step without anoth
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
 from . import checkpoint, data, sources
+from .atomic import fsync_dir, replacing, write_json
+from .checkpoint import CheckpointError, DiskError
 from .config import SCORES, ConfigError, TrainConfig
 from .data import VALIDATION, Split
-from .distributed import threads_for_rows
+from .distributed import any_process, threads_for_rows
 from .metrics import evaluate, evaluate_shard
-from .model import WEIGHTS_NAME, build_model
+from .model import CONFIG_NAME, WEIGHTS_NAME, build_model
 
 
 @dataclass
@@ -134,8 +141,15 @@ class ModelSelection:
         patience ran out; return the scores. None: this step was validated already (`state.last_validation`)."""
         if state.last_validation and state.last_validation["step"] == state.global_step:
             return None
-        metrics = self.scorer.score(model, VALIDATION)
-        state.validated(metrics, self.cfg.early_stopping_min_delta, self.cfg.early_stopping_patience)
+        metrics, patience = self.scorer.score(model, VALIDATION), self.cfg.early_stopping_patience
+        state.last_validation = {"step": state.global_step, **{name: metrics[name] for name in SCORES},
+                                 "samples": metrics["samples"]}
+        # a new best where it beats the best by more than --early-stopping-min-delta
+        if state.best_val_accuracy is None or metrics["accuracy"] > state.best_val_accuracy + self.cfg.early_stopping_min_delta:
+            state.best_val_accuracy, state.best_step, state.evals_since_best = metrics["accuracy"], state.global_step, 0
+        else:
+            state.evals_since_best += 1
+        state.stopped_early = patience is not None and state.evals_since_best >= patience
         if self.keep_best and state.best_step == state.global_step:
             self.best_weights = self.weights_of(model)
             self.write_best(state)
@@ -146,11 +160,18 @@ class ModelSelection:
         return metrics
 
     def write_best(self, state) -> None:
-        """best/ from the weights kept, if any (all processes call this; the main process writes)."""
+        """best/ from the weights kept, if any, with config.json and {"step", "val_accuracy"} in the file's
+        metadata. All processes call this; the main process writes. Raises DiskError on every process if it
+        could not."""
         if self.best_weights is None:
             return
+        best, failure = self.output_dir / checkpoint.BEST_DIR, None
         meta = {"step": state.best_step, "val_accuracy": state.best_val_accuracy}
-        checkpoint.save_best(self.accelerator, self.output_dir, self.best_weights, self.model_cfg, meta)
+        if self.accelerator.is_main_process:
+            failure = checkpoint.written(best, write_best_dir, best, self.best_weights, self.model_cfg,
+                                         {"format": "pt", checkpoint.BEST_KEY: json.dumps(meta)})
+        if any_process(self.accelerator, failure is not None):
+            raise DiskError(failure or f"the main process could not write {best}")
 
     def checkpoint_copy(self) -> Path | None:
         """The file a checkpoint keeps a copy of: best/'s model, once there is one."""
@@ -165,8 +186,12 @@ class ModelSelection:
         """Take the best model from the checkpoint resumed (`resume.Resume`), checked before anything is
         written; `model` holds the checkpoint's weights. A run that stopped early stays stopped, as its
         results.json says (`runs.finished_results`)."""
-        if self.keep_best and state.best_step is not None:
-            self.best_weights = resumed.best_weights(state, self.weights_of(model))
+        if not self.keep_best or state.best_step is None:
+            return
+        self.best_weights, copy = self.weights_of(model), resumed.path / checkpoint.BEST_IN_CHECKPOINT
+        # a checkpoint of a run without --keep-best, taken at its best step, has no copy: its own weights are the best
+        if copy.is_file() or state.best_step != state.global_step:
+            self.best_weights = load_best(copy, state.best_step, self.best_weights)
 
     def results(self, model, state, splits) -> dict:
         """results.json's "validation" (the final model's) and "best" entries; the best model is scored on
@@ -188,3 +213,32 @@ class ModelSelection:
             best |= {"model_dir": str(self.output_dir / checkpoint.BEST_DIR), "test_samples": test["samples"],
                      **{f"test_{name}": test[name] for name in SCORES}}
         return {"validation": validation, "best": best}
+
+
+def write_best_dir(best: Path, tensors: dict, model_config: dict, metadata: dict) -> None:
+    """OUTPUT_DIR/best, never half-written: the first time it appears whole (a directory renamed into
+    place), later only its model.safetensors is replaced."""
+    directory = best if best.is_dir() else best.with_name(best.name + ".tmp")
+    if directory != best:
+        checkpoint.make_empty(directory)
+        write_json(directory / CONFIG_NAME, model_config)
+    with replacing(directory / WEIGHTS_NAME, durable=True) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    fsync_dir(directory)
+    if directory != best:
+        os.replace(directory, best)
+        fsync_dir(best.parent)
+
+
+def load_best(path: Path, step: int, like: dict) -> dict:
+    """The weights in `path` (a checkpoint's copy of best/), which must be the best model of `step`, with
+    the names and shapes of `like` (the model's state dict): checked before they are written anywhere."""
+    held = checkpoint.best_meta(path)["step"]
+    if held != step:
+        raise CheckpointError(f"{path}: holds the best model of step {held}, but its training state says step {step}")
+    try:
+        weights = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
+    checkpoint.check_same_shapes(path, weights, like)
+    return weights

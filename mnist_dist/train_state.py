@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import MAX_BATCH, NOT_INHERITED, SCORES, ConfigError, TrainConfig, flags
-from .readback import UnreadableFile, read_json, shown
+from .readback import UnreadableFile, is_count, is_number, read_json, shown
 
 STATE_NAME = "training_state.json"
 # bumped when a field is added or changes meaning: an older training state is refused by its format, never
@@ -85,17 +85,6 @@ class TrainState:
                 self.window_loss_sum, self.window_samples, self.window_norm_sum, self.window_norm_steps = 0.0, 0, 0.0, 0
         return windows, first_bad
 
-    def validated(self, metrics: dict, min_delta: float, patience: int | None) -> None:
-        """Note a validation evaluation at this step: a new best if it beats the best by more than
-        `min_delta`; stopped early once `patience` evaluations in a row have not."""
-        self.last_validation = {"step": self.global_step, **{name: metrics[name] for name in SCORES},
-                                "samples": metrics["samples"]}
-        if self.best_val_accuracy is None or metrics["accuracy"] > self.best_val_accuracy + min_delta:
-            self.best_val_accuracy, self.best_step, self.evals_since_best = metrics["accuracy"], self.global_step, 0
-        else:
-            self.evals_since_best += 1
-        self.stopped_early = patience is not None and self.evals_since_best >= patience
-
     def evaluated(self) -> bool:
         """Whether the position reached has been evaluated: an epoch's start, or where --max-steps or early
         stopping ended one.
@@ -103,21 +92,6 @@ class TrainState:
         last = self.history[-1] if self.history else None
         return self.batch_in_epoch == 0 or (last is not None and last["epoch"] == self.epoch + 1
                                             and last["samples"] == self.epoch_samples)
-
-    def steps_to_next_check(self, cfg: TrainConfig, logs_live: bool, steps_per_epoch: int, total_steps: int) -> int:
-        """Steps from here to the next point where the host looks: the epoch's end or the run's, a
-        checkpoint, a validation, or (where the runner logs live) a log point."""
-        step = self.global_step
-        ends = [steps_per_epoch - self.batch_in_epoch, total_steps - step]
-        # --eval-every is None without a validation split (refused with --eval-every)
-        for every in ([cfg.log_every] if logs_live else []) + [e for e in (cfg.checkpoint_every, cfg.eval_every) if e]:
-            ends.append(every - step % every)
-        return min(ends)
-
-    def checkpoint_due(self, cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> bool:
-        """A --checkpoint-every point inside an epoch (epoch ends always get one, after their evaluation)."""
-        inside = self.batch_in_epoch < steps_per_epoch and self.global_step < total_steps
-        return bool(cfg.checkpoint_every) and self.global_step % cfg.checkpoint_every == 0 and inside
 
     def gather_for_checkpoint(self, accelerator) -> dict:
         """This state as training_state.json holds it, with every process's loss sums gathered (a collective:
@@ -283,16 +257,6 @@ def _check_selection(state: dict, need) -> None:
          and is_count(last.get("samples"), 1) and last["step"] >= (step or 0), "last_validation",
          "must be the step (at least best_step), accuracy, loss and samples of the newest validation")
     need((last is None) == (best is None), "last_validation", "must be given with best_val_accuracy, and only then")
-
-
-def is_count(value, least: int) -> bool:
-    """Whether `value` is an integer (not a bool) of at least `least`."""
-    return type(value) is int and value >= least
-
-
-def is_number(value, least: float = -math.inf) -> bool:
-    """Whether `value` is a finite int or float of at least `least`."""
-    return type(value) in (int, float) and math.isfinite(value) and value >= least
 
 
 def steps_per_epoch(state: dict) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mnist_dist import checkpoint
+from mnist_dist import atomic, checkpoint
 from mnist_dist.config import TrainConfig, parse_args
 
 from .helpers import REPO, check, results, run, same_results, same_weights, train_here, snapshot as every_file
@@ -186,7 +186,7 @@ def test_results_json_is_strict_json(whole, tmp_path):
 
     json.loads((whole / "results.json").read_text(), parse_constant=no_constants)
     with pytest.raises(ValueError):
-        checkpoint.write_json(tmp_path / "x.json", {"train_seconds": math.nan})
+        atomic.write_json(tmp_path / "x.json", {"train_seconds": math.nan})
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "x.json.tmp").exists()
 
 

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mnist_dist import checkpoint, config, evaluate, runs
+from mnist_dist import atomic, checkpoint, config, evaluate, model, runs
 
 from .helpers import REPO, check, in_process, results, snapshot, train_cli, train_here
 
@@ -182,14 +182,14 @@ def test_a_stop_signal_during_start_up_exits_75(tmp_path):
 
 
 def test_a_stop_signal_while_the_outputs_are_written_exits_75_with_the_outputs_complete(tmp_path, monkeypatch):
-    write_json = checkpoint.write_json
+    write_json = atomic.write_json
 
     def signalled_write(path, obj):
         if path.name == "results.json":
             signal.raise_signal(signal.SIGTERM)
         write_json(path, obj)
 
-    monkeypatch.setattr(checkpoint, "write_json", signalled_write)
+    monkeypatch.setattr(atomic, "write_json", signalled_write)
     out = tmp_path / "out"
     proc = train_here(*SHORT, "--output-dir", str(out))
     assert proc.returncode == 75, proc.stderr
@@ -307,7 +307,7 @@ def test_results_json_out_of_step_with_its_model_is_never_reported_and_its_check
     (out / "results.json.tmp").rmdir()
     check(train_here(*flags, "--max-steps", "5", "--resume", "auto"))
     assert results(out)["steps"] == 5 and steps_of_checkpoints(out) == [5]
-    assert results(out)["model_sha256"] == runs.weights_sha256(out / "model.safetensors")
+    assert results(out)["model_sha256"] == model.weights_sha256(out / "model.safetensors")
     proc = check(train_here(*flags, "--max-steps", "5", "--resume", "auto"))
     assert "holds a finished run (5 steps" in proc.stdout
 
