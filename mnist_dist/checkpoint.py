@@ -1,11 +1,6 @@
-"""Checkpoints: Accelerate's `save_state` plus an explicit JSON of the training state.
-
-A checkpoint is `OUTPUT_DIR/checkpoints/step_XXXXXXXX/`, built under a `.tmp` name and
-renamed only once every process has written its part and `training_state.json` is on
-disk, so a directory with that name is always complete. Re-saving a step first renames the
-old copy to `.old`, which still counts as complete until the new one is in place. Resume
-reads the step, epoch, position in the epoch, running loss sums and history from the JSON,
-never from a name, and loads every file before it trusts a checkpoint.
+"""Checkpoints: Accelerate's `save_state` plus the training state's JSON, in
+`OUTPUT_DIR/checkpoints/step_XXXXXXXX/`, a directory that appears complete or not at all. A resume reads
+where the run was from the JSON, never from a name, and loads every file before it trusts a checkpoint.
 """
 
 from __future__ import annotations
@@ -41,11 +36,10 @@ def checkpoints_root(output_dir: str | Path) -> Path:
 
 def save(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: int | None,
          model_config: dict | None = None, best: Path | None = None, spare: int | None = None) -> Path:
-    """Save a complete checkpoint for `state['global_step']` (all processes call this); with
-    `model_config` it also holds config.json and loads as a model directory (`load_model`); with `best`
-    (best/model.safetensors) a copy of it. Only the newest `keep` stay, and the one of step `spare` (the
-    outputs' there, until new ones are written). Raises DiskError on every process when any could not
-    write its part; earlier checkpoints stay."""
+    """Save a complete checkpoint for `state['global_step']` (all processes call this), with config.json
+    (`model_config`: it loads as a model directory) and a copy of `best` (best/model.safetensors). Only the
+    newest `keep` stay, and the one of step `spare` (the outputs' there, until new ones are written). Raises
+    DiskError on every process when any could not write its part; earlier checkpoints stay."""
     final = checkpoints_root(output_dir) / f"step_{state['global_step']:08d}"
     tmp = final.with_name(final.name + ".tmp")
     failure = None
@@ -102,7 +96,9 @@ def rotate(output_dir: str | Path, run_id: str, keep: int | None, spare: int | N
     if keep:
         for stale in complete_checkpoints(output_dir, run_id)[:-keep]:
             if spare is None or read_state(stale)["global_step"] != spare:
-                remove_checkpoint(stale)
+                doomed = stale.with_name(stale.name + ".deleting.tmp")  # a kill half-way leaves nothing complete
+                os.replace(stale, doomed)
+                shutil.rmtree(doomed)
 
 
 def rotate_after_outputs(output_dir: str | Path, keep: int | None) -> None:
@@ -114,13 +110,6 @@ def rotate_after_outputs(output_dir: str | Path, keep: int | None) -> None:
             rotate(output_dir, read_state(newest[0])["run_id"], keep)
     except (OSError, CheckpointError) as err:
         print(f"mnist_dist: warning: could not remove the older checkpoints in {checkpoints_root(output_dir)} ({err})")
-
-
-def remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint; renamed first, so that a kill half-way never leaves a part that looks complete."""
-    doomed = path.with_name(path.name + ".deleting.tmp")
-    os.replace(path, doomed)
-    shutil.rmtree(doomed)
 
 
 def write_failure(path: Path, err: Exception) -> str:
@@ -178,28 +167,24 @@ def check_loads(path: Path) -> None:
                 torch.load(file, map_location="cpu", weights_only=False)  # Accelerate's own files
         except Exception as err:  # unpickling a damaged file can raise almost anything
             raise CheckpointError(f"{file}: damaged checkpoint file ({type(err).__name__}: {err})") from None
-    if BEST_IN_CHECKPOINT in tensors and WEIGHTS_NAME in tensors:  # the best model is the same network
-        check_same_shapes(path / BEST_IN_CHECKPOINT, tensors[BEST_IN_CHECKPOINT], tensors[WEIGHTS_NAME])
     if BEST_IN_CHECKPOINT in tensors:
+        if WEIGHTS_NAME in tensors:  # the best model is the same network
+            check_same_shapes(path / BEST_IN_CHECKPOINT, tensors[BEST_IN_CHECKPOINT], tensors[WEIGHTS_NAME])
         best_meta(path / BEST_IN_CHECKPOINT)  # its step and score, read back when the run resumes
 
 
 def check_same_shapes(file: Path, tensors: dict, like: dict) -> None:
     """Refuse weights in `file` whose names, shapes or dtypes differ from `like`'s (a model's state dict;
     DDP's and torch.compile's prefixes aside), naming the first difference."""
-    def layout(weights: dict) -> dict:
-        plain = {k.removeprefix("module.").removeprefix("_orig_mod."): t for k, t in weights.items()}
-        return {k: (tuple(t.shape), t.dtype) for k, t in plain.items()}
+    def layout(weights: dict) -> dict:  # name -> "[shape] dtype"
+        return {k.removeprefix("module.").removeprefix("_orig_mod."): f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+                for k, t in weights.items()}
 
     got, want = layout(tensors), layout(like)
     if got != want:
         name = next((k for k in sorted(want.keys() | got.keys()) if got.get(k) != want.get(k)))
-        raise CheckpointError(f"{file}: not this model's weights: {name} is {_shape_of(got.get(name))}, the model's "
-                              f"is {_shape_of(want.get(name))}")
-
-
-def _shape_of(entry) -> str:
-    return "missing" if entry is None else f"{list(entry[0])} {str(entry[1]).removeprefix('torch.')}"
+        raise CheckpointError(f"{file}: not this model's weights: {name} is {got.get(name, 'missing')}, the model's "
+                              f"is {want.get(name, 'missing')}")
 
 
 def resolve(resume: str | None, output_dir: str | Path) -> Path | None:
@@ -212,22 +197,21 @@ def resolve(resume: str | None, output_dir: str | Path) -> Path | None:
         path = Path(resume).resolve()  # symlinks and '..' resolved: whose run it is decides what may be removed
         check_loads(path)
         return path
-    root, damaged = checkpoints_root(output_dir), []
+    damaged = []
     complete = complete_checkpoints(output_dir, damaged=damaged)
     for path, err in damaged:  # a step_N directory that is not complete was damaged after it was written
         print(f"mnist_dist: warning: skipping {path}: {err}")
     for path in reversed(complete):
         try:
             check_loads(path)
+            return path
         except CheckpointError as err:
             print(f"mnist_dist: warning: skipping {path}: {err}")
             damaged.append((path, err))
-            continue
-        return path
     if damaged:
-        damaged = [path for path, _ in damaged]
-        raise CheckpointError(f"--resume auto: no checkpoint in {root} loads ({', '.join(p.name for p in damaged)} are "
-                              "incomplete or damaged); resume one with --resume PATH, or start over with --overwrite")
+        raise CheckpointError(f"--resume auto: no checkpoint in {checkpoints_root(output_dir)} loads "
+                              f"({', '.join(p.name for p, _ in damaged)} are incomplete or damaged); resume one with "
+                              "--resume PATH, or start over with --overwrite")
     return None
 
 

@@ -138,7 +138,7 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, resumed: Resume | None, 
     if accelerator.is_main_process:  # only now: bad data, flags and checkpoints have all been refused
         runs.clear(plan)
     hosts = process_hosts(accelerator)  # to name a peer that stalls
-    run_id = tracking.start_run(cfg, accelerator, config, resumed.run_id if plan.continues else None,
+    run_id = tracking.start_run(cfg, accelerator, config, resumed.state["run_id"] if plan.continues else None,
                                 len(run_data.train))
     report = Reporter(accelerator, cfg.output_dir, r.total_steps, state.global_step if resumed else None,
                       flops_per_sample)

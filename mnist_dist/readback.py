@@ -5,7 +5,7 @@ A file read back may have been cut short by a kill, edited by hand or written by
 it is bounded before it is trusted: its size, its encoding, its nesting and its integers (no
 10**400). A file that fails is an `UnreadableFile` naming it. What each field must hold (its type,
 a finite number in its range) is the caller's check, which names the field (`train_state.check_state`,
-`model.check_config`, `runs.check_results`, `tracking.read_records`). The rule is the same
+`model.check_config`, `reporting.check_results`, `tracking.read_records`). The rule is the same
 everywhere: a file found automatically (by --resume auto) that fails is skipped with a warning; a
 file the user named fails the command, naming it.
 """

@@ -18,17 +18,21 @@ from tqdm.auto import tqdm
 
 from typing import TYPE_CHECKING
 
-from . import atomic, checkpoint, runs, tracking
+from . import atomic, checkpoint, tracking
 from .checkpoint import CheckpointError, DiskError
 from .config import SCORES
 from .distributed import any_process, compiled_with, per_process, threads_from, threads_reproducible
 from .model import CONFIG_NAME, WEIGHTS_NAME, describe, weights_sha256
+from .readback import UnreadableFile, read_json, shown
 from .resources import FLOPS_COUNTED_BY, MEMORY_MEASURED, model_flops_per_second, peak_memory_mib
-from .resume import Resume
 from .train_state import TrainState
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # only named in annotations: `runs` reads results.json through this module
     from .loop import Run
+    from .resume import Resume
+    from .runs import Plan
+
+RESULTS_NAME = "results.json"  # written last: a run with one that describes its model is finished
 
 
 class TrainingError(RuntimeError):
@@ -184,11 +188,11 @@ def write_model_and_pictures(run: Run, output_dir: Path, results: dict, report: 
                 if results["config"]["pictures"] else {})
     results["timings"]["outputs"] = time.perf_counter() - began  # model file, pictures, W&B images
     # last, naming the model files it describes: a kill before it leaves the earlier results.json, which
-    # `runs.check_results` then finds out of step with them
+    # `check_results` then finds out of step with them
     results["model_sha256"] = weights_sha256(output_dir / WEIGHTS_NAME)
     if results.get("best", {}).get("model_dir"):
         results["best"]["model_sha256"] = weights_sha256(output_dir / checkpoint.BEST_DIR / WEIGHTS_NAME)
-    atomic.write_json(output_dir / runs.RESULTS_NAME, results)
+    atomic.write_json(output_dir / RESULTS_NAME, results)
     checkpoint.rotate_after_outputs(output_dir, results["config"]["keep_checkpoints"])  # a spared one may go now
     report.say(f"mnist_dist: test_accuracy {results['test_accuracy']:.4f}; wrote {output_dir}/results.json"
                + (f" and {', '.join(p.name for p in pictures.values())}" if pictures else ""))
@@ -235,10 +239,10 @@ def banner(run: Run, resumed: Resume | None, state: TrainState) -> str:
     return text
 
 
-def say_finished(accelerator, plan: runs.Plan) -> dict:
+def say_finished(accelerator, plan: Plan) -> dict:
     """--resume auto on a finished run: say so (main process), change nothing, return its results."""
     results = plan.finished
-    early = runs.stopped_early(results)
+    early = stopped_early(results)
     if accelerator.is_main_process:
         further = ("it stopped early (--early-stopping-patience)" if early else "to train further, raise --epochs or "
                    "--max-steps with --resume auto (--schedule constant only: a schedule is laid over all the steps)")
@@ -259,3 +263,52 @@ def non_finite_message(step: int, epoch: int, output_dir: str) -> str:
     return (f"non-finite training loss or gradients at step {step} (epoch {epoch + 1}); the weights are those "
             f"of step {step - 1}, nothing after it was applied or saved. Lower --lr or try --mixed-precision no; "
             f"{where}.")
+
+
+def read_results(output_dir: Path) -> tuple[dict | None, int | None]:
+    """results.json in `output_dir`, checked (`check_results`), or None where there is none; and the step it
+    reports, also where it no longer matches the model files (a resume that went on was stopped): the
+    checkpoint of that step is spared until new outputs exist. One that fails the check is skipped with a
+    warning: the run is not finished, and a resume writes its outputs again."""
+    path, reported = output_dir / RESULTS_NAME, None
+    try:
+        results = read_json(path)
+        steps = results.get("steps") if isinstance(results, dict) else None
+        reported = steps if type(steps) is int else None
+        check_results(results, path)
+        return results, reported
+    except FileNotFoundError:
+        return None, None
+    except UnreadableFile as err:
+        print(f"mnist_dist: warning: skipping {err}; the run counts as unfinished")
+        return None, reported
+
+
+def check_results(results, path: Path) -> None:
+    """The fields of results.json that decide what a resume does, and that it describes the model files
+    beside it (their sha256): a write killed between the model and results.json leaves them out of step."""
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            value = shown(results.get(key)) if isinstance(results, dict) else ""
+            raise UnreadableFile(str(path), f"field {key!r} ({value}) {what}")
+
+    need(isinstance(results, dict), "steps", "the file must hold a JSON object")
+    for key, least in (("steps", 0), ("train_samples", 1), ("global_batch_size", 1)):
+        need(type(results.get(key)) is int and results[key] >= least, key, f"must be an integer >= {least}")
+    accuracy = results.get("test_accuracy")
+    need(type(accuracy) in (int, float) and 0 <= accuracy <= 1, "test_accuracy", "must be a number from 0 to 1")
+    need(isinstance(results.get("stopped", {}), dict), "stopped", "must be an object")
+    best = results.get("best") or {}
+    need(isinstance(best, dict), "best", "must be an object")
+    # older results.json files carry no sha256: nothing to compare
+    for recorded, weights in ((results.get("model_sha256"), path.parent / WEIGHTS_NAME),
+                              (best.get("model_sha256"), path.parent / checkpoint.BEST_DIR / WEIGHTS_NAME)):
+        if recorded is not None and recorded != weights_sha256(weights):
+            raise UnreadableFile(str(path), f"describes another model than {weights} (writing the outputs was "
+                                 "interrupted)")
+
+
+def stopped_early(results: dict) -> bool:
+    """Whether results.json says --early-stopping-patience ended the run."""
+    stopped = results.get("stopped")
+    return isinstance(stopped, dict) and stopped.get("reason") == "early_stopping"

@@ -1,10 +1,6 @@
-"""Resuming a run: the checkpoint it continues, read once into one `Resume` (its training state, the
-settings taken from it, the batch cut for this world size, the config and data checks, the best model),
-which the training loop and model selection use.
-
-A resume continues the run as it was launched: the flags not given are taken from the checkpoint
-(`continued`), the global batch stays the checkpoint's on any world size (`Resume.batch_for_world`), and
-a flag that would change the trajectory is refused (`Resume.check_compatible`).
+"""Resuming a run as it was launched: the flags not given are taken from the checkpoint (`continued`),
+the global batch stays the checkpoint's on any world size (`Resume.batch_for_world`), and a flag, data or
+model that would change the trajectory is refused (`Resume.check_*`).
 """
 
 from __future__ import annotations
@@ -20,10 +16,6 @@ from .config import ConfigError, TrainConfig, flags_where
 from .model import WEIGHTS_NAME
 from .train_state import STATE_NAME, CheckpointError, TrainState
 
-# the flags a resumed run must give the checkpoint's value of, as their fields declare (config.RESUME_ROLES);
-# the batch: the global batch must match (`Resume.batch_for_world`)
-MUST_MATCH, MUST_MATCH_SCHEDULED = flags_where(resume="match"), flags_where(resume="match_scheduled")
-
 
 @dataclass
 class Resume:
@@ -37,11 +29,6 @@ class Resume:
         """The checkpoint at `path`, its files checked to be all there (`checkpoint.read_state`; a file
         read before and unchanged since is not parsed again: `train_state.read`)."""
         return cls(Path(path), checkpoint.read_state(path))
-
-    @property
-    def run_id(self) -> str:
-        """The id of the run that saved the checkpoint (its W&B run's)."""
-        return self.state["run_id"]
 
     def began_with(self) -> dict:
         """The per-process batch and accumulation steps the run began with, which each of its checkpoints
@@ -99,8 +86,9 @@ class Resume:
 
     def check_compatible(self, config: dict) -> None:
         """Refuse to resume where the continuation could not be the same run (the batch: `batch_for_world`)."""
-        scheduled = config["schedule"] != "constant"
-        for name in MUST_MATCH + (MUST_MATCH_SCHEDULED if scheduled else ()):
+        # as the fields declare their roles (config.RESUME_ROLES); the batch: the global batch must match
+        scheduled = flags_where(resume="match_scheduled") if config["schedule"] != "constant" else ()
+        for name in flags_where(resume="match") + scheduled:
             was = self.state["config"][name]
             if was != config.get(name):
                 raise CheckpointError(f"--{name.replace('_', '-')}={config.get(name)!r}, but {self.path} was trained "
@@ -138,6 +126,7 @@ class Resume:
             group["capturable"], group["fused"] = (optimizer.optimizer.defaults[k] for k in ("capturable", "fused"))
         return TrainState.from_checkpoint(self.state, accelerator.process_index, accelerator.num_processes)
 
+
 def began_with(resumed: Resume | None, cfg: TrainConfig) -> dict:
     """What each checkpoint records of the batch the run began with: a fresh run's are its flags."""
     if resumed is None:
@@ -149,18 +138,12 @@ def continued(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     """`cfg` as a resume runs it (`Resume.settings`), and what was taken from the checkpoint. Every process
     calls this before the accelerator is built, which needs some of the settings (--cpu, --mixed-precision,
     --timeout); it only reads."""
-    path = checkpoint_to_continue(cfg)
-    return Resume.read(path).settings(cfg) if path is not None else (cfg, {})
-
-
-def checkpoint_to_continue(cfg: TrainConfig) -> Path | None:
-    """The checkpoint whose settings a resume takes: --resume CHECKPOINT, or for 'auto' the newest complete
-    one of the run (`runs.claim` may fall back to an older one that loads: the same run, the same settings)."""
-    if cfg.resume in (None, "auto"):
-        output_dir = runs.chosen_dir(cfg, None) if cfg.resume else None
+    path = cfg.resume
+    if path == "auto":  # the newest complete checkpoint; `runs.claim` may fall back to an older one (same settings)
+        output_dir = runs.chosen_dir(cfg, None)
         found = checkpoint.complete_checkpoints(output_dir) if output_dir is not None else []
-        return found[-1] if found else None
-    return Path(cfg.resume)
+        path = found[-1] if found else None
+    return Resume.read(path).settings(cfg) if path is not None else (cfg, {})
 
 
 def _describe(data: dict) -> str:

@@ -1,9 +1,7 @@
-"""An output directory belongs to one run: where a new run goes, what an earlier one left, the lock.
-
-Without `--output-dir` each run gets a fresh `outputs/run-YYYYMMDD-HHMMSS`, and `outputs/latest`
-points at the newest. A run holds its directory's lock (`filelock`: an flock the OS drops when the
-process dies, so a killed run never blocks its own `--resume auto`) for its whole life. Nothing
-here knows of processes: the training loop has the main process call `claim` and tells the others.
+"""An output directory belongs to one run: where a new run goes (without `--output-dir`, a fresh
+`outputs/run-YYYYMMDD-HHMMSS`, `outputs/latest` pointing at the newest), what an earlier one left, and the
+lock a run holds for its whole life (an flock the OS drops when the process dies: a killed run never blocks
+its own `--resume auto`). The loop has the main process call `claim` and tells the others.
 """
 
 from __future__ import annotations
@@ -21,14 +19,13 @@ from filelock import FileLock, Timeout
 
 from . import checkpoint
 from .config import TrainConfig
-from .model import WEIGHTS_NAME, weights_sha256
-from .readback import UnreadableFile, read_json, shown
+from .reporting import read_results, stopped_early
+from .readback import read_json, shown
 from .train_state import CheckpointError, steps_per_epoch
 
 RUNS_ROOT = Path("outputs")
 LATEST = RUNS_ROOT / "latest"
 LOCK_NAME, HOLDER_NAME = ".lock", ".lock.json"
-RESULTS_NAME = "results.json"  # written last: a run with one that describes its model is finished
 # what a run writes into its directory: what --overwrite removes, and nothing else
 RUN_FILES = ("results.json", "model.safetensors", "config.json", "metrics.jsonl", "training_curves.png",
              "confusion_matrix.png", "misclassified.png", "checkpoints", "best", "best.tmp", "evaluation", "wandb",
@@ -206,59 +203,6 @@ def finished_results(results: dict | None, cfg: TrainConfig) -> dict | None:
     return results if results["steps"] >= wanted or stopped_early(results) else None  # more steps: no change
 
 
-def read_results(output_dir: Path) -> tuple[dict | None, int | None]:
-    """results.json in `output_dir`, checked (`check_results`), or None where there is none; and the step it
-    reports, also where it no longer matches the model files (a resume that went on was stopped): the
-    checkpoint of that step is spared until new outputs exist. One that fails the check is skipped with a
-    warning: the run is not finished, and a resume writes its outputs again."""
-    path = output_dir / RESULTS_NAME
-    try:
-        results = read_json(path)
-    except FileNotFoundError:
-        return None, None
-    except UnreadableFile as err:
-        print(f"mnist_dist: warning: skipping {err}; the run counts as unfinished")
-        return None, None
-    steps = results.get("steps") if isinstance(results, dict) else None
-    reported = steps if type(steps) is int else None
-    try:
-        check_results(results, path)
-    except UnreadableFile as err:
-        print(f"mnist_dist: warning: skipping {err}; the run counts as unfinished")
-        return None, reported
-    return results, reported
-
-
-def check_results(results, path: Path) -> None:
-    """The fields of results.json that decide what a resume does, and that it describes the model files
-    beside it (their sha256): a write killed between the model and results.json leaves them out of step."""
-    def need(ok: bool, key: str, what: str) -> None:
-        if not ok:
-            value = shown(results.get(key)) if isinstance(results, dict) else ""
-            raise UnreadableFile(str(path), f"field {key!r} ({value}) {what}")
-
-    need(isinstance(results, dict), "steps", "the file must hold a JSON object")
-    for key, least in (("steps", 0), ("train_samples", 1), ("global_batch_size", 1)):
-        need(type(results.get(key)) is int and results[key] >= least, key, f"must be an integer >= {least}")
-    accuracy = results.get("test_accuracy")
-    need(type(accuracy) in (int, float) and 0 <= accuracy <= 1, "test_accuracy", "must be a number from 0 to 1")
-    need(isinstance(results.get("stopped", {}), dict), "stopped", "must be an object")
-    best = results.get("best") or {}
-    need(isinstance(best, dict), "best", "must be an object")
-    # older results.json files carry no sha256: nothing to compare
-    for recorded, weights in ((results.get("model_sha256"), path.parent / WEIGHTS_NAME),
-                              (best.get("model_sha256"), path.parent / checkpoint.BEST_DIR / WEIGHTS_NAME)):
-        if recorded is not None and recorded != weights_sha256(weights):
-            raise UnreadableFile(str(path), f"describes another model than {weights} (writing the outputs was "
-                                 "interrupted)")
-
-
-def stopped_early(results: dict) -> bool:
-    """Whether results.json says --early-stopping-patience ended the run."""
-    stopped = results.get("stopped")
-    return isinstance(stopped, dict) and stopped.get("reason") == "early_stopping"
-
-
 def new_run_dir() -> Path:
     """outputs/run-YYYYMMDD-HHMMSS (with -2, -3, ... when that second is taken), created."""
     base = RUNS_ROOT / time.strftime("run-%Y%m%d-%H%M%S")
@@ -348,20 +292,17 @@ class RunLock:
             return
         try:  # a directory made unwritable mid-run keeps its note: the error that ended the run is the one to tell
             self.holder.unlink(missing_ok=True)
-            left = [p.name for p in self.output_dir.iterdir()]
+            empty = self.made and all(p.name == LOCK_NAME for p in self.output_dir.iterdir())
+            if empty:
+                (self.output_dir / LOCK_NAME).unlink(missing_ok=True)
         except OSError:
-            self.lock.release()
-            return
-        if self.made and not any(name != LOCK_NAME for name in left):
-            (self.output_dir / LOCK_NAME).unlink(missing_ok=True)
-            self.lock.release()
-            for path in self.made:  # innermost first
-                try:
-                    path.rmdir()
-                except OSError:
-                    break
-            return
+            empty = False
         self.lock.release()
+        for path in self.made if empty else []:  # innermost first
+            try:
+                path.rmdir()
+            except OSError:
+                break
 
     def _holder(self) -> str:
         try:

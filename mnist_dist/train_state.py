@@ -1,9 +1,6 @@
-"""The training state: where a run is and what it has added up, as a dataclass, as the JSON each
-checkpoint holds (training_state.json), and every check of that JSON before any of it is used.
-
-`TrainState` is what the loop updates; `gather_for_checkpoint` is its JSON form (a collective: it
-holds every process's loss sums), `from_checkpoint` the way back on any world size. `read` refuses a
-file that is damaged, of another format or at odds with itself, naming the file and the field.
+"""The training state: where a run is and what it has added up (`TrainState`, what the loop updates), its
+JSON in each checkpoint (training_state.json), and every check of that JSON before any of it is used:
+`read` refuses a file that is damaged, of another format or at odds with itself, naming file and field.
 """
 
 from __future__ import annotations
@@ -30,7 +27,6 @@ STATE_FORMAT = 4
 STATE_KEYS = ("format", "global_step", "world_size", "global_batch_size", "batch_size_flag", "accumulation_flag",
               "config", "run_id", "data")
 PER_PROCESS = ("epoch_loss_sum", "window_loss_sum")  # saved as lists, one per process: epoch_loss_sums, ...
-HISTORY_NUMBERS = ("train_loss", "seconds", "eval_seconds")
 
 
 class CheckpointError(ValueError):
@@ -114,41 +110,32 @@ class TrainState:
         return cls(**{k: saved[k] for k in names}, epoch_loss_sum=mine[0], window_loss_sum=mine[1])
 
 
-def required_fields() -> list[str]:
-    """The TrainState fields every training_state.json holds, as saved."""
-    return [f"{f.name}s" if f.name in PER_PROCESS else f.name for f in fields(TrainState)]
-
-
 def read(file: Path) -> dict:
     """The training state in `file` (a checkpoint's training_state.json), checked field by field: parsed and
     checked once per version of the file (its inode, time and size), however often a start asks for it."""
     try:
         found = file.stat()
+        version = (found.st_ino, found.st_mtime_ns, found.st_size)
+        return copy.deepcopy(_read_version(Path(os.path.abspath(file)), version))  # callers may change their copy
     except FileNotFoundError:
         raise CheckpointError(f"{file.parent}: incomplete checkpoint (no {STATE_NAME})") from None
     except OSError as err:
         raise CheckpointError(f"damaged checkpoint: {file}: unreadable ({err.strerror or err})") from None
-    version = (found.st_ino, found.st_mtime_ns, found.st_size)
-    return copy.deepcopy(_read_version(Path(os.path.abspath(file)), version))  # callers may change their copy
+    except UnreadableFile as err:
+        raise CheckpointError(f"damaged checkpoint: {err}") from None
 
 
 @functools.lru_cache(maxsize=64)  # a start reads a run's few checkpoints: its scan, then the newest again
 def _read_version(file: Path, version: tuple) -> dict:
-    try:
-        state = read_json(file)
-    except FileNotFoundError:
-        raise CheckpointError(f"{file.parent}: incomplete checkpoint (no {STATE_NAME})") from None
-    except UnreadableFile as err:
-        raise CheckpointError(f"damaged checkpoint: {err}") from None
+    state = read_json(file)
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(f"{file}: not a mnist_dist training state")
     if state["format"] != STATE_FORMAT:
         older = type(state["format"]) is int and state["format"] < STATE_FORMAT
         raise CheckpointError(
             f"{file}: written by {'an earlier' if older else 'another'} mnist_dist (training state format "
-            f"{shown(state['format'])}; this one reads "
-            f"format {STATE_FORMAT}): finish the run with the version that wrote it, or start it again; its "
-            "model.safetensors and config.json still load for evaluate and predict")
+            f"{shown(state['format'])}; this one reads format {STATE_FORMAT}): finish the run with the version that "
+            "wrote it, or start it again; its model.safetensors and config.json still load for evaluate and predict")
     missing = [key for key in STATE_KEYS if key not in state]
     if missing:
         raise CheckpointError(f"{file}: damaged, it lacks {', '.join(missing)}")
@@ -159,7 +146,8 @@ def _read_version(file: Path, version: tuple) -> dict:
 def check_state(state: dict, file: Path) -> None:
     """Refuse a training state with a field of the wrong type, out of range or at odds with the others,
     naming the file and the field: nothing in it is used before it has passed."""
-    missing = [key for key in required_fields() if key not in state]
+    missing = [key for key in (f"{f.name}s" if f.name in PER_PROCESS else f.name for f in fields(TrainState))
+               if key not in state]
     if missing:
         raise CheckpointError(f"{file.parent}: {STATE_NAME} of this checkpoint lacks {', '.join(missing)}")
 
@@ -167,15 +155,13 @@ def check_state(state: dict, file: Path) -> None:
         if not ok:
             raise CheckpointError(f"{file}: damaged, field {key!r} ({shown(state.get(key))}) {what}")
 
-    for key in ("global_step", "world_size", "global_batch_size", "batch_size_flag"):
+    for key in ("global_step", "world_size", "global_batch_size", "batch_size_flag", "accumulation_flag"):
         need(is_count(state[key], 1), key, "must be an integer >= 1")
-    need(is_count(state["accumulation_flag"], 1), "accumulation_flag", "must be an integer >= 1")
-    need(is_count(state["window_norm_steps"], 0), "window_norm_steps", "must be an integer >= 0")
-    need(is_number(state["window_norm_sum"], 0), "window_norm_sum", "must be a finite number >= 0")
-    for key in ("epoch", "batch_in_epoch", "samples_seen", "epoch_samples", "window_samples"):
+    for key in ("epoch", "batch_in_epoch", "samples_seen", "epoch_samples", "window_samples", "window_norm_steps"):
         need(is_count(state[key], 0), key, "must be an integer >= 0")
-    for key in ("train_seconds", "seconds_to_first_step"):
-        need(is_number(state[key], 0) or (state[key] is None and key != "train_seconds"), key, "must be a finite number >= 0")
+    for key in ("window_norm_sum", "train_seconds", "seconds_to_first_step", "validation_seconds"):
+        need(is_number(state[key], 0) or (state[key] is None and key == "seconds_to_first_step"), key,
+             "must be a finite number >= 0")
     for key in ("epoch_loss_sums", "window_loss_sums"):  # one per process that saved the checkpoint
         sums = state[key]
         need(isinstance(sums, list) and len(sums) == state["world_size"] and all(is_number(x) for x in sums), key,
@@ -230,7 +216,8 @@ def _check_history(state: dict, need) -> None:
     split = "val" if "validation" in state["data"] else "test"  # the split each epoch was scored on
     for number, entry in enumerate(history, 1):
         need(isinstance(entry, dict) and entry.get("epoch") == number and is_count(entry.get("samples"), 0)
-             and all(is_number(entry.get(k), 0) for k in (*HISTORY_NUMBERS, *(f"{split}_{name}" for name in SCORES)))
+             and all(is_number(entry.get(k), 0) for k in ("train_loss", "seconds", "eval_seconds",
+                                                          *(f"{split}_{name}" for name in SCORES)))
              and entry[f"{split}_accuracy"] <= 1,
              "history", f"entry {number} must be epoch {number} with finite losses, {split} accuracy and times")
 
@@ -251,7 +238,6 @@ def _check_selection(state: dict, need) -> None:
     scored = [h.get("val_accuracy") for h in state["history"] if isinstance(h, dict)]
     need(best is None or all(is_number(a) and a <= best + delta for a in scored), "best_val_accuracy",
          "must be at least the history's validation accuracies (less --early-stopping-min-delta)")
-    need(is_number(state["validation_seconds"], 0), "validation_seconds", "must be a finite number >= 0")
     need(last is None or isinstance(last, dict) and is_count(last.get("step"), 1) and last["step"] <= state["global_step"]
          and all(is_number(last.get(k), 0) for k in SCORES) and last["accuracy"] <= 1
          and is_count(last.get("samples"), 1) and last["step"] >= (step or 0), "last_validation",

@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mnist_dist import checkpoint, evaluate, predict, readback
+from mnist_dist import checkpoint, evaluate, predict, readback, reporting
 
 from .helpers import check, in_process, results, train_here
 
@@ -150,16 +150,14 @@ def test_predict_refuses_nan_weights_duplicate_class_names_and_a_directory_for_a
 
 
 def test_a_best_model_out_of_step_with_results_json_makes_the_run_unfinished(run_copy, capsys):
-    from mnist_dist import runs
-
-    assert runs.read_results(run_copy)[0]["best"]["model_sha256"]  # in step as written
+    assert reporting.read_results(run_copy)[0]["best"]["model_sha256"]  # in step as written
     best = run_copy / "best" / "model.safetensors"
     with safe_open(best, "pt") as f:
         metadata = f.metadata()
     weights = load_file(best)
     weights["fc2.bias"] += 1  # a later best, written by a resume that was stopped before its results.json
     save_file(weights, best, metadata=metadata)
-    results, reported = runs.read_results(run_copy)
+    results, reported = reporting.read_results(run_copy)
     assert results is None
     assert f"describes another model than {best}" in capsys.readouterr().out
     assert reported == 4  # its checkpoint is still spared
