@@ -44,7 +44,6 @@ MAX_VAL_FRACTION = 0.5  # of the training split: past it, more is held out than 
 MAX_HIDDEN = 65_536  # units: 51M weights, 0.8 GB with Adam's moments and the gradients in fp32
 MAX_LAYERS = 8  # hidden layers of an MLP: the tutorial's question is one to three
 MAX_MLP_WEIGHTS = 2**26  # 67M: with gradients and Adam's two moments, 1 GiB in fp32
-BUILT_IN_MODELS = ("mlp", "cnn")  # model.ARCHITECTURES' names for --model; 'package.module:function' is yours
 ACTIVATION_CHOICES = ("relu", "tanh", "sigmoid", "gelu")
 NORMALIZATION_CHOICES = ("half", "dataset", "none")  # data.SCALINGS, and 'dataset': measured on the training split
 # what an evaluation reports (`metrics.summarize`) and which way is better: results.json, the histories, the
@@ -296,8 +295,11 @@ class TrainConfig:
     def _check_model(self) -> None:
         """--model names a built-in or a callable; the MLP's flags go with the MLP, --model-args with yours."""
         yours = CALLABLE.fullmatch(self.model) is not None
-        if self.model not in BUILT_IN_MODELS and not yours:
-            self._refuse("model", f"unknown model; choose {', '.join(BUILT_IN_MODELS)} or package.module:function")
+        if not yours:
+            from .model import built_in_names  # the registry's; torch loads here, after the other flags passed
+
+            if self.model not in built_in_names():
+                self._refuse("model", f"unknown model; choose {', '.join(built_in_names())} or package.module:function")
         sizes = self.hidden_sizes.split(",")
         if not (len(sizes) <= MAX_LAYERS and all(s.isascii() and s.isdigit() and 1 <= int(s) <= MAX_HIDDEN
                                                  for s in sizes)):

@@ -189,6 +189,11 @@ ARCHITECTURES = {
 }
 
 
+def built_in_names() -> list[str]:
+    """What --model accepts by name: the registry's entries (one added below it included)."""
+    return [name for name in ARCHITECTURES if name != IMPORTED]
+
+
 def architecture_of(model_flag: str) -> str:
     """The registry name `--model` gives: a built-in name, or IMPORTED for 'package.module:function'."""
     return IMPORTED if CALLABLE.fullmatch(model_flag) else model_flag

@@ -100,8 +100,8 @@ class Resume:
             was = self.state["config"]
             raise CheckpointError(
                 f"{self.path} was trained on other data: --dataset {was['dataset']} --data-dir "
-                f"{was['data_dir']} gave {_describe(self.state['data'])}, this run's --dataset {config['dataset']} "
-                f"--data-dir {config['data_dir']} gives {_describe(data)}; resume with the data it was trained on")
+                f"{was['data_dir']} gave {_data_in_words(self.state['data'])}, this run's --dataset {config['dataset']} "
+                f"--data-dir {config['data_dir']} gives {_data_in_words(data)}; resume with the data it was trained on")
 
     def check_model(self, model, named: str) -> None:
         """Refuse a model that is not the checkpoint's network (`named`'s code changed since it was saved, say),
@@ -146,5 +146,5 @@ def continued(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     return Resume.read(path).settings(cfg) if path is not None else (cfg, {})
 
 
-def _describe(data: dict) -> str:
+def _data_in_words(data: dict) -> str:
     return " and ".join(f"{s['samples']} {name} images (sha256 {s['sha256'][:12]})" for name, s in data.items())

@@ -37,8 +37,8 @@ from .readback import UnreadableFile, read_json
 from .stopping import EXIT_OUTSIDE, EXIT_PREEMPTED
 from .sweep_journal import REBUILD_HINT, Journal
 from .sweep_report import (
-    ERROR_NAME, INTERRUPTED_NAME, WORKER_LOCK, asked_whole, describe, held, median, point_key, points_of, read_outcome,
-    write_atomic, write_reports,
+    ERROR_NAME, INTERRUPTED_NAME, WORKER_LOCK, asked_whole, held, median, point_in_words, point_key, points_of,
+    read_outcome, write_atomic, write_reports,
 )
 from .sweep_spec import Spec, SpecError, read_spec
 
@@ -249,7 +249,7 @@ class Worker:
                 self.fail(number, f"seed {seed}: the run ended without a results.json with a validation score")
                 return
             scores.append(outcome[self.spec.choose_on])
-            print(f"{self.name}: trial {number} seed {seed} ({describe(params)}): {self.spec.choose_on} "
+            print(f"{self.name}: trial {number} seed {seed} ({point_in_words(params)}): {self.spec.choose_on} "
                   f"{outcome[self.spec.choose_on]:.4f}, {outcome['seconds_per_epoch']:.1f} s/epoch", flush=True)
         self.study.tell(number, median(scores))
 

@@ -68,7 +68,7 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def shown(metric: str, value: float) -> str:
+def score_text(metric: str, value: float) -> str:
     return f"{value:.2%}" if "accuracy" in metric else f"{value:.4f}"
 
 
@@ -186,9 +186,9 @@ def tally(spec: Spec, points: list[Point]) -> tuple[list[Point], list[Point], di
             continue
         point = newest.get(key)
         if point:
-            others[f"{describe(point.params)} ({point.status}{': ' + point.why if point.why else ''})"] = point.status
+            others[f"{point_in_words(point.params)} ({point.status}{': ' + point.why if point.why else ''})"] = point.status
         else:
-            others[f"{describe(dict(zip(spec.space, key)))} (not trained yet)"] = "waiting"
+            others[f"{point_in_words(dict(zip(spec.space, key)))} (not trained yet)"] = "waiting"
     if spec.points() > len(promised):
         others[f"{spec.points() - len(promised)} point(s) not drawn yet"] = "waiting"
     return list(finished.values()), list(failed.values()), others
@@ -211,10 +211,10 @@ def summary_text(spec: Spec, points: list[Point]) -> tuple[Summary, str]:
               "|" + " --- |" * (len(spec.space) + 3)]
     for p in best_first:
         seconds = median([run["seconds_per_epoch"] for run in p.runs.values()])
-        lines.append("| " + " | ".join([*(cell(p.params[n]) for n in spec.space), shown(metric, p.score),
+        lines.append("| " + " | ".join([*(cell(p.params[n]) for n in spec.space), score_text(metric, p.score),
                                         f"{seconds:.2f}", str(p.trial.number)]) + " |")
     for p in sorted(failed, key=lambda p: p.trial.number):
-        lines.append(f"\nTrial {p.trial.number} ({describe(p.params)}) failed: {p.why}")
+        lines.append(f"\nTrial {p.trial.number} ({point_in_words(p.params)}) failed: {p.why}")
     if others:
         lines.append("\nNot trained yet: " + "; ".join(others))
     among = f"among {len(finished)} of {total} points" + (f" (not trained: {'; '.join(others)})" if others else "")
@@ -223,11 +223,11 @@ def summary_text(spec: Spec, points: list[Point]) -> tuple[Summary, str]:
         return Summary(headline, chose=False, whole=whole), "\n".join(lines + ["", headline]) + "\n"
     chosen = best_first[0]
     tests = [run["test_accuracy"] for run in chosen.runs.values()]
-    headline = (f"mnist_dist.sweep: chose {among}: {describe(chosen.params)} (median {metric} "
-                f"{shown(metric, chosen.score)}); its test accuracy, median over {len(tests)} seed(s): "
+    headline = (f"mnist_dist.sweep: chose {among}: {point_in_words(chosen.params)} (median {metric} "
+                f"{score_text(metric, chosen.score)}); its test accuracy, median over {len(tests)} seed(s): "
                 f"{median(tests):.2%}; {spec.dir / SUMMARY_NAME}")
-    lines += ["", f"**Chosen on validation:** {describe(chosen.params)} (trial {chosen.trial.number}), "
-                  f"median {metric} {shown(metric, chosen.score)}; chose {among}.", "",
+    lines += ["", f"**Chosen on validation:** {point_in_words(chosen.params)} (trial {chosen.trial.number}), "
+                  f"median {metric} {score_text(metric, chosen.score)}; chose {among}.", "",
               f"**Its test accuracy** (the test set chose nothing): median {median(tests):.2%} "
               f"({', '.join(f'{a:.2%}' for a in tests)} for seeds {', '.join(map(str, spec.seeds))})."]
     return Summary(headline, chose=True, whole=whole), "\n".join(lines) + "\n"
@@ -238,7 +238,7 @@ def cell(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) and len(str(value)) > 6 else str(value)
 
 
-def describe(params: dict) -> str:
+def point_in_words(params: dict) -> str:
     return ", ".join(f"{k} {cell(v)}" for k, v in params.items())
 
 

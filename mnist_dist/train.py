@@ -24,6 +24,6 @@ def main(cfg: TrainConfig, signals: StopSignals | None = None) -> int:
 
 
 if __name__ == "__main__":
-    CLI_CONFIG = parse_args()
+    EXIT = QuickExit()  # first, so that its handler runs last: no teardown of torch once the run has ended (seconds)
     SIGNALS = StopSignals().__enter__()  # from here on a stop signal ends the run cleanly, exit 75
-    QuickExit().end(lambda: main(CLI_CONFIG, SIGNALS), then=SIGNALS.ignore_from_now)  # no torch teardown (seconds)
+    EXIT.end(lambda: main(parse_args(), SIGNALS), then=SIGNALS.ignore_from_now)  # --help, a bad flag: exit 0, 2
