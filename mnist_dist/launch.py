@@ -25,7 +25,7 @@ import psutil
 from .stopping import EXIT_OUTSIDE, EXIT_PREEMPTED, QuickExit
 
 EXIT_USAGE = 2  # the training processes refused the command (they said why)
-WAITING_NOTE_S = 10  # seconds at the rendezvous before a node says it is waiting, then every minute
+WAITING_NOTE = "MNIST_DIST_WAITING_NOTE"  # seconds at the rendezvous before a node says it waits (default 10)
 stop_signals: list[int] = []  # the signals forwarded so far
 
 
@@ -68,10 +68,11 @@ def exit_status(codes: list[int]) -> int:
     return EXIT_OUTSIDE if outside else 1
 
 
-def note_while_waiting(args) -> None:
-    """On a node of several, say where it waits while the other nodes have not joined yet (a thread)."""
-    waited = WAITING_NOTE_S
-    time.sleep(WAITING_NOTE_S)
+def note_while_waiting(args, first: float) -> None:
+    """On a node of several, say where it waits while the other nodes have not joined yet (a thread): after
+    `first` seconds, then every minute."""
+    waited = first
+    time.sleep(first)
     # num_machines is known once Accelerate has read the config file; children: the rendezvous is done
     while (args.num_machines or 1) > 1 and not psutil.Process().children():
         print(f"mnist_dist.launch: node {args.machine_rank} of {args.num_machines} has waited {waited} s for "
@@ -107,12 +108,17 @@ def main(argv: list[str] | None = None) -> int:
         print("mnist_dist.launch: error: --max_restarts: restarts are torchrun's (docs/resume.md, Fault tolerance); "
               "mnist_dist.launch stops on a signal", file=sys.stderr)
         return EXIT_USAGE
+    first = os.environ.get(WAITING_NOTE, "10")
+    if not (first.isascii() and first.isdigit() and len(first) <= 5 and 1 <= int(first) <= 86_400):
+        print(f"mnist_dist.launch: error: {WAITING_NOTE}={first[:80]!r}: must be a whole number of seconds from 1 to "
+              "86400", file=sys.stderr)
+        return EXIT_USAGE
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward_stop)
     # forward_stop does what the agent would: drop its warning that it cannot from a thread
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
         lambda record: "child thread" not in record.getMessage())
-    threading.Thread(target=note_while_waiting, args=(args,), daemon=True).start()
+    threading.Thread(target=note_while_waiting, args=(args, int(first)), daemon=True).start()
     # the launch runs in a thread and the main thread only waits, so the stop signals are handled even
     # while the launch blocks in C++ (the rendezvous); the elastic agent, away from the main thread,
     # leaves SIGTERM and SIGUSR1 to forward_stop

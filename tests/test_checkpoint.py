@@ -12,6 +12,7 @@ import time
 
 import psutil
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from mnist_dist import checkpoint
@@ -157,11 +158,40 @@ LAUNCHER_STATUS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def every_step(tmp_path_factory):
+    """The uninterrupted 2-process run of RUN with a checkpoint after every step, all kept: what a run stopped
+    at any step must have saved."""
+    out = tmp_path_factory.mktemp("every_step")
+    flags = ["--checkpoint-every", "1", "--keep-checkpoints", "100", "--output-dir", str(out)]
+    check(run(train_cmd(2, *RUN, *flags)))  # the later --checkpoint-every wins
+    return out
+
+
+def same_checkpoint(a, b) -> None:
+    """Checkpoints `a` and `b` hold the same step, weights, optimizer state and loss sums, bit for bit."""
+    def same(x, y) -> bool:  # nested state dicts of tensors
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and x.equal(y)
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):
+            return len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
+        return x == y
+
+    sa, sb = checkpoint.read_state(a), checkpoint.read_state(b)
+    for key in ("global_step", "epoch", "batch_in_epoch", "samples_seen", "epoch_samples", "epoch_loss_sums"):
+        assert sa[key] == sb[key], key
+    assert same(load_file(a / "model.safetensors"), load_file(b / "model.safetensors"))
+    load = lambda path: torch.load(path / "optimizer.bin", map_location="cpu", weights_only=False)
+    assert same(load(a), load(b))
+
+
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["2procs"])
 @pytest.mark.parametrize("launcher, sig, status", LAUNCHER_STATUS,
                          ids=[f"{l.split('.')[0]}-{s.name}" for l, s, _ in LAUNCHER_STATUS])
-def test_a_signal_to_the_launcher_checkpoints_every_process_at_the_same_step(reference, tmp_path, launcher, sig,
-                                                                             status):
+def test_a_signal_to_the_launcher_checkpoints_every_process_at_the_same_step(reference, every_step, tmp_path, launcher,
+                                                                             sig, status):
     _, ref = reference
     out = tmp_path / "out"
     proc = signal_mid_run(2, out, sig, launcher=launcher)  # to the launcher, which forwards it to every worker
@@ -171,9 +201,14 @@ def test_a_signal_to_the_launcher_checkpoints_every_process_at_the_same_step(ref
     # the main process reports; mnist_dist.launch sends Ctrl-C on as SIGTERM
     said = signal.SIGTERM if launcher == "mnist_dist.launch" and sig == signal.SIGINT else sig
     assert len(re.findall(rf"stopped by signal {said.name} after step \d+;", proc.output)) == 1, proc.output[-3000:]
-    state = checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])
+    saved = checkpoint.complete_checkpoints(out)[-1]
+    state = checkpoint.read_state(saved)
     assert state["world_size"] == 2
-    resume_matches(2, out, ref)
+    # what every launcher saved at the signal is the uninterrupted run's state at that step; that such a
+    # checkpoint resumes to the uninterrupted run's end is shown once, with the launcher slurm/train.sh uses
+    same_checkpoint(saved, every_step / "checkpoints" / f"step_{state['global_step']:08d}")
+    if (launcher, sig) == ("mnist_dist.launch", signal.SIGTERM):
+        resume_matches(2, out, ref)
 
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["2procs"])

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from mnist_dist import checkpoint
+from mnist_dist import launch as launcher
 from mnist_dist.metrics import evaluate
 from mnist_dist.model import MLP, load_model
 
@@ -280,6 +281,13 @@ def test_a_bad_command_on_two_processes_says_its_error_once(tmp_path, monkeypatc
     assert proc.stderr == ""
 
 
+@pytest.mark.parametrize("value", ["soon", "0", "99999"])
+def test_a_bad_waiting_note_is_refused_naming_the_variable(value, monkeypatch, capsys):
+    monkeypatch.setenv("MNIST_DIST_WAITING_NOTE", value)
+    assert launcher.main(["--cpu", "-m", "mnist_dist.train"]) == 2
+    assert f"MNIST_DIST_WAITING_NOTE={value!r}: must be a whole number of seconds" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_node_waiting_for_the_others_says_where_and_a_signal_ends_its_wait(tmp_path):
     port = free_port()
@@ -288,8 +296,9 @@ def test_a_node_waiting_for_the_others_says_where_and_a_signal_ends_its_wait(tmp
            "--rdzv_backend", "static", "--same_network", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "mnist_dist.train", "--cpu", "--dataset", "mnist-5k", "--output-dir", str(tmp_path / "o")]
     proc = subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"})
-    waiting = f"mnist_dist.launch: node 0 of 2 has waited 10 s for the others at 127.0.0.1:{port} (the rendezvous)"
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1",
+                                 "MNIST_DIST_WAITING_NOTE": "2"})
+    waiting = f"mnist_dist.launch: node 0 of 2 has waited 2 s for the others at 127.0.0.1:{port} (the rendezvous)"
     lines = []
     for line in proc.stdout:  # the second node never comes
         lines.append(line)
