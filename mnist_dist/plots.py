@@ -1,34 +1,37 @@
 """Pictures of a run: training curves, the confusion matrix, misclassified test digits. Plain PNG files.
 
-matplotlib draws (the Agg backend: no display needed, safe on cluster nodes); torchvision's
-`make_grid` lays out the digits. Every function writes one PNG and returns its path.
+matplotlib draws (`figure`: Agg, no display needed, safe on cluster nodes); torchvision's `make_grid`
+lays out the digits. Every function writes one PNG and returns its path.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torchvision.utils import make_grid
 
-matplotlib.use("Agg")  # files only; must come before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
-
-from . import atomic  # noqa: E402
-from .data import IMAGE_SIDE  # noqa: E402
-from .metrics import predict  # noqa: E402
+from . import atomic
+from .data import IMAGE_SIDE
+from .metrics import predict
 
 DPI = 100  # pixels per inch of figure size
 
 
-def _save(fig, path: Path) -> Path:
+def figure(**kwargs) -> Figure:
+    """A figure that Agg draws into files: no pyplot, so nothing changes the backend or the figures of a
+    program (a notebook) that imports mnist_dist."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
     path = Path(path)
-    try:
-        with atomic.replacing(path) as tmp:  # never a half-written picture
-            fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
-    finally:
-        plt.close(fig)
+    with atomic.replacing(path) as tmp:  # never a half-written picture
+        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
     return path
 
 
@@ -43,7 +46,8 @@ def curves_figure(history: list[dict], title: str = "", label_smoothing: float =
     epochs = [h["epoch"] for h in history]
     split, name = ("val", "validation") if history and "val_accuracy" in history[0] else ("test", "test")
     # constrained layout keeps axis labels clear of their tick labels, however wide those are
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    fig = figure(figsize=(10, 4), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
     # a smoothed training loss has a floor above zero: say so, or it reads as underfitting
     train_label = f"train (label smoothing {label_smoothing:g})" if label_smoothing else "train"
     loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label=train_label)
@@ -68,7 +72,8 @@ def confusion_matrix(matrix: list[list[int]], class_names: list[str], path: Path
     """Counts of (true class, predicted class), with each class's accuracy beside its row."""
     counts = torch.tensor(matrix, dtype=torch.float64)
     n = len(class_names)
-    fig, ax = plt.subplots(figsize=(7.5, 6.5), layout="constrained")
+    fig = figure(figsize=(7.5, 6.5), layout="constrained")
+    ax = fig.subplots()
     # colour by the fraction of the true class, so rare and common classes read alike
     fractions = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
     image = ax.imshow(fractions.numpy(), cmap="Blues", vmin=0, vmax=1)
@@ -93,14 +98,16 @@ def misclassified_grid(split, predicted: torch.Tensor, path: Path, limit: int = 
     wrong = (predicted != labels).nonzero().flatten()[:limit]
     side, pad = IMAGE_SIDE, 14  # pixels: the padding holds each tile's two-line label
     if len(wrong) == 0:
-        fig, ax = plt.subplots(figsize=(4, 1))
+        fig = figure(figsize=(4, 1))
+        ax = fig.subplots()
         ax.text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
         ax.axis("off")
         return _save(fig, path)
     tiles = images[wrong].view(-1, 1, side, side)
     grid = make_grid(tiles, nrow=columns, padding=pad, pad_value=255)  # [3, H, W] uint8
     rows = -(-len(wrong) // columns)
-    fig, ax = plt.subplots(figsize=(1.4 * columns, 1.4 * rows + 0.4))
+    fig = figure(figsize=(1.4 * columns, 1.4 * rows + 0.4))
+    ax = fig.subplots()
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     for k, index in enumerate(wrong.tolist()):
         x = (k % columns) * (side + pad) + pad

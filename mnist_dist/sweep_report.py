@@ -244,13 +244,13 @@ def point_in_words(params: dict) -> str:
 
 def plot_metric(spec: Spec, rows: list[dict], path: Path) -> None:
     """The metric of each finished run against each swept flag (dots: seeds; line: medians)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: the backend and figures of whoever imported this stay theirs
 
     done = [r for r in rows if r["status"] == "finished"]
-    fig, axes = plt.subplots(1, len(spec.space), figsize=(max(6.0, 4.5 * len(spec.space)), 4), squeeze=False)
+    fig = Figure(figsize=(max(6.0, 4.5 * len(spec.space)), 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(spec.space), squeeze=False)
     for ax, name in zip(axes[0], spec.space):
         axis = spec.space[name]
         at = (lambda v: axis.index(v)) if isinstance(axis, list) else float
@@ -266,11 +266,8 @@ def plot_metric(spec: Spec, rows: list[dict], path: Path) -> None:
         ax.set_ylabel(spec.choose_on)
     fig.suptitle(f"{spec.dir.name}: {spec.choose_on}, validation split (dots: seeds; line: median)", fontsize=9)
     fig.tight_layout()
-    try:
-        with atomic.replacing(path, shared=True) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
+    with atomic.replacing(path, shared=True) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -286,6 +286,21 @@ def test_an_image_over_the_pixel_budget_is_refused_before_it_is_decoded(recipe_r
     assert int(proc.stdout.split("peak_rss_kib")[1]) < 2**20  # KiB: under 1 GiB
 
 
+def test_drawing_the_pictures_leaves_a_programs_matplotlib_backend_and_figures_alone(tmp_path):
+    code = """
+import matplotlib
+matplotlib.use("svg")  # a program's own choice, made before it uses mnist_dist
+import matplotlib.pyplot as plt
+mine = plt.figure()
+from mnist_dist import plots
+plots.training_curves([{"epoch": 1, "train_loss": 0.5, "test_loss": 0.4, "test_accuracy": 0.9}], PATH)
+assert matplotlib.get_backend() == "svg" and plt.get_fignums() == [mine.number], (matplotlib.get_backend(),
+                                                                                  plt.get_fignums())
+"""
+    check(run([sys.executable, "-c", code.replace("PATH", repr(str(tmp_path / "curves.png")))]))
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 def test_the_curves_of_a_one_epoch_run_have_one_whole_epoch_tick_and_labels_clear_of_the_ticks():
     from mnist_dist import plots
 
@@ -299,7 +314,6 @@ def test_the_curves_of_a_one_epoch_run_have_one_whole_epoch_tick_and_labels_clea
         for tick in ax.get_yticklabels():
             if tick.get_text():
                 assert not label.overlaps(tick.get_window_extent(renderer)), (ax.get_ylabel(), tick.get_text())
-    plots.plt.close(fig)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for machines without a GPU")
