@@ -48,6 +48,7 @@ def evaluate_model(args: argparse.Namespace) -> dict:
 
     from . import data, plots, sources
     from .atomic import write_json
+    from .config import SCORES
     from .data import DataError
     from .distributed import check_coupled
     from .metrics import evaluate_shard
@@ -83,7 +84,7 @@ def evaluate_model(args: argparse.Namespace) -> dict:
         names = config.get("class_names") or list(test.class_names)
         report = {
             "model": str(model_path), "dataset": dataset, "data_dir": data_dir, "world_size": accelerator.num_processes,
-            "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"], "test_samples": metrics["samples"],
+            **{f"test_{name}": metrics[name] for name in SCORES}, "test_samples": metrics["samples"],
             "per_class_accuracy": dict(zip(names, metrics["per_class_accuracy"])),
             "confusion_matrix": metrics["confusion_matrix"],  # [true class][predicted class], counts
         }
