@@ -91,6 +91,22 @@ def test_a_resume_with_another_validation_fraction_is_refused(tmp_path):
         Resume(tmp_path, older).check_compatible({**config, "val_fraction": 0.1})
 
 
+def test_a_score_named_in_scores_and_computed_in_summarize_reaches_every_report_and_checkpoint(tmp_path, monkeypatch):
+    from mnist_dist import config, metrics
+
+    summarize = metrics.summarize  # a new score is these two changes, nothing else
+    monkeypatch.setitem(config.SCORES, "error", "minimize")
+    monkeypatch.setattr(metrics, "summarize", lambda sums: (m := summarize(sums)) | {"error": 1 - m["accuracy"]})
+    out = tmp_path / "out"
+    check(train_here(*RUN, "--cpu", "--max-steps", "24", "--eval-every", "12", "--output-dir", str(out)))
+    check(train_here(*RUN, "--cpu", "--max-steps", "36", "--output-dir", str(out), "--resume", "auto"))  # read back
+    r = results(out)
+    assert r["test_error"] == 1 - r["test_accuracy"] and r["validation"]["error"] == 1 - r["validation"]["accuracy"]
+    assert r["history"][0]["val_error"] == 1 - r["history"][0]["val_accuracy"]
+    assert r["best"]["test_error"] == 1 - r["best"]["test_accuracy"]
+    assert sorted(logged(out, "val/error")) == [12, 24, 36]
+
+
 @pytest.fixture(scope="module")
 def selected(tmp_path_factory):
     """One process, 6 epochs, validation every 12 steps and at each epoch end (the best: step 180 of 216)."""
