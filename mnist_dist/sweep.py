@@ -302,7 +302,7 @@ class Worker:
 
     def wait_while_locked(self, run_dir: Path) -> bool:
         """Wait for a run that a killed worker left behind (its lock still held) to end: two never share a directory."""
-        from .runs import LOCK_NAME  # here: runs imports torch, which the sweep's own process never needs
+        from .runs import LOCK_NAME  # here: runs brings in the training's modules, which a sweep needs only for this
 
         if not (run_dir / LOCK_NAME).exists():
             return True

@@ -7,7 +7,8 @@
     accelerate launch --config_file accelerate_configs/cpu.yaml -m mnist_dist.train --cpu   # N CPU processes
 
 `python -m mnist_dist.train --help` lists every flag with its default and unit. This module only reads
-the flags: --help and a bad flag are answered before torch loads (seconds); the loop is `loop.py`.
+the flags: --help and a bad value are answered before torch loads (seconds; an unknown --model is looked up
+in the model registry, which loads it); the loop is `loop.py`.
 """
 
 from __future__ import annotations
