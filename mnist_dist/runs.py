@@ -189,7 +189,9 @@ def clear(plan: Plan) -> None:
             path.unlink()
     if plan.new:
         point_latest_at(output_dir)
-    elif LATEST.is_symlink() and Path(os.readlink(LATEST)).name != output_dir.name:
+    # said where a user may expect otherwise: a new run of theirs inside outputs/, once (not on its resumes)
+    elif (not plan.continues and output_dir.absolute().parent == RUNS_ROOT.absolute() and LATEST.is_symlink()
+          and os.readlink(LATEST) != output_dir.name):
         print(f"mnist_dist: {LATEST} still points at {os.readlink(LATEST)}: it follows the runs without --output-dir")
 
 

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -178,9 +179,11 @@ class ModelSelection:
         return self.output_dir / checkpoint.BEST_DIR / WEIGHTS_NAME if self.best_weights is not None else None
 
     def weights_of(self, model) -> dict:
-        """A CPU copy of the plain model's weights, as write_outputs saves them (no DDP or compile wrapper)."""
+        """A CPU copy of the plain model's weights, as write_outputs saves them (no DDP or compile wrapper;
+        contiguous, as safetensors keeps them, whatever the model's memory format)."""
         plain = self.accelerator.unwrap_model(model, keep_torch_compile=False)
-        return {name: t.detach().cpu().clone() for name, t in plain.state_dict().items()}
+        return {name: t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+                for name, t in plain.state_dict().items()}
 
     def resumed(self, model, state, resumed) -> None:
         """Take the best model from the checkpoint resumed (`resume.Resume`), checked before anything is

@@ -235,8 +235,10 @@ class Worker:
         recorded with its error; a run ended from outside leaves the trial to the next start."""
         scores = []
         for seed in self.spec.seeds:
+            run_dir = self.spec.trial_dir(number) / f"seed-{seed}"
+            read = finished(run_dir)  # an earlier start trained it: its results are read, not launched again
             try:
-                if not self.train(number, params, seed):
+                if not read and not self.train(number, params, seed):
                     return  # stopped: the trial stays running, for the next worker to continue
             except TrialFailed as err:
                 self.fail(number, str(err))
@@ -244,13 +246,14 @@ class Worker:
             except TrialInterrupted as err:
                 self.leave(number, str(err))
                 return
-            outcome = read_outcome(self.spec.trial_dir(number) / f"seed-{seed}")
+            outcome = read_outcome(run_dir)
             if outcome is None:
                 self.fail(number, f"seed {seed}: the run ended without a results.json with a validation score")
                 return
             scores.append(outcome[self.spec.choose_on])
             print(f"{self.name}: trial {number} seed {seed} ({point_in_words(params)}): {self.spec.choose_on} "
-                  f"{outcome[self.spec.choose_on]:.4f}, {outcome['seconds_per_epoch']:.1f} s/epoch", flush=True)
+                  f"{outcome[self.spec.choose_on]:.4f}, {outcome['seconds_per_epoch']:.1f} s/epoch"
+                  + (" (trained by an earlier start)" if read else ""), flush=True)
         self.study.tell(number, median(scores))
 
     def fail(self, number: int, error: str) -> None:
@@ -276,6 +279,8 @@ class Worker:
         run_dir = self.spec.trial_dir(number) / f"seed-{seed}"
         if not self.wait_while_locked(run_dir):
             return False
+        if finished(run_dir):  # the run a killed worker left behind ended while this one waited for it
+            return True
         argv = [*launcher(self.spec), *self.spec.train_flags(params), "--seed", str(seed),
                 "--output-dir", str(run_dir), "--resume", "auto"]
         # W&B: one group per sweep, a name per run; each run's config holds its flags
@@ -416,6 +421,13 @@ def launcher(spec: Spec) -> list[str]:
            ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
     return [sys.executable, "-m", "mnist_dist.launch", *how, "--num_processes", str(spec.processes),
             "--main_process_port", str(free_port()), "-m", "mnist_dist.train"]
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` has finished: its results.json is there and describes the model beside it."""
+    from .reporting import read_results  # the training's modules: a sweep needs them only for this
+
+    return read_results(run_dir)[0] is not None
 
 
 def free_port() -> int:

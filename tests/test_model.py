@@ -228,6 +228,27 @@ def test_a_config_json_naming_an_unknown_architecture_is_refused_naming_the_file
         load_model(tmp_path)
 
 
+@pytest.mark.slow
+def test_the_cnn_trains_in_channels_last_resumes_bit_identically_and_saves_its_models_whole(tmp_path):
+    from mnist_dist.config import TrainConfig
+    from mnist_dist.data import DIGITS
+    from mnist_dist.model import new_model
+
+    from .helpers import same_weights
+
+    model, _ = new_model(TrainConfig(model="cnn"), DIGITS, (0.5, 0.5), torch.device("cpu"))
+    assert model.conv2.weight.is_contiguous(memory_format=torch.channels_last) and not model.conv2.weight.is_contiguous()
+    flags = ["--dataset", "mnist-5k", "--cpu", "--model", "cnn", "--epochs", "2", "--val-fraction", "0.1",
+             "--report-to", "none"]
+    check(train_here(*flags, "--max-steps", "45", "--output-dir", str(tmp_path / "whole")))
+    out = tmp_path / "out"
+    check(train_here(*flags, "--max-steps", "40", "--output-dir", str(out)))  # 36 steps an epoch
+    check(train_here("--resume", "auto", "--max-steps", "45", "--output-dir", str(out)))
+    assert same_weights(out, tmp_path / "whole") and same_weights(out / "best", tmp_path / "whole" / "best")
+    best, _ = load_model(out / "best")
+    assert results(out)["best"]["test_accuracy"] > 0.8 and isinstance(best.conv2, torch.nn.Conv2d)
+
+
 def test_the_graph_path_names_why_it_cannot_replay_a_model():
     from mnist_dist.config import TrainConfig
     from mnist_dist.graphs import graph_unsupported

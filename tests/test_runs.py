@@ -96,6 +96,12 @@ def test_runs_without_an_output_dir_get_fresh_directories_and_latest_points_at_t
     # --resume auto without --output-dir continues outputs/latest: finished, so nothing to do
     proc = check(train_here(*SHORT, "--seed", "1", "--resume", "auto"))
     assert f"{runs.RUNS_ROOT / second.name} holds a finished run (3 steps" in proc.stdout
+    # outputs/latest does not follow --output-dir: said for a new run of yours in outputs/, once, and not elsewhere
+    note = f"outputs/latest still points at {second.name}"
+    proc = check(train_here(*SHORT, "--max-steps", "2", "--output-dir", "outputs/mine"))
+    assert note in proc.stdout
+    assert note not in check(train_here(*SHORT, "--output-dir", "outputs/mine", "--resume", "auto")).stdout
+    assert note not in check(train_here(*SHORT, "--output-dir", "elsewhere")).stdout
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import pytest
 from mnist_dist import sweep, sweep_journal
 from mnist_dist.sweep_spec import SpecError, read_spec
 
-from .helpers import REPO, in_process, read_wandb_run, results
+from .helpers import REPO, check, in_process, read_wandb_run, results, train_here
 
 TRIAL_FLAGS = {"cpu": True, "epochs": 1, "val-fraction": 0.1, "report-to": "none"}
 
@@ -408,6 +408,26 @@ def test_a_run_killed_from_outside_leaves_its_trial_to_the_next_start_which_cont
     assert (checkpoints.parent.parent / "seed-0.log").read_text().count("resuming from") == 1
     assert [t.state.name for t in study_of(tmp_path / "sweep").get_trials()] == ["COMPLETE", "COMPLETE"]
     assert "chose among 2 of 2 points." in (tmp_path / "sweep" / "summary.md").read_text()
+
+
+def test_a_seed_whose_run_finished_is_read_and_not_launched_again(tmp_path, small_subset, capsys):
+    spec = read_spec(write_spec(tmp_path, small_subset, {"lr": "[0.001]"}, seeds="[0, 1]"))
+    study = sweep.open_study(spec)
+    worker = sweep.Worker(spec, study, "test worker", threading.Event(), {})
+    number, params, lock = worker.next_trial()
+    for seed in (0, 1):  # what an earlier start trained before it was stopped
+        run_dir = spec.trial_dir(number) / f"seed-{seed}"
+        check(train_here(*spec.train_flags(params), "--seed", str(seed), "--output-dir", str(run_dir)))
+    (spec.trial_dir(number) / "seed-1" / "results.json").unlink()  # seed 1's outputs were not complete
+    worker.run_trial(number, params)
+    lock.release()
+    out = capsys.readouterr().out
+    assert not (spec.trial_dir(number) / "seed-0.log").exists()  # read, not launched
+    assert "seed 0 (lr 0.001): val_accuracy" in out and "(trained by an earlier start)" in out.split("seed 1")[0]
+    assert "holds no checkpoint" not in (spec.trial_dir(number) / "seed-1.log").read_text()  # launched, resumed
+    assert "resuming from" in (spec.trial_dir(number) / "seed-1.log").read_text()
+    scores = [results(spec.trial_dir(number) / f"seed-{s}")["validation"]["accuracy"] for s in (0, 1)]
+    assert study.trials[number].state.name == "COMPLETE" and study.trials[number].value == statistics.median(scores)
 
 
 def test_a_study_is_rebuilt_from_its_trial_directories_keeping_each_trials_number(tmp_path):
