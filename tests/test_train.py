@@ -191,6 +191,37 @@ def test_accelerate_config_loads_with_accelerates_own_loader(name):
     # the CPU config is run for real by the multi-process tests in test_distributed.py
 
 
+FAULTS_PER_STEP = """
+import resource, sys, torch, torch.nn.functional as F
+from mnist_dist.model import CNN
+from mnist_dist.resources import keep_freed_memory
+torch.manual_seed(0)
+model = CNN().to(memory_format=torch.channels_last)
+optimizer = torch.optim.Adam(model.parameters(), fused=True)
+images, labels = torch.randn(128, 784), torch.randint(0, 10, (128,))
+def faults(steps=5):  # page faults a training step takes, once warm
+    for _ in range(2 * steps):
+        if _ == steps:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
+default = faults()
+applied = keep_freed_memory()
+print(default, applied, faults())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_a_training_step_keeps_the_memory_it_frees_instead_of_faulting_it_in_again():
+    default, applied, kept = check(run([sys.executable, "-c", FAULTS_PER_STEP])).stdout.split()
+    assert applied == "True" and float(kept) < float(default) / 10, (default, kept)
+    # a malloc setting of the user's is theirs
+    code = "from mnist_dist.resources import keep_freed_memory; print(keep_freed_memory())"
+    assert check(run([sys.executable, "-c", code], env={"MALLOC_TRIM_THRESHOLD_": "268435456"})).stdout == "False\n"
+
+
 @pytest.mark.parametrize("flags, env, threads", [
     ([], {"OMP_NUM_THREADS": "2"}, 2),
     pytest.param(["--cpu-threads", "2"], {"OMP_NUM_THREADS": "1"}, 2, marks=pytest.mark.slow),
