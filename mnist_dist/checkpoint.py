@@ -44,13 +44,13 @@ def save(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: in
     tmp = final.with_name(final.name + ".tmp")
     failure = None
     if accelerator.is_main_process:
-        failure = written(tmp, make_empty, tmp)
+        failure = failure_writing(tmp, make_empty, tmp)
     if not any_process(accelerator, failure is not None):  # every process waits here, whoever failed
-        failure = written(tmp, accelerator.save_state, str(tmp))  # model, optimizer, RNG states, ...
+        failure = failure_writing(tmp, accelerator.save_state, str(tmp))  # model, optimizer, RNG states, ...
     if not any_process(accelerator, failure is not None) and accelerator.is_main_process:
-        failure = written(tmp, _complete, tmp, final, state, model_config, best)
+        failure = failure_writing(tmp, _complete, tmp, final, state, model_config, best)
     if not failure and accelerator.is_main_process:
-        failure = written(final.parent, rotate, output_dir, state["run_id"], keep, spare)
+        failure = failure_writing(final.parent, rotate, output_dir, state["run_id"], keep, spare)
     if any_process(accelerator, failure is not None):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -58,7 +58,7 @@ def save(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: in
     return final
 
 
-def written(path: Path, write, *args) -> str | None:
+def failure_writing(path: Path, write, *args) -> str | None:
     """`write(*args)`, which writes under `path`; None when it worked, else what to tell the user."""
     try:
         write(*args)

@@ -46,8 +46,9 @@ MAX_LAYERS = 8  # hidden layers of an MLP: the tutorial's question is one to thr
 MAX_MLP_WEIGHTS = 2**26  # 67M: with gradients and Adam's two moments, 1 GiB in fp32
 ACTIVATION_CHOICES = ("relu", "tanh", "sigmoid", "gelu")
 NORMALIZATION_CHOICES = ("half", "dataset", "none")  # data.SCALINGS, and 'dataset': measured on the training split
-# what an evaluation reports (`metrics.summarize`) and which way is better: results.json, the histories, the
-# trackers ({split}/{name}) and sweeps (choose_on val_{name}) all take the names from here
+# what an evaluation reports (`metrics.summarize`; numbers >= 0) and which way is better: results.json, the
+# histories, the trackers ({split}/{name}) and sweeps (choose_on val_{name}) all take the names from here; a
+# new one changes what a checkpoint holds: raise train_state.STATE_FORMAT with it
 SCORES = {"loss": "minimize", "accuracy": "maximize"}
 CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # --model package.module:function
 MAX_BATCH = 1_048_576  # samples: past any dataset this package reads
@@ -296,7 +297,7 @@ class TrainConfig:
         """--model names a built-in or a callable; the MLP's flags go with the MLP, --model-args with yours."""
         yours = CALLABLE.fullmatch(self.model) is not None
         if not yours:
-            from .model import built_in_names  # the registry's; torch loads here, after the other flags passed
+            from .model import built_in_names  # the registry's names: this loads torch (1-4 s), as a run would next
 
             if self.model not in built_in_names():
                 self._refuse("model", f"unknown model; choose {', '.join(built_in_names())} or package.module:function")

@@ -28,7 +28,7 @@ from .distributed import (
 from .graphs import EpochGraph, resolve_data_path
 from .model import INPUT_SIZE, left_as_found, new_model
 from .reporting import Reporter, TrainingError
-from .resources import ProfiledSteps, keep_freed_memory, peak_memory_mib, training_flops_per_sample
+from .resources import ProfiledSteps, peak_memory_mib, training_flops_per_sample
 from .resume import Resume
 from .selection import EvaluationError, ModelSelection, RunData, Scorer, load_run_data
 from .steps import EagerSteps, NonFiniteGuard, StepRunner, make_optimizer, make_scheduler, step_samples
@@ -78,7 +78,6 @@ def train(cfg: TrainConfig, signals: StopSignals | None = None) -> dict:
     """Train as `cfg` says into a run directory of its own; write results.json and the model (main
     process); return the results. Raises `Preempted` when SIGTERM or SIGUSR1 arrives (or the launcher
     dies), after saving a checkpoint if training had begun. `signals`: handlers the CLI installed early."""
-    keep_freed_memory()  # before the first step's allocations
     cfg, taken = resume.continued(cfg.validate())  # a resume takes the checkpoint's value of every flag not given
     source, local = sources.dataset_source(cfg.dataset)
     if local:  # a dataset directory, made absolute: the same run (and resume) from any working directory

@@ -184,7 +184,10 @@ ARCHITECTURES = {
     "mlp": Architecture(lambda shape, classes, o: MLP(math.prod(shape), tuple(o["hidden_sizes"]), classes,
                                                       o["activation"], o["dropout"], o["batch_norm"]),
                         _mlp_options, _check_mlp),
-    "cnn": Architecture(lambda shape, classes, o: CNN(classes), lambda cfg: {}, no_options),
+    # channels_last: the weights' memory order, not their values; torch's kernels for it took 1.4-1.6x less time
+    # a step of the CNN on the 2-core CPU VM (docs/speed.md), and cuDNN prefers it for convolutions
+    "cnn": Architecture(lambda shape, classes, o: CNN(classes).to(memory_format=torch.channels_last), lambda cfg: {},
+                        no_options),
     IMPORTED: Architecture(build_imported, _imported_options, _check_imported),
 }
 
@@ -215,10 +218,6 @@ def new_model(cfg, class_names, stats: tuple[float, float], device: torch.device
     entry = {"architecture": name, "input_size": INPUT_SIZE, "num_classes": num_classes,
              "options": ARCHITECTURES[name].options(cfg)}
     model = build_model(entry)
-    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        # the kernels torch picks for weights in channels_last train the CNN 1.4-1.6x faster a step on the 2-core
-        # CPU VM (benchmarks/README.md); the layout is the weights' strides, their values and names stay
-        model = model.to(memory_format=torch.channels_last)
     check_output(model, num_classes, cfg.model)
     entry |= {"parameters": parameter_count(model),  # said, not read back
               "normalization": {"mean": stats[0], "std": stats[1], "pixel_scale": 255}, "dataset": cfg.dataset,

@@ -1,5 +1,6 @@
 """What a run tells people and keeps: the progress bar and the lines it says, the trackers and
-metrics.jsonl (`Reporter`), and at the end results.json, the model and its pictures (`write_outputs`).
+metrics.jsonl (`Reporter`), and at the end results.json, the model and its pictures (`write_outputs`);
+results.json read back and checked (`read_results`), as a resume and a sweep decide by it.
 
 Only the main process says or writes anything; collectives (the loss sums, each process's peak memory)
 are taken by every process.
@@ -11,12 +12,11 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
-
-from typing import TYPE_CHECKING
 
 from . import atomic, checkpoint, tracking
 from .checkpoint import CheckpointError, DiskError

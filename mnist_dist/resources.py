@@ -32,13 +32,15 @@ def keep_freed_memory() -> bool:
     """Let glibc's malloc keep the blocks a step or an evaluation frees for the next one: it hands blocks over
     128 KiB (the CNN's activations: MBs) back to the OS, and the next batch faults them in again page by page.
     Kept (up to 1 GiB; blocks over 32 MiB, the datasets, still go back), `--model cnn` on mnist-5k took 3.6-4.0
-    s to evaluate instead of 6.2-8.6 and 12.2-12.3 s end to end instead of 15.2-17.8, on the 2-core CPU VM
-    (docs/speed.md). Linux with glibc, and no malloc setting of the user's; returns whether it applied. The
-    numbers computed are the same."""
+    s to evaluate instead of 6.2-8.6 on the 2-core CPU VM (docs/speed.md). For a process of the run's own
+    (`python -m mnist_dist.train`): Linux with glibc, and no malloc setting of the user's; returns whether it
+    applied. The numbers computed are the same."""
     if sys.platform != "linux" or any(name in os.environ for name in MALLOC_SETTINGS):
         return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # None: another C library (musl)
-    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, 32 * 2**20) and mallopt(M_TRIM_THRESHOLD, 2**30))
+    if mallopt is None:
+        return False
+    return all([mallopt(M_MMAP_THRESHOLD, 32 * 2**20), mallopt(M_TRIM_THRESHOLD, 2**30)])  # 1: set
 
 
 def peak_memory_mib(device: torch.device) -> float:

@@ -169,7 +169,7 @@ class ModelSelection:
         best, failure = self.output_dir / checkpoint.BEST_DIR, None
         meta = {"step": state.best_step, "val_accuracy": state.best_val_accuracy}
         if self.accelerator.is_main_process:
-            failure = checkpoint.written(best, write_best_dir, best, self.best_weights, self.model_cfg,
+            failure = checkpoint.failure_writing(best, write_best_dir, best, self.best_weights, self.model_cfg,
                                          {"format": "pt", checkpoint.BEST_KEY: json.dumps(meta)})
         if any_process(self.accelerator, failure is not None):
             raise DiskError(failure or f"the main process could not write {best}")

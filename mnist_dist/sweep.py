@@ -236,9 +236,9 @@ class Worker:
         scores = []
         for seed in self.spec.seeds:
             run_dir = self.spec.trial_dir(number) / f"seed-{seed}"
-            read = finished(run_dir)  # an earlier start trained it: its results are read, not launched again
+            trained_before = finished(run_dir)  # by an earlier start: its results are read, not launched again
             try:
-                if not read and not self.train(number, params, seed):
+                if not trained_before and not self.train(number, params, seed):
                     return  # stopped: the trial stays running, for the next worker to continue
             except TrialFailed as err:
                 self.fail(number, str(err))
@@ -253,7 +253,7 @@ class Worker:
             scores.append(outcome[self.spec.choose_on])
             print(f"{self.name}: trial {number} seed {seed} ({point_in_words(params)}): {self.spec.choose_on} "
                   f"{outcome[self.spec.choose_on]:.4f}, {outcome['seconds_per_epoch']:.1f} s/epoch"
-                  + (" (trained by an earlier start)" if read else ""), flush=True)
+                  + (" (trained by an earlier start)" if trained_before else ""), flush=True)
         self.study.tell(number, median(scores))
 
     def fail(self, number: int, error: str) -> None:
@@ -307,7 +307,7 @@ class Worker:
 
     def wait_while_locked(self, run_dir: Path) -> bool:
         """Wait for a run that a killed worker left behind (its lock still held) to end: two never share a directory."""
-        from .runs import LOCK_NAME  # here: runs brings in the training's modules, which a sweep needs only for this
+        from .runs import LOCK_NAME  # here: --help answers before torch loads
 
         if not (run_dir / LOCK_NAME).exists():
             return True
@@ -425,7 +425,7 @@ def launcher(spec: Spec) -> list[str]:
 
 def finished(run_dir: Path) -> bool:
     """Whether the run in `run_dir` has finished: its results.json is there and describes the model beside it."""
-    from .reporting import read_results  # the training's modules: a sweep needs them only for this
+    from .reporting import read_results  # here: --help answers before torch loads
 
     return read_results(run_dir)[0] is not None
 

@@ -155,6 +155,13 @@ class Cluster:
                            f"see {self.root / 'log'}")
 
 
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[0] not in ("start", "stop"):
         print(__doc__)
@@ -171,10 +178,3 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
-
-
-def _running(process: psutil.Process) -> bool:
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
