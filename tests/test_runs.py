@@ -236,12 +236,18 @@ def test_a_resume_named_through_a_link_or_dots_with_overwrite_never_removes_the_
     assert steps_of_checkpoints(out) == [1, 2, 3]
 
 
-def test_a_best_model_of_the_wrong_shape_in_a_checkpoint_is_refused_before_best_is_written(tmp_path):
+def run_with_best_copies(tmp_path):
+    """A run validated every step and checkpointed every 2, stopped at step 4: (its directory, its flags,
+    the copy of best/ in its step-4 checkpoint)."""
     out = tmp_path / "out"
     flags = [*SHORT[:-4], "--report-to", "none", "--val-fraction", "0.1", "--eval-every", "1",
              "--checkpoint-every", "2", "--output-dir", str(out)]
     check(train_here(*flags, "--max-steps", "4"))
-    copy = out / "checkpoints" / "step_00000004" / checkpoint.BEST_IN_CHECKPOINT
+    return out, flags, out / "checkpoints" / "step_00000004" / checkpoint.BEST_IN_CHECKPOINT
+
+
+def test_a_best_model_of_the_wrong_shape_in_a_checkpoint_is_refused_before_best_is_written(tmp_path):
+    out, flags, copy = run_with_best_copies(tmp_path)
     with safe_open(copy, "pt") as f:  # valid metadata, other shapes
         metadata = f.metadata()
     save_file({"fc1.weight": torch.zeros(3, 784), "fc1.bias": torch.zeros(3), "fc2.weight": torch.zeros(10, 3),
@@ -259,11 +265,7 @@ def test_a_best_model_of_the_wrong_shape_in_a_checkpoint_is_refused_before_best_
 
 
 def test_resume_auto_goes_back_past_a_checkpoint_whose_best_model_metadata_is_damaged(tmp_path):
-    out = tmp_path / "out"
-    flags = [*SHORT[:-4], "--report-to", "none", "--val-fraction", "0.1", "--eval-every", "1",
-             "--checkpoint-every", "2", "--output-dir", str(out)]
-    check(train_here(*flags, "--max-steps", "4"))
-    copy = out / "checkpoints" / "step_00000004" / checkpoint.BEST_IN_CHECKPOINT
+    out, flags, copy = run_with_best_copies(tmp_path)
     save_file(load_file(copy), copy, metadata={"format": "pt", checkpoint.BEST_KEY: '{"step": "four"}'})
     proc = check(train_here(*flags, "--max-steps", "6", "--resume", "auto"))
     assert f"warning: skipping {copy.parent}: {copy}: damaged metadata" in proc.stdout
