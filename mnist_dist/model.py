@@ -67,7 +67,7 @@ class MLP(nn.Module):
 
 class CNN(nn.Module):
     """A small convolutional net in the spirit of pytorch/examples' MNIST one, cheaper: two 3x3 convolutions
-    (16, 32 channels, padded), each followed by BatchNorm, ReLU and 2x2 max pooling (28 -> 14 -> 7), a
+    (16, 32 channels, padded), each followed by BatchNorm, 2x2 max pooling and ReLU (28 -> 14 -> 7), a
     128-unit layer, dropout and the logits."""
 
     def __init__(self, num_classes: int = 10, dropout: float = 0.25):
@@ -79,8 +79,10 @@ class CNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.view(-1, *IMAGE_SHAPE)  # [batch, 784] -> [batch, 1, 28, 28]
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        # ReLU after the pooling: the same numbers (ReLU is monotonic, so it commutes with max pooling, and the
+        # same gradients), on a quarter of the elements: 20-40% of a step on a 2-core CPU (docs/speed.md)
+        x = F.relu(F.max_pool2d(self.bn1(self.conv1(x)), 2))
+        x = F.relu(F.max_pool2d(self.bn2(self.conv2(x)), 2))
         x = F.dropout(F.relu(self.fc1(x.flatten(1))), self.dropout, self.training)
         return self.fc2(x)
 
