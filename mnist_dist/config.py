@@ -417,12 +417,14 @@ class LaunchedParser(argparse.ArgumentParser):
         super().error(message)
 
 
-def build_parser(prog: str = "python -m mnist_dist.train", defaults: bool = True) -> argparse.ArgumentParser:
+TRAIN_DESCRIPTION = ("Train an MNIST classifier (the record: an MLP 784-256-10) with Hugging Face Accelerate on CPU, "
+                     "one GPU or many.")
+
+
+def build_parser(prog: str = "python -m mnist_dist.train", defaults: bool = True,
+                 description: str = TRAIN_DESCRIPTION) -> argparse.ArgumentParser:
     """The flags of TrainConfig; with `defaults=False` a parse returns only the flags given."""
-    parser = LaunchedParser(
-        prog=prog, description="Train an MNIST classifier (the record: an MLP 784-256-10) with Hugging Face Accelerate "
-                                "on CPU, one GPU or many.",
-    )
+    parser = LaunchedParser(prog=prog, description=description)
     hints = typing.get_type_hints(TrainConfig)
     for f in flags():
         flag, kind, help = "--" + f.name.replace("_", "-"), _flag_type(hints[f.name]), f.metadata["help"]
@@ -448,10 +450,11 @@ def _not_a_number(name: str):
     raise ValueError(f"{name} is not a number JSON files hold; the run's config.json could not")
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+def parse_args(argv: list[str] | None = None, prog: str = "python -m mnist_dist.train",
+               description: str = TRAIN_DESCRIPTION) -> TrainConfig:
     """Flags -> a validated TrainConfig that knows which flags were given; a bad value exits with status 2
-    and a message naming the flag."""
-    parser = build_parser()
+    and a message naming the flag. `prog`: the command that reads them (mnist_dist.doctor reads the run's)."""
+    parser = build_parser(prog, description=description)
     # a recipe sets the defaults of the flags it names; anything given explicitly still wins
     known, _ = parser.parse_known_args(argv)
     recipe = RECIPES.get(known.recipe, {})

@@ -6,6 +6,7 @@
 #   sbatch --nodes=4 --gpus-per-node=8 slurm/train.sh --epochs 20         # 4 nodes
 #   MNIST_DIST_CPU=1 sbatch --nodes=2 slurm/train.sh                      # CPU-only nodes (gloo)
 #   sbatch --array=0-4 --output=%x-%A_%a.out slurm/train.sh               # 5 runs: --seed 0..4
+#   sbatch --nodes=4 --gpus-per-node=8 slurm/train.sh --doctor [flags]     # check the nodes first (docs/hangs.md)
 #
 # Requests: one task per node runs that node's launcher and every training process on it, so
 # give it the node's GPUs (--gpus-per-node, or --gres=gpu:N) and CPUs (--cpus-per-task, or
@@ -42,6 +43,12 @@
 #SBATCH --requeue
 
 set -euo pipefail
+
+module=mnist_dist.train
+if [ "${1:-}" = --doctor ]; then  # mnist_dist.doctor, launched as the run would be, with the run's flags
+    module=mnist_dist.doctor
+    shift
+fi
 
 if [ -n "${MNIST_DIST_ACTIVATE:-}" ]; then
     eval "$MNIST_DIST_ACTIVATE"
@@ -106,15 +113,15 @@ srun --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
     fi
     if [ $(( $0 * per_node )) -eq 1 ]; then  # a single process: no rendezvous
         if [ -z "${MNIST_DIST_ACCELERATE_CONFIG:-}" ]; then
-            exec python -m mnist_dist.train "${@:3}"
+            exec python -m "$3" "${@:4}"
         fi
-        exec python -m mnist_dist.launch "${launch_flags[@]}" --num_processes 1 -m mnist_dist.train "${@:3}"
+        exec python -m mnist_dist.launch "${launch_flags[@]}" --num_processes 1 -m "$3" "${@:4}"
     fi
     exec python -m mnist_dist.launch "${launch_flags[@]}" \
         --multi_gpu --num_machines "$0" --num_processes $(( $0 * per_node )) \
         --machine_rank "$SLURM_NODEID" --main_process_ip "$1" --main_process_port "$2" \
-        --rdzv_backend static --same_network -m mnist_dist.train "${@:3}"
-' "$nodes" "$main_ip" "$port" "${train_flags[@]}" "$@" &
+        --rdzv_backend static --same_network -m "$3" "${@:4}"
+' "$nodes" "$main_ip" "$port" "$module" "${train_flags[@]}" "$@" &
 srun_pid=$!
 
 status=0

@@ -12,7 +12,7 @@ from mnist_dist.sweep_spec import read_spec
 from .helpers import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-ENTRY_POINTS = {"train", "evaluate", "predict", "launch", "sweep"}
+ENTRY_POINTS = {"train", "evaluate", "predict", "launch", "sweep", "doctor"}
 SHELL_OPERATORS = {"&&", "||", "|", ";", ">", ">>", "2>&1", "&"}
 
 
@@ -45,6 +45,8 @@ def commands(text: str) -> list[tuple[str, list[str]]]:
             module = named[1] if named else scripts.get(word)
             if module:
                 rest = words[i + 1:]
+                if module == "train" and rest[:1] == ["--doctor"]:  # slurm/train.sh --doctor FLAGS
+                    module, rest = "doctor", rest[1:]
                 cut = next((j for j, w in enumerate(rest) if w in SHELL_OPERATORS), len(rest))
                 found.append((module, rest[:cut]))
     return found
@@ -55,7 +57,7 @@ def parse(module: str, argv: list[str]) -> None:
     without arguments (prose naming `python -m mnist_dist.launch`) must name an entry point."""
     if not argv and module in ENTRY_POINTS and module != "train":
         return
-    if module == "train":
+    if module in ("train", "doctor"):  # the doctor takes the run's flags
         config.parse_args(argv)  # the values checked too (TrainConfig.validate)
     elif module == "evaluate":
         evaluate.build_parser().parse_args(argv)

@@ -196,3 +196,13 @@ def test_a_gpu_job_that_finds_no_gpu_says_what_to_do(cluster, tmp_path):
     log = job_log(tmp_path, job_id)
     assert proc.returncode != 0
     assert "mnist_dist: no GPU on" in log and "MNIST_DIST_CPU=1" in log and "command not found" not in log
+
+
+def test_the_doctor_checks_both_nodes_as_the_run_would_launch(cluster, tmp_path):
+    proc, job_id = submit(cluster, tmp_path, "--nodes=2", flags=["--doctor", "--dataset", "mnist-5k"])
+    log = job_log(tmp_path, job_id)
+    assert proc.returncode == 0, log[-3000:]
+    assert "mnist_dist.doctor: 2 process(es), backend gloo" in log and "all well" in log
+    assert re.search(r"^ok\s+0\s+\S+\s+0\s+cpu", log, re.M) and re.search(r"^ok\s+1\s+\S+\s+0\s+cpu", log, re.M)
+    assert re.search(r"all-reduce \(gloo\) of 64 MiB: [\d.]+ ms, bus bandwidth [\d.]+ GB/s", log)
+    assert not (tmp_path / "outputs" / f"slurm-{job_id}").exists()  # the doctor trains nothing, writes nothing
