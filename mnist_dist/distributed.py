@@ -6,10 +6,15 @@ averaged by the DDP that `accelerator.prepare` wraps the model in: gloo on CPUs,
 from __future__ import annotations
 
 import contextlib
+import faulthandler
+import math
 import os
+import re
+import signal
 import socket
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -34,6 +39,11 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     join_restarted_group(cfg)
     if cfg.deterministic:  # cuBLAS reads it when CUDA starts (torch's reproducibility notes)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # NCCL's flight recorder: the last collectives of each process, dumped when one times out (docs/hangs.md);
+    # read when the process group starts. Yours win.
+    if not ({"TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"} & set(os.environ)):  # the second: its old name
+        os.environ["TORCH_FR_BUFFER_SIZE"] = "2000"  # collectives kept per process group
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
     accelerator = Accelerator(
         cpu=cfg.cpu,
         log_with=tracking.log_with(cfg) or None,  # trackers run on the main process only
@@ -226,6 +236,75 @@ def process_hosts(accelerator: Accelerator) -> list[str]:
     return gather_object([socket.gethostname()])
 
 
+class StallWatch:
+    """Where each process is when a run stalls: its Python stack, all threads, into OUTPUT_DIR/stacks/rank-N.txt
+    (faulthandler, so also while the main thread waits inside a collective). Written on SIGUSR2 at any time
+    (training goes on), and by a watchdog thread when this process has taken no training step for most of
+    --timeout: before the collective that waits for it gives up. NCCL's flight recorder dumps beside them.
+    Files left empty are removed at the end."""
+
+    REARM_S = 1.0  # the watchdog is re-armed at most once a second: re-arming starts a thread (~50 us)
+
+    def __init__(self, accelerator: Accelerator, run_dir: str | Path, timeout: int):
+        self.accelerator, self.timeout = accelerator, timeout
+        self.dir = Path(run_dir) / "stacks"
+        self.dir.mkdir(exist_ok=True)
+        self.path = self.dir / f"rank-{accelerator.process_index}.txt"
+        self.file = open(self.path, "a")  # appended: a resumed run's earlier stacks stay
+        faulthandler.register(signal.SIGUSR2, file=self.file, all_threads=True)
+        os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", str(self.dir / "nccl_trace_rank_"))  # read at its dump
+        # a group of its own to name who is missing: the run's may be broken after a timeout (a collective)
+        self.group = dist.new_group(backend="gloo") if accelerator.num_processes > 1 else None
+        # fire before the collective's own timeout, so that a waiting process's stack shows the wait
+        self.after = max(1.0, timeout - min(5.0, timeout / 5))
+        self.armed_at = -math.inf
+
+    def step(self) -> None:
+        """A training step began: the watchdog's count starts again (cheap; called every step)."""
+        now = time.monotonic()
+        if now - self.armed_at >= self.REARM_S:
+            faulthandler.dump_traceback_later(self.after, file=self.file)
+            self.armed_at = now
+
+    def pause(self) -> None:
+        """Between stretches of steps: evaluations and checkpoints may take longer than --timeout."""
+        faulthandler.cancel_dump_traceback_later()
+        self.armed_at = -math.inf
+
+    def dump(self, why: str, err: BaseException) -> None:
+        """A line that says why, and where `err` was raised: the collective this process waited in."""
+        self.file.write(f"mnist_dist: rank {self.accelerator.process_index}: {why}:\n")
+        self.file.writelines(traceback.format_exception(err))
+        self.file.flush()
+
+    def missing(self) -> list[int]:
+        """After a collective failed: the ranks that do not come to a monitored barrier within min(--timeout,
+        30 s), as this process sees it (the main process names every one; another can only name the main)."""
+        if self.group is None:
+            return []
+        try:
+            dist.monitored_barrier(group=self.group, timeout=timedelta(seconds=min(self.timeout, 30)),
+                                   wait_all_ranks=True)
+        except RuntimeError as err:
+            return failed_ranks(err)
+        return []
+
+    def close(self) -> None:
+        self.pause()
+        faulthandler.unregister(signal.SIGUSR2)  # back to what it was: ignored (stopping.StopSignals)
+        self.file.close()
+        if self.path.stat().st_size == 0:
+            self.path.unlink()
+        with contextlib.suppress(OSError):  # not empty: another process's file, or a dump
+            self.dir.rmdir()
+
+
+def failed_ranks(err: BaseException) -> list[int]:
+    """The ranks torch's monitored barrier names in its error ('Ranks 1, 2 failed to pass monitoredBarrier')."""
+    found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(err))
+    return [int(r) for r in found.group(1).replace(",", " ").split()] if found else []
+
+
 class LostPeers(RuntimeError):
     """A collective failed (`lost_peer`): the message names the step and the processes waited for."""
 
@@ -235,13 +314,18 @@ def lost_peer(err: BaseException) -> bool:
     return isinstance(err, torch.distributed.DistError) or "gloo/transport" in str(err)
 
 
-def peers_message(accelerator: Accelerator, hosts: list[str], timeout: int, step: int, err: BaseException) -> str:
-    """What a process tells when a collective failed (`lost_peer`): where, and whom it waited for."""
+def peers_message(accelerator: Accelerator, hosts: list[str], timeout: int, step: int, err: BaseException,
+                  missing: list[int], stacks: Path) -> str:
+    """What a process tells when a collective failed (`lost_peer`): where, whom it waited for, which of them
+    did not come to the monitored barrier after it (`StallWatch.missing`), and where the stacks are."""
     rank = accelerator.process_index
     others = ", ".join(f"rank {r} on {host}" for r, host in enumerate(hosts) if r != rank)
     what = f"waited more than --timeout {timeout} s for" if "Timed out" in str(err) else "lost its connection to"
-    return (f"process {rank} {what} the other processes ({others}) after step {step}: one of them is stalled or "
-            "gone. The checkpoints hold the last saved state; resume with --resume auto once every node is healthy")
+    named = ", ".join(f"rank {r} on {hosts[r]}" for r in missing if r < len(hosts))
+    who = f"{named} did not come (stalled or gone)" if named else "one of them is stalled or gone"
+    return (f"process {rank} {what} the other processes ({others}) after step {step}: {who}. Each process's "
+            f"Python stack: {stacks}/rank-N.txt (docs/hangs.md). The checkpoints hold the last saved state; resume "
+            "with --resume auto once every node is healthy")
 
 
 def compiled_with(accelerator: Accelerator) -> str:

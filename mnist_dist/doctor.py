@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -147,12 +146,6 @@ def compare_rows(rows: list[dict]) -> None:
                 row["problems"].append(f"{key} {row[key]}, the main process's {first[key]}")
 
 
-def missing_ranks(err: BaseException) -> list[int]:
-    """The ranks torch's monitored barrier names in its error ('Ranks 1, 2 failed to pass monitoredBarrier')."""
-    found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(err))
-    return [int(r) for r in found.group(1).replace(",", " ").split()] if found else []
-
-
 def all_reduce_times(world: int, device) -> list[dict]:
     """A timed all-reduce of a small and a 64 MiB float32 tensor: the median time, and the bus bandwidth as
     nccl-tests reckons it (size / time x 2 (n-1) / n: the bytes each link carries)."""
@@ -269,7 +262,9 @@ def not_answered(accelerator, row: dict, hosts: list[str], err: BaseException, t
         print(f"mnist_dist.doctor: rank {row['rank']}: the main process (rank 0 on {hosts[0]}) did not answer within "
               f"--timeout {timeout} s ({err})", file=sys.stderr, flush=True)
         return 1
-    missing = missing_ranks(err)
+    from .distributed import failed_ranks
+
+    missing = failed_ranks(err)
     rows = [row] + [{"rank": r, "host": hosts[r], "problems": [f"did not answer within --timeout {timeout} s"
                                                                if r in missing else "answered; its checks were not gathered"]}
                     for r in range(1, accelerator.num_processes)]

@@ -151,6 +151,7 @@ class EpochGraph(StepRunner):
     run eagerly. Each step's loss sum goes to `losses[step]`, on the device."""
 
     logs_live = False  # a whole epoch is one launch: its log windows are written after it
+    on_step = staticmethod(lambda: None)
 
     def __init__(self, model, optimizer, guard: NonFiniteGuard, inputs: torch.Tensor, labels: torch.Tensor,
                  batch_size: int, seed: int, label_smoothing: float = 0.0, capture: bool = True):
@@ -176,6 +177,7 @@ class EpochGraph(StepRunner):
 
     def run(self, start: int, stop: int) -> None:
         """Steps [start, stop) of the current epoch."""
+        self.on_step()
         if not (self.capture and (start, stop) == (0, self.steps)):
             self._eager(start, stop)
         else:

@@ -7,7 +7,8 @@ thread of this process. What it changes, for schedulers and scripts that read th
 - SIGTERM and SIGUSR1 (and Ctrl-C) go to every training process, which saves a checkpoint; the status is 75
   when all did (`accelerate launch` exits 143 on SIGTERM and dies on SIGUSR1, torchrun exits 1);
 - a command the training processes refuse ends it with their 2, not a ChildFailedError page;
-- a node that waits for the others at the rendezvous says so, and a signal ends its wait.
+- a node that waits for the others at the rendezvous says so, and a signal ends its wait;
+- SIGUSR2 goes to every training process, which writes its Python stack (docs/hangs.md) and goes on.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def forward_stop(signum, frame) -> None:
         worker.send_signal(sent)
     print(f"mnist_dist.launch: {signal.Signals(signum).name} sent on as {signal.Signals(sent).name} to {len(workers)} "
           "training process(es); they stop at their next check with a checkpoint", file=sys.stderr, flush=True)
+
+
+def forward_stacks(signum, frame) -> None:
+    """SIGUSR2: every training process writes its Python stack into the run's stacks/ and trains on."""
+    for worker in psutil.Process().children():
+        worker.send_signal(signal.SIGUSR2)
 
 
 def exit_status(codes: list[int]) -> int:
@@ -115,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward_stop)
+    signal.signal(signal.SIGUSR2, forward_stacks)
     # forward_stop does what the agent would: drop its warning that it cannot from a thread
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
         lambda record: "child thread" not in record.getMessage())

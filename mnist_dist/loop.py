@@ -22,7 +22,7 @@ from .clock import since_process_start
 from .config import SCORES, ConfigError, TrainConfig
 from .data import DataError, DeviceBatches, normalize
 from .distributed import (
-    CoreWatch, LaunchError, LostPeers, agree_to_stop, any_process, build_accelerator, compiled_with, core_watch, decided_by_main,
+    CoreWatch, LaunchError, LostPeers, StallWatch, agree_to_stop, any_process, build_accelerator, compiled_with, core_watch, decided_by_main,
     lost_peer, peers_message, per_process, process_hosts, use_output_dir,
 )
 from .graphs import EpochGraph, resolve_data_path
@@ -64,6 +64,7 @@ class Run:
     guard: NonFiniteGuard
     watch: CoreWatch | None  # None unless a lone CPU process took its threads from idle cores
     reported_step: int | None  # the checkpoint results.json describes: it outlives the rotation
+    stalls: StallWatch | None = None  # once the run directory is cleared: where each process is on a stall
 
     @property
     def epochs(self) -> int:
@@ -138,6 +139,8 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, resumed: Resume | None, 
     if accelerator.is_main_process:  # only now: bad data, flags and checkpoints have all been refused
         runs.clear(plan)
     hosts = process_hosts(accelerator)  # to name a peer that stalls
+    r.stalls = StallWatch(accelerator, cfg.output_dir, cfg.timeout)
+    runner.on_step = r.stalls.step
     run_id = tracking.start_run(cfg, accelerator, config, resumed.state["run_id"] if plan.continues else None,
                                 len(run_data.train))
     report = Reporter(accelerator, cfg.output_dir, r.total_steps, state.global_step if resumed else None,
@@ -170,9 +173,12 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, resumed: Resume | None, 
     except RuntimeError as err:  # a collective timed out (a peer stalled) or its connection broke (a peer died)
         if not lost_peer(err):
             raise
-        raise LostPeers(peers_message(accelerator, hosts, cfg.timeout, state.global_step, err)) from err
+        r.stalls.dump(f"a collective failed after step {state.global_step}", err)
+        raise LostPeers(peers_message(accelerator, hosts, cfg.timeout, state.global_step, err, r.stalls.missing(),
+                                      r.stalls.dir)) from err
     finally:
         report.close()
+        r.stalls.close()
 
     timings |= {"train": state.train_seconds, "capture": runner.capture_seconds,  # capture: part of train
                 "eval": sum(h["eval_seconds"] for h in state.history) + state.validation_seconds}
@@ -201,6 +207,7 @@ def train_epoch(r: Run, state: TrainState, runner: StepRunner, selection: ModelS
         # the processes compare notes (one host sync) only here, never every step
         stop, first_bad = agree_to_stop(r.accelerator, r.signals.reason() is not None, r.guard.bad_steps,
                                         state.global_step, first_bad_loss)
+        r.stalls.pause()  # logs, evaluations and checkpoints may take longer than --timeout: no steps there
         if first_bad is not None:
             raise TrainingError(reporting.non_finite_message(first_bad, state.epoch, cfg.output_dir))
         report.log_windows(windows, state, r.optimizer, per_epoch, time.perf_counter() - timed_since)

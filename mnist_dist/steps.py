@@ -9,7 +9,7 @@ that the host looks at the device only where the loop checks (a log point, a che
 from __future__ import annotations
 
 import contextlib
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ class StepRunner(Protocol):
     logs_live: bool  # True: the loop stops at every --log-every step; False: an epoch is one launch
     capture_seconds: float  # time spent capturing a CUDA graph, counted in the training time (s)
     seconds_to_first_step: float | None  # from the OS starting the process to the first step's end (s)
+    on_step: Callable[[], None]  # called as each step begins (an epoch on the graph path): StallWatch.step
 
     def begin_epoch(self, epoch: int, start: int) -> None:
         """Get ready for optimizer steps from `start` of `epoch` on (the epoch's shuffle)."""
@@ -126,6 +127,7 @@ class EagerSteps(StepRunner):
 
     logs_live = True  # the loop stops at every --log-every step to log
     capture_seconds = 0.0
+    on_step = staticmethod(lambda: None)
 
     def __init__(self, accelerator, model, optimizer, *, scheduler, guard: NonFiniteGuard, batches, cfg: TrainConfig,
                  train_len: int, stats: tuple[float, float]):
@@ -159,6 +161,7 @@ class EagerSteps(StepRunner):
         """Optimizer steps [start, stop) of the epoch."""
         world, batch_size, n = self.accelerator.num_processes, self.cfg.batch_size, self.cfg.gradient_accumulation_steps
         for step in range(start, stop):
+            self.on_step()
             batches = range(step * n, min(step * n + n, len(self.batches)))  # an epoch's last step may have fewer
             scale = world * n / step_samples(step, self.train_len, world * batch_size * n)
             # accumulate() adds 1 to Accelerate's batch count and syncs where it reaches a multiple of n:

@@ -35,6 +35,9 @@ class StopSignals:
     Ctrl-C on as well, so a worker sees each Ctrl-C twice: there the launcher ends the workers."""
 
     SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
+    # asks for every process's stack once the run has its stacks/ (distributed.StallWatch): ignored until then
+    # and after, where its default action would end the process
+    STACKS = getattr(signal, "SIGUSR2", None)
 
     def __init__(self):
         self.received: int | None = None
@@ -48,6 +51,8 @@ class StopSignals:
         if not self._entered:  # installed once, and kept until the outermost `with` ends
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            if self.STACKS is not None:
+                self._previous[self.STACKS] = signal.signal(self.STACKS, signal.SIG_IGN)
         self._entered += 1
         return self
 
@@ -75,8 +80,8 @@ class StopSignals:
         """Once the exit status is decided: further SIGTERM and SIGUSR1 change nothing. (Python's shutdown
         puts its handlers back to the default, which would let a late SIGTERM kill a process that saved its
         checkpoint with status 143; an ignored signal it leaves ignored.) Ctrl-C still ends a hung exit."""
-        for sig in self.SIGNALS:
-            if sig != signal.SIGINT:
+        for sig in (*self.SIGNALS, self.STACKS):
+            if sig not in (signal.SIGINT, None):
                 signal.signal(sig, signal.SIG_IGN)
 
     def _handle(self, signum, frame) -> None:

@@ -110,3 +110,25 @@ def sleeps_forever(input_shape, num_classes):
 def lazy(input_shape, num_classes):
     """Lazy layers (their weights made by the first batch) and BatchNorm: a model that trains."""
     return nn.Sequential(nn.LazyLinear(32), nn.LazyBatchNorm1d(), nn.ReLU(), nn.Linear(32, num_classes))
+
+
+class StallsOnRank1(nn.Module):
+    """A linear model whose 20th training forward pass on the process of RANK 1 never returns: a peer stalled
+    in Python (a hung file system, a deadlocked thread) that can still say where it is (tests/test_distributed.py)."""
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(math.prod(input_shape), num_classes)
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training and os.environ.get("RANK") == "1":
+            self.calls += 1
+            if self.calls == 20:
+                stall_forever()
+        return self.fc(x)
+
+
+def stall_forever():
+    while True:
+        time.sleep(3600)

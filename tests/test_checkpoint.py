@@ -222,6 +222,22 @@ def test_a_signal_to_the_launcher_checkpoints_every_process_at_the_same_step(ref
 
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["2procs"])
+def test_sigusr2_writes_every_processs_stack_and_training_goes_on_to_the_same_weights(reference, tmp_path):
+    _, ref = reference
+    out = tmp_path / "out"
+    proc = start(2, *RUN, "--output-dir", str(out), launcher="mnist_dist.launch")
+    wait_for_checkpoint(out, 7, proc)
+    proc.send_signal(signal.SIGUSR2)  # to the launcher, which passes it on to both training processes
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    for rank in (0, 1):
+        stack = (out / "stacks" / f"rank-{rank}.txt").read_text()
+        assert "(most recent call first)" in stack and re.search(r'mnist_dist/loop.py", line \d+ in run', stack), stack
+    assert same_weights(out, ref)
+    same_results(out, ref)
+
+
+@pytest.mark.parametrize("reference", [2], indirect=True, ids=["2procs"])
 def test_torchrun_restarts_the_group_after_a_kill_9_and_the_run_resumes_by_itself(reference, tmp_path):
     _, ref = reference
     out = tmp_path / "out"

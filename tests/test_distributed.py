@@ -227,23 +227,30 @@ def training_workers(proc: subprocess.Popen, out, timeout: float = 120) -> list[
 
 
 @pytest.mark.slow
-def test_a_stalled_peer_ends_the_run_after_timeout_naming_the_step_and_the_peer(tmp_path):
+def test_a_stalled_peer_ends_the_run_after_timeout_naming_it_and_each_process_says_where_it_was(tmp_path):
+    """Rank 1's 20th training step never returns (tests/models.py:StallsOnRank1): rank 0 waits in the step's
+    all-reduce until --timeout, names rank 1 and the last step both took together (15: --log-every 5); both
+    processes' stacks show where they were."""
     out = tmp_path / "out"
-    proc = start_launch(out, "--epochs", "1000", "--log-every", "5", "--timeout", "10")
+    proc = start_launch(out, "--epochs", "1000", "--log-every", "5", "--timeout", "10",
+                        "--model", "tests.models:StallsOnRank1")
     rank0, rank1 = training_workers(proc, out)
-    rank1.suspend()  # SIGSTOP: a frozen node
-    stalled = time.monotonic()
     try:
         rank0.wait(timeout=120)
-        print(f"rank 0 ended {time.monotonic() - stalled:.0f} s after its peer stalled (--timeout 10)")
     finally:
         with contextlib.suppress(psutil.NoSuchProcess):  # what torchrun does too, after a grace of 30 s
             rank1.kill()
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert re.search(r"error: process 0 waited more than --timeout 10 s for the other processes \(rank 1 on [^)]+\) "
-                     r"after step \d+", output), output[-3000:]
+                     r"after step 15: rank 1 on \S+ did not come \(stalled or gone\)\. Each process's Python stack: "
+                     rf"{re.escape(str(out))}/stacks/rank-N.txt", output), output[-3000:]
     assert not (out / "results.json").exists()
+    stalled, waiting = (out / "stacks" / "rank-1.txt").read_text(), (out / "stacks" / "rank-0.txt").read_text()
+    assert "Timeout (0:00:08)!" in stalled and re.search(r'tests/models.py", line \d+ in stall_forever', stalled), stalled
+    # rank 0: the watchdog's stack inside the step, then the collective's error and where it was raised
+    assert "Timeout (0:00:08)!" in waiting and re.search(r'mnist_dist/steps.py", line \d+ in train_step', waiting), waiting
+    assert "mnist_dist: rank 0: a collective failed after step 15:" in waiting and "Traceback" in waiting
 
 
 @pytest.mark.slow

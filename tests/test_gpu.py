@@ -3,10 +3,13 @@
 They use `--report-to none`: what they check is the device, not the tracker.
 """
 
+import re
+import sys
+
 import pytest
 import torch
 
-from .helpers import REPO, check, launch_gpus, results, same_results, same_weights, train_cli, wait_for_checkpoint
+from .helpers import REPO, check, launch_gpus, results, run, same_results, same_weights, train_cli, wait_for_checkpoint
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
@@ -164,3 +167,27 @@ def test_profile_of_the_graph_path_records_a_replayed_epoch(tmp_path):
     events = json.loads((profile / "trace.json").read_text())["traceEvents"]
     assert any(n and "Graph" in n for n in names), sorted(n for n in names if n)[:50]  # cudaGraphLaunch
     assert any(e.get("cat") == "kernel" for e in events)  # the replayed kernels themselves, not only the launch
+
+
+@gpu
+def test_the_doctor_on_one_gpu_names_the_device_and_its_free_memory(tmp_path):
+    proc = run([sys.executable, "-m", "mnist_dist.doctor", "--dataset", "mnist-5k", "--output-dir", str(tmp_path / "run")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"^ok\s+0\s+\S+\s+0\s+cuda:0\s+[\d.]+ GiB", proc.stdout, re.M), proc.stdout
+
+
+@two_gpus
+def test_a_stalled_nccl_peer_leaves_stacks_and_the_flight_recorders_dump(tmp_path):
+    """NCCL's watchdog aborts where gloo raises: the stacks come from StallWatch's watchdog, the collectives
+    from the flight recorder (TORCH_FR_DUMP_TEMP_FILE in the run's stacks/), readable by torch's fr_trace."""
+    proc = launch_gpus(2, "--dataset", "mnist-5k", "--epochs", "1000", "--log-every", "5", "--timeout", "20",
+                       "--data-path", "device", "--model", "tests.models:StallsOnRank1", "--report-to", "none",
+                       "--output-dir", str(tmp_path), timeout=300)
+    assert proc.returncode != 0
+    stacks = tmp_path / "stacks"
+    assert "stall_forever" in (stacks / "rank-1.txt").read_text()
+    assert "train_step" in (stacks / "rank-0.txt").read_text()
+    assert (stacks / "nccl_trace_rank_0").stat().st_size > 0, sorted(p.name for p in stacks.iterdir())
+    read = run([sys.executable, "-m", "torch.distributed.flight_recorder.fr_trace", str(stacks), "-p", "nccl_trace_rank_",
+                "--allow-incomplete-ranks", "-j"])
+    assert read.returncode == 0 and "all_reduce" in read.stdout.lower(), read.stdout[-3000:] + read.stderr[-3000:]
