@@ -10,7 +10,6 @@ import faulthandler
 import math
 import os
 import re
-import signal
 import socket
 import sys
 import time
@@ -28,6 +27,7 @@ from accelerate.utils import (AutocastKwargs, DataLoaderConfiguration, Distribut
 
 from . import tracking
 from .config import ConfigError, TrainConfig
+from .stopping import stacks_to
 
 
 class LaunchError(RuntimeError):
@@ -244,25 +244,37 @@ class StallWatch:
     Files left empty are removed at the end."""
 
     REARM_S = 1.0  # the watchdog is re-armed at most once a second: re-arming starts a thread (~50 us)
+    MISSING_WAIT_S = 30  # at most, at the monitored barrier that names who is missing
 
-    def __init__(self, accelerator: Accelerator, run_dir: str | Path, timeout: int):
+    def __init__(self, accelerator: Accelerator, run_dir: str | Path, timeout: int, step: int):
         self.accelerator, self.timeout = accelerator, timeout
         self.dir = Path(run_dir) / "stacks"
         self.dir.mkdir(exist_ok=True)
         self.path = self.dir / f"rank-{accelerator.process_index}.txt"
-        self.file = open(self.path, "a")  # appended: a resumed run's earlier stacks stay
-        faulthandler.register(signal.SIGUSR2, file=self.file, all_threads=True)
-        os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", str(self.dir / "nccl_trace_rank_"))  # read at its dump
-        # a group of its own to name who is missing: the run's may be broken after a timeout (a collective)
-        self.group = dist.new_group(backend="gloo") if accelerator.num_processes > 1 else None
+        self.file = open(self.path, "a")  # appended: an earlier start's stacks stay, after a line of this one's
+        if self.path.stat().st_size:
+            self.file.write(f"\nmnist_dist: rank {accelerator.process_index}: a new start of the run, at step {step}, "
+                            f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+            self.file.flush()
+        stacks_to(self.file)
+        use_flight_recorder_dir(self.dir)
+        # a group of its own to name who is missing: the run's may be broken after a timeout (a collective).
+        # Its timeout bounds how long the others wait for rank 0's answer there, rank 0 stalled included
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.missing_wait + 2)) \
+            if accelerator.num_processes > 1 else None
         # fire before the collective's own timeout, so that a waiting process's stack shows the wait
         self.after = max(1.0, timeout - min(5.0, timeout / 5))
+        self.rearm_every = min(self.REARM_S, self.after / 4)  # the deadline: after - rearm_every to after
         self.armed_at = -math.inf
+
+    @property
+    def missing_wait(self) -> int:
+        return min(self.timeout, self.MISSING_WAIT_S)
 
     def step(self) -> None:
         """A training step began: the watchdog's count starts again (cheap; called every step)."""
         now = time.monotonic()
-        if now - self.armed_at >= self.REARM_S:
+        if now - self.armed_at >= self.rearm_every:
             faulthandler.dump_traceback_later(self.after, file=self.file)
             self.armed_at = now
 
@@ -279,30 +291,47 @@ class StallWatch:
 
     def missing(self) -> list[int]:
         """After a collective failed: the ranks that do not come to a monitored barrier within min(--timeout,
-        30 s), as this process sees it (the main process names every one; another can only name the main)."""
+        30 s), as this process sees it (the main process names every one; another only the main, if missing)."""
         if self.group is None:
             return []
         try:
-            dist.monitored_barrier(group=self.group, timeout=timedelta(seconds=min(self.timeout, 30)),
-                                   wait_all_ranks=True)
+            dist.monitored_barrier(group=self.group, timeout=timedelta(seconds=self.missing_wait), wait_all_ranks=True)
         except RuntimeError as err:
             return failed_ranks(err)
         return []
 
     def close(self) -> None:
+        """SIGUSR2 back to stderr (stopping.StopSignals), the file closed, and removed if nothing was written."""
         self.pause()
-        faulthandler.unregister(signal.SIGUSR2)  # back to what it was: ignored (stopping.StopSignals)
+        stacks_to(sys.stderr)
         self.file.close()
-        if self.path.stat().st_size == 0:
-            self.path.unlink()
-        with contextlib.suppress(OSError):  # not empty: another process's file, or a dump
-            self.dir.rmdir()
+        with contextlib.suppress(OSError):
+            if self.path.stat().st_size == 0:
+                self.path.unlink()
+            self.dir.rmdir()  # fails where another process's file, or a dump, is left: kept
+
+
+FLIGHT_RECORDER_FILE = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")  # the second: its old name
+_flight_recorder_dir: str | None = None  # what this process set it to, for the next run in it
+
+
+def use_flight_recorder_dir(stacks: Path) -> None:
+    """NCCL's flight recorder dumps into the run's stacks/ (read when it dumps), unless you named a place."""
+    global _flight_recorder_dir
+    set_here = _flight_recorder_dir is not None and os.environ.get(FLIGHT_RECORDER_FILE[0]) == _flight_recorder_dir
+    if any(name in os.environ for name in FLIGHT_RECORDER_FILE) and not set_here:
+        return
+    _flight_recorder_dir = os.environ[FLIGHT_RECORDER_FILE[0]] = str(stacks / "nccl_trace_rank_")
 
 
 def failed_ranks(err: BaseException) -> list[int]:
-    """The ranks torch's monitored barrier names in its error ('Ranks 1, 2 failed to pass monitoredBarrier')."""
+    """The ranks torch's monitored barrier names in its error: on rank 0 'Ranks 1, 2 failed to pass
+    monitoredBarrier', elsewhere '... received errors while waiting for send/recv from rank 0' (rank 0 missing)."""
     found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(err))
-    return [int(r) for r in found.group(1).replace(",", " ").split()] if found else []
+    if found:
+        return [int(r) for r in found.group(1).replace(",", " ").split()]
+    found = re.search(r"while waiting for send/recv from rank (\d+)", str(err))
+    return [int(found.group(1))] if found else []
 
 
 class LostPeers(RuntimeError):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -27,7 +26,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, parse_args
-from .stopping import QuickExit
+from .stopping import QuickExit, stacks_to
 
 CLOCK_SKEW_S = 1.0  # NTP keeps nodes within milliseconds; a second off is a clock nobody synchronises
 FREE_DISK_GIB = 1.0  # checkpoints of the built-in models are MBs; below this a long run's saves may fail
@@ -101,8 +100,7 @@ def output_check(place: Path, probe: tuple[str, str] | None) -> tuple[dict, str 
         return facts, "output: the main process could not write its probe file"
     path, token = probe
     try:
-        seen = Path(path).read_text()
-        facts["inode"] = os.stat(path).st_ino
+        seen = Path(path).read_text()  # its contents, not its inode: FUSE mounts number inodes each their own
     except OSError:
         seen = None
     if seen != token:
@@ -123,36 +121,51 @@ def free_memory_gib(device) -> float:
 
 
 def check_process(cfg: TrainConfig, accelerator, probe) -> dict:
-    """This process's row: who and where it is, and the checks that need no other process."""
+    """This process's row: who and where it is, and the checks that need no other process. A check that
+    raises is the row's problem, never the end of the doctor."""
     row = {"rank": accelerator.process_index, "host": socket.gethostname(),
-           "local_rank": accelerator.local_process_index, "device": str(accelerator.device),
-           "free_memory_gib": free_memory_gib(accelerator.device), **versions(), "problems": []}
-    row["data"], class_names, problem = data_check(cfg)
+           "local_rank": accelerator.local_process_index, "device": str(accelerator.device), "problems": []}
+
+    def check(what: str, run):
+        try:
+            return run()
+        except Exception as err:  # anything: said in the row, and the table still comes
+            row["problems"].append(f"{what}: {type(err).__name__}: {err}")
+            return None
+
+    row["free_memory_gib"] = check("free memory", lambda: free_memory_gib(accelerator.device))
+    row |= check("versions", versions) or {}
+    row["data"], class_names, problem = check("data", lambda: data_check(cfg)) or (None, [], None)
     row["problems"] += [problem] if problem else []
     if class_names:
-        row["model"], problem = model_check(cfg, class_names, accelerator.device)
+        row["model"], problem = check("model", lambda: model_check(cfg, class_names, accelerator.device)) or (None, None)
         row["problems"] += [problem] if problem else []
-    output, problem = output_check(probe_place(cfg), probe)
+    output, problem = check("output", lambda: output_check(probe_place(cfg), probe)) or ({}, None)
     row["problems"] += [problem] if problem else []
-    return row | {"free_disk_gib": output.get("free_gib"), "inode": output.get("inode")}
+    return row | {"free_disk_gib": output.get("free_gib")}
 
 
 def compare_rows(rows: list[dict]) -> None:
-    """Mark what differs from the main process's row: versions, commit, data, the probe file's inode."""
+    """Mark what differs from the main process's row (versions, commit, data) and a clock off from its."""
     first = rows[0]
     for row in rows[1:]:
-        for key in ("torch", "accelerate", "mnist_dist", "commit", "data", "inode"):
+        for key in ("torch", "accelerate", "mnist_dist", "commit", "data"):
             if row.get(key) is not None and first.get(key) is not None and row[key] != first[key]:
                 row["problems"].append(f"{key} {row[key]}, the main process's {first[key]}")
+    for row in rows:
+        if row.get("clock") is not None and first.get("clock") is not None:
+            row["skew_s"] = row["clock"] - first["clock"]
+            if abs(row["skew_s"]) > CLOCK_SKEW_S:
+                row["problems"].append(f"clock {row['skew_s']:+.1f} s from the main process's (over {CLOCK_SKEW_S:g} s)")
 
 
-def all_reduce_times(world: int, device) -> list[dict]:
-    """A timed all-reduce of a small and a 64 MiB float32 tensor: the median time, and the bus bandwidth as
-    nccl-tests reckons it (size / time x 2 (n-1) / n: the bytes each link carries)."""
+def all_reduce_times(world: int, device) -> list[str]:
+    """A timed all-reduce of a small and a 64 MiB float32 tensor, in words: the median time, and the bus
+    bandwidth as nccl-tests reckons it (size / time x 2 (n-1) / n: the bytes each link carries)."""
     import torch
     import torch.distributed as dist
 
-    figures = []
+    said = []
     for label, size in SIZES:
         tensor, times = torch.ones(size // 4, device=device), []
         for attempt in range(7 if size < 2**20 else 4):  # the first is a warm-up
@@ -164,73 +177,108 @@ def all_reduce_times(world: int, device) -> list[dict]:
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - began)
         seconds = sorted(times[1:])[len(times[1:]) // 2]
-        figures.append({"size": label, "ms": 1e3 * seconds, "bus_gb_s": size / seconds * 2 * (world - 1) / world / 1e9})
-    return figures
+        said.append(f"all-reduce ({dist.get_backend()}) of {label}: {1e3 * seconds:.2f} ms, bus bandwidth "
+                    f"{size / seconds * 2 * (world - 1) / world / 1e9:.3f} GB/s")
+    return said
 
 
-def table(rows: list[dict], backend: str | None, reduce: list[dict]) -> str:
-    """The report: one row per process, its problems after it, then the all-reduce."""
+def table(rows: list[dict]) -> str:
+    """One row per process ('ok', 'FAIL', or '?': not gathered), then each row's problems and notes."""
     head = ("", "rank", "host", "local", "device", "free mem", "torch", "accelerate", "mnist_dist", "commit", "data",
             "free disk", "clock")
     lines = [head]
     for row in rows:
         gib = lambda key: "-" if row.get(key) is None else f"{row[key]:.1f} GiB"  # noqa: E731
         skew = "-" if row.get("skew_s") is None else f"{1e3 * row['skew_s']:+.0f} ms"
-        lines.append(("FAIL" if row["problems"] else "ok", str(row["rank"]), row.get("host", "?"),
-                      str(row.get("local_rank", "?")), row.get("device", "?"), gib("free_memory_gib"),
-                      row.get("torch", "?"), row.get("accelerate", "?"), row.get("mnist_dist", "?"),
-                      row.get("commit", "?"), row.get("data") or "-", gib("free_disk_gib"), skew))
+        status = "FAIL" if row["problems"] else "?" if row.get("note") else "ok"
+        lines.append((status, str(row["rank"]), row.get("host", "?"), str(row.get("local_rank", "?")),
+                      row.get("device", "?"), gib("free_memory_gib"), row.get("torch", "?"), row.get("accelerate", "?"),
+                      row.get("mnist_dist", "?"), row.get("commit", "?"), row.get("data") or "-", gib("free_disk_gib"),
+                      skew))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     for row in rows:
         text += [f"  rank {row['rank']}: {problem}" for problem in row["problems"]]
-    if len(rows) == 1:
-        text.append("all-reduce: one process, nothing to measure")
-    for figure in reduce:
-        text.append(f"all-reduce ({backend}) of {figure['size']}: {figure['ms']:.2f} ms, bus bandwidth "
-                    f"{figure['bus_gb_s']:.3f} GB/s")
+        text += [f"  rank {row['rank']}: {row['note']}"] if row.get("note") else []
     return "\n".join(text)
+
+
+def report(rows: list[dict], backend: str | None) -> list[int]:
+    """Print the table (the main process); return the failed ranks."""
+    compare_rows(rows)
+    print(f"mnist_dist.doctor: {len(rows)} process(es)" + (f", backend {backend}" if backend else ""), flush=True)
+    print(table(rows), flush=True)
+    return [row["rank"] for row in rows if row["problems"]]
+
+
+def verdict(failed: list[int]) -> int:
+    """The last line, and the exit status: 1 when a row failed."""
+    print("mnist_dist.doctor: " + (f"FAILED on rank(s) {', '.join(map(str, failed))}; what to do: docs/hangs.md"
+                                   if failed else "all well"), flush=True)
+    return 1 if failed else 0
 
 
 def diagnose(cfg: TrainConfig) -> int:
     """The checks, on every process; the main process prints the table. Returns the exit status."""
     import torch.distributed as dist
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object
+    from accelerate.utils import InitProcessGroupKwargs
 
     from .distributed import check_coupled
 
-    timeout = timedelta(seconds=cfg.timeout)
-    accelerator = Accelerator(cpu=cfg.cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+    accelerator = Accelerator(cpu=cfg.cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout))])
     check_coupled(accelerator, "mnist_dist.doctor")
-    world, main = accelerator.num_processes, accelerator.is_main_process
-    # monitored_barrier is gloo's: on NCCL a gloo group of its own (a collective: every process creates it)
-    barrier_group = dist.new_group(backend="gloo", timeout=timeout) if world > 1 and dist.get_backend() != "gloo" else None
-    hosts = gather_object([socket.gethostname()]) if world > 1 else [socket.gethostname()]
-    probe = write_probe(probe_place(cfg)) if main else None
-    if world > 1:
-        probe = broadcast_object_list([probe])[0]
+    main, place = accelerator.is_main_process, probe_place(cfg)
+    if accelerator.num_processes == 1:
+        probe = write_probe(place)
+        try:
+            failed = report([check_process(cfg, accelerator, probe)], None)
+        finally:
+            remove_probe(probe)
+        print("all-reduce: one process, nothing to measure")
+        return verdict(failed)
+    # gloo, whatever the run's backend: the exchanges of Python objects and the monitored barrier. Its timeout
+    # is longer than --timeout, so that only the main process's barrier enforces --timeout
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=2 * cfg.timeout + 60))
+    hosts = [None] * accelerator.num_processes
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    probe = [write_probe(place) if main else None]
+    dist.broadcast_object_list(probe, src=0, group=group)
     try:
-        row = check_process(cfg, accelerator, probe)
-        if world == 1:
-            return report([row], None, [])
-        try:  # the one wait on every process: who does not come within --timeout is named, not waited on
-            dist.monitored_barrier(group=barrier_group, timeout=timeout, wait_all_ranks=True)
-        except RuntimeError as err:
-            return not_answered(accelerator, row, hosts, err, cfg.timeout)
-        accelerator.wait_for_everyone()
-        row["clock"] = time.time()  # right after a barrier: the nodes' clocks, read within milliseconds
-        reduce = all_reduce_times(world, accelerator.device)
-        rows = gather_object([row])
-        return report(rows, dist.get_backend(), reduce) if main else 0
+        return check_all(cfg, accelerator, group, hosts, probe[0])
     finally:
-        if main and probe:
-            Path(probe[0]).unlink(missing_ok=True)
+        if main:
+            remove_probe(probe[0])
+
+
+def check_all(cfg: TrainConfig, accelerator, group, hosts: list[str], probe) -> int:
+    """Every process's checks, the barrier that names who does not come, the clocks, the table, the all-reduce."""
+    import torch.distributed as dist
+
+    row = check_process(cfg, accelerator, probe)
+    try:  # the one wait on every process: who does not come within --timeout is named, not waited on
+        dist.monitored_barrier(group=group, timeout=timedelta(seconds=cfg.timeout), wait_all_ranks=True)
+    except RuntimeError as err:
+        return not_answered(accelerator, row, hosts, err, cfg.timeout)
+    row["clock"] = time.time()  # right after a barrier: the nodes' clocks, read within milliseconds
+    rows = [None] * accelerator.num_processes
+    dist.all_gather_object(rows, row, group=group)
+    failed = report(rows, dist.get_backend()) if accelerator.is_main_process else []
+    try:  # last: a network the run's backend cannot use hangs or fails here, after the table
+        said = all_reduce_times(accelerator.num_processes, accelerator.device)
+    except RuntimeError as err:
+        said, failed = [f"all-reduce ({dist.get_backend()}) failed: {err}"], failed + [accelerator.process_index]
+    if not accelerator.is_main_process:
+        return 1 if failed else 0
+    print("\n".join(said), flush=True)
+    return verdict(sorted(set(failed)))
 
 
 def write_probe(place: Path) -> tuple[str, str] | None:
-    """The main process's probe file (path, contents) in `place`, which every process then looks for."""
-    token, path = uuid.uuid4().hex, place / PROBE_NAME.format("probe")
+    """The main process's probe file (path, contents) in `place`, which every process then looks for; a name of
+    its own, so that doctors started together (an array job) do not read each other's."""
+    token = uuid.uuid4().hex
+    path = place / PROBE_NAME.format(token)
     try:
         path.write_text(token)
     except OSError:
@@ -238,40 +286,29 @@ def write_probe(place: Path) -> tuple[str, str] | None:
     return str(path), token
 
 
-def report(rows: list[dict], backend: str | None, reduce: list[dict]) -> int:
-    """Print the table (main process) and return the exit status: 1 when a row failed."""
-    compare_rows(rows)
-    clocks = [row.get("clock") for row in rows]
-    for row in rows:
-        if row.get("clock") is not None and clocks[0] is not None:
-            row["skew_s"] = row["clock"] - clocks[0]
-            if abs(row["skew_s"]) > CLOCK_SKEW_S:
-                row["problems"].append(f"clock {row['skew_s']:+.1f} s from the main process's (over {CLOCK_SKEW_S:g} s)")
-    print(f"mnist_dist.doctor: {len(rows)} process(es)" + (f", backend {backend}" if backend else ""), flush=True)
-    print(table(rows, backend, reduce), flush=True)
-    failed = [row["rank"] for row in rows if row["problems"]]
-    print("mnist_dist.doctor: " + (f"FAILED on rank(s) {', '.join(map(str, failed))}; what to do: docs/hangs.md"
-                                   if failed else "all well"), flush=True)
-    return 1 if failed else 0
+def remove_probe(probe: tuple[str, str] | None) -> None:
+    if probe:
+        Path(probe[0]).unlink(missing_ok=True)
 
 
 def not_answered(accelerator, row: dict, hosts: list[str], err: BaseException, timeout: int) -> int:
-    """The monitored barrier failed: the main process names who did not come; another process names the
-    main process, which did not answer it. Returns 1."""
-    if not accelerator.is_main_process:
-        print(f"mnist_dist.doctor: rank {row['rank']}: the main process (rank 0 on {hosts[0]}) did not answer within "
-              f"--timeout {timeout} s ({err})", file=sys.stderr, flush=True)
-        return 1
+    """The monitored barrier failed on the main process: it names who did not come (the others answered, but
+    their rows were not gathered). Returns 1."""
     from .distributed import failed_ranks
 
+    if not accelerator.is_main_process:
+        print(f"mnist_dist.doctor: rank {row['rank']}: the check did not finish: the main process's table names who "
+              f"did not answer; where it printed none, it is the one (rank 0 on {hosts[0]}) ({err})", file=sys.stderr,
+              flush=True)
+        return 1
     missing = failed_ranks(err)
-    rows = [row] + [{"rank": r, "host": hosts[r], "problems": [f"did not answer within --timeout {timeout} s"
-                                                               if r in missing else "answered; its checks were not gathered"]}
+    rows = [row] + [{"rank": r, "host": hosts[r], "problems": [f"did not answer within --timeout {timeout} s"]}
+                    if r in missing else {"rank": r, "host": hosts[r], "problems": [], "note": "answered; its row was not gathered"}
                     for r in range(1, accelerator.num_processes)]
     if not missing:
         row["problems"].append(f"the monitored barrier failed: {err}")
-    report(rows, None, [])
-    return 1
+    report(rows, None)
+    return verdict([r["rank"] for r in rows if r["problems"]])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         "Check a launch before a long run: launch it as the run, with the run's flags (docs/hangs.md)."))
     from .distributed import LaunchError
 
+    stacks_to(sys.stderr)  # SIGUSR2, forwarded by mnist_dist.launch as to a run: the stacks, and on
     try:
         return diagnose(cfg)
     except LaunchError as err:

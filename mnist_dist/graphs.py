@@ -177,7 +177,7 @@ class EpochGraph(StepRunner):
 
     def run(self, start: int, stop: int) -> None:
         """Steps [start, stop) of the current epoch."""
-        self.on_step()
+        self.on_step()  # and each eager step's own (_eager): a replayed epoch is one launch
         if not (self.capture and (start, stop) == (0, self.steps)):
             self._eager(start, stop)
         else:
@@ -211,6 +211,7 @@ class EpochGraph(StepRunner):
 
     def _eager(self, start: int, stop: int) -> None:
         for j in range(start, stop):
+            self.on_step()
             lo, hi = j * self.batch_size, min((j + 1) * self.batch_size, self.n)
             loss = graph_step(self.model, self.adam, self.guard, self.shuffled_inputs[lo:hi], self.shuffled_labels[lo:hi],
                               self.scales[hi - lo], self.label_smoothing, self.unit)

@@ -139,8 +139,6 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, resumed: Resume | None, 
     if accelerator.is_main_process:  # only now: bad data, flags and checkpoints have all been refused
         runs.clear(plan)
     hosts = process_hosts(accelerator)  # to name a peer that stalls
-    r.stalls = StallWatch(accelerator, cfg.output_dir, cfg.timeout)
-    runner.on_step = r.stalls.step
     run_id = tracking.start_run(cfg, accelerator, config, resumed.state["run_id"] if plan.continues else None,
                                 len(run_data.train))
     report = Reporter(accelerator, cfg.output_dir, r.total_steps, state.global_step if resumed else None,
@@ -152,6 +150,8 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, resumed: Resume | None, 
     gc.freeze()  # full collections no longer walk the imports' objects: no process stalls the all-reduce for one
     timings["setup"] = time.perf_counter() - began  # model, optimizer, prepare, device copies, trackers
 
+    r.stalls = StallWatch(accelerator, cfg.output_dir, cfg.timeout, state.global_step)  # closed below, in any case
+    runner.on_step = r.stalls.step
     epoch_test = None  # the test metrics of the last epoch, without a validation split
     try:
         if r.stop_requested():  # stopped during start-up: nothing to save yet
@@ -177,8 +177,8 @@ def run(cfg: TrainConfig, accelerator, plan: runs.Plan, resumed: Resume | None, 
         raise LostPeers(peers_message(accelerator, hosts, cfg.timeout, state.global_step, err, r.stalls.missing(),
                                       r.stalls.dir)) from err
     finally:
-        report.close()
         r.stalls.close()
+        report.close()
 
     timings |= {"train": state.train_seconds, "capture": runner.capture_seconds,  # capture: part of train
                 "eval": sum(h["eval_seconds"] for h in state.history) + state.validation_seconds}

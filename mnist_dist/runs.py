@@ -29,10 +29,10 @@ LOCK_NAME, HOLDER_NAME = ".lock", ".lock.json"
 # what a run writes into its directory: what --overwrite removes, and nothing else
 RUN_FILES = ("results.json", "model.safetensors", "config.json", "metrics.jsonl", "training_curves.png",
              "confusion_matrix.png", "misclassified.png", "checkpoints", "best", "best.tmp", "evaluation", "wandb",
-             "tensorboard")
+             "tensorboard", "stacks")
 # what a start that never reached its first checkpoint leaves: `--resume auto` removes it and starts again
 # (a best model is kept from the first validation on, which may come before the first checkpoint)
-RESTARTABLE = ("metrics.jsonl", "checkpoints/", "best/", "best.tmp/", "wandb/", "tensorboard/")
+RESTARTABLE = ("metrics.jsonl", "checkpoints/", "best/", "best.tmp/", "wandb/", "tensorboard/", "stacks/")
 
 
 class RunDirError(ValueError):

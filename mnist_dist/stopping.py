@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import faulthandler
 import os
 import signal
 import sys
@@ -35,8 +36,7 @@ class StopSignals:
     Ctrl-C on as well, so a worker sees each Ctrl-C twice: there the launcher ends the workers."""
 
     SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
-    # asks for every process's stack once the run has its stacks/ (distributed.StallWatch): ignored until then
-    # and after, where its default action would end the process
+    # every thread's Python stack: to stderr, and while the run trains to its stacks/ (distributed.StallWatch)
     STACKS = getattr(signal, "SIGUSR2", None)
 
     def __init__(self):
@@ -52,7 +52,8 @@ class StopSignals:
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
             if self.STACKS is not None:
-                self._previous[self.STACKS] = signal.signal(self.STACKS, signal.SIG_IGN)
+                self._previous[self.STACKS] = signal.getsignal(self.STACKS)
+                stacks_to(sys.stderr)
         self._entered += 1
         return self
 
@@ -60,6 +61,9 @@ class StopSignals:
         self._entered -= 1
         if self._entered:
             return
+        if self.STACKS is not None:
+            with contextlib.suppress(ValueError):
+                faulthandler.unregister(self.STACKS)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
@@ -80,8 +84,8 @@ class StopSignals:
         """Once the exit status is decided: further SIGTERM and SIGUSR1 change nothing. (Python's shutdown
         puts its handlers back to the default, which would let a late SIGTERM kill a process that saved its
         checkpoint with status 143; an ignored signal it leaves ignored.) Ctrl-C still ends a hung exit."""
-        for sig in (*self.SIGNALS, self.STACKS):
-            if sig not in (signal.SIGINT, None):
+        for sig in self.SIGNALS:
+            if sig != signal.SIGINT:
                 signal.signal(sig, signal.SIG_IGN)
 
     def _handle(self, signum, frame) -> None:
@@ -131,3 +135,17 @@ class QuickExit:
             with contextlib.suppress(Exception):  # a closed pipe: nothing left to say
                 stream.flush()
         os._exit(self.status)
+
+
+def stacks_to(file) -> bool:
+    """SIGUSR2 writes every thread's Python stack to `file` (faulthandler: also while the main thread waits in a
+    collective, where a Python handler would not run). False, and SIGUSR2 ignored, where `file` has no
+    descriptor (a test's captured stderr)."""
+    try:
+        faulthandler.register(signal.SIGUSR2, file=file, all_threads=True)  # again: another file
+        return True
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is both an OSError and a ValueError
+        with contextlib.suppress(ValueError):
+            faulthandler.unregister(signal.SIGUSR2)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # its default would end the process
+        return False

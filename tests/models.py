@@ -112,17 +112,17 @@ def lazy(input_shape, num_classes):
     return nn.Sequential(nn.LazyLinear(32), nn.LazyBatchNorm1d(), nn.ReLU(), nn.Linear(32, num_classes))
 
 
-class StallsOnRank1(nn.Module):
-    """A linear model whose 20th training forward pass on the process of RANK 1 never returns: a peer stalled
+class StallsOnRank(nn.Module):
+    """A linear model whose 20th training forward pass on the process of RANK `rank` never returns: a peer stalled
     in Python (a hung file system, a deadlocked thread) that can still say where it is (tests/test_distributed.py)."""
 
-    def __init__(self, input_shape, num_classes):
+    def __init__(self, input_shape, num_classes, rank: int = 1):
         super().__init__()
         self.fc = nn.Linear(math.prod(input_shape), num_classes)
-        self.calls = 0
+        self.calls, self.stalling = 0, os.environ.get("RANK") == str(rank)
 
     def forward(self, x):
-        if self.training and os.environ.get("RANK") == "1":
+        if self.training and self.stalling:
             self.calls += 1
             if self.calls == 20:
                 stall_forever()

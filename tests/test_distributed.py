@@ -228,12 +228,12 @@ def training_workers(proc: subprocess.Popen, out, timeout: float = 120) -> list[
 
 @pytest.mark.slow
 def test_a_stalled_peer_ends_the_run_after_timeout_naming_it_and_each_process_says_where_it_was(tmp_path):
-    """Rank 1's 20th training step never returns (tests/models.py:StallsOnRank1): rank 0 waits in the step's
+    """Rank 1's 20th training step never returns (tests/models.py:StallsOnRank): rank 0 waits in the step's
     all-reduce until --timeout, names rank 1 and the last step both took together (15: --log-every 5); both
     processes' stacks show where they were."""
     out = tmp_path / "out"
     proc = start_launch(out, "--epochs", "1000", "--log-every", "5", "--timeout", "10",
-                        "--model", "tests.models:StallsOnRank1")
+                        "--model", "tests.models:StallsOnRank")
     rank0, rank1 = training_workers(proc, out)
     try:
         rank0.wait(timeout=120)
@@ -315,3 +315,27 @@ def test_a_node_waiting_for_the_others_says_where_and_a_signal_ends_its_wait(tmp
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM  # nothing had started, nothing was saved
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_stalled_main_process_is_named_by_the_others_within_the_barriers_wait(tmp_path):
+    """StallWatch.missing on rank 1 while rank 0 never comes (tests/workers/missing_main.py): rank 1 names rank 0
+    after min(--timeout, 30 s) and a little more, not after torch's default group timeout of 30 minutes."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(REPO / "tests" / "workers" / "missing_main.py"), str(tmp_path), "3"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    said = tmp_path / "rank-1.json"
+    try:
+        deadline = time.monotonic() + 120
+        while not said.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        for worker in psutil.Process(proc.pid).children(recursive=True):
+            worker.kill()
+        output, _ = proc.communicate(timeout=60)
+    result = json.loads(said.read_text())
+    print(f"rank 1 named rank 0 after {result['waited']:.1f} s (--timeout 3)")
+    assert result["missing"] == [0], output[-3000:]
+    assert result["waited"] < 3 + 2 + 10, result

@@ -181,7 +181,7 @@ def test_a_stalled_nccl_peer_leaves_stacks_and_the_flight_recorders_dump(tmp_pat
     """NCCL's watchdog aborts where gloo raises: the stacks come from StallWatch's watchdog, the collectives
     from the flight recorder (TORCH_FR_DUMP_TEMP_FILE in the run's stacks/), readable by torch's fr_trace."""
     proc = launch_gpus(2, "--dataset", "mnist-5k", "--epochs", "1000", "--log-every", "5", "--timeout", "20",
-                       "--data-path", "device", "--model", "tests.models:StallsOnRank1", "--report-to", "none",
+                       "--data-path", "device", "--model", "tests.models:StallsOnRank", "--report-to", "none",
                        "--output-dir", str(tmp_path), timeout=300)
     assert proc.returncode != 0
     stacks = tmp_path / "stacks"

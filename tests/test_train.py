@@ -31,9 +31,10 @@ RESULT_KEYS = {
 
 
 def test_recipe_of_record_reaches_88_percent_on_the_10000_real_test_digits(recipe_run):
-    _, r, _ = recipe_run
+    out, r, _ = recipe_run
     assert r["test_samples"] == 10000 and r["train_samples"] == 5000
     assert r["test_accuracy"] >= 0.88, r["test_accuracy"]
+    assert not (out / "stacks").exists()  # a run that never stalled, nor got SIGUSR2, leaves no stacks
 
 
 def test_results_json_has_the_documented_fields(recipe_run):
