@@ -269,7 +269,9 @@ class StallWatch:
 
     @property
     def missing_wait(self) -> int:
-        return min(self.timeout, self.MISSING_WAIT_S)
+        """Seconds at the monitored barrier after a failed collective: the processes that waited in it arrive
+        within moments of each other, so half of --timeout, at most 30 s."""
+        return max(1, min(self.timeout // 2, self.MISSING_WAIT_S))
 
     def step(self) -> None:
         """A training step began: the watchdog's count starts again (cheap; called every step)."""
@@ -290,8 +292,8 @@ class StallWatch:
         self.file.flush()
 
     def missing(self) -> list[int]:
-        """After a collective failed: the ranks that do not come to a monitored barrier within min(--timeout,
-        30 s), as this process sees it (the main process names every one; another only the main, if missing)."""
+        """After a collective failed: the ranks that do not come to a monitored barrier within `missing_wait`
+        seconds, as this process sees it (the main process names every one; another only the main, if missing)."""
         if self.group is None:
             return []
         try:
