@@ -40,15 +40,21 @@ from .sweep_report import (
     ERROR_NAME, INTERRUPTED_NAME, WORKER_LOCK, asked_whole, held, median, point_in_words, point_key, points_of,
     read_outcome, write_atomic, write_reports,
 )
+from .sweep_pruning import PRUNED_NAME, Curve, Decider, make_pruner, pruned_text, trial_of
 from .sweep_spec import Spec, SpecError, read_spec
 
 JOURNAL, SPEC_RECORD, ASK_LOCK, POINT_NAME = "study.journal", "sweep.json", ".ask.lock", "point.json"
 STUDY_NAME = "sweep"
 LOG_TAIL_LINES = 20  # of a failed run's log, kept as the trial's error
+PRUNE_LOOK_S = 0.5  # how often a pruned sweep's worker reads its run's new scores
 
 
 class TrialFailed(Exception):
     """A run of the trial failed for a reason of its point (its flags, its model, a non-finite loss): final."""
+
+
+class TrialPruned(Exception):
+    """The pruner stopped the trial's first run (with a checkpoint): args (step, score)."""
 
 
 class TrialInterrupted(Exception):
@@ -64,7 +70,7 @@ def open_study(spec: Spec):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return optuna.create_study(study_name=STUDY_NAME, storage=JournalStorage(journal), direction=spec.direction,
-                                   sampler=make_sampler(spec), load_if_exists=True)
+                                   sampler=make_sampler(spec), pruner=make_pruner(spec), load_if_exists=True)
     except OSError as err:
         raise SpecError(f"{journal.path}: cannot read or write it ({err.strerror or err})") from None
     except Exception as err:  # records that parse but that Optuna cannot replay: named, never a traceback
@@ -215,10 +221,15 @@ class Worker:
             return trial.number, trial.params, lock
 
     def record_point(self, number: int, params: dict) -> None:
-        """The point beside its runs: what a study rebuilt from the trial directories reads (`rebuild`)."""
+        """The point beside its runs: what a study rebuilt from the trial directories reads (`rebuild`); and in
+        the study, for optuna-dashboard, its runs' directories and flags (the trial's user attributes)."""
         where = self.spec.trial_dir(number) / POINT_NAME
         if not where.is_file():
             write_atomic(where, json.dumps(params) + "\n")
+        trial = trial_of(self.study, number)
+        if "run_dirs" not in self.study.get_trials(deepcopy=False)[number].user_attrs:
+            trial.set_user_attr("run_dirs", [str(self.spec.trial_dir(number) / f"seed-{s}") for s in self.spec.seeds])
+            trial.set_user_attr("flags", " ".join(self.spec.train_flags(params)))
 
     def trial_lock(self, number: int) -> FileLock | None:
         where = self.spec.trial_dir(number)
@@ -237,9 +248,18 @@ class Worker:
         for seed in self.spec.seeds:
             run_dir = self.spec.trial_dir(number) / f"seed-{seed}"
             trained_before = finished(run_dir)  # by an earlier start: its results are read, not launched again
+            # the first seed's scores go to the trial by step (the dashboard's curves), and decide for the point
+            # where a pruner is set; those on disk first (a killed worker's)
+            decider = Decider(self.study, number, run_dir, self.spec.choose_on) \
+                if seed == self.spec.seeds[0] and not trained_before else None
             try:
-                if not trained_before and not self.train(number, params, seed):
+                if decider and (at := decider.prune_at()):
+                    raise TrialPruned(*at)
+                if not trained_before and not self.train(number, params, seed, decider):
                     return  # stopped: the trial stays running, for the next worker to continue
+            except TrialPruned as pruned:
+                self.prune(number, *pruned.args)
+                return
             except TrialFailed as err:
                 self.fail(number, str(err))
                 return
@@ -262,6 +282,13 @@ class Worker:
         self.study.tell(number, state=TrialState.FAIL)
         print(f"{self.name}: trial {number} failed: {error.splitlines()[0]}", flush=True)
 
+    def prune(self, number: int, step: int, value: float) -> None:
+        """Record trial `number` as pruned at `step`: final, its other seeds are not trained."""
+        said = pruned_text(self.spec, step, value, self.spec.trial_dir(number) / f"seed-{self.spec.seeds[0]}")
+        write_atomic(self.spec.trial_dir(number) / PRUNED_NAME, said + "\n")
+        self.study.tell(number, state=TrialState.PRUNED)
+        print(f"{self.name}: trial {number} {said}", flush=True)
+
     def leave(self, number: int, why: str) -> None:
         """Leave trial `number` running, for the next start of the sweep to continue from its checkpoints; this
         start trains the other points and exits 1."""
@@ -273,9 +300,9 @@ class Worker:
         print(f"{self.name}: trial {number} was ended from outside ({why.splitlines()[0]}); left for the next start "
               "of the sweep to continue from its checkpoint", flush=True)
 
-    def train(self, number: int, params: dict, seed: int) -> bool:
-        """One seed's run of the trial, to its end (True) or to the sweep's stop signal (False); TrialFailed or
-        TrialInterrupted otherwise."""
+    def train(self, number: int, params: dict, seed: int, decider: Decider | None = None) -> bool:
+        """One seed's run of the trial, to its end (True) or to the sweep's stop signal (False); TrialFailed,
+        TrialInterrupted, or TrialPruned when `decider` stopped it, otherwise."""
         run_dir = self.spec.trial_dir(number) / f"seed-{seed}"
         if not self.wait_while_locked(run_dir):
             return False
@@ -293,17 +320,30 @@ class Worker:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
             if self.stop.is_set():  # a stop that came while it started
                 self.process.terminate()
-            status = self.process.wait()
+            status, pruned = self.wait_for_run(decider)
         if status == 0:
             return True
         if self.stop.is_set():
             return False
+        if pruned and status == EXIT_PREEMPTED:  # stopped with a checkpoint, as the pruner asked
+            raise TrialPruned(*pruned)
         tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
         if from_outside(status):
             said = next((line.split("error: ", 1)[1] for line in reversed(tail) if "error: " in line), "")
             raise TrialInterrupted(f"seed {seed}: mnist_dist.train {ended_how(status)}{': ' + said if said else ''} "
                                    f"({log_path})")
         raise TrialFailed(f"seed {seed}: mnist_dist.train exited with {status} ({log_path}):\n" + "\n".join(tail))
+
+    def wait_for_run(self, decider: Decider | None) -> tuple[int, tuple[int, float] | None]:
+        """The run's exit status; with a `decider`, its scores reported as they appear, and the run stopped as
+        SIGTERM does (every process saves a checkpoint) where the pruner says so: (status, (step, score))."""
+        pruned = None
+        while True:
+            try:
+                return self.process.wait(timeout=None if decider is None else PRUNE_LOOK_S), pruned
+            except subprocess.TimeoutExpired:
+                if pruned is None and (pruned := decider.prune_at()):
+                    self.process.send_signal(signal.SIGTERM)  # mnist_dist.launch passes it to every process
 
     def wait_while_locked(self, run_dir: Path) -> bool:
         """Wait for a run that a killed worker left behind (its lock still held) to end: two never share a directory."""
@@ -398,6 +438,10 @@ def add_rebuilt(spec: Spec, study, made: dict, number: int, params: dict | None)
                                                   value=median([run[spec.choose_on] for run in runs])))
     elif (where / ERROR_NAME).is_file():
         study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params=params, distributions=made))
+    elif (where / PRUNED_NAME).is_file():  # final: its scores by step come back from its first run's log
+        curve = Curve(where / f"seed-{spec.seeds[0]}", spec.choose_on).new_points()
+        study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, params=params, distributions=made,
+                                                  intermediate_values=dict(curve)))
     else:
         study.enqueue_trial(params)
 

@@ -19,9 +19,10 @@ from .readback import UnreadableFile, read_json
 from .config import SCORES
 from .sweep_spec import METRICS, Spec, as_flag
 
-CSV_NAME, SUMMARY_NAME, PLOT_NAME = "trials.csv", "summary.md", "metric.png"
-OUTCOME_KEYS = (*METRICS, "test_accuracy", "seconds_per_epoch")
+CSV_NAME, SUMMARY_NAME, PLOT_NAME, COST_PLOT_NAME = "trials.csv", "summary.md", "metric.png", "cost.png"
+OUTCOME_KEYS = (*METRICS, "test_accuracy", "seconds_per_epoch", "train_seconds", "flops_per_sample")
 ERROR_NAME = "error.txt"  # a failed trial's error, beside its runs
+PRUNED_NAME = "pruned.txt"  # a pruned trial's: the step its first run reached and its score there
 INTERRUPTED_NAME = "interrupted.txt"  # why a trial's run was ended from outside (the next start continues it)
 WORKER_LOCK = ".worker.lock"  # a trial's: held by the worker training it, dropped by the OS when that worker dies
 
@@ -39,8 +40,9 @@ class Point:
     trial: object  # optuna's FrozenTrial
     params: dict
     runs: dict  # seed -> its outcome (read_outcome), None until that run finished
-    # finished | failed | interrupted (ended from outside) | unfinished (its worker is gone) | running (a worker
-    # trains it now) | waiting (queued) | gone (finished, then its results were deleted)
+    # finished | failed | pruned (stopped early by the pruner) | interrupted (ended from outside) | unfinished (its
+    # worker is gone) | running (a worker trains it now) | waiting (queued) | gone (finished, then its results
+    # were deleted)
     status: str
     why: str = ""  # the failure's or the interruption's first line
     metric: str = "val_accuracy"  # the SPEC's choose_on
@@ -50,6 +52,16 @@ class Point:
         """The point's median metric over its seeds (finished points only)."""
         return median([run[self.metric] for run in self.runs.values()])
 
+    @property
+    def seconds(self) -> float:
+        """The point's median training seconds over its seeds (finished points only)."""
+        return median([run["train_seconds"] for run in self.runs.values()])
+
+    @property
+    def flops(self) -> float | None:
+        """FLOPs of training on a sample (the model's: the same for every seed); None where uncounted."""
+        return next(iter(self.runs.values()))["flops_per_sample"]
+
 
 def read_outcome(run_dir: Path) -> dict | None:
     """A finished run's numbers from its results.json: the final model on the validation split and the test
@@ -57,11 +69,14 @@ def read_outcome(run_dir: Path) -> dict | None:
     try:
         results = read_json(run_dir / "results.json")
         outcome = {**{f"val_{name}": results["validation"][name] for name in SCORES},
-                   "test_accuracy": results["test_accuracy"],
+                   "test_accuracy": results["test_accuracy"], "train_seconds": results["train_seconds"],
                    "seconds_per_epoch": results["train_seconds"] / max(results["epochs"], 1)}
-    except (FileNotFoundError, UnreadableFile, KeyError, TypeError):
+        flops = results.get("flops_per_sample")  # None: a model of yours FlopCounterMode could not count
+    except (FileNotFoundError, UnreadableFile, KeyError, TypeError, AttributeError):
         return None
-    return outcome if all(isinstance(v, (int, float)) for v in outcome.values()) else None
+    if not all(isinstance(v, (int, float)) for v in outcome.values()):
+        return None
+    return outcome | {"flops_per_sample": flops if isinstance(flops, (int, float)) else None}
 
 
 def median(values: list[float]) -> float:
@@ -103,6 +118,8 @@ def points_of(spec: Spec, trials: list) -> list[Point]:
             status, why = "finished", ""
         elif state == "FAIL":
             status, why = "failed", first_line(where / ERROR_NAME)
+        elif state == "PRUNED":
+            status, why = "pruned", first_line(where / PRUNED_NAME)
         elif state == "COMPLETE":
             status, why = "gone", "its runs' results.json are gone: trained again as a new trial"
         elif held(where / WORKER_LOCK):
@@ -156,13 +173,15 @@ def write_reports(spec: Spec, study) -> Summary:
     write_atomic(spec.dir / SUMMARY_NAME, text)
     if any(row["status"] == "finished" for row in rows):
         plot_metric(spec, rows, spec.dir / PLOT_NAME)
+        plot_cost(spec, [p for p in points if p.status == "finished"], spec.dir / COST_PLOT_NAME)
     return summary
 
 
-def tally(spec: Spec, points: list[Point]) -> tuple[list[Point], list[Point], dict[str, str]]:
-    """The finished points, the points that failed for a reason of their own, and the others (named -> status),
-    of what the sweep promised: a grid its points (a point trained twice counts once), random and tpe `trials`
-    draws, a trial each (one whose results are gone counts through the trial that trains its point again)."""
+def tally(spec: Spec, points: list[Point]) -> tuple[list[Point], list[Point], list[Point], dict[str, str]]:
+    """The finished points, the points that failed for a reason of their own, the points the pruner stopped,
+    and the others (named -> status), of what the sweep promised: a grid its points (a point trained twice
+    counts once), random and tpe `trials` draws, a trial each (one whose results are gone counts through the
+    trial that trains its point again)."""
     if spec.sampler == "grid":
         key_of = lambda p: point_key(spec, p.params)  # noqa: E731
         promised = [point_key(spec, params) for params in spec.grid()]
@@ -171,7 +190,7 @@ def tally(spec: Spec, points: list[Point]) -> tuple[list[Point], list[Point], di
         points = [p for p in points if p.status != "gone" or point_key(spec, p.params) not in again]
         key_of = lambda p: p.trial.number  # noqa: E731
         promised = [p.trial.number for p in points]
-    finished, failed, newest = {}, {}, {}
+    finished, failed, pruned, newest = {}, {}, {}, {}
     for point in points:
         key = key_of(point)
         newest[key] = point  # a point's newest trial says where it stands
@@ -179,10 +198,13 @@ def tally(spec: Spec, points: list[Point]) -> tuple[list[Point], list[Point], di
             finished.setdefault(key, point)
         elif point.status == "failed":
             failed.setdefault(key, point)
+        elif point.status == "pruned":
+            pruned.setdefault(key, point)
     failed = {key: point for key, point in failed.items() if key not in finished}
+    pruned = {key: point for key, point in pruned.items() if key not in finished and key not in failed}
     others = {}
     for key in dict.fromkeys(promised):
-        if key in finished or key in failed:
+        if key in finished or key in failed or key in pruned:
             continue
         point = newest.get(key)
         if point:
@@ -191,33 +213,46 @@ def tally(spec: Spec, points: list[Point]) -> tuple[list[Point], list[Point], di
             others[f"{point_in_words(dict(zip(spec.space, key)))} (not trained yet)"] = "waiting"
     if spec.points() > len(promised):
         others[f"{spec.points() - len(promised)} point(s) not drawn yet"] = "waiting"
-    return list(finished.values()), list(failed.values()), others
+    return list(finished.values()), list(failed.values()), list(pruned.values()), others
 
 
 def summary_text(spec: Spec, points: list[Point]) -> tuple[Summary, str]:
     """summary.md: each finished point's medians, best first, the failed and untrained points named, then the
     chosen point (among how many of the promised ones) and its test accuracy."""
     metric, total = spec.choose_on, spec.points()
-    finished, failed, others = tally(spec, points)
-    whole = set(others.values()) <= {"running"}  # every point trained, failed for its own reason, or in training
+    finished, failed, pruned, others = tally(spec, points)
+    whole = set(others.values()) <= {"running"}  # every point decided (trained, failed, pruned), or in training
+    stopped = (f", {len(pruned)} stopped early by the {spec.pruner['name']} pruner (on the first seed's validation "
+               "scores)") if spec.pruned else ""
     lines = [f"# Sweep {spec.dir}", "",
              f"SPEC `{spec.path}`; {spec.sampler} sampler; seeds {', '.join(map(str, spec.seeds))}; each point scored "
              f"by its median `{metric}` over the seeds, on the validation split. {len(finished)} of {total} points "
-             f"trained, {len(failed)} failed for a reason of their own, {total - len(finished) - len(failed)} not "
-             f"trained ({time.strftime('%Y-%m-%d %H:%M')}, {os.uname().nodename}).", ""]
+             f"trained, {len(failed)} failed for a reason of their own{stopped}, "
+             f"{total - len(finished) - len(failed) - len(pruned)} not trained ({time.strftime('%Y-%m-%d %H:%M')}, "
+             f"{os.uname().nodename}).", ""]
     sign = -1 if spec.direction == "maximize" else 1
     best_first = sorted(finished, key=lambda p: (sign * p.score, p.trial.number))
-    lines += ["| " + " | ".join([*spec.space, f"{metric} (median)", "s/epoch (median)", "trial"]) + " |",
-              "|" + " --- |" * (len(spec.space) + 3)]
+    front = pareto_front(finished, sign)
+    lines += ["| " + " | ".join([*spec.space, f"{metric} (median)", "train s (median)", "MFLOP/sample",
+                                 "s/epoch (median)", "front", "trial"]) + " |",
+              "|" + " --- |" * (len(spec.space) + 6)]
     for p in best_first:
         seconds = median([run["seconds_per_epoch"] for run in p.runs.values()])
+        flops = "-" if p.flops is None else f"{p.flops / 1e6:.3g}"
         lines.append("| " + " | ".join([*(cell(p.params[n]) for n in spec.space), score_text(metric, p.score),
-                                        f"{seconds:.2f}", str(p.trial.number)]) + " |")
+                                        f"{p.seconds:.2f}", flops, f"{seconds:.2f}",
+                                        "yes" if p.trial.number in front else "", str(p.trial.number)]) + " |")
+    if finished:
+        lines.append(f"\n`front`: the Pareto front of {metric} against training seconds (no other point is better "
+                     "in one and as good in the other); seconds are this machine's, with what else ran beside them.")
     for p in sorted(failed, key=lambda p: p.trial.number):
         lines.append(f"\nTrial {p.trial.number} ({point_in_words(p.params)}) failed: {p.why}")
+    for p in sorted(pruned, key=lambda p: p.trial.number):
+        lines.append(f"\nTrial {p.trial.number} ({point_in_words(p.params)}) {p.why}")
     if others:
         lines.append("\nNot trained yet: " + "; ".join(others))
-    among = f"among {len(finished)} of {total} points" + (f" (not trained: {'; '.join(others)})" if others else "")
+    among = (f"among {len(finished)} of {total} points" + (f", {len(pruned)} pruned" if pruned else "")
+             + (f" (not trained: {'; '.join(others)})" if others else ""))
     if not best_first:
         headline = f"mnist_dist.sweep: {spec.dir}: nothing to choose {among}; {len(failed)} failed"
         return Summary(headline, chose=False, whole=whole), "\n".join(lines + ["", headline]) + "\n"
@@ -229,8 +264,36 @@ def summary_text(spec: Spec, points: list[Point]) -> tuple[Summary, str]:
     lines += ["", f"**Chosen on validation:** {point_in_words(chosen.params)} (trial {chosen.trial.number}), "
                   f"median {metric} {score_text(metric, chosen.score)}; chose {among}.", "",
               f"**Its test accuracy** (the test set chose nothing): median {median(tests):.2%} "
-              f"({', '.join(f'{a:.2%}' for a in tests)} for seeds {', '.join(map(str, spec.seeds))})."]
+              f"({', '.join(f'{a:.2%}' for a in tests)} for seeds {', '.join(map(str, spec.seeds))}).", "",
+              cheapest_text(spec, finished, chosen, sign)]
     return Summary(headline, chose=True, whole=whole), "\n".join(lines) + "\n"
+
+
+def pareto_front(points: list[Point], sign: int) -> set[int]:
+    """Trial numbers of the points that no other point beats on both score and training seconds (`sign`: -1
+    where a higher score is better)."""
+    def beats(q: Point, p: Point) -> bool:
+        at_least = sign * q.score <= sign * p.score and q.seconds <= p.seconds
+        return at_least and (sign * q.score < sign * p.score or q.seconds < p.seconds)
+
+    return {p.trial.number for p in points if not any(beats(q, p) for q in points if q is not p)}
+
+
+def cheapest_within(spec: Spec, points: list[Point], best: Point, sign: int) -> Point:
+    """The point of least median training seconds among those within `spec.within` of the best score."""
+    near = [p for p in points if sign * (p.score - best.score) <= spec.within + 1e-12]
+    return min(near, key=lambda p: (p.seconds, p.trial.number))
+
+
+def cheapest_text(spec: Spec, points: list[Point], best: Point, sign: int) -> str:
+    cheap = cheapest_within(spec, points, best, sign)
+    margin = f"{spec.within:.2%}" if "accuracy" in spec.choose_on else f"{spec.within:g}"
+    if cheap is best:
+        return f"**Cheapest within {margin} of the best** (`within`): the chosen point itself."
+    return (f"**Cheapest within {margin} of the best** (`within`): {point_in_words(cheap.params)} (trial "
+            f"{cheap.trial.number}), median {spec.choose_on} {score_text(spec.choose_on, cheap.score)} in "
+            f"{cheap.seconds:.1f} s of training, against {best.seconds:.1f} s for the chosen point "
+            f"({best.seconds / max(cheap.seconds, 1e-9):.1f}x).")
 
 
 def cell(value) -> str:
@@ -265,6 +328,37 @@ def plot_metric(spec: Spec, rows: list[dict], path: Path) -> None:
         ax.set_xlabel(name)
         ax.set_ylabel(spec.choose_on)
     fig.suptitle(f"{spec.dir.name}: {spec.choose_on}, validation split (dots: seeds; line: median)", fontsize=9)
+    fig.tight_layout()
+    with atomic.replacing(path, shared=True) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
+def plot_cost(spec: Spec, finished: list[Point], path: Path) -> None:
+    """Each finished point's median score against its median training seconds, the Pareto front drawn through
+    them, the chosen point and the cheapest within `within` of it marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sign = -1 if spec.direction == "maximize" else 1
+    best = min(finished, key=lambda p: (sign * p.score, p.trial.number))
+    cheap, front = cheapest_within(spec, finished, best, sign), pareto_front(finished, sign)
+    fig = Figure(figsize=(6.5, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.scatter([p.seconds for p in finished], [p.score for p in finished], s=16, color="grey", label="points")
+    edge = sorted((p.seconds, p.score) for p in finished if p.trial.number in front)
+    ax.step([x for x, _ in edge], [y for _, y in edge], where="post", color="black", linewidth=1,
+            label="Pareto front")
+    ax.scatter([best.seconds], [best.score], s=60, facecolors="none", edgecolors="tab:blue", label="chosen")
+    ax.scatter([cheap.seconds], [cheap.score], s=110, marker="s", facecolors="none", edgecolors="tab:orange",
+               label=f"cheapest within {spec.within:g}")
+    for p in finished:
+        ax.annotate(str(p.trial.number), (p.seconds, p.score), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("training seconds (median over seeds, log scale)")
+    ax.set_ylabel(f"{spec.choose_on} (median)")
+    ax.legend(fontsize=7)
+    fig.suptitle(f"{spec.dir.name}: {spec.choose_on} against the cost of training (numbers: trials)", fontsize=9)
     fig.tight_layout()
     with atomic.replacing(path, shared=True) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

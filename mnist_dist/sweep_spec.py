@@ -11,6 +11,7 @@ before any trial starts; every error names the SPEC's file and line.
     seeds: 3                         # each point trains with seeds 0, 1, 2 (or a list); scored by the median
     choose_on: val_accuracy          # or val_loss; the test set never chooses
     processes: 1                     # training processes per trial; more go through mnist_dist.launch
+    pruner: median                   # stop losing points early: none, median, successive_halving, hyperband
 """
 
 from __future__ import annotations
@@ -35,8 +36,18 @@ MAX_POINTS = 1_000  # grid points (before seeds): each is checked with the train
 MAX_SEEDS = 100
 MAX_DEPTH = 8  # YAML nesting: a SPEC nests 3 deep (space, a flag, a range)
 MAX_VALUE_CHARS = 4096  # a path or a --model-args object; under Python's 4,300-digit integers
-KEYS = ("dir", "flags", "space", "seeds", "choose_on", "sampler", "trials", "processes", "accelerate_config")
+KEYS = ("dir", "flags", "space", "seeds", "choose_on", "sampler", "trials", "processes", "accelerate_config", "pruner",
+        "within")
 SAMPLERS = ("grid", "random", "tpe")
+# Optuna's pruners and their settings: name -> (setting -> (lowest value, Optuna's argument, default)). Steps are
+# the runs' optimizer steps, at which their validation scores are reported
+PRUNERS = {
+    "none": {},
+    "median": {"startup_trials": (0, "n_startup_trials", 1), "warmup_steps": (0, "n_warmup_steps", 0)},
+    "successive_halving": {"min_resource": (1, "min_resource", 1), "reduction_factor": (2, "reduction_factor", 3)},
+    "hyperband": {"min_resource": (1, "min_resource", 1), "max_resource": (1, "max_resource", None),
+                  "reduction_factor": (2, "reduction_factor", 3)},
+}
 METRICS = {f"val_{name}": better for name, better in config.SCORES.items()}  # a trial's, from results.json's validation
 SET_BY_SWEEP = {"seed": "use `seeds`", "output_dir": "each trial runs in DIR/trials/N/seed-S",
                 "resume": "each trial runs with --resume auto", "overwrite": "a sweep never removes a trial's run",
@@ -59,6 +70,8 @@ class Spec:
     trials: int | None = None  # random and tpe: points to try
     processes: int = 1
     accelerate_config: str | None = None
+    pruner: dict = field(default_factory=lambda: {"name": "none"})  # its name and settings (PRUNERS)
+    within: float = 0.005  # the summary names the cheapest point whose score is this close to the best's
     lines: dict = field(default_factory=dict, repr=False, compare=False)  # key path -> line number
 
     @property
@@ -85,8 +98,14 @@ class Spec:
 
     def to_dict(self) -> dict:
         """What makes the sweep: a directory is refused to a SPEC that differs in any of it."""
-        return {k: getattr(self, k) for k in ("flags", "space", "seeds", "choose_on", "sampler", "trials",
-                                               "processes", "accelerate_config")}
+        made = {k: getattr(self, k) for k in ("flags", "space", "seeds", "choose_on", "sampler", "trials",
+                                              "processes", "accelerate_config")}
+        return made | ({"pruner": self.pruner} if self.pruned else {})  # a sweep of before pruners: the same
+
+    @property
+    def pruned(self) -> bool:
+        """Whether losing points are stopped early (a pruner other than none)."""
+        return self.pruner["name"] != "none"
 
 
 def as_flag(name: str, value) -> list[str]:
@@ -181,10 +200,60 @@ def check_spec(path: Path, values, lines: dict) -> Spec:
         fail(("dir",), "the sweep's directory: a path")
     # resolved first: `x/nothere/..` and `a/x/../../a` are the directories they name, checked as such
     where = Path(os.path.realpath(where or Path("outputs") / "sweeps" / path.stem))
-    spec = Spec(path, where, flags, space, check_seeds(values, fail),
-                check_metric(values, fail), sampler, trials, processes, accelerate_config, lines)
+    choose_on = check_metric(values, fail)
+    spec = Spec(path, where, flags, space, check_seeds(values, fail), choose_on, sampler, trials,
+                processes, accelerate_config, check_pruner(values, fail), check_within(values, choose_on, fail), lines)
     check_with_trainer(spec, fail)
+    check_can_prune(spec, fail)
     return spec
+
+
+def check_pruner(values: dict, fail: Failure) -> dict:
+    """`pruner`: a name, or a mapping of its name and settings (whole numbers, from PRUNERS)."""
+    given = values.get("pruner", "none")
+    pruner = {"name": given} if isinstance(given, str) else dict(given) if isinstance(given, dict) else None
+    if pruner is None or pruner.get("name") not in PRUNERS:
+        named = pruner.get("name") if isinstance(pruner, dict) else given
+        fail(("pruner", "name") if isinstance(given, dict) and "name" in given else ("pruner",),
+             f"{named!r}: choose {', '.join(PRUNERS)} (or a mapping: name: median, with its settings)")
+    settings = PRUNERS[pruner["name"]]
+    for key, value in pruner.items():
+        if key == "name":
+            continue
+        if key not in settings:
+            fail(("pruner", key), f"not a setting of the {pruner['name']} pruner; it takes "
+                                  f"{', '.join(settings) or 'none'}")
+        if not (is_int(value) and value >= settings[key][0]):
+            fail(("pruner", key), f"{value!r}: a whole number from {settings[key][0]}")
+    return pruner
+
+
+def check_within(values: dict, choose_on: str, fail: Failure) -> float:
+    """`within`: how far from the best score a cheaper point may be and still be named (an accuracy's fraction:
+    0.005 is half a point; a loss's difference)."""
+    within = values.get("within", 0.005)
+    top = 1 if "accuracy" in choose_on else math.inf
+    if not (isinstance(within, (int, float)) and not isinstance(within, bool) and 0 <= within < top):
+        fail(("within",), f"{within!r}: a number from 0" + (" to below 1 (a fraction of accuracy: 0.005 is half a "
+                                                             "point)" if top == 1 else " (a difference of loss)"))
+    return float(within)
+
+
+def check_can_prune(spec: Spec, fail: Failure) -> None:
+    """A pruner needs something to compare: more than its startup trials, and points that report more than
+    one validation score (epoch ends, --eval-every points). The first seed's curve decides for its point."""
+    if not spec.pruned:
+        return
+    startup = spec.pruner.get("startup_trials", 1)
+    if spec.pruner["name"] == "median" and spec.points() <= startup:
+        fail(("pruner",), f"the median pruner compares a run with the {startup} trial(s) finished before it, and the "
+                          f"sweep has {spec.points()} point(s): it could never prune; lower startup_trials or drop it")
+    for params in (spec.grid() if spec.sampler == "grid" else [{}]):
+        cfg, _ = trainer_parse(spec.train_flags(params))
+        if cfg is not None and cfg.epochs == 1 and cfg.eval_every is None:
+            where = ("flags", "epochs") if "epochs" in spec.flags else ("pruner",)
+            fail(where, f"the point {params or spec.flags} reports one validation score (1 epoch, no eval-every): "
+                        "nothing to prune on; add `eval-every: N` (steps) or more epochs")
 
 
 def check_flags_and_space(values: dict, fail: Failure) -> tuple[dict, dict]:

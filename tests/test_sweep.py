@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from mnist_dist import sweep, sweep_journal
+from mnist_dist.sweep_pruning import PRUNED_NAME
 from mnist_dist.sweep_spec import SpecError, read_spec
 
 from .helpers import REPO, check, in_process, read_wandb_run, results, train_here
@@ -78,6 +79,13 @@ def csv_rows(directory: Path) -> list[dict]:
     ({"batch-size": "{low: 16, high: 1" + "0" * 400 + "}"}, {"sampler": "random", "trials": 2}, 9, "low < high"),
     ({"lr": "[0.001]"}, {"seeds": "[[1], [2]]"}, 10, "seeds: a count"),
     ({"lr": "[0.001]"}, {"choose_on": "[val_loss]"}, 10, "choose_on: choose val_loss or val_accuracy"),
+    ({"lr": "[0.001, 0.002]"}, {"pruner": "medain"}, 10, "pruner: 'medain': choose none, median"),
+    ({"lr": "[0.001, 0.002]"}, {"pruner": "{name: median, warmup: 2}"}, 10, "not a setting of the median pruner"),
+    ({"lr": "[0.001, 0.002]"}, {"pruner": "{name: hyperband, min_resource: 0}"}, 10, "0: a whole number from 1"),
+    ({"lr": "[0.001, 0.002]"}, {"pruner": "median"}, 5, "flags.epochs: the point {'lr': 0.001} reports one validation"),
+    ({"lr": "[0.001]"}, {"pruner": "median"}, 10, "sweep has 1 point(s): it could never prune"),
+    ({"lr": "[0.001]"}, {"within": 1.5}, 10, "within: 1.5: a number from 0 to below 1"),
+    ({"lr": "[0.001]"}, {"within": "-0.1"}, 10, "within: -0.1: a number from 0"),
     ({"lr": "[0.001]"}, {"accelerate_config": "accelerate_configs/cpu.yaml"}, 10, "give `processes` too"),
     ({"lr": "[0.001]"}, {"seeds": "1" * 5000}, 10, "a value over 4,096 characters"),
     ({"run-name": "[a, b]"}, {}, 9, "each run is named"),
@@ -212,14 +220,96 @@ def test_a_two_process_trial_builds_its_model_on_both_processes_and_logs_to_the_
     assert (logged["config"]["hidden_sizes"], logged["config"]["lr"]) == ("24", 0.002)
 
 
+@pytest.mark.slow
+def test_a_clearly_worse_point_is_pruned_on_both_processes_with_a_checkpoint_and_never_trained_again(tmp_path, small_subset):
+    """lr 1e-6 against lr 0.003 (trained first, the median pruner's one startup trial): stopped at an early
+    epoch end, both processes saving a checkpoint (exit 75, no traceback); its second seed never trained."""
+    spec = write_spec(tmp_path, small_subset, {"lr": "[0.003, 0.000001]"}, seeds=2, processes=2, pruner="median",
+                      flags={"epochs": 40})
+    out = finish(sweep_cli(spec))
+    directory = tmp_path / "sweep"
+    trials = study_of(directory).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED"], out
+    pruned = spec_dir = directory / "trials" / "0001"
+    said = (pruned / PRUNED_NAME).read_text()
+    step = int(said.split("pruned at step ")[1].split(":")[0])
+    assert 0 < step < 40 * 4 and max(trials[1].intermediate_values) == step  # 900 samples, global batch 256: 4 steps
+    assert trials[1].intermediate_values[step] < trials[0].intermediate_values[step]
+    log = (pruned / "seed-0.log").read_text()
+    assert "stopped by signal SIGTERM" in log and "Traceback" not in log and "exit 75" not in log
+    saved = sorted(p.name for p in (pruned / "seed-0" / "checkpoints").iterdir())
+    reached = int(saved[-1].split("_")[1])  # the stop's checkpoint, at or after the step decided at
+    assert reached >= step and said.strip().endswith(f"its run stopped with a checkpoint at step {reached}")
+    assert not (pruned / "seed-0" / "results.json").exists() and not (spec_dir / "seed-1").exists()
+    summary = (directory / "summary.md").read_text()
+    assert f"Trial 1 (lr 1e-06) {said.strip()}" in summary and "1 stopped early by the median pruner" in summary
+    assert "chose among 1 of 2 points, 1 pruned: lr 0.003" in out
+    assert {r["status"] for r in csv_rows(directory) if r["trial"] == "1"} == {"pruned"}
+    again = finish(sweep_cli(spec))  # started again: nothing trained, the pruned trial left as it was
+    assert "trial" not in again.split("mnist_dist.sweep: chose")[0]
+    assert sorted(p.name for p in (pruned / "seed-0" / "checkpoints").iterdir()) == saved
+
+
+def test_a_trial_left_mid_decision_is_decided_from_the_scores_on_disk_before_it_trains(tmp_path, capsys):
+    spec = read_spec(write_spec(tmp_path, tmp_path, {"lr": "[0.001, 0.002]"}, pruner="median", flags={"epochs": 3}))
+    study = sweep.open_study(spec)
+    worker = sweep.Worker(spec, study, "test worker", threading.Event(), {})
+    number, params, lock = worker.next_trial()  # trial 0: finished, with its scores by step
+    fake_results(spec.trial_dir(number) / "seed-0", 0.9)
+    trial = optuna.trial.Trial(study, study.get_trials()[number]._trial_id)
+    for step, value in ((4, 0.6), (8, 0.8), (12, 0.9)):
+        trial.report(value, step)
+    study.tell(number, 0.9)
+    lock.release()
+    number, params, lock = worker.next_trial()  # trial 1: its worker killed after the run logged two poor scores
+    run_dir = spec.trial_dir(number) / "seed-0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val/accuracy": v, "val/loss": 2.0}) + "\n"
+                                                   for s, v in ((4, 0.1), (8, 0.12))))
+    lock.release()
+    number, params, lock = worker.next_trial()  # the next worker continues it, and decides first
+    assert number == 1
+    worker.run_trial(number, params)  # no run is launched: it would fail here, without a dataset
+    lock.release()
+    assert study.get_trials()[1].state.name == "PRUNED" and study.get_trials()[1].intermediate_values == {4: 0.1, 8: 0.12}
+    assert "trial 1 pruned at step 8: val_accuracy 0.1200 (the median pruner)" in capsys.readouterr().out
+    assert not (spec.trial_dir(1) / "seed-0.log").exists()
+
+
 # --- a sweep chooses only from what it trained, and says among how many ---------------------------------------
 
-def fake_results(run_dir: Path, accuracy: float) -> None:
+def fake_results(run_dir: Path, accuracy: float, seconds: float = 2.0) -> None:
     """A finished run's results.json as read_outcome reads it (the report's view of a run that finished)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "results.json").write_text(json.dumps({
         "validation": {"accuracy": accuracy, "loss": 1 - accuracy}, "test_accuracy": accuracy,
-        "train_seconds": 2.0, "epochs": 1}))
+        "train_seconds": seconds, "epochs": 1, "flops_per_sample": 1.2e6}))
+
+
+def test_the_summary_marks_the_pareto_front_and_names_the_cheapest_point_within_the_margin(tmp_path):
+    spec = read_spec(write_spec(tmp_path, tmp_path, {"lr": "[0.001, 0.002, 0.003, 0.004]"}, within=0.005))
+    study = sweep.open_study(spec)
+    worker = sweep.Worker(spec, study, "test worker", threading.Event(), {})
+    # (accuracy, training seconds): the best; half a point less at a quarter of the time; cheap and poor;
+    # and one that another point beats on both (0.897 in 5 s against 0.85 in 10 s)
+    for accuracy, seconds in ((0.90, 20.0), (0.897, 5.0), (0.80, 2.0), (0.85, 10.0)):
+        number, params, lock = worker.next_trial()
+        fake_results(spec.trial_dir(number) / "seed-0", accuracy, seconds)
+        study.tell(number, accuracy)
+        lock.release()
+    report = in_process(sweep.main, str(spec.path), "--report")
+    assert report.returncode == 0, report.stderr
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in
+             (tmp_path / "sweep" / "summary.md").read_text().splitlines() if line.startswith("| 0.00")}
+    assert {lr: row[5] == "yes" for lr, row in table.items()} == {"0.001": True, "0.002": True, "0.003": True,
+                                                                    "0.004": False}
+    assert table["0.002"][2:5] == ["5.00", "1.2", "5.00"]  # train seconds, MFLOP a sample, s/epoch
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert ("**Cheapest within 0.50% of the best** (`within`): lr 0.002 (trial 1), median val_accuracy 89.70% in "
+            "5.0 s of training, against 20.0 s for the chosen point (4.0x).") in summary
+    assert (tmp_path / "sweep" / "cost.png").stat().st_size > 0
+    rows = csv_rows(tmp_path / "sweep")
+    assert [(r["train_seconds"], r["flops_per_sample"]) for r in rows][:2] == [("20.0", "1200000.0"), ("5.0", "1200000.0")]
 
 
 def test_a_finished_trial_whose_results_were_deleted_is_not_chosen_and_its_point_is_trained_again(tmp_path):
