@@ -248,6 +248,61 @@ def test_a_clearly_worse_point_is_pruned_on_both_processes_with_a_checkpoint_and
     again = finish(sweep_cli(spec))  # started again: nothing trained, the pruned trial left as it was
     assert "trial" not in again.split("mnist_dist.sweep: chose")[0]
     assert sorted(p.name for p in (pruned / "seed-0" / "checkpoints").iterdir()) == saved
+    dashboard_lists_the_trials(directory / sweep.JOURNAL, trials)
+
+
+def dashboard_lists_the_trials(journal: Path, trials: list) -> None:
+    """`optuna-dashboard DIR/study.journal`, read by its API and in a headless browser (Debian's chromium)."""
+    browser = [shutil.which("chromium"), shutil.which("chromedriver")]
+    if not all(browser):
+        needs = "the dashboard's browser test needs Debian's chromium and chromium-driver (as .ci/run installs)"
+        pytest.fail(needs) if os.environ.get("CI") else pytest.skip(needs)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port = sweep.free_port()
+    command = Path(sys.executable).parent / "optuna-dashboard"  # the extra's command, in this environment
+    server = subprocess.Popen([str(command), str(journal), "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser[0]
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    driver = None
+    try:
+        study = api_study(port)
+        pruned = study["trials"][1]
+        assert [t["state"] for t in study["trials"]] == ["Complete", "Pruned"]
+        assert {v["step"]: v["value"] for v in pruned["intermediate_values"]} == trials[1].intermediate_values
+        attrs = {a["key"]: a["value"] for a in pruned["user_attrs"]}
+        assert json.loads(attrs["run_dirs"])[0].endswith("trials/0001/seed-0") and "--lr 1e-06" in attrs["flags"]
+        driver = webdriver.Chrome(options=options, service=Service(browser[1]))
+        driver.get(f"http://127.0.0.1:{port}/dashboard/studies/0/trials")
+        page = lambda: driver.find_element(By.TAG_NAME, "body").text  # noqa: E731
+        WebDriverWait(driver, 60).until(lambda _: "Trial 1" in page())
+        assert "2 Trials" in page() and "Pruned" in page() and "Complete" in page()
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.kill()
+        server.wait()
+
+
+def api_study(port: int, timeout: float = 60) -> dict:
+    """Study 0 as optuna-dashboard's API gives it, once the server answers."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/0", timeout=5) as answer:
+                return json.loads(answer.read())
+        except (urllib.error.URLError, ConnectionError):
+            assert time.monotonic() < deadline, f"optuna-dashboard did not answer on port {port}"
+            time.sleep(0.2)
 
 
 def test_a_trial_left_mid_decision_is_decided_from_the_scores_on_disk_before_it_trains(tmp_path, capsys):
