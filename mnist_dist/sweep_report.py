@@ -338,6 +338,7 @@ def plot_cost(spec: Spec, finished: list[Point], path: Path) -> None:
     them, the chosen point and the cheapest within `within` of it marked."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     sign = -1 if spec.direction == "maximize" else 1
     best = min(finished, key=lambda p: (sign * p.score, p.trial.number))
@@ -355,6 +356,9 @@ def plot_cost(spec: Spec, finished: list[Point], path: Path) -> None:
     for p in finished:
         ax.annotate(str(p.trial.number), (p.seconds, p.score), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 1, 2, 5, 10, 20, ... seconds, written plainly
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("training seconds (median over seeds, log scale)")
     ax.set_ylabel(f"{spec.choose_on} (median)")
     ax.legend(fontsize=7)
