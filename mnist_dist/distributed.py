@@ -270,8 +270,8 @@ class StallWatch:
     @property
     def missing_wait(self) -> int:
         """Seconds at the monitored barrier after a failed collective: the processes that waited in it arrive
-        within moments of each other, so half of --timeout, at most 30 s."""
-        return max(1, min(self.timeout // 2, self.MISSING_WAIT_S))
+        within moments of each other, so a quarter of --timeout, at most 30 s."""
+        return max(1, min(self.timeout // 4, self.MISSING_WAIT_S))
 
     def step(self) -> None:
         """A training step began: the watchdog's count starts again (cheap; called every step)."""

@@ -320,7 +320,7 @@ def test_a_node_waiting_for_the_others_says_where_and_a_signal_ends_its_wait(tmp
 @pytest.mark.slow
 def test_a_stalled_main_process_is_named_by_the_others_within_the_barriers_wait(tmp_path):
     """StallWatch.missing on rank 1 while rank 0 never comes (tests/workers/missing_main.py): rank 1 names rank 0
-    after half of --timeout and a little more, not after torch's default group timeout of 30 minutes."""
+    after a quarter of --timeout and a little more, not after torch's default group timeout of 30 minutes."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(REPO / "tests" / "workers" / "missing_main.py"), str(tmp_path), "3"]

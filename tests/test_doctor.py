@@ -62,17 +62,17 @@ def test_three_processes_agree_and_measure_the_all_reduce(tmp_path):
 
 @pytest.mark.slow
 def test_a_process_that_never_answers_is_named_within_the_timeout(tmp_path):
-    """Rank 1's import of --model never ends (tests/sleepy_rank.py): rank 0 names it after --timeout 5."""
+    """Rank 1's import of --model never ends (tests/sleepy_rank.py): rank 0 names it after --timeout 3."""
     began = time.monotonic()
-    proc = launch(2, "--dataset", "mnist-5k", "--output-dir", str(tmp_path), "--timeout", "5",
+    proc = launch(2, "--dataset", "mnist-5k", "--output-dir", str(tmp_path), "--timeout", "3",
                   "--model", "tests.sleepy_rank:build", module="mnist_dist.doctor", launcher="mnist_dist.launch",
                   timeout=120)
     took = time.monotonic() - began
-    print(f"the doctor with a silent rank 1 ended after {took:.1f} s (--timeout 5)")
+    print(f"the doctor with a silent rank 1 ended after {took:.1f} s (--timeout 3)")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert rows(proc.stdout) == {0: "ok", 1: "FAIL"}
-    assert "rank 1: did not answer within --timeout 5 s" in proc.stdout
-    assert took < 5 + 40  # start-up, the timeout and the launcher's stop; the sleeper alone never ends
+    assert "rank 1: did not answer within --timeout 3 s" in proc.stdout
+    assert took < 3 + 40  # start-up, the timeout and the launcher's stop; the sleeper alone never ends
     assert "Traceback" not in proc.stdout + proc.stderr.split("mnist_dist.doctor: FAILED")[0]
     assert list(tmp_path.iterdir()) == []
 

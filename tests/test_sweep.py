@@ -220,12 +220,28 @@ def test_a_two_process_trial_builds_its_model_on_both_processes_and_logs_to_the_
     assert (logged["config"]["hidden_sizes"], logged["config"]["lr"]) == ("24", 0.002)
 
 
+def finished_trial(spec, scores: dict[int, float]) -> None:
+    """The study's next trial, finished with validation `scores` by step (the median pruner's startup trial),
+    recorded as a worker records one: its runs' results.json and its scores reported to the trial."""
+    study = sweep.open_study(spec)
+    number, params, lock = sweep.Worker(spec, study, "test worker", threading.Event(), {}).next_trial()
+    for seed in spec.seeds:
+        fake_results(spec.trial_dir(number) / f"seed-{seed}", max(scores.values()))
+    trial = optuna.trial.Trial(study, study.get_trials()[number]._trial_id)
+    for step, value in scores.items():
+        trial.report(value, step)
+    study.tell(number, max(scores.values()))
+    lock.release()
+
+
 @pytest.mark.slow
 def test_a_clearly_worse_point_is_pruned_on_both_processes_with_a_checkpoint_and_never_trained_again(tmp_path, small_subset):
-    """lr 1e-6 against lr 0.003 (trained first, the median pruner's one startup trial): stopped at an early
-    epoch end, both processes saving a checkpoint (exit 75, no traceback); its second seed never trained."""
+    """lr 1e-6 after a point that finished with 60-90% at each epoch end (the median pruner's one startup
+    trial): its first run, of 2 processes, is stopped at an early epoch end, both processes saving a checkpoint
+    (exit 75, no traceback); its second seed is never trained."""
     spec = write_spec(tmp_path, small_subset, {"lr": "[0.003, 0.000001]"}, seeds=2, processes=2, pruner="median",
                       flags={"epochs": 40})
+    finished_trial(read_spec(spec), {4 * epoch: min(0.6 + 0.01 * epoch, 0.9) for epoch in range(1, 41)})
     out = finish(sweep_cli(spec))
     directory = tmp_path / "sweep"
     trials = study_of(directory).get_trials()
