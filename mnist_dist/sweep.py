@@ -16,6 +16,7 @@ finished sweep started again runs nothing. At the end: trials.csv, summary.md an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -202,6 +203,7 @@ class Worker:
                     continue
                 print(f"{self.name}: trial {trial.number} was left unfinished: continuing it", flush=True)
                 (self.spec.trial_dir(trial.number) / INTERRUPTED_NAME).unlink(missing_ok=True)
+                (self.spec.trial_dir(trial.number) / PRUNED_NAME).unlink(missing_ok=True)  # a prune the study missed
                 self.record_point(trial.number, trial.params)  # its worker may have died before it did
                 return trial.number, trial.params, lock
             points = points_of(self.spec, self.study.get_trials(deepcopy=False))
@@ -253,7 +255,7 @@ class Worker:
             decider = Decider(self.study, number, run_dir, self.spec.choose_on) \
                 if seed == self.spec.seeds[0] and not trained_before else None
             try:
-                if decider and (at := decider.prune_at()):
+                if decider and not run_in_progress(run_dir) and (at := decider.prune_at(first_look=True)):
                     raise TrialPruned(*at)
                 if not trained_before and not self.train(number, params, seed, decider):
                     return  # stopped: the trial stays running, for the next worker to continue
@@ -321,12 +323,12 @@ class Worker:
             if self.stop.is_set():  # a stop that came while it started
                 self.process.terminate()
             status, pruned = self.wait_for_run(decider)
-        if status == 0:
+        if status == 0:  # finished before the pruner's stop took effect: its results stand, its seeds follow
             return True
+        if pruned and status == EXIT_PREEMPTED:  # stopped with a checkpoint, as the pruner asked (whatever else came)
+            raise TrialPruned(*pruned)
         if self.stop.is_set():
             return False
-        if pruned and status == EXIT_PREEMPTED:  # stopped with a checkpoint, as the pruner asked
-            raise TrialPruned(*pruned)
         tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
         if from_outside(status):
             said = next((line.split("error: ", 1)[1] for line in reversed(tail) if "error: " in line), "")
@@ -340,10 +342,20 @@ class Worker:
         pruned = None
         while True:
             try:
-                return self.process.wait(timeout=None if decider is None else PRUNE_LOOK_S), pruned
+                status = self.process.wait(timeout=None if decider is None else PRUNE_LOOK_S)
+                break
             except subprocess.TimeoutExpired:
-                if pruned is None and (pruned := decider.prune_at()):
-                    self.process.send_signal(signal.SIGTERM)  # mnist_dist.launch passes it to every process
+                try:
+                    if pruned is None and (pruned := decider.prune_at()):
+                        self.process.send_signal(signal.SIGTERM)  # mnist_dist.launch passes it to every process
+                except Exception as err:  # the study's storage: the run trains on, undecided, and says so
+                    print(f"{self.name}: cannot report the run's scores to the study ({type(err).__name__}: {err}); "
+                          "it trains on without the pruner", file=sys.stderr, flush=True)
+                    decider = None
+        if decider is not None:
+            with contextlib.suppress(Exception):  # the last evaluation's score, for the record (decided above)
+                decider.report_new()
+        return status, pruned
 
     def wait_while_locked(self, run_dir: Path) -> bool:
         """Wait for a run that a killed worker left behind (its lock still held) to end: two never share a directory."""
@@ -433,15 +445,16 @@ def add_rebuilt(spec: Spec, study, made: dict, number: int, params: dict | None)
         return
     where = spec.trial_dir(number)
     runs = [read_outcome(where / f"seed-{seed}") for seed in spec.seeds]
+    curve = dict(Curve(where / f"seed-{spec.seeds[0]}", spec.choose_on).new_points())  # the scores by step
+    attrs = {"run_dirs": [str(where / f"seed-{seed}") for seed in spec.seeds], "flags": " ".join(spec.train_flags(params))}
     if all(runs):
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=made,
-                                                  value=median([run[spec.choose_on] for run in runs])))
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=made, intermediate_values=curve,
+                                                  value=median([run[spec.choose_on] for run in runs]), user_attrs=attrs))
     elif (where / ERROR_NAME).is_file():
         study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params=params, distributions=made))
-    elif (where / PRUNED_NAME).is_file():  # final: its scores by step come back from its first run's log
-        curve = Curve(where / f"seed-{spec.seeds[0]}", spec.choose_on).new_points()
+    elif (where / PRUNED_NAME).is_file():  # final
         study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, params=params, distributions=made,
-                                                  intermediate_values=dict(curve)))
+                                                  intermediate_values=curve, user_attrs=attrs))
     else:
         study.enqueue_trial(params)
 
@@ -465,6 +478,13 @@ def launcher(spec: Spec) -> list[str]:
            ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
     return [sys.executable, "-m", "mnist_dist.launch", *how, "--num_processes", str(spec.processes),
             "--main_process_port", str(free_port()), "-m", "mnist_dist.train"]
+
+
+def run_in_progress(run_dir: Path) -> bool:
+    """Whether a process still trains in `run_dir` (its run lock held: a killed worker's run, still going)."""
+    from .runs import LOCK_NAME  # here: --help answers before torch loads
+
+    return held(run_dir / LOCK_NAME)
 
 
 def finished(run_dir: Path) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import optuna
@@ -49,7 +50,7 @@ class Curve:
         """(step, score) of the evaluations logged since the last look."""
         try:
             with open(self.path, "rb") as f:
-                stat = Path(f.name).stat()
+                stat = os.fstat(f.fileno())  # the file read, not whatever the path names a moment later
                 if stat.st_ino != self.inode or stat.st_size < self.offset:
                     self.offset, self.inode = 0, stat.st_ino
                 f.seek(self.offset)
@@ -85,14 +86,22 @@ class Decider:
         self.reported = set(study.get_trials(deepcopy=False)[number].intermediate_values)  # a killed worker's stand
         self.curve, self.last = Curve(run_dir, metric), None
 
-    def prune_at(self) -> tuple[int, float] | None:
-        """Report what the run logged since the last look; (step, score) where the pruner says stop, else None."""
+    def report_new(self) -> bool:
+        """Report what the run logged since the last look; whether there was a step not reported before."""
+        new = False
         for step, value in self.curve.new_points():
             if step not in self.reported:
                 self.trial.report(value, step)
                 self.reported.add(step)
+                new = True
             self.last = (step, value)
-        return self.last if self.last and self.trial.should_prune() else None
+        return new
+
+    def prune_at(self, first_look: bool = False) -> tuple[int, float] | None:
+        """(step, score) where the pruner says stop after the newly logged scores, else None; the pruner is asked
+        only about a new step (each ask reads the study), and at the first look (the scores a killed worker left)."""
+        new = self.report_new()
+        return self.last if self.last and (new or first_look) and self.trial.should_prune() else None
 
 
 def pruned_text(spec: Spec, step: int, value: float, run_dir: Path) -> str:

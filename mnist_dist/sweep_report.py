@@ -173,7 +173,9 @@ def write_reports(spec: Spec, study) -> Summary:
     write_atomic(spec.dir / SUMMARY_NAME, text)
     if any(row["status"] == "finished" for row in rows):
         plot_metric(spec, rows, spec.dir / PLOT_NAME)
-        plot_cost(spec, [p for p in points if p.status == "finished"], spec.dir / COST_PLOT_NAME)
+    finished = tally(spec, points)[0]  # the points summary.md ranks: every seed finished
+    if finished:
+        plot_cost(spec, finished, spec.dir / COST_PLOT_NAME)
     return summary
 
 

@@ -212,7 +212,7 @@ def check_pruner(values: dict, fail: Failure) -> dict:
     """`pruner`: a name, or a mapping of its name and settings (whole numbers, from PRUNERS)."""
     given = values.get("pruner", "none")
     pruner = {"name": given} if isinstance(given, str) else dict(given) if isinstance(given, dict) else None
-    if pruner is None or pruner.get("name") not in PRUNERS:
+    if pruner is None or not isinstance(pruner.get("name"), str) or pruner["name"] not in PRUNERS:
         named = pruner.get("name") if isinstance(pruner, dict) else given
         fail(("pruner", "name") if isinstance(given, dict) and "name" in given else ("pruner",),
              f"{named!r}: choose {', '.join(PRUNERS)} (or a mapping: name: median, with its settings)")
