@@ -18,7 +18,6 @@ import hashlib
 import json
 import shutil
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -40,15 +39,10 @@ def versions() -> dict:
     import torch
 
     from . import __version__
+    from .tracking import git_commit
 
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent,
-                              capture_output=True, text=True, timeout=5)
-        commit = done.stdout.strip() if done.returncode == 0 else "-"
-    except (OSError, subprocess.SubprocessError):
-        commit = "-"
     return {"torch": torch.__version__, "accelerate": accelerate.__version__, "mnist_dist": __version__,
-            "commit": commit}
+            "commit": (git_commit() or "-")[:12]}
 
 
 def probe_place(cfg: TrainConfig) -> Path:

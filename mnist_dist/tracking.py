@@ -53,16 +53,19 @@ def project(cfg: TrainConfig) -> str:
     return cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "mnist_dist"
 
 
-def run_metadata() -> dict:
-    """What the tracker's config gets besides the training config: git commit and SLURM job, when present."""
-    meta = {}
+def git_commit() -> str | None:
+    """The git commit of mnist_dist's checkout, or None (an installed copy, no git)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                                 text=True, timeout=5)
-        if commit.returncode == 0:
-            meta["git_commit"] = commit.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        pass
+        return None
+    return commit.stdout.strip() if commit.returncode == 0 else None
+
+
+def run_metadata() -> dict:
+    """What the tracker's config gets besides the training config: git commit and SLURM job, when present."""
+    meta = {"git_commit": commit} if (commit := git_commit()) else {}
     for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_RESTART_COUNT"):
         if os.environ.get(var):
             meta[var.lower()] = os.environ[var]
